@@ -1,0 +1,38 @@
+"""vitqtool: variation-aware 2/3/4/8-bit quantization of Vision Transformers.
+
+The public API is imported lazily so that `import vitqtool` (and `vitqtool --help`) stays fast:
+torch and timm load on first use of a function that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_model": "vitqtool.models",
+    "prepare": "vitqtool.api",
+    "calibrate": "vitqtool.api",
+    "quantizers_disabled": "vitqtool.quant",
+    "quant_summary": "vitqtool.api",
+    "evaluate": "vitqtool.api",
+    "quantize": "vitqtool.train",
+    "softlabels": "vitqtool.train",
+    "export": "vitqtool.export",
+    "load": "vitqtool.export",
+    "inspect": "vitqtool.export",
+    "analyze": "vitqtool.analysis",
+    "load_recipe": "vitqtool.recipe",
+    "load_dataset": "vitqtool.data",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vitqtool' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,11 @@
+"""Pure-torch quantization core: LSQ quantizers, quantized layers, calibration, packing (no timm here)."""
+
+from .calibrate import calibrate, init_weight_steps, iter_quantizers, quantizers_disabled, set_quantizers_enabled
+from .lsq import MIN_STEP, LSQQuantizer, QuantSpec
+from .modules import QUANT_LAYERS, QConv2d, QLinear, QuantAttention
+from .overrides import apply_bit_overrides
+
+__all__ = [
+    "MIN_STEP", "LSQQuantizer", "QuantSpec", "QLinear", "QConv2d", "QuantAttention", "QUANT_LAYERS",
+    "apply_bit_overrides", "calibrate", "init_weight_steps", "iter_quantizers", "quantizers_disabled", "set_quantizers_enabled",
+]

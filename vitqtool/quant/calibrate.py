@@ -1,0 +1,106 @@
+"""Step-size initialisation (method.md §2) and switches over every quantizer of a model.
+
+Weights: MSE fixed point from the weight itself. Activations: `2 * mean|x| / sqrt(Qp)` from
+calibration batches run in FP, with `mean|x|` averaged over the batches and, under
+`torch.distributed`, over every process, so all ranks start from identical steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .lsq import LSQQuantizer
+from .modules import QUANT_LAYERS
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:
+    """Yield `(name, quantizer)` for every LSQ quantizer in `model`."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LSQQuantizer):
+            yield name, mod
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` with every quantizer as the identity (FP arithmetic); restores the previous switches."""
+    quantizers = [q for _, q in iter_quantizers(model)]
+    previous = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q, was in zip(quantizers, previous):
+            q.enabled = was
+
+
+def set_quantizers_enabled(model: nn.Module, enabled: bool, predicate: Callable[[str, LSQQuantizer], bool] | None = None) -> int:
+    """Switch quantizers on or off (those `predicate(name, q)` selects, default all); returns how many."""
+    count = 0
+    for name, q in iter_quantizers(model):
+        if predicate is None or predicate(name, q):
+            q.enabled = enabled
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def init_weight_steps(model: nn.Module) -> int:
+    """MSE-initialise the weight step of every quantized Linear/Conv; returns how many."""
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, QUANT_LAYERS):
+            mod.w_quant.init_from_weight(mod.weight)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn.Module, Tensor], object] | None = None) -> dict[str, float]:
+    """Initialise every step: weights by MSE, activations from FP forwards over `batches`.
+
+    Returns the mean |x| seen by each activation quantizer (after averaging across processes).
+    Raises ValueError when `batches` is empty.
+    """
+    init_weight_steps(model)
+    act = {name: q for name, q in iter_quantizers(model) if q.kind == "act"}
+    sums: dict[str, Tensor] = {}
+    hooks = []
+    for name, q in act.items():
+        def hook(mod: LSQQuantizer, args: tuple, name: str = name) -> None:
+            sums[name] = sums.get(name, 0.0) + mod.mean_abs(args[0])
+        hooks.append(q.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        with quantizers_disabled(model):
+            for batch in batches:
+                (forward or (lambda m, x: m(x)))(model, batch)
+                n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("calibration needs at least one batch")
+    names = sorted(sums)
+    stats = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names]) / n if names else torch.zeros(0, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = next(model.parameters()).device
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+        stats = (stats / dist.get_world_size()).cpu()
+    result = {}
+    for name, value in zip(names, stats.tolist()):
+        act[name].init_from_mean_abs(value)
+        result[name] = value
+    missing = [name for name in act if name not in sums]
+    if missing:
+        raise ValueError(f"calibration batches never reached these activation quantizers: {', '.join(missing[:5])}")
+    return result
