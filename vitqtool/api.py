@@ -159,11 +159,10 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
         loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
         net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
     dataset = load_dataset(data, split)
-    if limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-        dataset.num_classes = dataset.dataset.num_classes  # type: ignore[attr-defined]
     num_classes = dataset.num_classes
     check_num_classes(dataset, cfg.get("num_classes", num_classes))
+    if limit is not None and limit < len(dataset):  # a fixed random sample, not the first (often one-class) images
+        dataset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit].tolist())
     quantized_with = None
     if bits is not None or recipe is not None:
         if kind != "fp":

@@ -86,7 +86,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
+        return f"{value:.4g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
     return str(value)
 
 
@@ -147,11 +147,113 @@ def recipes_show(
         sys.stdout.write(resolved.to_toml())
 
 
+@app.command("softlabels")
+def softlabels_cmd(
+    model: Annotated[str, typer.Argument(help="MODEL the labels are for; also the teacher unless --teacher is given.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create for the soft-label store.")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher MODEL spec (default: MODEL itself).")] = None,
+    data: DataOpt = "builtin:mnist5k",
+    split: Annotated[str, typer.Option("--split", help="Dataset split to label (the training split).")] = "train",
+    weights: WeightsOpt = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for a --teacher timm name.")] = None,
+    random_init: RandomInitOpt = False,
+    model_args: ModelArgsOpt = None,
+    teacher_model_args: Annotated[Optional[str], typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (default: --model-args).")] = None,
+    crops: Annotated[int, typer.Option("--crops", min=1, help="Random-resized crops labelled per image.")] = 500,
+    topk: Annotated[int, typer.Option("--topk", min=1, help="Teacher classes stored per crop.")] = 5,
+    scale: Annotated[tuple[float, float], typer.Option("--scale", help="Crop area range, fractions of the image.")] = (0.08, 1.0),
+    ratio: Annotated[tuple[float, float], typer.Option("--ratio", help="Crop aspect-ratio range.")] = (3 / 4, 4 / 3),
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Flip each crop horizontally with probability 0.5.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the crop draws.")] = 0,
+    batch_size: BatchOpt = 64,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Label only the first N images (demos, tests).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes that crop images while the teacher runs.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD)."""
+    from .train.softlabels import softlabels as run_softlabels
+
+    result = run_softlabels(model, out, data, split, teacher=teacher, weights=weights, teacher_weights=teacher_weights,
+                            random_init=random_init, model_args=parse_model_args(model_args),
+                            teacher_model_args=parse_model_args(teacher_model_args), crops=crops, topk=topk, scale=scale,
+                            ratio=ratio, hflip=hflip, seed=seed, batch_size=batch_size, limit=limit, overwrite=overwrite,
+                            num_workers=workers, show_progress=not as_json)
+    if as_json:
+        emit_json(result)
+        return
+    render_table(f"soft labels -> {result['out']}", [{
+        "teacher": result["teacher"], "data": f"{result['data']} [{result['split']}]", "images": result["images"],
+        "crops/image": result["crops"], "top-k": result["topk"], "bytes/crop": result["bytes_per_crop"],
+        "MB": round(result["total_bytes"] / 1e6, 3), "crops/s": result["crops_per_second"]}])
+
+
+def _export_dtype(value: str) -> str:
+    """Validate `--dtype` against the export's FP storage dtypes."""
+    from .export.layout import FP_DTYPES
+
+    if value not in FP_DTYPES:
+        raise typer.BadParameter(f"must be one of {', '.join(FP_DTYPES)}, got {value!r}", param_hint="--dtype")
+    return value
+
+
+@app.command("export")
+def export_cmd(
+    run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
+    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).")] = "float32",
+    verify: Annotated[bool, typer.Option("--verify", help="Reload the file and check its logits against the run's model (max |diff| <= 1e-5); exit 1 and write nothing otherwise.")] = False,
+    which: Annotated[str, typer.Option("--which", help="Checkpoint of the run: best or last.")] = "best",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a quantized run as one packed low-bit safetensors file that `vitqtool.load` rebuilds on its own."""
+    from .export import export as run_export
+
+    result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which)
+    if as_json:
+        emit_json(result)
+        return
+    checked = result["verify"]
+    render_table(f"export -> {result['path']}", [{
+        "model": result["architecture"], "bits": result["bits"], "fp dtype": result["fp_dtype"],
+        "layers": result["quantized_layers"], "MB": round(result["file_bytes"] / 1e6, 3),
+        "fp32 MB": round(result["fp32_bytes"] / 1e6, 3), "ratio": result["compression_ratio"],
+        "verify max|diff|": checked["max_abs_diff"] if checked else None}])
+
+
+@app.command("inspect")
+def inspect_cmd(
+    file: Annotated[Path, typer.Argument(help="A .safetensors file written by `vitqtool export`.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export."""
+    from .export import inspect as run_inspect
+
+    result = run_inspect(file)
+    if as_json:
+        emit_json(result)
+        return
+    render_table(f"{result['path']}: quantized layers", result["layers"],
+                 ["name", "type", "weight_bits", "act_bits", "granularity", "params", "bytes", "ratio"])
+    metrics = result["metrics"] or {}
+    summary = {"model": result["architecture"], "model args": json.dumps(result["model_args"]), "source": result["source"],
+               "recipe": result["recipe"], "bits": result["bits"], "split q/k/v": result["split_qkv"], "fp dtype": result["fp_dtype"],
+               "activation quantizers": result["activation_quantizers"], "file MB": round(result["file_bytes"] / 1e6, 3),
+               "fp32 MB": round(result["fp32_bytes"] / 1e6, 3), "ratio vs fp32": result["compression_ratio"],
+               "top-1 %": metrics.get("top1"), "format version": result["format_version"]}
+    render_table("summary", [{"field": k, "value": _fmt(v)} for k, v in summary.items()])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, turning VitqError into one stderr line and exit code 1."""
+    """Console entry point: run the app, turning VitqError into one stderr line and exit code 1.
+
+    Exit codes: 0 success, 1 bad input (VitqError), 2 bad flags (usage), 3 internal error, 130 interrupted.
+    """
     debug = os.environ.get("VITQ_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)  # usage errors print themselves and raise SystemExit(2)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except VitqError as exc:
         if debug:
             raise
@@ -160,30 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _stderr_console().print("interrupted")
         return 130
-    except Exception as exc:  # click usage errors and typer.Exit carry their own exit codes
-        code = _click_exit_code(exc)
-        if code is None:
-            if debug:
-                raise
-            _stderr_console().print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set VITQ_DEBUG=1 for the traceback)",
-                                    highlight=False, soft_wrap=True)
-            return 3
-        return code
+    except Exception as exc:
+        if debug:
+            raise
+        _stderr_console().print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set VITQ_DEBUG=1 for the traceback)",
+                                highlight=False, soft_wrap=True)
+        return 3
     return 0
-
-
-def _click_exit_code(exc: Exception) -> int | None:
-    """Exit code for click/typer control-flow exceptions (usage errors print themselves); None otherwise."""
-    import click
-
-    if isinstance(exc, click.exceptions.Exit):
-        return exc.exit_code
-    if isinstance(exc, click.ClickException):
-        exc.show()
-        return exc.exit_code
-    if isinstance(exc, click.exceptions.Abort):
-        return 130
-    return None
 
 
 if __name__ == "__main__":

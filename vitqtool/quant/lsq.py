@@ -122,8 +122,8 @@ class LSQQuantizer(nn.Module):
             return x
         step = self._step_view(x)
         scale = self.grad_scale(x)
-        if isinstance(scale, Tensor) and self.spec.per_channel:
-            scale = scale.view_as(self.step)
+        if isinstance(scale, Tensor):
+            scale = scale.view_as(step)
         offset = self.offset.to(x.dtype) if self.offset is not None else None
         return _LSQFakeQuant.apply(x, step.to(x.dtype), offset, self.spec.qn, self.spec.qp, scale)
 

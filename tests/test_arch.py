@@ -1,0 +1,114 @@
+"""Adapters: FP equivalence with stock timm models, the method.md §3 layout, unsupported models."""
+
+import pytest
+import timm
+import torch
+
+from tests.conftest import TINY_DEIT, TINY_SWIN, TINY_VIT
+from vitqtool import api
+from vitqtool.errors import ModelError, RecipeError
+from vitqtool.quant import LSQQuantizer, QLinear, QuantAttention, iter_quantizers, quantizers_disabled
+
+MODELS = [
+    TINY_VIT,
+    TINY_DEIT,
+    ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10}),
+    TINY_SWIN,
+]
+
+
+@pytest.mark.parametrize("name,args", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("recipe", ["vaq", "lsq"])
+def test_fp_equivalence_with_stock_timm(name, args, recipe):
+    stock = timm.create_model(name, pretrained=False, **args).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = stock(x)
+        q = api.prepare(stock, recipe, bits=2).eval()
+        with quantizers_disabled(q):
+            out = q(x)
+    assert (out - ref).abs().max().item() <= 1e-5
+    # prepare works on a copy: the stock model is untouched
+    assert not any(isinstance(m, QLinear) for m in stock.modules())
+
+
+def test_vit_layout_matches_method():
+    name, args = TINY_DEIT
+    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=3)
+    attn = q.blocks[0].attn
+    assert isinstance(attn, QuantAttention) and attn.split
+    for part in ("q", "k", "v"):
+        lin = getattr(attn, part)
+        assert isinstance(lin, QLinear) and lin.a_quant is None and lin.w_quant.spec.bits == 3
+        assert getattr(attn, f"{part}_quant").spec.signed
+    assert attn.input_quant.spec.bits == 3 and attn.input_quant.spec.signed
+    assert not attn.softmax_quant.spec.signed
+    assert attn.proj.a_quant.spec.bits == 3  # attn @ V quantized before proj
+    fc2 = q.blocks[0].mlp.fc2
+    assert not fc2.a_quant.spec.signed and fc2.a_quant.offset is not None  # GELU output: unsigned + offset
+    assert q.patch_embed.proj.w_quant.spec.bits == 8 and q.patch_embed.proj.a_quant.spec.bits == 8
+    assert q.head.w_quant.spec.bits == 8 and q.head.a_quant.spec.bits == 8
+
+
+def test_split_qkv_slices_the_fused_weight_exactly():
+    name, args = TINY_DEIT
+    stock = timm.create_model(name, pretrained=False, **args)
+    q = api.prepare(stock, "vaq", bits=4)
+    fused = stock.blocks[1].attn.qkv.weight
+    d = fused.shape[0] // 3
+    for i, part in enumerate("qkv"):
+        assert torch.equal(getattr(q.blocks[1].attn, part).weight, fused[i * d:(i + 1) * d])
+
+
+def test_swin_layout_quantizes_patch_merging_weights_at_8_bits():
+    name, args = TINY_SWIN
+    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=2)
+    red = q.layers[1].downsample.reduction
+    assert isinstance(red, QLinear) and red.w_quant.spec.bits == 8 and red.a_quant is None
+    assert q.head.fc.w_quant.spec.bits == 8
+    assert q.layers[0].blocks[0].mlp.fc1.w_quant.spec.bits == 2
+
+
+def test_quant_summary_lists_every_layer_with_bits():
+    name, args = TINY_VIT
+    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
+    rows = {r["name"]: r for r in api.quant_summary(q)}
+    assert rows["blocks.0.attn.v"]["weight_bits"] == 4
+    assert rows["head"]["weight_bits"] == 8
+    assert rows["blocks.1.attn.softmax_quant"]["act_bits"] == 4
+    n_quantizers = sum(1 for _ in iter_quantizers(q))
+    assert sum((r["weight_bits"] is not None) + (r["act_bits"] is not None) for r in rows.values()) == n_quantizers
+
+
+def test_bit_overrides_by_glob():
+    name, args = TINY_VIT
+    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=2,
+                    overrides={"blocks.*.attn.v": {"weight_bits": 8}, "blocks.0.attn.softmax_quant": {"act_bits": 6}})
+    assert q.blocks[0].attn.v.w_quant.spec.bits == 8 and q.blocks[1].attn.v.w_quant.spec.bits == 8
+    assert q.blocks[0].attn.k.w_quant.spec.bits == 2
+    assert q.blocks[0].attn.softmax_quant.spec.bits == 6 and not q.blocks[0].attn.softmax_quant.spec.signed
+    with pytest.raises(RecipeError, match="matches no quantized module"):
+        api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", overrides={"nothing.*": {"weight_bits": 4}})
+
+
+def test_unsupported_family_and_block_named():
+    with pytest.raises(ModelError, match="not a supported family"):
+        api.prepare(timm.create_model("resnet18", pretrained=False, num_classes=10), "vaq")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                          num_heads=2, num_classes=10, qk_norm=True)
+    with pytest.raises(ModelError, match=r"blocks\.0\.attn: qk_norm"):
+        api.prepare(m, "vaq")
+
+
+def test_calibrated_model_quantizes_every_quantizer_and_gets_gradients():
+    name, args = TINY_SWIN
+    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
+    x = torch.randn(4, 3, 32, 32)
+    api.calibrate(q, [x])
+    assert all(bool(qz.initialized) for _, qz in iter_quantizers(q))
+    q.train()
+    q(x).logsumexp(-1).sum().backward()
+    missing = [n for n, p in q.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    # the GELU offsets only get gradient from clipped values; everything else must have one
+    assert [n for n in missing if not n.endswith("offset")] == []
+    assert isinstance(q.layers[0].blocks[0].mlp.fc2.a_quant, LSQQuantizer)

@@ -1,0 +1,72 @@
+"""The command line in-process: evaluate end to end, --json shape, one-line errors and exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import TINY_DEIT
+from vitqtool.cli import app, main
+
+runner = CliRunner()
+ARGS = ["--random-init", "--model-args", json.dumps(TINY_DEIT[1])]
+
+
+def test_evaluate_json_document_on_stdout():
+    result = runner.invoke(app, ["evaluate", TINY_DEIT[0], *ARGS, "--limit", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc) >= {"top1", "top5", "loss", "n", "model", "data", "split"}
+    assert doc["n"] == 64 and 0 <= doc["top1"] <= doc["top5"] <= 100 and doc["loss"] > 0
+
+
+def test_evaluate_post_training_quantized_table():
+    result = runner.invoke(app, ["evaluate", TINY_DEIT[0], *ARGS, "--limit", "32", "--bits", "4", "--recipe", "ptq"])
+    assert result.exit_code == 0, result.output
+    assert "W4A4 (ptq)" in result.stdout and "top-1 %" in result.stdout
+
+
+def run_main(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["evaluate", "deit_tiny_patch16_244", "--random-init"], "deit_tiny_patch16_224"),  # close-match suggestion
+    (["evaluate", TINY_DEIT[0], "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+    (["evaluate", TINY_DEIT[0], *ARGS, "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["evaluate", TINY_DEIT[0], "--random-init", "--model-args", '{"img_size": 32, "patch_size": 4, "num_classes": 7}', "--limit", "8"], "7"),
+    (["recipes", "show", "nope"], "unknown recipe"),
+])
+def test_bad_input_gives_one_line_and_exit_1(capsys, argv, message):
+    code, out, err = run_main(capsys, argv)
+    assert code == 1
+    assert out == ""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_bad_flag_values_exit_2(capsys):
+    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], "--bits", "1"])
+    assert code == 2 and "--bits" in err
+    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], "--model-args", "{not json"])
+    assert code == 2 and "--model-args" in err
+
+
+def test_recipes_show_json_and_toml():
+    result = runner.invoke(app, ["recipes", "show", "vaq", "--bits", "2", "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["quant"]["bits"] == 2
+    result = runner.invoke(app, ["recipes", "list"])
+    assert "vaq" in result.stdout and "lsq" in result.stdout and "ptq" in result.stdout
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys, vitqtool.cli; assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "vitqtool", "--help"], check=True, capture_output=True, text=True).stdout
+    assert "evaluate" in out

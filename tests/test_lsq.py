@@ -1,0 +1,156 @@
+"""LSQ quantizer math against method.md §2: forward formula, LSQ/LSQ+ gradients, inits."""
+
+import math
+
+import pytest
+import torch
+
+from vitqtool.quant import MIN_STEP, LSQQuantizer, QConv2d, QLinear, QuantSpec
+
+
+def closed_form(x, s, qn, qp, beta=None, g=1.0):
+    """The LSQ fake-quant written with autograd primitives (round via straight-through, grad scale trick)."""
+    s_scaled = s * g + (s - s * g).detach()  # value s, gradient scaled by g
+    beta_scaled = beta * g + (beta - beta * g).detach() if beta is not None else 0.0
+    v = torch.clamp((x - beta_scaled) / s_scaled, qn, qp)
+    v = v + (v.round() - v).detach()  # round with straight-through
+    return v * s_scaled + beta_scaled
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_activation_forward_and_gradients_match_closed_form(bits, signed):
+    spec = QuantSpec(bits, signed=signed)
+    q = LSQQuantizer(spec, "act")
+    with torch.no_grad():
+        q.step.fill_(0.37)
+    x = (torch.randn(4, 6, 5) * 2).requires_grad_()
+    out = q(x)
+    qn, qp = spec.qn, spec.qp
+    assert (qn, qp) == ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
+    expected = torch.clamp(torch.round(x.detach() / 0.37), qn, qp) * 0.37
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-6)
+
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    g = 1.0 / (qp * math.sqrt(x.numel()))  # method.md: 1 / (Qp * sqrt(N_x))
+    x2 = x.detach().clone().requires_grad_()
+    s2 = torch.tensor([0.37], requires_grad=True)
+    closed_form(x2, s2, qn, qp, g=g).backward(upstream)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(q.step.grad, s2.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_weight_step_gradient_scale_uses_l1_norm(bits):
+    spec = QuantSpec(bits)
+    q = LSQQuantizer(spec, "weight")
+    w = torch.randn(8, 16, requires_grad=True)
+    q.init_from_weight(w.detach())
+    s = q.step.detach().clone()
+    upstream = torch.randn(8, 16)
+    q(w).backward(upstream)
+    g = 1.0 / math.sqrt(spec.qp * w.detach().abs().sum().item())
+    s2 = s.clone().requires_grad_()
+    w2 = w.detach().clone().requires_grad_()
+    closed_form(w2, s2, spec.qn, spec.qp, g=g).backward(upstream)
+    torch.testing.assert_close(q.step.grad, s2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_per_channel_weight_forward_and_gradient():
+    spec = QuantSpec(3, per_channel=True)
+    q = LSQQuantizer(spec, "weight", channels=5)
+    w = torch.randn(5, 7, requires_grad=True)
+    q.init_from_weight(w.detach())
+    assert q.step.shape == (5,)
+    steps = q.step.detach().clone()
+    out = q(w)
+    expected = torch.clamp(torch.round(w.detach() / steps[:, None]), spec.qn, spec.qp) * steps[:, None]
+    torch.testing.assert_close(out.detach(), expected)
+    upstream = torch.randn(5, 7)
+    out.backward(upstream)
+    for c in range(5):  # each channel's step: its own LSQ derivative and its own L1 gradient scale
+        g = 1.0 / math.sqrt(spec.qp * w.detach()[c].abs().sum().item())
+        s2 = steps[c:c + 1].clone().requires_grad_()
+        closed_form(w.detach()[c], s2, spec.qn, spec.qp, g=g).backward(upstream[c])
+        torch.testing.assert_close(q.step.grad[c:c + 1], s2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_learned_offset_forward_and_gradient():
+    spec = QuantSpec(2, signed=False, learned_offset=True)
+    q = LSQQuantizer(spec, "act")
+    with torch.no_grad():
+        q.step.fill_(0.5)
+        q.offset.fill_(-0.2)
+    x = torch.randn(3, 10, requires_grad=True)
+    out = q(x)
+    expected = torch.clamp(torch.round((x.detach() + 0.2) / 0.5), 0, 3) * 0.5 - 0.2
+    torch.testing.assert_close(out.detach(), expected)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    g = 1.0 / (spec.qp * math.sqrt(x.numel()))
+    x2 = x.detach().clone().requires_grad_()
+    s2 = torch.tensor([0.5], requires_grad=True)
+    b2 = torch.tensor([-0.2], requires_grad=True)
+    closed_form(x2, s2, 0, 3, beta=b2, g=g).backward(upstream)
+    torch.testing.assert_close(q.step.grad, s2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(q.offset.grad, b2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_mse_weight_init_is_a_fixed_point():
+    w = torch.randn(32, 64)
+    spec = QuantSpec(4)
+    q = LSQQuantizer(spec, "weight")
+    q.init_from_weight(w)
+    s = q.step.item()
+    codes = torch.clamp(torch.round(w / s), spec.qn, spec.qp)
+    assert abs((w * codes).sum().item() / (codes * codes).sum().item() - s) <= 1e-4 * s
+    # the fixed point beats the max-abs start on MSE
+    s0 = w.abs().max().item() / spec.qp
+    mse = lambda step: ((torch.clamp(torch.round(w / step), spec.qn, spec.qp) * step - w) ** 2).mean()
+    assert mse(s) < mse(s0)
+    assert bool(q.initialized)
+
+
+def test_activation_init_formula_and_step_floor():
+    q = LSQQuantizer(QuantSpec(4), "act")
+    x = torch.randn(100, 10)
+    q.init_from_mean_abs(q.mean_abs(x))
+    assert q.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-5)
+    q.init_from_mean_abs(0.0)
+    assert q.step.item() == pytest.approx(MIN_STEP)
+
+
+def test_codes_are_integers_in_range_and_disabled_is_identity():
+    q = LSQQuantizer(QuantSpec(3), "weight")
+    w = torch.randn(4, 4) * 5
+    q.init_from_weight(w)
+    codes = q.codes(w)
+    assert codes.dtype == torch.int32 and codes.min() >= -4 and codes.max() <= 3
+    torch.testing.assert_close(q(w), codes.float() * q.step)
+    q.enabled = False
+    assert q(w) is w
+
+
+def test_bits_out_of_range_rejected():
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        QuantSpec(1)
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        QuantSpec(9)
+
+
+def test_qlinear_and_qconv_share_parameters_and_match_float_when_disabled():
+    lin = torch.nn.Linear(6, 4)
+    ql = QLinear.from_float(lin, QuantSpec(4), QuantSpec(4))
+    assert ql.weight is lin.weight and ql.bias is lin.bias
+    x = torch.randn(2, 6)
+    ql.w_quant.enabled = ql.a_quant.enabled = False
+    torch.testing.assert_close(ql(x), lin(x))
+    conv = torch.nn.Conv2d(3, 5, 2, stride=2)
+    qc = QConv2d.from_float(conv, QuantSpec(8), QuantSpec(8))
+    qc.w_quant.enabled = qc.a_quant.enabled = False
+    img = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(qc(img), conv(img))
+    assert set(qc.state_dict()) == {"weight", "bias", "w_quant.step", "w_quant.initialized", "a_quant.step", "a_quant.initialized"}

@@ -1,0 +1,582 @@
+"""Resolve a MODEL spec (timm name, alias, hf-hub id, local folder, name + weights file) to an FP model.
+
+Loading is always strict: a missing, unexpected or mis-shaped tensor is a `WeightsError` that names
+the keys. The data config is timm's, resolved against the model as built (so `img_size=32` gives
+`input_size=(3, 32, 32)`), plus `num_classes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from vitqtool.errors import ModelError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_EXTS = (".safetensors",)
+TORCH_EXTS = (".pth", ".pt", ".bin", ".ckpt")
+FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "open_clip_pytorch_model.bin")
+_WRAPPER_KEYS = ("model", "state_dict")
+_MAX_KEYS_SHOWN = 5
+
+
+@dataclass
+class LoadedModel:
+    """An FP timm model in eval mode, with everything needed to rebuild and feed it."""
+
+    model: nn.Module
+    data_config: dict
+    architecture: str
+    model_args: dict = field(default_factory=dict)
+    source: str = ""
+
+
+# --------------------------------------------------------------------------- state dict files
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a .safetensors / .pth / .pt / .bin file into a flat {name: tensor} dict (no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file '{path}' does not exist; pass the path of a .safetensors or .pth file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_EXTS:
+        obj = _read_safetensors(path)
+    elif suffix in TORCH_EXTS:
+        obj = _read_torch(path)
+    else:
+        raise WeightsError(
+            f"weights file '{path}' has an unsupported extension '{suffix or '(none)'}'; "
+            "use a .safetensors, .pth, .pt or .bin file"
+        )
+    return _as_state_dict(obj, path)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ValueError depending on the damage
+        raise WeightsError(
+            f"weights file '{path}' is not a readable safetensors file ({_first_line(exc)}); "
+            "re-download or re-export it"
+        ) from exc
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"weights file '{path}' holds Python objects other than tensors and was refused "
+            "(loaded with weights_only=True); re-save it as a plain state_dict or convert it to .safetensors"
+        ) from exc
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        raise WeightsError(
+            f"weights file '{path}' is not a readable PyTorch checkpoint ({_first_line(exc)}); "
+            "re-download it or convert it to .safetensors"
+        ) from exc
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Unwrap {"model": sd} / {"state_dict": sd} and a uniform DDP "module." prefix; check values are tensors."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                logger.info("using the '%s' entry of checkpoint %s", key, path)
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise WeightsError(
+            f"weights file '{path}' does not contain a state_dict (a mapping of names to tensors); "
+            "save model.state_dict() instead"
+        )
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise WeightsError(
+            f"weights file '{path}' has non-tensor entries ({_key_list(bad)}); "
+            "save model.state_dict() (or a {'model': state_dict} wrapper) instead"
+        )
+    sd = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in sd):
+        logger.info("stripping the 'module.' prefix (DistributedDataParallel) from %s", path)
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> None:
+    """Load `state_dict` into `model` strictly; any missing/unexpected key or shape mismatch is a WeightsError."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems: list[str] = []
+    if missing:
+        problems.append(f"missing keys {_key_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_key_list(unexpected)}")
+    if mismatched:
+        shown = ", ".join(
+            f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in mismatched[:_MAX_KEYS_SHOWN]
+        )
+        more = f" (+{len(mismatched) - _MAX_KEYS_SHOWN} more)" if len(mismatched) > _MAX_KEYS_SHOWN else ""
+        problems.append(f"shape mismatch {shown}{more}")
+    if problems:
+        hint = _mismatch_hint(model, state_dict, mismatched)
+        raise WeightsError(f"{what} does not match the model: " + "; ".join(problems) + f"; {hint}")
+    try:
+        model.load_state_dict(dict(state_dict), strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied
+        raise WeightsError(f"{what} could not be loaded into the model ({_first_line(exc)})") from exc
+
+
+def _mismatch_hint(model: nn.Module, state_dict: Mapping[str, Tensor], mismatched: list[str]) -> str:
+    num_classes = getattr(model, "num_classes", None)
+    expected = model.state_dict()
+    for key in mismatched:
+        file_shape, model_shape = tuple(state_dict[key].shape), tuple(expected[key].shape)
+        if (
+            num_classes is not None
+            and len(file_shape) == len(model_shape)
+            and model_shape[0] == num_classes
+            and file_shape[0] != num_classes
+            and file_shape[1:] == model_shape[1:]
+        ):
+            return f"the file has {file_shape[0]} classes and the model {num_classes}: pass --num-classes {file_shape[0]}"
+    return "check that the weights belong to this architecture and its --model-args (img_size, patch_size, ...)"
+
+
+# --------------------------------------------------------------------------- spec resolution
+
+
+def resolve_model(
+    spec: str,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    num_classes: int | None = None,
+    model_args: dict | None = None,
+) -> LoadedModel:
+    """Resolve a MODEL spec (timm name/alias, hf-hub:..., local folder) to an FP model in eval mode."""
+    spec = str(spec).strip()
+    if not spec:
+        raise ModelError("empty MODEL; pass a timm name (e.g. deit_tiny_patch16_224), hf-hub:timm/..., or a folder")
+    extra = dict(model_args or {})
+    if num_classes is not None:
+        extra["num_classes"] = int(num_classes)
+    if weights is not None and random_init:
+        raise ModelError("--weights and --random-init exclude each other; pass only one")
+
+    if spec.startswith("hf-hub:"):
+        loaded = _from_hf_hub(spec, weights, random_init, extra)
+    elif _looks_like_path(spec):
+        path = Path(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec).expanduser()
+        loaded = _from_path(path, spec, weights, random_init, extra)
+    else:
+        loaded = _from_timm_name(spec, weights, random_init, extra)
+    loaded.model.eval()
+    return loaded
+
+
+def load_model(
+    spec: str, weights: str | Path | None = None, random_init: bool = False, **kw: Any
+) -> tuple[nn.Module, dict]:
+    """Public API: resolve a MODEL spec and return (FP model in eval mode, timm data config)."""
+    loaded = resolve_model(spec, weights=weights, random_init=random_init, **kw)
+    return loaded.model, loaded.data_config
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec is a path when it says so (separators, ~, local-dir:, a weights suffix) or exists and is no timm name."""
+    if spec.startswith(("local-dir:", "~", ".")) or "/" in spec or os.sep in spec:
+        return True
+    if Path(spec).suffix.lower() in SAFETENSORS_EXTS + TORCH_EXTS + (".json",):
+        return True
+    if Path(spec).exists():
+        import timm
+
+        return not timm.is_model(spec.partition(".")[0])
+    return False
+
+
+def resolve_timm_name(spec: str) -> str:
+    """Return the timm model name for `spec` (exact name, name.tag, or unambiguous short alias)."""
+    import timm
+
+    name, _, tag = spec.partition(".")
+    if timm.is_model(name):
+        return spec
+    all_names = timm.list_models()
+    candidates = [n for n in all_names if n.startswith(name + "_")]
+    if len(candidates) == 1:
+        resolved = candidates[0] + (f".{tag}" if tag else "")
+        logger.info("model alias '%s' resolved to '%s'", spec, resolved)
+        return resolved
+    if len(candidates) > 1:
+        shown = ", ".join(candidates[:10]) + (f" (+{len(candidates) - 10} more)" if len(candidates) > 10 else "")
+        raise ModelError(f"model alias '{spec}' is ambiguous: it matches {shown}; pass the full timm name")
+    close = difflib.get_close_matches(name, all_names, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
+    raise ModelError(f"unknown model '{spec}' (not a timm model, alias or existing path); {hint}")
+
+
+def _from_timm_name(spec: str, weights: str | Path | None, random_init: bool, extra: dict) -> LoadedModel:
+    import timm
+
+    name = resolve_timm_name(spec)
+    arch = name.partition(".")[0]
+    if weights is not None or random_init:
+        model = _create(name, pretrained=False, kwargs=extra)
+        if weights is not None:
+            load_strict(model, load_state_dict_file(weights), f"weights file '{weights}'")
+        return _finish(model, arch, extra, spec)
+
+    # pretrained weights: timm drops the classifier and loads non-strictly when num_classes differs,
+    # so refuse that instead of handing back a model with a random head.
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ModelError(
+            f"timm has no pretrained weights for '{name}'; pass --weights FILE (a .safetensors/.pth file) "
+            "or --random-init"
+        )
+    if "num_classes" in extra and cfg.num_classes and extra["num_classes"] != cfg.num_classes:
+        raise ModelError(
+            f"pretrained weights for '{name}' have {cfg.num_classes} classes, not --num-classes "
+            f"{extra['num_classes']}; pass --weights FILE with a {extra['num_classes']}-class head "
+            "(or drop --num-classes)"
+        )
+    if _hub_offline() and not _pretrained_cached(cfg):
+        raise WeightsError(_offline_message(name))
+    try:
+        model = timm.create_model(name, pretrained=True, **extra)
+    except Exception as exc:
+        raise _pretrained_error(name, exc) from exc
+    return _finish(model, arch, extra, spec)
+
+
+def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra: dict) -> LoadedModel:
+    import timm
+    from timm.models import load_model_config_from_hf
+
+    pretrained = weights is None and not random_init
+    try:
+        hub_cfg, _, _ = load_model_config_from_hf(spec[len("hf-hub:"):])
+    except Exception as exc:
+        if _is_hub_error(exc) and _hub_offline():
+            raise WeightsError(
+                f"model config files for '{spec}' are not in the local Hugging Face cache and the hub is offline; "
+                "pass its timm architecture name with --weights FILE (a .safetensors/.pth file) instead"
+            ) from exc
+        raise _pretrained_error(spec, exc, what="model config files") from exc
+    hub_classes = hub_cfg.get("num_classes")
+    if pretrained and "num_classes" in extra and hub_classes and extra["num_classes"] != hub_classes:
+        raise ModelError(
+            f"pretrained weights for '{spec}' have {hub_classes} classes, not --num-classes {extra['num_classes']}; "
+            f"pass --weights FILE with a {extra['num_classes']}-class head (or drop --num-classes)"
+        )
+    try:
+        model = timm.create_model(spec, pretrained=pretrained, **extra)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ModelError(f"cannot build '{spec}' with {extra}: {_first_line(exc)}; fix --model-args") from exc
+    except Exception as exc:
+        raise _pretrained_error(spec, exc) from exc
+    if weights is not None:
+        load_strict(model, load_state_dict_file(weights), f"weights file '{weights}'")
+    arch = model.pretrained_cfg.get("architecture") or type(model).__name__
+    args = {k: v for k, v in (getattr(model, "_model_args", None) or {}).items() if k != "pretrained_model_args"}
+    args.update(extra)
+    return _finish(model, arch, args, spec)
+
+
+def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: bool, extra: dict) -> LoadedModel:
+    if not path.exists():
+        raise ModelError(f"model path '{path}' does not exist; pass a timm name or a folder with config.json")
+    folder = path if path.is_dir() else path.parent
+    weights_file: Path | None = None
+    if path.is_file():
+        if not (folder / "config.json").is_file():
+            raise ModelError(
+                f"'{path}' is a weights file without a config.json next to it; pass the architecture as MODEL "
+                f"and the file as weights (e.g. deit_tiny_patch16_224 --weights {path})"
+            )
+        if path.name != "config.json":
+            weights_file = path
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"model folder '{folder}' has no config.json; expected timm's hub layout "
+                         "(config.json + model.safetensors)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"'{config_path}' is not valid JSON ({_first_line(exc)}); fix or re-export it") from exc
+    arch = config.get("architecture") if isinstance(config, dict) else None
+    if not arch:
+        raise ModelError(f"'{config_path}' has no 'architecture' field; expected timm's hub config.json")
+    arch = resolve_timm_name(str(arch))
+    args = dict(config.get("model_args") or {})
+    if config.get("num_classes") is not None:
+        args["num_classes"] = int(config["num_classes"])
+    args.update(extra)
+    pretrained_cfg = _clean_pretrained_cfg(config.get("pretrained_cfg") or {}, arch)
+    model = _create(arch, pretrained=False, kwargs=args, pretrained_cfg=pretrained_cfg)
+    if weights is not None:
+        weights_file = Path(weights)
+    elif weights_file is None and not random_init:
+        weights_file = next((folder / f for f in FOLDER_WEIGHT_FILES if (folder / f).is_file()), None)
+        if weights_file is None:
+            raise WeightsError(
+                f"model folder '{folder}' has no weights ({' or '.join(FOLDER_WEIGHT_FILES[:2])}); "
+                "add them, pass --weights FILE, or --random-init"
+            )
+    if weights_file is not None:
+        load_strict(model, load_state_dict_file(weights_file), f"weights file '{weights_file}'")
+    return _finish(model, arch.partition(".")[0], args, spec)
+
+
+def _create(name: str, pretrained: bool, kwargs: dict, pretrained_cfg: dict | None = None) -> nn.Module:
+    import timm
+
+    try:
+        if pretrained_cfg is not None:
+            return timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"cannot build '{name}' with {kwargs}: {_first_line(exc)}; fix --model-args") from exc
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise ModelError(f"cannot build '{name}' with {kwargs}: {_first_line(exc)}") from exc
+
+
+def _clean_pretrained_cfg(cfg: dict, arch: str) -> dict:
+    """Keep only PretrainedCfg fields, drop weight sources (weights come from our folder), fix JSON lists."""
+    from timm.models import PretrainedCfg
+
+    known = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in known}
+    for key in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict"):
+        out.pop(key, None)
+    out.setdefault("architecture", arch.partition(".")[0])
+    return out
+
+
+def _finish(model: nn.Module, arch: str, model_args: dict, source: str) -> LoadedModel:
+    model.eval()
+    return LoadedModel(
+        model=model,
+        data_config=resolve_data_config(model, model_args),
+        architecture=arch,
+        model_args=dict(model_args),
+        source=source,
+    )
+
+
+def resolve_data_config(model: nn.Module, model_args: dict | None = None) -> dict:
+    """timm data config for the model as built (input_size follows img_size/in_chans), plus num_classes."""
+    import timm.data
+
+    resolver = getattr(timm.data, "resolve_input_data_config", None)
+    if resolver is not None:
+        cfg = dict(resolver(model))
+    else:  # older timm: pretrained_cfg input_size, patched from the build args
+        cfg = dict(timm.data.resolve_data_config(model=model))
+        args = model_args or {}
+        if args.get("img_size") is not None or args.get("in_chans") is not None:
+            size = args.get("img_size") or cfg["input_size"][1:]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            cfg["input_size"] = (int(args.get("in_chans") or cfg["input_size"][0]), *size)
+    cfg["num_classes"] = int(getattr(model, "num_classes", (model_args or {}).get("num_classes", 0)) or 0)
+    return cfg
+
+
+def _pretrained_error(name: str, exc: Exception, what: str = "pretrained weights") -> Exception:
+    """Turn whatever timm / huggingface_hub / torch.hub raised into one actionable line."""
+    text = _first_line(exc)
+    if isinstance(exc, RuntimeError) and "No pretrained weights exist" in text:
+        return ModelError(
+            f"timm has no pretrained weights for '{name}'; pass --weights FILE (a .safetensors/.pth file) "
+            "or --random-init"
+        )
+    if isinstance(exc, RuntimeError) and "Unknown model" in text:
+        return ModelError(f"unknown model '{name}'; see timm.list_models() or the hub repo's config.json")
+    if _is_hub_error(exc):
+        if _hub_offline():
+            return WeightsError(_offline_message(name, what))
+        return WeightsError(
+            f"{what} for '{name}' could not be downloaded ({text}); check the network or "
+            "pass --weights FILE (a .safetensors/.pth file) or --random-init"
+        )
+    return WeightsError(f"{what} for '{name}' could not be loaded ({text}); pass --weights FILE or --random-init")
+
+
+def _offline_message(name: str, what: str = "pretrained weights") -> str:
+    return (
+        f"{what} for '{name}' are not in the local Hugging Face cache and the hub is offline; "
+        "pass --weights FILE (a .safetensors/.pth file) or --random-init"
+    )
+
+
+def _pretrained_cached(cfg: Any) -> bool:
+    """Whether the weights a timm PretrainedCfg points at are already on disk (checked without building the model)."""
+    if cfg.file:
+        return Path(cfg.file).exists()
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return False
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+        names += ["model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        for fname in names:
+            hit = try_to_load_from_cache(repo, fname, revision=revision or None)
+            if isinstance(hit, str):
+                return True
+        return False
+    if cfg.url:
+        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        return (hub_dir / os.path.basename(cfg.url.split("?")[0])).exists()
+    return False
+
+
+def _is_hub_error(exc: BaseException) -> bool:
+    import urllib.error
+
+    kinds: tuple[type, ...] = (OSError, ConnectionError, urllib.error.URLError, TimeoutError)
+    try:
+        from huggingface_hub import errors as hf_errors
+
+        kinds += tuple(
+            getattr(hf_errors, n)
+            for n in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "HfHubHTTPError", "EntryNotFoundError")
+            if hasattr(hf_errors, n)
+        )
+    except ImportError:
+        pass
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kinds):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _hub_offline() -> bool:
+    truthy = {"1", "true", "yes", "on"}
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_model_folder(
+    model: nn.Module,
+    folder: Path,
+    architecture: str,
+    model_args: dict,
+    pretrained_cfg: dict | None = None,
+) -> Path:
+    """Write timm's hub layout (config.json + model.safetensors) atomically; return the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = dict(model_args)
+    num_classes = args.pop("num_classes", None)
+    if num_classes is None:
+        num_classes = getattr(model, "num_classes", None)
+    if pretrained_cfg is None:
+        pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    cfg = {k: v for k, v in pretrained_cfg.items()
+           if k not in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict") and v is not None}
+    # record the input size the model was built for, so a reload resolves the same data config
+    cfg["input_size"] = list(resolve_data_config(model, model_args)["input_size"])
+    if num_classes is not None:
+        cfg["num_classes"] = int(num_classes)
+    config = {
+        "architecture": architecture.partition(".")[0],
+        "num_classes": int(num_classes) if num_classes is not None else None,
+        "num_features": getattr(model, "num_features", None),
+        "model_args": args,
+        "pretrained_cfg": cfg,
+    }
+    try:
+        config_text = json.dumps(config, indent=2, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"model_args/pretrained_cfg are not JSON-serialisable ({_first_line(exc)})") from exc
+
+    state = _unshared_state_dict(model)
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(config_text + "\n"))
+    return folder
+
+
+def _unshared_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Contiguous CPU tensors; clones tensors whose storage is shared (safetensors refuses aliases)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen or not t.is_contiguous():
+            t = t.clone().contiguous()
+        elif ptr != -1:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _key_list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
+    more = f" (+{len(keys) - _MAX_KEYS_SHOWN} more, {len(keys)} in all)" if len(keys) > _MAX_KEYS_SHOWN else ""
+    return f"[{shown}]{more}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
