@@ -36,7 +36,7 @@ class ResolvedModel:
 
 
 def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool = False,
-                model_args: dict | None = None) -> ResolvedModel:
+                model_args: dict | None = None, num_classes: int | None = None) -> ResolvedModel:
     """Resolve a MODEL spec, a `quantize` run folder or an `export` file to a runnable model."""
     from .models import resolve_model
 
@@ -52,7 +52,7 @@ def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool 
         if is_vitq_export(path):
             exported = read_export(path)
             return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
-    loaded = resolve_model(spec, weights=weights, random_init=random_init, model_args=model_args)
+    loaded = resolve_model(spec, weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
     return ResolvedModel(loaded.model, loaded.data_config, loaded.source, "fp")
 
 
@@ -139,7 +139,7 @@ def evaluate_model(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], nu
 
 def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str = "validation", *,
              weights: str | Path | None = None, random_init: bool = False, model_args: dict | None = None,
-             bits: int | None = None, recipe: str | Path | None = None, batch_size: int = 64,
+             num_classes: int | None = None, bits: int | None = None, recipe: str | Path | None = None, batch_size: int = 64,
              calib_batches: int | None = None, limit: int | None = None, data_config: dict | None = None,
              show_progress: bool = False) -> dict[str, Any]:
     """Top-1/top-5/loss of a model on a dataset split.
@@ -156,11 +156,11 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
             raise ValueError("evaluate(nn.Module) needs data_config")
         net, cfg, source, kind = model, data_config, type(model).__name__, "module"
     else:
-        loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
+        loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
         net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
     dataset = load_dataset(data, split)
-    num_classes = dataset.num_classes
-    check_num_classes(dataset, cfg.get("num_classes", num_classes))
+    check_num_classes(dataset, cfg.get("num_classes", dataset.num_classes))
+    dataset_classes = dataset.num_classes
     if limit is not None and limit < len(dataset):  # a fixed random sample, not the first (often one-class) images
         dataset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit].tolist())
     quantized_with = None
@@ -174,5 +174,5 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
         calibrate(net, itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib))
         quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
     loader = make_eval_loader(dataset, cfg, batch_size)
-    result = evaluate_model(net, loader, num_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size))
+    result = evaluate_model(net, loader, dataset_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size))
     return {**result, "model": source, "kind": kind, "data": data, "split": split, "quantized": quantized_with}

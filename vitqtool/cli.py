@@ -33,6 +33,7 @@ DataOpt = Annotated[str, typer.Option("--data", help="Dataset: builtin:mnist5k, 
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file (.safetensors, or .pth/.bin loaded with weights_only) for a timm MODEL name.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Build the model with random weights (smoke tests; no download).")]
 ModelArgsOpt = Annotated[Optional[str], typer.Option("--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 4, "num_classes": 10}\'.')]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Classifier classes of the model (when a weights file or dataset differs from the architecture's default).")]
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe: vaq, lsq, ptq, or a .toml path (see `vitqtool recipes list`).")]
 BitsOpt = Annotated[Optional[int], typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside transformer blocks (2..8); overrides the recipe.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
@@ -98,6 +99,7 @@ def evaluate(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     model_args: ModelArgsOpt = None,
+    num_classes: NumClassesOpt = None,
     bits: BitsOpt = None,
     recipe: RecipeOpt = None,
     batch_size: BatchOpt = 64,
@@ -107,7 +109,7 @@ def evaluate(
     """Top-1/top-5 accuracy and loss of an FP, quantized (--bits: post-training) or exported model."""
     from .api import evaluate as run_evaluate
 
-    result = run_evaluate(model, data, split, weights=weights, random_init=random_init, model_args=parse_model_args(model_args),
+    result = run_evaluate(model, data, split, weights=weights, random_init=random_init, model_args=parse_model_args(model_args), num_classes=num_classes,
                           bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, show_progress=not as_json)
     if as_json:
         emit_json(result)
@@ -242,6 +244,57 @@ def inspect_cmd(
                "fp32 MB": round(result["fp32_bytes"] / 1e6, 3), "ratio vs fp32": result["compression_ratio"],
                "top-1 %": metrics.get("top1"), "format version": result["format_version"]}
     render_table("summary", [{"field": k, "value": _fmt(v)} for k, v in summary.items()])
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[str, typer.Argument(help="FP MODEL spec to quantize (timm name, hf-hub:..., model folder).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints).")],
+    bits: BitsOpt = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="vaq (QAT, the paper), lsq (baseline), ptq (calibration only), or a .toml path.")] = "vaq",
+    data: DataOpt = "builtin:mnist5k",
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher MODEL spec for online KD (default: the FP MODEL itself).")] = None,
+    soft_labels: Annotated[Optional[Path], typer.Option("--soft-labels", help="Soft-label store from `vitqtool softlabels` (multi-crop KD).")] = None,
+    weights: WeightsOpt = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for a --teacher timm name.")] = None,
+    random_init: RandomInitOpt = False,
+    model_args: ModelArgsOpt = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs (recipe: train.epochs).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per optimiser step and process (recipe: train.batch_size).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate (recipe: train.lr).")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="Linear warmup before the cosine decay.")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", min=0.0, help="Max gradient norm (0 = off).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order, crops and random init.")] = None,
+    calib_batches: Annotated[Optional[int], typer.Option("--calib-batches", min=1, help="Calibration batches of training images.")] = None,
+    overrides: Annotated[Optional[list[Path]], typer.Option("--overrides", help="Override TOML files merged on top of the recipe, in order.")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", min=0, help="Also checkpoint every N optimiser steps (0: epoch ends only).")] = None,
+    limit_train: Annotated[Optional[int], typer.Option("--limit-train", min=1, help="Train on the first N training images only.")] = None,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate).")] = "no",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize MODEL: calibrate step sizes, then QAT with KD + OBR (vaq) on accelerate; checkpoints and exact --resume."""
+    from .train import quantize as run_quantize
+
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise typer.BadParameter(f"must be no, fp16 or bf16, got {mixed_precision!r}", param_hint="--mixed-precision")
+    run_dir = run_quantize(model, bits=bits, recipe=recipe, data=data, out=out, teacher=teacher, soft_labels=soft_labels,
+                           weights=weights, random_init=random_init, model_args=parse_model_args(model_args),
+                           teacher_weights=teacher_weights, epochs=epochs, batch_size=batch_size, lr=lr,
+                           warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
+                           calib_batches=calib_batches, overrides=overrides, resume=resume, overwrite=overwrite,
+                           mixed_precision=mixed_precision, limit_train=limit_train, save_every=save_every,
+                           show_progress=not as_json)
+    meta = json.loads((run_dir / "run.json").read_text())
+    summary = {"run": str(run_dir), "model": meta["source_model"], "recipe": meta["recipe"], "bits": meta["bits"],
+               "kd": meta["kd_mode"], "epochs": meta["epochs_done"], "steps": meta.get("step", 0),
+               "best_top1": meta["best_top1"], "last_top1": meta["last_top1"], "status": meta["status"]}
+    if as_json:
+        emit_json(summary)
+    else:
+        render_table(f"quantize {summary['model']} -> {run_dir}", [summary], ["recipe", "bits", "kd", "epochs", "steps", "best_top1", "last_top1"])
 
 
 def main(argv: list[str] | None = None) -> int:
