@@ -1,0 +1,446 @@
+"""Multi-crop soft labels (method.md §5, FKD-style): generate once with a teacher, replay during training.
+
+For every training image the teacher sees `crops` random-resized crops (+ optional flip), each drawn
+from a generator seeded by (seed, image index). Per crop the store keeps
+
+    box      4 x uint16  fixed point: fraction = value / 65535 (x0, y0, w, h)      8 bytes
+    flip     1 x uint8                                                              1 byte
+    indices  k x int16   teacher top-k classes                                     2k bytes
+    probs    k x float16 teacher top-k softmax probabilities                       2k bytes
+
+i.e. `9 + 4k` bytes per crop (29 for k = 5). The teacher runs on the crop *as stored* (the box is
+rounded to fixed point before cropping), so a replay reproduces its input pixels exactly. Tensors go
+to safetensors shards of contiguous images plus a `manifest.json`; the store is written to a
+temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..data import ImageDataset, train_transform
+from ..errors import DataError, RunError
+from ..progress import progress_bar
+from .sampling import mix_seed
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vitqtool-softlabels"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BOX_SCALE = 65535  # uint16 fixed point for box fractions
+SHARD_BYTES = 256 * 2**20  # target size of one shard
+_CROP_SALT = 0xC0FFEE  # separates the crop-drawing stream of MultiCropDataset from other uses of mix_seed
+
+
+def bytes_per_crop(topk: int) -> int:
+    """Stored bytes per crop: box 8 + flip 1 + top-k indices 2k + probabilities 2k."""
+    return 4 * 2 + 1 + topk * 2 + topk * 2
+
+
+def encode_box(box: Sequence[float]) -> Tensor:
+    """Fractional (x0, y0, w, h) -> uint16 fixed point (round to nearest, clamped to [0, 65535])."""
+    values = torch.tensor([round(min(max(float(v), 0.0), 1.0) * BOX_SCALE) for v in box], dtype=torch.int32)
+    return values.to(torch.uint16)
+
+
+def decode_box(codes: Tensor) -> Tensor:
+    """uint16 fixed point -> float32 fractions (what the teacher saw and what training replays)."""
+    return codes.to(torch.float32) / BOX_SCALE
+
+
+def recover_label(indices: Tensor, probs: Tensor, num_classes: int) -> Tensor:
+    """Full label `[..., num_classes]`: top-k probabilities in place, the remaining mass spread uniformly; sums to 1."""
+    k = indices.shape[-1]
+    probs = probs.to(torch.float32)
+    top_mass = probs.sum(-1, keepdim=True)
+    if num_classes > k:
+        fill = (1 - top_mass).clamp(min=0) / (num_classes - k)
+    else:
+        fill = torch.zeros_like(top_mass)
+    out = fill.expand(*probs.shape[:-1], num_classes).clone()
+    out.scatter_(-1, indices.long(), probs)
+    # float16 rounding can push the stored top-k mass past 1 (or, with k = num_classes, short of it)
+    renorm = (top_mass > 1) | (num_classes <= k)
+    return torch.where(renorm, out / out.sum(-1, keepdim=True), out)
+
+
+def _dataset_identity(dataset: Any) -> tuple[ImageDataset, int]:
+    """(underlying ImageDataset, number of leading images used): unwraps prefix `Subset`s (e.g. from --limit)."""
+    used = len(dataset)
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = list(dataset.indices)
+        if indices != list(range(len(indices))):
+            raise DataError("soft labels need the dataset in its stored order (a leading subset at most); "
+                            "pass the dataset itself, not a shuffled or strided subset")
+        dataset = dataset.dataset
+    if not isinstance(dataset, ImageDataset):
+        raise DataError(f"soft labels need a vitqtool dataset (from vitqtool.data.load_dataset), got {type(dataset).__name__}")
+    return dataset, used
+
+
+@torch.no_grad()
+def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, out: str | Path, crops: int,
+                         topk: int = 5, scale: tuple[float, float] = (0.08, 1.0),
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, seed: int = 0,
+                         batch_size: int = 64, teacher_id: str = "", dataset_id: str = "",
+                         show_progress: bool = False, images_per_shard: int | None = None,
+                         overwrite: bool = False, num_workers: int = 0) -> Path:
+    """Run `teacher` over `crops` stored random-resized crops per image of `dataset` and write a soft-label store.
+
+    Args:
+        teacher: classifier whose logits have one entry per dataset class; run in eval mode on its device.
+        dataset: an ImageDataset (or a leading `Subset` of one) yielding (uint8 [C, H, W], label).
+        data_config: the teacher's timm data config (input size, mean, std).
+        out: folder to create; must not exist (or be empty) unless `overwrite`.
+        crops, topk: crops per image and stored classes per crop.
+        scale, ratio, hflip, seed: the random-resized-crop parameters and the seed of every draw.
+        batch_size: crops per teacher forward (at least; chunks of one image are not split).
+        num_workers: DataLoader worker processes that draw and replay crops while the teacher runs.
+        images_per_shard: images per safetensors shard (default: about SHARD_BYTES per shard).
+    Returns:
+        `out` as a Path.
+    Raises:
+        DataError for a teacher/dataset class mismatch or bad parameters; RunError when `out` is taken.
+    """
+    out = Path(out)
+    base, n = _dataset_identity(dataset)
+    num_classes = int(base.num_classes)
+    if crops < 1 or batch_size < 1:
+        raise DataError(f"crops and batch size must be >= 1, got crops={crops}, batch_size={batch_size}")
+    if not 1 <= topk <= num_classes:
+        raise DataError(f"topk must be between 1 and the number of classes ({num_classes}), got {topk}")
+    if num_classes > 32767:
+        raise DataError(f"{num_classes} classes do not fit the int16 class indices of the soft-label format")
+    if n == 0:
+        raise DataError(f"dataset '{base.spec}' [{base.split}] is empty; nothing to label")
+    _check_out(out, overwrite)
+
+    transform = train_transform(data_config, scale, ratio, hflip)
+    bpc = bytes_per_crop(topk)
+    per_shard = images_per_shard or max(1, SHARD_BYTES // (crops * bpc))
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards, start = [], time.perf_counter()
+    try:
+        with progress_bar(show_progress, "{task.fields[rate]}") as bar:
+            task = bar.add_task("soft labels", total=n, rate="") if bar is not None else None
+
+            def on_image(done: int) -> None:
+                if bar is not None:
+                    rate = done * crops / max(time.perf_counter() - start, 1e-9)
+                    bar.update(task, completed=done, rate=f"{rate:.0f} crops/s")
+
+            for shard_no, first in enumerate(range(0, n, per_shard)):
+                count = min(per_shard, n - first)
+                jobs = _CropJobs(dataset, transform, first, count, crops, batch_size, seed)
+                tensors = _label_shard(teacher, jobs, first, count, topk, batch_size, num_classes, num_workers, device,
+                                       on_image)
+                name = f"shard-{shard_no:05d}.safetensors"
+                save_file(tensors, str(tmp / name))
+                shards.append({"file": name, "first": first, "count": count})
+        seconds = time.perf_counter() - start
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "teacher": teacher_id or type(teacher).__name__,
+            "teacher_input_size": list(transform.size),
+            "dataset": {"id": dataset_id or f"{base.spec}[{base.split}]", "spec": base.spec, "split": base.split,
+                        "fingerprint": base.fingerprint, "length": len(base), "images": n, "num_classes": num_classes},
+            "crops": crops, "topk": topk, "scale": list(transform.scale), "ratio": list(transform.ratio),
+            "hflip": transform.hflip, "seed": seed,
+            "bytes_per_crop": bpc,
+            "encoding": {"boxes": "uint16 [N, K, 4] x0,y0,w,h as value/65535", "flips": "uint8 [N, K]",
+                         "indices": "int16 [N, K, k]", "probs": "float16 [N, K, k]"},
+            "shards": shards,
+            "seconds": round(seconds, 3),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        teacher.train(was_training)
+    log.info("wrote soft labels for %d images x %d crops to %s in %.1fs", n, crops, out, seconds)
+    return out
+
+
+class _CropJobs(torch.utils.data.Dataset):
+    """Item j: up to `chunk` consecutive crops of one image, drawn and replayed (runs in DataLoader workers).
+
+    The crops of image i come from one generator seeded by (seed, i), so a chunk re-draws the crops
+    before it and the result does not depend on chunking or on the number of workers.
+    """
+
+    def __init__(self, dataset: Any, transform: Any, first: int, count: int, crops: int, chunk: int, seed: int) -> None:
+        self.dataset, self.transform, self.crops, self.chunk, self.seed = dataset, transform, crops, chunk, seed
+        self.jobs = [(i, c0) for i in range(first, first + count) for c0 in range(0, crops, chunk)]
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, j: int) -> tuple[int, int, Tensor, Tensor, Tensor]:
+        index, c0 = self.jobs[j]
+        img, _ = self.dataset[index]
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, index))
+        boxes, flips, crops = [], [], []
+        for c in range(min(c0 + self.chunk, self.crops)):
+            box, flip = self.transform.sample(img, generator)
+            if c >= c0:
+                code = encode_box(box)
+                boxes.append(code)
+                flips.append(int(flip))
+                crops.append(self.transform.replay(img, decode_box(code).tolist(), flip))
+        return index, c0, torch.stack(boxes), torch.tensor(flips, dtype=torch.uint8), torch.stack(crops)
+
+
+def _label_shard(teacher: nn.Module, jobs: _CropJobs, first: int, count: int, topk: int, batch_size: int,
+                 num_classes: int, num_workers: int, device: torch.device, on_image: Any) -> dict[str, Tensor]:
+    crops = jobs.crops
+    boxes = torch.zeros(count, crops, 4, dtype=torch.uint16)
+    flips = torch.zeros(count, crops, dtype=torch.uint8)
+    indices = torch.zeros(count, crops, topk, dtype=torch.int16)
+    probs = torch.zeros(count, crops, topk, dtype=torch.float16)
+    pending: list[Tensor] = []
+    where: list[tuple[int, int, int]] = []
+
+    def flush() -> None:
+        logits = teacher(torch.cat(pending).to(device))
+        if logits.shape[-1] != num_classes:
+            raise DataError(f"the teacher predicts {logits.shape[-1]} classes but the dataset has {num_classes}; "
+                            "use a teacher with a matching classifier head")
+        top = torch.softmax(logits.float(), dim=-1).topk(topk, dim=-1)
+        top_i, top_p = top.indices.cpu().to(torch.int16), top.values.cpu().to(torch.float16)
+        offset = 0
+        for row, c0, n in where:
+            indices[row, c0:c0 + n] = top_i[offset:offset + n]
+            probs[row, c0:c0 + n] = top_p[offset:offset + n]
+            offset += n
+        pending.clear()
+        where.clear()
+
+    loader = torch.utils.data.DataLoader(jobs, batch_size=None, shuffle=False, num_workers=num_workers)
+    for index, c0, chunk_boxes, chunk_flips, chunk_crops in loader:
+        row, n = index - first, len(chunk_boxes)
+        boxes[row, c0:c0 + n] = chunk_boxes
+        flips[row, c0:c0 + n] = chunk_flips
+        pending.append(chunk_crops)
+        where.append((row, c0, n))
+        if sum(w[2] for w in where) >= batch_size:
+            flush()
+        if c0 + n == crops:
+            on_image(index + 1)
+    if pending:
+        flush()
+    return {"boxes": boxes, "flips": flips, "indices": indices, "probs": probs}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"'{out}' is a file; pass a folder path for the soft-label store")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunError(f"'{out}' already exists and is not empty; pass another --out or --overwrite to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished store into place; an existing store is swapped out first and deleted after."""
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class SoftLabelStore:
+    """Read access to a soft-label store written by `generate_soft_labels` (shards are memory-mapped lazily)."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._shards = manifest["shards"]
+        self._per_shard = self._shards[0]["count"]
+        self._handles: dict[int, Any] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "SoftLabelStore":
+        """Open a store folder; DataError if it is missing, not a store, of a newer format, or incomplete."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise DataError(f"'{path}' is not a soft-label store (no {MANIFEST}); create one with `vitqtool softlabels`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"'{manifest_path}' cannot be read ({exc}); regenerate the store") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DataError(f"'{path}' is not a vitqtool soft-label store; create one with `vitqtool softlabels`")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise DataError(f"soft-label store '{path}' has format version {manifest['format_version']}, newer than "
+                            f"this vitqtool reads ({FORMAT_VERSION}); upgrade vitqtool")
+        missing = [s["file"] for s in manifest.get("shards", []) if not (path / s["file"]).is_file()]
+        if missing or not manifest.get("shards"):
+            raise DataError(f"soft-label store '{path}' is incomplete (missing {', '.join(missing) or 'shards'}); regenerate it")
+        return cls(path, manifest)
+
+    def __len__(self) -> int:
+        return int(self.manifest["dataset"]["images"])
+
+    @property
+    def crops_per_image(self) -> int:
+        """Stored crops per image (K)."""
+        return int(self.manifest["crops"])
+
+    @property
+    def topk(self) -> int:
+        """Stored classes per crop (k)."""
+        return int(self.manifest["topk"])
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the labelled dataset (and of the teacher)."""
+        return int(self.manifest["dataset"]["num_classes"])
+
+    def check(self, dataset: Any, num_classes: int) -> None:
+        """Refuse (DataError) a dataset or model the store was not made for: fingerprint, image count, classes."""
+        base, n = _dataset_identity(dataset)
+        info = self.manifest["dataset"]
+        where = f"soft-label store '{self.path}'"
+        if base.fingerprint != info["fingerprint"]:
+            raise DataError(f"{where} was made for dataset {info['id']} (fingerprint {info['fingerprint']}), not "
+                            f"'{base.spec}' [{base.split}] (fingerprint {base.fingerprint}); regenerate it for this "
+                            "dataset with `vitqtool softlabels`")
+        if n > len(self):
+            raise DataError(f"{where} covers {len(self)} of the {n} images in use (made with --limit); "
+                            "regenerate it without --limit or train on the same number of images")
+        if int(num_classes) != self.num_classes or int(base.num_classes) != self.num_classes:
+            raise DataError(f"{where} holds labels over {self.num_classes} classes but the model has {num_classes} "
+                            f"and the dataset {base.num_classes}; use a store made for this model's classes")
+
+    def crops(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Image `index`: boxes [K, 4] float32 fractions, flips [K] bool, indices [K, k] long, probs [K, k] float32."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"image {index} is outside the store's {len(self)} images")
+        shard_no, row = divmod(index, self._per_shard)
+        handle = self._handle(shard_no)
+        boxes = decode_box(handle.get_slice("boxes")[row])
+        flips = handle.get_slice("flips")[row].bool()
+        indices = handle.get_slice("indices")[row].long()
+        probs = handle.get_slice("probs")[row].float()
+        return boxes, flips, indices, probs
+
+    def _handle(self, shard_no: int) -> Any:
+        handle = self._handles.get(shard_no)
+        if handle is None:
+            handle = safe_open(str(self.path / self._shards[shard_no]["file"]), framework="pt", device="cpu")
+            self._handles[shard_no] = handle
+        return handle
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # file handles stay in the process that opened them (DataLoader workers reopen)
+        return state
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Item i -> (crops [C, ch, H, W] normalised, targets [C, num_classes]): C of image i's K stored crops, replayed.
+
+    The C crops are drawn without replacement by a generator seeded by (seed, epoch, i), so every epoch,
+    worker count and resume position sees the same crops.
+    """
+
+    def __init__(self, dataset: Any, store: SoftLabelStore, data_config: dict, crops_per_image: int = 4,
+                 seed: int = 0) -> None:
+        store.check(dataset, store.num_classes)
+        if not 1 <= crops_per_image <= store.crops_per_image:
+            raise DataError(f"crops_per_image must be between 1 and the store's {store.crops_per_image} crops per "
+                            f"image, got {crops_per_image}")
+        self.dataset = dataset
+        self.store = store
+        self.transform = train_transform(data_config)
+        self.crops_per_image = crops_per_image
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops of `epoch` (call before each epoch, on every process)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def pick(self, index: int) -> Tensor:
+        """Which stored crops item `index` uses this epoch (C distinct indices into 0..K-1)."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index, _CROP_SALT))
+        return torch.randperm(self.store.crops_per_image, generator=generator)[:self.crops_per_image]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        img, _ = self.dataset[index]
+        boxes, flips, indices, probs = self.store.crops(index)
+        chosen = self.pick(index)
+        crops = torch.stack([self.transform.replay(img, boxes[j].tolist(), bool(flips[j])) for j in chosen.tolist()])
+        return crops, recover_label(indices[chosen], probs[chosen], self.store.num_classes)
+
+
+def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split: str = "train", *,
+               teacher: str | None = None, weights: str | Path | None = None, teacher_weights: str | Path | None = None,
+               random_init: bool = False, model_args: dict | None = None, teacher_model_args: dict | None = None,
+               crops: int = 500, topk: int = 5, scale: tuple[float, float] = (0.08, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, seed: int = 0, batch_size: int = 64,
+               limit: int | None = None, overwrite: bool = False, device: str | None = None, num_workers: int = 0,
+               show_progress: bool = False) -> dict[str, Any]:
+    """Generate a multi-crop soft-label store for training MODEL (teacher: `teacher`, default MODEL itself).
+
+    Example:
+        softlabels("deit_tiny_patch16_224", "labels/", teacher="deit_base_patch16_224", crops=500)
+    Returns:
+        A summary dict: out, teacher, data, split, fingerprint, images, crops, topk, bytes_per_crop,
+        total_bytes (stored tensor bytes), seconds, crops_per_second.
+    Raises:
+        ModelError/WeightsError for the models, DataError for the data, RunError when `out` is taken.
+    """
+    from ..data import check_num_classes, load_dataset
+    from ..models import resolve_model
+
+    out = Path(out)
+    _check_out(out, overwrite)
+    dataset = load_dataset(data, split)
+    if teacher is None:
+        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+    else:
+        loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
+                               model_args=teacher_model_args if teacher_model_args is not None else model_args)
+    check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
+    target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = loaded.model.to(target)
+    used: Any = dataset if limit is None else torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    start = time.perf_counter()
+    generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
+                         seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
+                         dataset_id=f"{dataset.spec}[{dataset.split}]", show_progress=show_progress, overwrite=overwrite,
+                         num_workers=num_workers)
+    seconds = time.perf_counter() - start
+    n = len(used)
+    return {
+        "out": str(out), "teacher": loaded.source or (teacher or model), "student": model, "data": dataset.spec,
+        "split": dataset.split, "fingerprint": dataset.fingerprint, "images": n, "crops": crops, "topk": topk,
+        "bytes_per_crop": bytes_per_crop(topk), "total_bytes": n * crops * bytes_per_crop(topk),
+        "seconds": round(seconds, 3), "crops_per_second": round(n * crops / max(seconds, 1e-9), 1),
+    }
