@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub/datasets, small thread count, tiny model configs."""
+"""Shared test set-up: offline hub and datasets, a fixed seed, tiny model configs."""
 
 import os
 
@@ -6,6 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models: one thread is faster than several and keeps parallel jobs from oversubscribing the cores.
+torch.set_num_threads(1)
 
 TINY_DEIT = ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10})
 TINY_SWIN = ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "window_size": 4, "num_classes": 10})

@@ -73,7 +73,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn
     hooks = []
     for name, q in act.items():
         def hook(mod: LSQQuantizer, args: tuple, name: str = name) -> None:
-            sums[name] = sums.get(name, 0.0) + mod.mean_abs(args[0])
+            sums[name] = sums.get(name, 0.0) + mod.mean_abs(args[0]).double()  # float64: the sum is exact, so batch splits and processes agree
         hooks.append(q.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()

@@ -42,33 +42,41 @@ class QuantSpec:
 
 
 class _LSQFakeQuant(torch.autograd.Function):
-    """Fake quantization with LSQ/LSQ+ gradients; `step` and `offset` broadcast against `x`."""
+    """Fake quantization with LSQ/LSQ+ gradients; `step` and `offset` broadcast against `x`.
+
+    The forward keeps only what the backward needs, computed in place: a bool mask of the values
+    inside the clamp range and the step slope `d x_hat / d s` (`round(v) - v` inside, the clamp level
+    outside). The backward is then one masked multiply and one reduction per tensor.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: Tensor | float):
-        shifted = x - offset if offset is not None else x
-        scaled = shifted / step
-        codes = scaled.clamp(qn, qp).round_()
+        scaled = (x - offset if offset is not None else x) / step
+        codes = scaled.clamp(qn, qp)
+        inside = codes == scaled
+        codes.round_()
         out = codes * step
         if offset is not None:
-            out = out + offset
-        ctx.save_for_backward(scaled, codes, step)
+            out += offset
+        slope = codes.sub_(scaled.mul_(inside))  # codes - v inside, codes (the clamp level) outside
+        ctx.save_for_backward(slope, inside)
+        ctx.step_shape = step.shape
         ctx.has_offset = offset is not None
         ctx.grad_scale = grad_scale
-        ctx.qn, ctx.qp = qn, qp
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        scaled, codes, step = ctx.saved_tensors
-        inside = (scaled >= ctx.qn) & (scaled <= ctx.qp)
-        grad_x = grad_out * inside
-        # d x_hat / d s: (round(v) - v) inside the range, the clamp level outside (codes hold it there).
-        step_slope = torch.where(inside, codes - scaled, codes)
-        grad_step = (grad_out * step_slope).sum_to_size(step.shape) * ctx.grad_scale
+        slope, inside = ctx.saved_tensors
+        grad_x = grad_out * inside.to(grad_out.dtype)
+        if len(ctx.step_shape) == 0 or ctx.step_shape.numel() == 1:
+            grad_step = torch.dot(grad_out.reshape(-1), slope.reshape(-1)).reshape(ctx.step_shape)
+        else:
+            grad_step = (grad_out * slope).sum_to_size(ctx.step_shape)
+        grad_step = grad_step * ctx.grad_scale
         grad_offset = None
         if ctx.has_offset:
-            grad_offset = (grad_out - grad_x).sum().reshape(1) * ctx.grad_scale
+            grad_offset = (grad_out.sum() - grad_x.sum()).reshape(1) * ctx.grad_scale
         return grad_x, grad_step, grad_offset, None, None, None
 
 
@@ -112,9 +120,9 @@ class LSQQuantizer(nn.Module):
             return 1.0 / (qp * math.sqrt(x.numel()))
         with torch.no_grad():
             if self.spec.per_channel:
-                l1 = x.abs().reshape(x.shape[0], -1).sum(1)
+                l1 = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=1, dim=1)
             else:
-                l1 = x.abs().sum().reshape(1)
+                l1 = torch.linalg.vector_norm(x, ord=1).reshape(1)
             return (qp * l1).clamp(min=1e-12).rsqrt().to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
