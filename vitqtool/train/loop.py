@@ -1,0 +1,295 @@
+"""The QAT training loop (method.md §5-§7) on `accelerate`: one loop for 1 CPU, 1 GPU and N processes.
+
+Per optimiser step: `grad_accum` micro-batches, each `loss = L_task + lambda(t) * sum L_OBR` where
+`L_task` is online KD against the teacher, soft cross-entropy against stored multi-crop labels, or
+hard-label cross-entropy; gradient clipping; AdamW with a warmup + cosine learning rate; the
+oscillation tracker after the step. Checkpoints every `save_every` steps, after each epoch and on
+SIGINT; a non-finite loss stops the run (or skips the step when the recipe says so).
+
+LSQ scales an activation step's gradient by `1/(Qp*sqrt(N_x))` with N_x counting the batch
+(method.md §2). Each process (and each accumulated micro-batch) sees 1/(world*accum) of the batch,
+so after backward the loop multiplies activation-step and offset gradients by `1/sqrt(world*accum)`:
+N processes x B/N images then train like one process with B images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import RunError
+from ..progress import progress_bar
+from ..recipe import Recipe
+from .checkpoint import capture_rng, model_state, save_checkpoint
+from .sampling import ShardedBatchSampler
+from .schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+class RunInterrupted(RunError):
+    """The run was interrupted (SIGINT); a checkpoint was saved and `--resume` continues it."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainState:
+    """Loop position and results; saved in every checkpoint."""
+
+    epoch: int = 0                 # current epoch (epochs finished)
+    batch: int = 0                 # micro-batches of `epoch` already consumed
+    step: int = 0                  # optimiser steps done
+    best_top1: float | None = None
+    last_top1: float | None = None
+
+
+@dataclass
+class Trainer:
+    """Everything the loop needs, built by `run.quantize`."""
+
+    accelerator: Any
+    model: nn.Module               # as returned by accelerator.prepare (DDP-wrapped under N processes)
+    optimizer: Any
+    recipe: Recipe
+    run_dir: Path
+    train_set: Any                 # has set_epoch(); items (images, labels) or (crops, soft targets)
+    val_set: Any
+    data_config: dict
+    num_classes: int
+    micro_batch: int
+    steps_per_epoch: int
+    kd_mode: str                   # "online", "stored" or "none"
+    teacher: nn.Module | None = None
+    tracker: Any = None
+    obr_layers: list = field(default_factory=list)
+    save_every: int = 0
+    show_progress: bool = False
+    on_epoch: Callable[[TrainState], None] | None = None  # after each epoch's checkpoint (run.json update)
+
+    @property
+    def raw(self) -> nn.Module:
+        """The model without the DDP wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run."""
+        return self.recipe.train.epochs * self.steps_per_epoch
+
+
+def task_loss(tr: Trainer, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(total task loss, the distillation part) for one micro-batch."""
+    from .losses import kd_loss, soft_cross_entropy
+
+    kd = tr.recipe.kd
+    x, y = batch
+    if tr.kd_mode == "stored":  # x: [B, C, 3, H, W] crops, y: [B, C, classes] recovered soft labels
+        logits = tr.model(x.flatten(0, 1))
+        part = soft_cross_entropy(logits.float(), y.flatten(0, 1).float())
+        return part, part.detach()
+    logits = tr.model(x)
+    loss = kd.hard_label_weight * F.cross_entropy(logits.float(), y) if kd.hard_label_weight else logits.new_zeros(())
+    if tr.kd_mode == "online":
+        with torch.no_grad():
+            teacher_logits = tr.teacher(x)
+        part = kd_loss(logits.float(), teacher_logits.float(), kd.temperature)
+        return loss + part, part.detach()
+    return loss, loss.new_zeros(())
+
+
+def _epoch_batches(tr: Trainer, epoch: int, start: int) -> Iterator:
+    acc = tr.accelerator
+    tr.train_set.set_epoch(epoch)
+    sampler = ShardedBatchSampler(len(tr.train_set), tr.micro_batch, acc.num_processes, acc.process_index,
+                                  tr.recipe.train.seed, epoch, tr.steps_per_epoch * tr.recipe.train.grad_accum, start)
+    loader = torch.utils.data.DataLoader(tr.train_set, batch_sampler=sampler, num_workers=tr.recipe.train.num_workers)
+    for x, y in loader:
+        yield x.to(acc.device), y.to(acc.device)
+
+
+def validate(tr: Trainer) -> float:
+    """Validation top-1 (percent), each process evaluating its shard, counts summed across processes."""
+    from ..api import evaluate_model
+    from ..data import make_eval_loader
+
+    acc = tr.accelerator
+    shard = torch.utils.data.Subset(tr.val_set, range(acc.process_index, len(tr.val_set), acc.num_processes))
+    res = evaluate_model(tr.raw, make_eval_loader(shard, tr.data_config, tr.micro_batch), tr.num_classes)
+    counts = torch.tensor([round(res["top1"] * res["n"] / 100), res["n"]], dtype=torch.float64, device=acc.device)
+    counts = acc.reduce(counts, "sum") if acc.num_processes > 1 else counts
+    return float(100 * counts[0] / counts[1])
+
+
+def save(tr: Trainer, state: TrainState, best: bool = False) -> None:
+    """Checkpoint model, optimizer, loop position, oscillation state and every process's RNG (main process writes)."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    acc = tr.accelerator
+    rng = gather_object([capture_rng()]) if acc.num_processes > 1 else [capture_rng()]
+    error = [None]
+    if acc.is_main_process:
+        payload = {
+            "train": dataclasses.asdict(state),
+            "optimizer": tr.optimizer.state_dict(),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
+            "rng": rng,
+            "oscillation": tr.tracker.state_dict() if tr.tracker is not None else {},
+        }
+        name = f"step-{state.step:08d}-e{state.epoch}-b{state.batch}"
+        try:
+            save_checkpoint(tr.run_dir, name, model_state(tr.raw), payload, best)
+        except RunError as exc:
+            error = [str(exc)]
+    if acc.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise RunError(error[0])
+
+
+def restore(tr: Trainer, payload: dict) -> TrainState:
+    """Load optimizer, scaler, RNG and oscillation state from a checkpoint payload; returns the loop position."""
+    from .checkpoint import restore_rng
+
+    acc = tr.accelerator
+    tr.optimizer.load_state_dict(payload["optimizer"])
+    if acc.scaler is not None and payload["scaler"]:
+        acc.scaler.load_state_dict(payload["scaler"])
+    if len(payload["rng"]) != acc.num_processes:
+        raise RunError(f"the checkpoint was written by {len(payload['rng'])} processes, this run has {acc.num_processes}; resume with the same number")
+    restore_rng(payload["rng"][acc.process_index])
+    if tr.tracker is not None and payload["oscillation"]:
+        tr.tracker.load_state_dict(payload["oscillation"])
+    return TrainState(**payload["train"])
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    """Append one JSON line to metrics.jsonl."""
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def _sigint_flag() -> Iterator[list[bool]]:
+    """Turn SIGINT into a flag the loop polls between steps (only in the main thread)."""
+    flag = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        flag[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(tr: Trainer, state: TrainState) -> TrainState:
+    """Run (or continue from `state`) the training loop to the recipe's last epoch; returns the final state."""
+    from ..quant import iter_quantizers, obr_lambda, obr_loss
+
+    acc, rt = tr.accelerator, tr.recipe.train
+    accum, total = rt.grad_accum, tr.total_steps
+    warmup = round(rt.warmup_epochs * tr.steps_per_epoch)
+    log_every = max(1, tr.recipe.oscillation.log_every)
+    show = tr.show_progress and acc.is_main_process
+    act_factor = (acc.num_processes * accum) ** -0.5
+    act_params = [p for _, q in iter_quantizers(tr.raw) if q.kind == "act" for p in (q.step, q.offset) if p is not None]
+    columns = ("loss {task.fields[loss]:.4f}", "lr {task.fields[lr]:.2e}", "{task.fields[ips]:.0f} img/s")
+    with _sigint_flag() as interrupted, progress_bar(show, *columns) as bar:
+        task = bar.add_task("quantize", total=total, completed=state.step, loss=float("nan"), lr=0.0, ips=0.0) if bar else None
+        tick, seen = time.perf_counter(), 0
+        while state.epoch < rt.epochs:
+            tr.model.train()
+            batches = _epoch_batches(tr, state.epoch, state.batch)
+            while state.batch < tr.steps_per_epoch * accum:
+                lr = lr_at(state.step, total, rt.lr, warmup, rt.min_lr)
+                lam = obr_lambda(state.step / max(1, total), tr.recipe.obr.start_fraction, tr.recipe.obr.max_lambda) if tr.obr_layers else 0.0
+                for group in tr.optimizer.param_groups:
+                    group["lr"] = lr
+                tr.optimizer.zero_grad(set_to_none=True)
+                sums = torch.zeros(3, dtype=torch.float64)
+                skipped = False
+                for micro in range(accum):
+                    x, y = next(batches)
+                    seen += x.shape[0] * (x.shape[1] if tr.kd_mode == "stored" else 1)
+                    sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(tr.model)
+                    with sync:
+                        with acc.autocast():
+                            loss, kd_part = task_loss(tr, (x, y))
+                            obr = obr_loss(m for _, m in tr.obr_layers) if lam > 0 else loss.new_zeros(())
+                            loss = loss + lam * obr
+                        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, float(interrupted[0])], device=acc.device)
+                        flags = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
+                        if flags[1] > 0:
+                            interrupted[0] = True
+                        if flags[0] > 0:
+                            if not rt.skip_nonfinite:
+                                raise RunError(f"loss is not finite ({loss.detach().item()}) at step {state.step + 1} (epoch {state.epoch + 1}, "
+                                               f"micro-batch {state.batch + micro + 1}); the last good checkpoint is kept in '{tr.run_dir}'; "
+                                               "lower --lr, set --grad-clip, or set train.skip_nonfinite = true")
+                            log.warning("skipping step %d: non-finite loss %s", state.step + 1, loss.detach().item())
+                            skipped = True
+                        if not skipped:
+                            acc.backward(loss / accum)
+                            sums += torch.tensor([loss.detach().item(), kd_part.item(), obr.detach().item()], dtype=torch.float64) / accum
+                if not skipped:
+                    if act_factor != 1:
+                        for p in act_params:
+                            if p.grad is not None:
+                                p.grad.mul_(act_factor)
+                    if rt.grad_clip > 0:
+                        acc.clip_grad_norm_(tr.model.parameters(), rt.grad_clip)
+                    tr.optimizer.step()
+                    if tr.tracker is not None:
+                        tr.tracker.update()
+                tr.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch += accum
+                if state.step % log_every == 0 or state.step == 1:
+                    elapsed = max(time.perf_counter() - tick, 1e-9)
+                    ips = seen * acc.num_processes / elapsed
+                    tick, seen = time.perf_counter(), 0
+                    if acc.is_main_process:
+                        record = {"step": state.step, "epoch": state.epoch + state.batch / (tr.steps_per_epoch * accum), "loss": sums[0].item(),
+                                  "kd": sums[1].item(), "obr": sums[2].item(), "lambda": lam, "lr": lr, "throughput": ips, "skipped": skipped}
+                        if tr.tracker is not None:
+                            record["oscillating_fraction"] = {k: v["oscillating_fraction"] for k, v in tr.tracker.summary().items()}
+                        append_metrics(tr.run_dir, record)
+                    if bar:
+                        bar.update(task, loss=sums[0].item(), lr=lr, ips=ips)
+                if bar:
+                    bar.update(task, completed=state.step)
+                end_of_epoch = state.batch >= tr.steps_per_epoch * accum
+                if interrupted[0]:
+                    save(tr, state)
+                    raise RunInterrupted(f"interrupted at step {state.step}; checkpoint saved in '{tr.run_dir}'; continue with --resume")
+                if tr.save_every and state.step % tr.save_every == 0 and not end_of_epoch:
+                    save(tr, state)
+            state.epoch, state.batch = state.epoch + 1, 0
+            state.last_top1 = validate(tr)
+            best = state.best_top1 is None or state.last_top1 > state.best_top1
+            if best:
+                state.best_top1 = state.last_top1
+            if acc.is_main_process:
+                append_metrics(tr.run_dir, {"step": state.step, "epoch": state.epoch, "val_top1": state.last_top1, "best_top1": state.best_top1})
+            save(tr, state, best=best)
+            if tr.on_epoch is not None:
+                tr.on_epoch(state)
+    return state
