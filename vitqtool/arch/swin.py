@@ -79,3 +79,35 @@ def quantize_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
         quantize_linear(model.head, "fc", policy.weight(edge=True), policy.act(edge=True))
     check_fully_quantized(model)
     return model
+
+
+def _segments(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Patch merging of each stage (when present) and its blocks, in execution order."""
+    out: list[tuple[str, nn.Module]] = []
+    for si, stage in enumerate(model.layers):
+        if not isinstance(stage.downsample, nn.Identity):
+            out.append((f"layers.{si}.downsample", stage.downsample))
+        out += [(f"layers.{si}.blocks.{bi}", block) for bi, block in enumerate(stage.blocks)]
+    return out
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Names of the segments (patch merging and residual blocks) that `block_inputs`/`run_from` index."""
+    return [name for name, _ in _segments(model)]
+
+
+def block_inputs(model: nn.Module, images: Tensor) -> list[Tensor]:
+    """The input of every segment, then the input of the tail (final norm + head), from one forward pass."""
+    x = model.patch_embed(images)
+    hidden = []
+    for _, segment in _segments(model):
+        hidden.append(x)
+        x = segment(x)
+    return hidden + [x]
+
+
+def run_from(model: nn.Module, index: int, hidden: Tensor) -> Tensor:
+    """Logits from the input of segment `index` (`len(block_names)` = the tail): segments index.., norm, head."""
+    for _, segment in _segments(model)[index:]:
+        hidden = segment(hidden)
+    return model.forward_head(model.norm(hidden))

@@ -67,3 +67,25 @@ def quantize_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
             quantize_linear(model, head, policy.weight(edge=True), policy.act(edge=True))
     check_fully_quantized(model)
     return model
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Names of the residual blocks in execution order (the segments `block_inputs`/`run_from` index)."""
+    return [f"blocks.{i}" for i in range(len(model.blocks))]
+
+
+def block_inputs(model: nn.Module, images: Tensor) -> list[Tensor]:
+    """The input of every block, then the input of the tail (final norm + head), from one forward pass."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    hidden = []
+    for block in model.blocks:
+        hidden.append(x)
+        x = block(x)
+    return hidden + [x]
+
+
+def run_from(model: nn.Module, index: int, hidden: Tensor) -> Tensor:
+    """Logits from the input of block `index` (`len(blocks)` = the tail): blocks index.. then norm and head."""
+    for block in model.blocks[index:]:
+        hidden = block(hidden)
+    return model.forward_head(model.norm(hidden))

@@ -1,0 +1,5 @@
+"""Variation statistics, module sensitivity, oscillation and bit allocation (`vitqtool analyze`)."""
+
+from .pipeline import SCHEMA, analyze
+
+__all__ = ["SCHEMA", "analyze"]
