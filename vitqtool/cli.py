@@ -270,6 +270,7 @@ def quantize_cmd(
     overrides: Annotated[Optional[list[Path]], typer.Option("--overrides", help="Override TOML files merged on top of the recipe, in order.")] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", min=0, help="Also checkpoint every N optimiser steps (0: epoch ends only).")] = None,
     limit_train: Annotated[Optional[int], typer.Option("--limit-train", min=1, help="Train on the first N training images only.")] = None,
+    limit_val: Annotated[Optional[int], typer.Option("--limit-val", min=1, help="Validate on N evenly spaced validation images only.")] = None,
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate).")] = "no",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
@@ -285,7 +286,7 @@ def quantize_cmd(
                            teacher_weights=teacher_weights, epochs=epochs, batch_size=batch_size, lr=lr,
                            warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
                            calib_batches=calib_batches, overrides=overrides, resume=resume, overwrite=overwrite,
-                           mixed_precision=mixed_precision, limit_train=limit_train, save_every=save_every,
+                           mixed_precision=mixed_precision, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
                            show_progress=not as_json)
     meta = json.loads((run_dir / "run.json").read_text())
     summary = {"run": str(run_dir), "model": meta["source_model"], "recipe": meta["recipe"], "bits": meta["bits"],
@@ -295,6 +296,62 @@ def quantize_cmd(
         emit_json(summary)
     else:
         render_table(f"quantize {summary['model']} -> {run_dir}", [summary], ["recipe", "bits", "kd", "epochs", "steps", "best_top1", "last_top1"])
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: Annotated[str, typer.Argument(help="MODEL spec of the FP model (timm name, hf-hub:..., model folder).")],
+    data: DataOpt = "builtin:mnist5k",
+    split: Annotated[str, typer.Option("--split", help="Analysis split (step sizes are calibrated on 'train' first).")] = "validation",
+    bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside blocks (2..8).")] = 2,
+    what: Annotated[str, typer.Option("--what", help="Sensitivity of each module's weights, acts or both.")] = "both",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder: analysis.json, CSVs, PNGs, index.html, overrides.toml.")] = Path("report"),
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    model_args: ModelArgsOpt = None,
+    recipe: RecipeOpt = None,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Analysis batches.")] = 4,
+    batch_size: BatchOpt = 32,
+    run: Annotated[Optional[Path], typer.Option("--run", help="A `quantize` run folder: report weight oscillation from its checkpoint.")] = None,
+    budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (cached block inputs) or naive (full forward per module).")] = "fast",
+    as_json: JsonOpt = False,
+) -> None:
+    """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion."""
+    from .analysis import analyze
+
+    if what not in ("weights", "acts", "both"):
+        raise typer.BadParameter("must be weights, acts or both", param_hint="--what")
+    if method not in ("fast", "naive"):
+        raise typer.BadParameter("must be fast or naive", param_hint="--method")
+    if budget_bits is not None and keep is not None:
+        raise typer.BadParameter("pass only one of --budget-bits and --keep", param_hint="--keep")
+    report = analyze(model, data=data, split=split, bits=bits, what=what, out=out, weights=weights, random_init=random_init,
+                     model_args=parse_model_args(model_args), recipe=recipe or "vaq", batches=batches, batch_size=batch_size,
+                     run=run, budget_bits=budget_bits, keep=keep, plots=not no_plots, method=method, show_progress=not as_json)
+    summary = report["summary"]
+    if as_json:
+        emit_json(summary)
+        return
+    render_table(f"most sensitive modules ({summary['what']} at W{summary['bits']}A{summary['bits']} alone)", [
+        {"#": m["rank"], "module": m["name"], "KL": m["kl"], "Δloss": m["delta_loss"], "Δtop-1": m["delta_top1"],
+         "agree %": m["top1_agreement"]} for m in summary["top_sensitive"]])
+    render_table("variation by module type (means over blocks)", [
+        {"type": t["type"], "n": t["modules"], "KL": t["kl"], "W SQNR dB": t["weight_sqnr_db"], "A SQNR dB": t["act_sqnr_db"],
+         "A kurt": t["act_kurtosis"], "A outl": t["act_outlier_ratio"], "head ratio": t["head_range_ratio"]} for t in summary["by_type"]])
+    render_table("variation by block", [
+        {"block": b["block"], "KL": b["kl"], "W SQNR dB": b["weight_sqnr_db"], "A SQNR dB": b["act_sqnr_db"],
+         "head CV": b["head_range_cv"], "chan ratio": b["channel_range_ratio"]} for b in summary["by_block"]])
+    if summary["allocation"]:
+        alloc = summary["allocation"]
+        render_table(f"bit allocation: average weight bits {alloc['base_average_bits']:.3f} -> {alloc['average_bits']:.3f}",
+                     [{"module": k, **v} for k, v in alloc["overrides"].items()])
+    if summary["oscillation"]:
+        render_table("oscillation", [summary["oscillation"]])
+    if summary.get("files"):
+        _stderr_console().print(f"report written to {out} ({len(summary['files'])} files; open {out}/index.html)", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
