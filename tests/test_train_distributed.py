@@ -1,4 +1,4 @@
-"""Data parallelism on 2 CPU processes (torchrun + gloo): identical calibration on every rank, and 2 x B/2 == 1 x B.
+"""Data parallelism on 2 CPU processes (`accelerate launch --multi_gpu` on CPU, gloo): identical calibration on every rank, and 2 x B/2 == 1 x B.
 
 The 1-process run uses the same global batch B = 8 per optimiser step as two micro-batches of 4
 (grad_accum = 2), i.e. the same per-forward arithmetic as each of the 2 processes. Tolerance: none,
@@ -64,8 +64,9 @@ def two_process_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     (out / "worker.py").write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(out / "worker.py"), str(out)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(out / "worker.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
