@@ -288,6 +288,8 @@ def quantize_cmd(
                            calib_batches=calib_batches, overrides=overrides, resume=resume, overwrite=overwrite,
                            mixed_precision=mixed_precision, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
                            show_progress=not as_json)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
+        return
     meta = json.loads((run_dir / "run.json").read_text())
     summary = {"run": str(run_dir), "model": meta["source_model"], "recipe": meta["recipe"], "bits": meta["bits"],
                "kd": meta["kd_mode"], "epochs": meta["epochs_done"], "steps": meta.get("step", 0),
