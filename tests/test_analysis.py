@@ -134,7 +134,8 @@ def _tiny(name: str, args: dict, seed: int = 0) -> nn.Module:
     return q
 
 
-@pytest.mark.parametrize("name,args", [("vit_tiny_patch16_224", VIT_ARGS), ("swin_tiny_patch4_window7_224", SWIN_ARGS)])
+@pytest.mark.parametrize("name,args", [("vit_tiny_patch16_224", VIT_ARGS), ("swin_tiny_patch4_window7_224", SWIN_ARGS),
+                                       ("deit_tiny_distilled_patch16_224", {**VIT_ARGS, "embed_dim": 48, "num_heads": 2})])
 def test_fast_and_naive_sensitivity_agree(name: str, args: dict) -> None:
     model = _tiny(name, args)
     adapter = get_adapter(model)

@@ -19,10 +19,11 @@ PATTERNS = ("vit_*", "deit_*", "deit3_*")
 class ViTQuantAttention(QuantAttention):
     """QuantAttention with timm's ViT Attention call signature."""
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,  # type: ignore[override]
+                num_queries: int | None = None) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("attention masks are not supported by the quantized ViT attention")
-        return super().forward(x)
+        return super().forward(x, num_queries=num_queries)
 
 
 def matches(model: nn.Module) -> bool:
@@ -85,7 +86,18 @@ def block_inputs(model: nn.Module, images: Tensor) -> list[Tensor]:
 
 
 def run_from(model: nn.Module, index: int, hidden: Tensor) -> Tensor:
-    """Logits from the input of block `index` (`len(blocks)` = the tail): blocks index.. then norm and head."""
-    for block in model.blocks[index:]:
+    """Logits from the input of block `index` (`len(blocks)` = the tail): blocks index.. then norm and head.
+
+    When the head reads only the prefix tokens (cls, dist), the last block computes just those rows:
+    its keys and values still come from every token, so the logits are those of the full forward.
+    """
+    blocks = list(model.blocks[index:])
+    keep = model.num_prefix_tokens if model.global_pool == "token" else 0
+    last = blocks.pop() if blocks and keep and isinstance(blocks[-1].attn, ViTQuantAttention) else None
+    for block in blocks:
         hidden = block(hidden)
+    if last is not None:
+        attn = last.attn(last.norm1(hidden), num_queries=keep)
+        hidden = hidden[:, :keep] + last.drop_path1(last.ls1(attn))
+        hidden = hidden + last.drop_path2(last.ls2(last.mlp(last.norm2(hidden))))
     return model.forward_head(model.norm(hidden))
