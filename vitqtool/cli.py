@@ -356,6 +356,42 @@ def analyze_cmd(
         _stderr_console().print(f"report written to {out} ({len(summary['files'])} files; open {out}/index.html)", highlight=False)
 
 
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Working folder: fp/ (cached FP model), report/, labels/, w4/, w2/ and the exports.")] = Path("vitqtool-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A much shorter schedule (smoke tests; lower accuracy).")] = False,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train the FP model again even when --out holds one with the same settings.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the whole pipeline offline on builtin:mnist5k: train a small ViT, analyze, soft labels, quantize W4A4/W2A2, evaluate, export."""
+    from .demo import demo
+
+    result = demo(out, quick=quick, retrain=retrain, show_progress=not as_json)
+    if as_json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    def size(n: int) -> str:
+        return f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+    table = Table(title=f"vitqtool demo: {result['config']['architecture']} on {result['config']['data']} [validation]")
+    for c in ("model", "top-1 %", "top-5 %", "file", "size", "vs FP", "verify max|diff|"):
+        table.add_column(c, justify="left" if c in ("model", "file") else "right")
+    for m in result["models"]:
+        table.add_row(m["model"], f"{m['top1']:.2f}", f"{m['top5']:.2f}", m["file"], size(m["bytes"]),
+                      f"{m['size_ratio_vs_fp']:.1f}x", _fmt(m["verify_max_abs_diff"]))
+    console = _stdout_console()
+    console.print(table)
+    times = Table(title=f"wall time: {result['total_seconds']:.1f} s")
+    times.add_column("step")
+    times.add_column("seconds", justify="right")
+    for s in result["steps"]:
+        times.add_row(s["step"] + (" (cached)" if s["cached"] else ""), f"{s['seconds']:.1f}")
+    console.print(times)
+    _stderr_console().print(f"report: {result['report']}  exports: {', '.join(m['file'] for m in result['models'][1:])}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning VitqError into one stderr line and exit code 1.
 

@@ -1,0 +1,57 @@
+"""`vitqtool demo --quick`: the whole pipeline runs offline, reports sane numbers, exports reload, FP is cached."""
+
+import json
+from dataclasses import FrozenInstanceError
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vitqtool
+from vitqtool.cli import app
+from vitqtool.demo import DEMO, QUICK, DemoConfig
+
+runner = CliRunner()
+
+
+def run_demo(out):
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_demo_config_is_one_frozen_constant():
+    assert isinstance(DEMO, DemoConfig) and DEMO.data == "builtin:mnist5k" and not DEMO.hflip
+    assert DEMO.model_args["num_classes"] == 10 and len(DEMO.qat_bits) == len(DEMO.qat_epochs)
+    with pytest.raises(FrozenInstanceError):
+        DEMO.fp_epochs = 1  # type: ignore[misc]
+    assert QUICK.architecture == DEMO.architecture and QUICK.fp_settings() != DEMO.fp_settings()
+    assert "hflip = false" in DEMO.overrides_toml()
+
+
+def test_demo_quick_end_to_end_then_reuses_the_fp_model(tmp_path):
+    out = tmp_path / "demo"
+    doc = run_demo(out)
+    assert doc["quick"] is True and doc["fp_cached"] is False
+    models = {m["model"]: m for m in doc["models"]}
+    assert list(models) == ["FP", "W4A4", "W2A2"]
+    for m in models.values():
+        assert 0 <= m["top1"] <= 100 and m["n"] == 1000
+    assert models["FP"]["top1"] > 12  # learned something (chance: 10%) even on the quick schedule (measured 20.2)
+    for name, bits in (("W4A4", 4), ("W2A2", 2)):
+        path = out / f"w{bits}.safetensors"
+        assert models[name]["file"] == str(path) and path.is_file()
+        assert models[name]["bytes"] == path.stat().st_size < models["FP"]["bytes"]
+        assert models[name]["verify_max_abs_diff"] <= 1e-5
+        net = vitqtool.load(path)
+        with torch.no_grad():
+            assert net(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert {"train FP model", "analyze", "soft labels", "quantize W4A4", "quantize W2A2", "evaluate", "export --verify"} == set(steps)
+    assert all(s["seconds"] >= 0 for s in doc["steps"])
+    assert (out / "report" / "index.html").is_file() and (out / "labels" / "manifest.json").is_file()
+
+    again = run_demo(out)  # same settings: the FP model is reused, not retrained
+    assert again["fp_cached"] is True and again["steps"][0]["cached"] is True
+    assert again["steps"][0]["seconds"] < steps["train FP model"]["seconds"]
+    assert again["models"][0]["top1"] == models["FP"]["top1"]
