@@ -6,6 +6,7 @@ and 3 for colour images (transforms expand grey to the model's channels).
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import importlib.util
@@ -34,7 +35,7 @@ SPLIT_FALLBACKS = {"validation": ("val", "valid", "test"), "val": ("validation",
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset, abc.ABC):
     """Base class: a labelled image split yielding (uint8 tensor [C, H, W], int label)."""
 
     spec: str
@@ -43,11 +44,13 @@ class ImageDataset(torch.utils.data.Dataset):
     class_names: list[str]
     fingerprint: str
 
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of images in the split."""
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """The image (uint8 [C, H, W]) and label at `index`."""
 
     def labels(self) -> list[int]:
         """All labels of the split, in order (without decoding images)."""
