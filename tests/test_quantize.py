@@ -145,6 +145,7 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_checkpoint(tmp_path, monkeyp
     with pytest.raises(RunError, match="not finite.*step 5 .*last good checkpoint"):
         quantize(MODEL, epochs=1, save_every=2, out=tmp_path / "run", **SMALL)
     assert ckpt.read_index(tmp_path / "run")["last"].startswith("step-00000004")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
 
 
 def test_nonfinite_loss_skipped_when_recipe_says_so(tmp_path, monkeypatch):

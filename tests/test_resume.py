@@ -68,7 +68,7 @@ def test_sigint_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
     assert info.value.exit_code == 130
     _, state = _last(out)
     assert state["train"]["step"] == 11 and state["train"]["epoch"] == 1 and state["train"]["batch"] == 3  # mid-epoch 2
-    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     quantize("vit_tiny_patch16_224", out=out, resume=True, **RUN)
     _assert_same_run(reference, out)
     epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "val_top1" in l]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -19,7 +20,7 @@ from ..errors import RecipeError, RunError
 from ..recipe import Recipe, load_recipe
 from .checkpoint import (RUN_FORMAT, RUN_VERSION, atomic_write_text, load_checkpoint, read_index, read_run_json,
                          write_run_json)
-from .loop import Trainer, TrainState, append_metrics, restore, save, train, validate
+from .loop import RunInterrupted, Trainer, TrainState, append_metrics, restore, save, train, validate
 from .sampling import CALIBRATION, AugmentedDataset, ShardedBatchSampler
 
 log = logging.getLogger(__name__)
@@ -230,13 +231,20 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
         if acc.is_main_process:
             _keep_metrics_until(out, state.step)
         log.info("resuming '%s' at step %d (epoch %d, micro-batch %d)", out, state.step, state.epoch, state.batch)
-    if not rt.enabled:  # PTQ: calibration only, then evaluate and save
-        state.last_top1 = state.best_top1 = validate(tr)
+    try:
+        if not rt.enabled:  # PTQ: calibration only, then evaluate and save
+            state.last_top1 = state.best_top1 = validate(tr)
+            if acc.is_main_process:
+                append_metrics(out, {"step": 0, "epoch": 0, "val_top1": state.last_top1, "best_top1": state.best_top1})
+            save(tr, state, best=True)
+        else:
+            state = train(tr, state)
+    except BaseException as exc:  # say in run.json why the run stopped; the last checkpoint stays resumable
         if acc.is_main_process:
-            append_metrics(out, {"step": 0, "epoch": 0, "val_top1": state.last_top1, "best_top1": state.best_top1})
-        save(tr, state, best=True)
-    else:
-        state = train(tr, state)
+            meta["status"] = "interrupted" if isinstance(exc, (RunInterrupted, KeyboardInterrupt)) else "failed"
+            with contextlib.suppress(OSError):  # e.g. the disk that failed the checkpoint is still full
+                write_run_json(out, meta)
+        raise
     record(state, "done")
     acc.wait_for_everyone()
     return out
