@@ -31,7 +31,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import platform

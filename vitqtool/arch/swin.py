@@ -7,7 +7,6 @@ reduction weights are 8-bit (patch merging's input stays FP, as in the reference
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
