@@ -1,5 +1,7 @@
 """Adapters: FP equivalence with stock timm models, the method.md §3 layout, unsupported models."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -112,3 +114,27 @@ def test_calibrated_model_quantizes_every_quantizer_and_gets_gradients():
     # the GELU offsets only get gradient from clipped values; everything else must have one
     assert [n for n in missing if not n.endswith("offset")] == []
     assert isinstance(q.layers[0].blocks[0].mlp.fc2.a_quant, LSQQuantizer)
+
+
+@pytest.mark.parametrize("name,args", [TINY_DEIT, TINY_SWIN], ids=["deit", "swin"])
+def test_fused_quantizers_match_eager_on_a_whole_model(name, args):
+    from vitqtool.quant import set_quantizers_fused
+
+    torch.manual_seed(0)
+    eager = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=3)
+    x = torch.randn(4, 3, 32, 32)
+    api.calibrate(eager, [x])
+    fused = copy.deepcopy(eager)
+    assert set_quantizers_fused(fused, True) == sum(1 for _ in iter_quantizers(eager))
+    grads = []
+    for model in (eager, fused):
+        model.train()
+        torch.manual_seed(1)  # same stochastic-depth draws
+        out = model(x)
+        out.logsumexp(-1).sum().backward()
+        grads.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_e, g_e), (out_f, g_f) = grads
+    assert torch.equal(out_e, out_f)  # the forward is the same arithmetic, element by element
+    assert g_e.keys() == g_f.keys()
+    for n in g_e:  # backward differs only in float summation order
+        torch.testing.assert_close(g_f[n], g_e[n], rtol=1e-4, atol=1e-6, msg=n)

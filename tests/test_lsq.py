@@ -17,11 +17,16 @@ def closed_form(x, s, qn, qp, beta=None, g=1.0):
     return v * s_scaled + beta_scaled
 
 
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+
+
+@FUSED
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("signed", [True, False])
-def test_activation_forward_and_gradients_match_closed_form(bits, signed):
+def test_activation_forward_and_gradients_match_closed_form(bits, signed, fused):
     spec = QuantSpec(bits, signed=signed)
     q = LSQQuantizer(spec, "act")
+    q.fused = fused
     with torch.no_grad():
         q.step.fill_(0.37)
     x = (torch.randn(4, 6, 5) * 2).requires_grad_()
@@ -41,10 +46,12 @@ def test_activation_forward_and_gradients_match_closed_form(bits, signed):
     torch.testing.assert_close(q.step.grad, s2.grad, rtol=1e-5, atol=1e-7)
 
 
+@FUSED
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_weight_step_gradient_scale_uses_l1_norm(bits):
+def test_weight_step_gradient_scale_uses_l1_norm(bits, fused):
     spec = QuantSpec(bits)
     q = LSQQuantizer(spec, "weight")
+    q.fused = fused
     w = torch.randn(8, 16, requires_grad=True)
     q.init_from_weight(w.detach())
     s = q.step.detach().clone()
@@ -58,9 +65,11 @@ def test_weight_step_gradient_scale_uses_l1_norm(bits):
     torch.testing.assert_close(w.grad, w2.grad)
 
 
-def test_per_channel_weight_forward_and_gradient():
+@FUSED
+def test_per_channel_weight_forward_and_gradient(fused):
     spec = QuantSpec(3, per_channel=True)
     q = LSQQuantizer(spec, "weight", channels=5)
+    q.fused = fused
     w = torch.randn(5, 7, requires_grad=True)
     q.init_from_weight(w.detach())
     assert q.step.shape == (5,)
@@ -77,9 +86,11 @@ def test_per_channel_weight_forward_and_gradient():
         torch.testing.assert_close(q.step.grad[c:c + 1], s2.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_learned_offset_forward_and_gradient():
+@FUSED
+def test_learned_offset_forward_and_gradient(fused):
     spec = QuantSpec(2, signed=False, learned_offset=True)
     q = LSQQuantizer(spec, "act")
+    q.fused = fused
     with torch.no_grad():
         q.step.fill_(0.5)
         q.offset.fill_(-0.2)

@@ -215,3 +215,32 @@ def test_cli_quantize_json_and_sigint_exit_code(tmp_path, capsys, monkeypatch):
     assert code == 130
     assert "interrupted at step 2" in capsys.readouterr().err
     assert ckpt.read_index(tmp_path / "qat")["last"].startswith("step-00000002")
+
+
+def test_fused_quantizers_train_like_eager_and_a_broken_compiler_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from vitqtool import quant
+    from vitqtool.cli import main
+
+    every_step = tmp_path / "log.toml"
+    every_step.write_text("[oscillation]\nlog_every = 1\n")
+    common = ["--random-init", "--model-args", json.dumps(ARGS), "--batch-size", "8", "--limit-train", "24",
+              "--limit-val", "20", "--recipe", "lsq", "--epochs", "1", "--overrides", str(every_step), "--json"]
+    losses = {}
+    for name, flags in (("eager", []), ("fused", ["--fuse-quantizers"])):
+        assert main(["quantize", MODEL, "--out", str(tmp_path / name), *flags, *common]) == 0
+        meta = json.loads((tmp_path / name / "run.json").read_text())
+        assert meta["status"] == "done" and meta["fused_quantizers"] == (name == "fused")
+        lines = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [l["loss"] for l in lines if "loss" in l]
+    capsys.readouterr()
+    assert len(losses["fused"]) == len(losses["eager"]) == 3
+    assert losses["fused"][0] == losses["eager"][0]  # same forward arithmetic before any update
+    assert losses["fused"] == pytest.approx(losses["eager"], rel=1e-3)
+
+    def no_compiler(device):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(quant, "check_fused_kernels", no_compiler)
+    code = main(["quantize", MODEL, "--out", str(tmp_path / "broken"), "--fuse-quantizers", *common])
+    err = capsys.readouterr().err
+    assert code == 1 and "--fuse-quantizers" in err and "No working C++ compiler found" in err and "more detail" not in err

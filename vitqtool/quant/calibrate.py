@@ -49,6 +49,15 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool, predicate: Callable[
     return count
 
 
+def set_quantizers_fused(model: nn.Module, fused: bool) -> int:
+    """Switch every quantizer to the compiled single-kernel path (`True`) or the eager one; returns how many."""
+    count = 0
+    for _, q in iter_quantizers(model):
+        q.fused = fused
+        count += 1
+    return count
+
+
 @torch.no_grad()
 def init_weight_steps(model: nn.Module) -> int:
     """MSE-initialise the weight step of every quantized Linear/Conv; returns how many."""

@@ -2,12 +2,14 @@
 
 `x_hat = round(clamp((x - beta) / s, Qn, Qp)) * s + beta`, with LSQ's gradient for the step `s`,
 straight-through for `x` inside the range and zero outside, and LSQ+'s gradient for the optional
-offset `beta`. One autograd Function does the forward and the backward in a few fused passes so
-that fake quantization stays cheap next to the matmuls it feeds.
+offset `beta`. One autograd Function does the forward and the backward in a few passes so that fake
+quantization stays cheap next to the matmuls it feeds; with `fused=True` each direction is a single
+`torch.compile`d kernel instead (one read of the input, no intermediate tensors).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,12 +82,80 @@ class _LSQFakeQuant(torch.autograd.Function):
         return grad_x, grad_step, grad_offset, None, None, None
 
 
+def _fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int) -> Tensor:
+    """`round(clamp((x - beta) / s, qn, qp)) * s + beta`, written as one expression for the compiler."""
+    shifted = x - offset if offset is not None else x
+    out = (shifted / step).clamp(qn, qp).round() * step
+    return out + offset if offset is not None else out
+
+
+def _fake_quant_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int):
+    """LSQ/LSQ+ gradients of `_fake_quant` recomputed from `x`: (grad_x, grad_step unscaled, grad_offset)."""
+    scaled = (x - offset if offset is not None else x) / step
+    clamped = scaled.clamp(qn, qp)
+    inside = clamped == scaled
+    grad_x = torch.where(inside, grad_out, 0.0)
+    slope = torch.where(inside, clamped.round() - scaled, clamped)
+    grad_step = (grad_out * slope).sum_to_size(step.shape)
+    grad_offset = (grad_out - grad_x).sum().reshape(1) if offset is not None else None
+    return grad_x, grad_step, grad_offset
+
+
+@functools.cache
+def _compiled_kernels():
+    """`_fake_quant` and `_fake_quant_grads` compiled once per process (shapes dynamic: one kernel per layout)."""
+    return torch.compile(_fake_quant, dynamic=True), torch.compile(_fake_quant_grads, dynamic=True)
+
+
+class _FusedLSQFakeQuant(torch.autograd.Function):
+    """`_LSQFakeQuant` with each direction one compiled kernel; saves only `x` (recomputes the rest).
+
+    The kernels see `x` as a plain `[numel]` (per-tensor) or `[channels, rest]` (per-channel) tensor,
+    so every layer shares one of two compiled layouts instead of one per rank and tensor type.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: Tensor | float):
+        flat_x, flat_step = _flatten(x, step)
+        ctx.save_for_backward(flat_x, flat_step, offset)
+        ctx.qn, ctx.qp, ctx.grad_scale, ctx.step_shape = qn, qp, grad_scale, step.shape
+        return _compiled_kernels()[0](flat_x, flat_step, offset, qn, qp).view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        flat_x, flat_step, offset = ctx.saved_tensors
+        flat_grad = grad_out.reshape(flat_x.shape).detach()
+        grad_x, grad_step, grad_offset = _compiled_kernels()[1](flat_grad, flat_x, flat_step, offset, ctx.qn, ctx.qp)
+        if grad_offset is not None:
+            grad_offset = grad_offset * ctx.grad_scale
+        grad_step = grad_step.view(ctx.step_shape) * ctx.grad_scale
+        return grad_x.view(grad_out.shape), grad_step, grad_offset, None, None, None
+
+
+def _flatten(x: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+    """`x` and `step` as `[numel]`, `[1]` (one step) or `[channels, rest]`, `[channels, 1]` (per channel).
+
+    Detached aliases, not views: the compiler guards on a view's base, which would recompile per rank.
+    """
+    if step.numel() == 1:
+        return x.reshape(-1).detach(), step.reshape(1).detach()
+    return x.reshape(step.numel(), -1).detach(), step.reshape(-1, 1).detach()
+
+
+def check_fused_kernels(device: torch.device | str) -> None:
+    """Compile and run the fused kernels once on a tiny tensor, so a missing compiler fails before training."""
+    x = torch.linspace(-2, 2, 16, device=device, requires_grad=True)
+    step = torch.full((1,), 0.5, device=device, requires_grad=True)
+    _FusedLSQFakeQuant.apply(x, step, None, -2, 1, 1.0).sum().backward()
+
+
 class LSQQuantizer(nn.Module):
     """A learned-step fake quantizer for weights (`kind="weight"`) or activations (`kind="act"`).
 
     The step is a Parameter from construction (shape `[channels]` when per-channel, else `[1]`), so
     optimizers and checkpoints never depend on a first forward pass. `enabled=False` makes it the
-    identity (FP arithmetic in the same module tree); `initialized` records calibration.
+    identity (FP arithmetic in the same module tree); `initialized` records calibration; `fused=True`
+    runs the compiled single-kernel path (same values and gradients up to float summation order).
     """
 
     def __init__(self, spec: QuantSpec, kind: str, channels: int = 1) -> None:
@@ -100,12 +170,13 @@ class LSQQuantizer(nn.Module):
         self.offset = nn.Parameter(torch.zeros(1)) if spec.learned_offset else None
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.enabled = True
+        self.fused = False
 
     def extra_repr(self) -> str:
         gran = "per-channel" if self.spec.per_channel else "per-tensor"
         sign = "signed" if self.spec.signed else "unsigned"
         extra = ", offset" if self.spec.learned_offset else ""
-        return f"{self.kind}, {self.spec.bits}-bit {sign}, {gran}{extra}, enabled={self.enabled}"
+        return f"{self.kind}, {self.spec.bits}-bit {sign}, {gran}{extra}, enabled={self.enabled}" + (", fused" if self.fused else "")
 
     def _step_view(self, x: Tensor) -> Tensor:
         step = self.step.clamp(min=MIN_STEP)
@@ -133,7 +204,8 @@ class LSQQuantizer(nn.Module):
         if isinstance(scale, Tensor):
             scale = scale.view_as(step)
         offset = self.offset.to(x.dtype) if self.offset is not None else None
-        return _LSQFakeQuant.apply(x, step.to(x.dtype), offset, self.spec.qn, self.spec.qp, scale)
+        fake_quant = _FusedLSQFakeQuant if self.fused else _LSQFakeQuant
+        return fake_quant.apply(x, step.to(x.dtype), offset, self.spec.qn, self.spec.qp, scale)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:

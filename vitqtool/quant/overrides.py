@@ -17,7 +17,7 @@ def _replace_bits(parent: nn.Module, attr: str, bits: int) -> None:
         return
     new = LSQQuantizer(dataclasses.replace(old.spec, bits=bits), old.kind, channels=old.step.numel())
     new.to(old.step.device)
-    new.enabled = old.enabled
+    new.enabled, new.fused = old.enabled, old.fused
     setattr(parent, attr, new)
 
 

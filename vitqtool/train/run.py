@@ -101,11 +101,13 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
              warmup_epochs: float | None = None, grad_clip: float | None = None, grad_accum: int | None = None,
              seed: int | None = None, calib_batches: int | None = None, overrides: list[Path] | None = None,
              resume: bool = False, overwrite: bool = False, mixed_precision: str = "no", limit_train: int | None = None,
-             save_every: int | None = None, limit_val: int | None = None, show_progress: bool = False) -> Path:
+             save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool = False,
+             show_progress: bool = False) -> Path:
     """Quantize MODEL with a recipe (vaq QAT, lsq, or ptq calibration only) and write a run folder.
 
     Flags override recipe fields; `limit_train` trains on the first N training images and `limit_val`
-    validates on N evenly spaced validation images (smoke tests). Training runs on `accelerate` (launch with `accelerate launch -m
+    validates on N evenly spaced validation images (smoke tests); `fuse_quantizers` trains with the
+    `torch.compile`d single-kernel fake quantizers (faster, needs a working compiler). Training runs on `accelerate` (launch with `accelerate launch -m
     vitqtool quantize ...` for several processes); every process calibrates on the same training
     images. Checkpoints every `save_every` steps and each epoch; `resume=True` continues exactly.
 
@@ -120,7 +122,7 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     from ..api import calibrate, prepare
     from ..data import TransformedDataset, check_num_classes, eval_transform, load_dataset
     from ..models import load_strict, resolve_model
-    from ..quant import OscillationTracker, quant_layers
+    from ..quant import OscillationTracker, check_fused_kernels, quant_layers, set_quantizers_fused
 
     rec = load_recipe(recipe, override_files=overrides, set_fields={
         "quant.bits": bits, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
@@ -186,13 +188,21 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "recipe.resolved.toml", rec.to_toml())
+    if fuse_quantizers and rt.enabled:
+        try:
+            check_fused_kernels(acc.device)
+        except Exception as exc:  # any compiler failure means "run without the flag"
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise RunError(f"--fuse-quantizers: torch.compile does not work on {acc.device} here "
+                           f"({type(exc).__name__}: {first_line}); run without --fuse-quantizers") from exc
+        set_quantizers_fused(qmodel, True)
     meta = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "identity": identity, "source_model": loaded.source,
             "architecture": loaded.architecture, "model_args": loaded.model_args, "data_config": cfg, "data": data,
             "num_classes": num_classes, "seed": rt.seed, "recipe": rec.name, "bits": rec.quant.bits, "kd_mode": kd_mode,
             "versions": _versions(), "status": "running", "epochs_done": 0, "epochs": rt.epochs if rt.enabled else 0,
-            "best_top1": None, "last_top1": None}
+            "best_top1": None, "last_top1": None, "fused_quantizers": fuse_quantizers}
     if resuming:
-        meta = {**read_run_json(out), "status": "running", "versions": meta["versions"]}
+        meta = {**read_run_json(out), "status": "running", "versions": meta["versions"], "fused_quantizers": fuse_quantizers}
 
     def record(state: TrainState, status: str = "running") -> None:
         if acc.is_main_process:
