@@ -43,8 +43,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-CONTENDERS = ("fp", "vitqtool", "torchao", "brevitas")
-LABELS = {"fp": "FP (timm)", "vitqtool": "vitqtool vaq W4A4", "torchao": "torchao QAT W4/A8",
+CONTENDERS = ("fp", "vitqtool", "vitqtool-fused", "torchao", "brevitas")
+LABELS = {"fp": "FP (timm)", "vitqtool": "vitqtool vaq W4A4", "vitqtool-fused": "vitqtool vaq W4A4 --fuse-quantizers",
+          "torchao": "torchao QAT W4/A8",
           "brevitas": "brevitas W4A4"}
 
 
@@ -92,6 +93,14 @@ def build_vitqtool(fp: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> 
                    f"fc2 input unsigned with learned offset) plus {len(acts)} standalone A4 quantizers "
                    f"({', '.join(kinds)}). Attention is un-fused "
                    f"(explicit softmax) so Q/K/V/softmax can be quantized; Q/K/V projections split.")
+
+
+def build_vitqtool_fused(fp: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> tuple[nn.Module, str]:
+    from vitqtool.quant import set_quantizers_fused
+
+    model, what = build_vitqtool(fp, x, args)
+    set_quantizers_fused(model, True)
+    return model, what + " Each fake quantizer runs as one torch.compile'd kernel per direction (compiled in warm-up)."
 
 
 def build_torchao(fp: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> tuple[nn.Module, str]:
@@ -153,7 +162,8 @@ def build_brevitas(fp: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> 
                    f"patch-embed conv, Q/K/V, softmax, attention matmuls (timm's fused SDPA kept).")
 
 
-BUILDERS = {"fp": build_fp, "vitqtool": build_vitqtool, "torchao": build_torchao, "brevitas": build_brevitas}
+BUILDERS = {"fp": build_fp, "vitqtool": build_vitqtool, "vitqtool-fused": build_vitqtool_fused, "torchao": build_torchao,
+            "brevitas": build_brevitas}
 
 
 class Runner:
@@ -244,7 +254,7 @@ def profile(name: str, args: argparse.Namespace, top: int = 15) -> dict:
     fp = make_fp(args)
     runner = build_runner(name, fp, args)
     lsq_tag = "LSQQuantizer.forward"
-    if name == "vitqtool":  # tag the quantizer forward (benchmark process only; vitqtool code unchanged)
+    if name.startswith("vitqtool"):  # tag the quantizer forward (benchmark process only; vitqtool code unchanged)
         from vitqtool.quant.lsq import LSQQuantizer
 
         original = LSQQuantizer.forward
@@ -267,9 +277,9 @@ def profile(name: str, args: argparse.Namespace, top: int = 15) -> dict:
     table = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "self_pct": 100 * e.self_cpu_time_total / self_total,
               "calls": e.count} for e in rows]
     fwd = sum(e.cpu_time_total for e in events if e.key == lsq_tag)
-    bwd = sum(e.cpu_time_total for e in events if "_LSQFakeQuantBackward" in e.key and e.key.startswith("autograd::engine"))
+    bwd = sum(e.cpu_time_total for e in events if e.key.endswith("LSQFakeQuantBackward") and e.key.startswith("autograd::engine"))
     if bwd == 0:
-        bwd = sum(e.cpu_time_total for e in events if e.key == "_LSQFakeQuantBackward")
+        bwd = sum(e.cpu_time_total for e in events if e.key in ("_LSQFakeQuantBackward", "_FusedLSQFakeQuantBackward"))
     return {"contender": name, "steps": args.steps, "step_ms": total_us / 1e3 / args.steps, "top": table,
             "lsq_forward_ms_per_step": fwd / 1e3 / args.steps, "lsq_backward_ms_per_step": bwd / 1e3 / args.steps,
             "lsq_share_pct": 100 * (fwd + bwd) / total_us if total_us else None}
@@ -368,14 +378,16 @@ def race(args: argparse.Namespace, log) -> dict:
         })
     by = {r["contender"]: r for r in results}
     goals = {}
-    if "vitqtool" in by:
-        v = by["vitqtool"]
+    for variant in ("vitqtool", "vitqtool-fused"):
+        if variant not in by:
+            continue
+        v = by[variant]
         peers = [p for p in ("torchao", "brevitas") if p in by]
+        goals[variant] = {}
         for key, ratio, ms in (("wall", "ratio_vs_fp", "median_step_ms"), ("cpu", "cpu_ratio_vs_fp", "median_cpu_ms")):
             faster = {p: v[ms] < by[p][ms] for p in peers}
-            goals[key] = {"vitqtool_fp_ratio": v[ratio], "vitqtool_fp_ratio_le_1_3": v[ratio] <= 1.3,
-                          "vitqtool_faster_than": faster,
-                          "vitqtool_faster_than_both_peers": len(peers) == 2 and all(faster.values())}
+            goals[variant][key] = {"fp_ratio": v[ratio], "fp_ratio_le_1_3": v[ratio] <= 1.3, "faster_than": faster,
+                                   "faster_than_both_peers": len(peers) == 2 and all(faster.values())}
     return {"setup": {"model": args.model, "img_size": args.img_size, "model_args": args.model_args, "batch": args.batch,
                       "steps_per_round": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                       "threads": torch.get_num_threads(), "device": args.device,
@@ -390,14 +402,14 @@ def print_report(report: dict) -> None:
           f"after {s['warmup']} warm-up")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()))
     mem_hdr = "step MB" if s["device"] == "cpu" else "peak MB"
-    print(f"{'contender':22s} {'median ms':>10s} {'min-max ms':>14s} {'img/s':>8s} {'vs FP':>6s} {'CPU ms':>8s} {'vs FP':>6s} {mem_hdr:>8s} {'RSS MB':>7s}")
+    print(f"{'contender':36s} {'median ms':>10s} {'min-max ms':>14s} {'img/s':>8s} {'vs FP':>6s} {'CPU ms':>8s} {'vs FP':>6s} {mem_hdr:>8s} {'RSS MB':>7s}")
     for r in report["results"]:
         peak = f"{r['peak_step_mb']:.0f}" if r["peak_step_mb"] is not None else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
-        print(f"{r['label']:22s} {r['median_step_ms']:10.1f} {r['min_step_ms']:6.0f}-{r['max_step_ms']:<7.0f} "
+        print(f"{r['label']:36s} {r['median_step_ms']:10.1f} {r['min_step_ms']:6.0f}-{r['max_step_ms']:<7.0f} "
               f"{r['img_per_s']:8.1f} {r['ratio_vs_fp']:5.2f}x {r['median_cpu_ms']:8.1f} {r['cpu_ratio_vs_fp']:5.2f}x {peak:>8s} {rss:>7s}")
     for name, why in report["skipped"].items():
-        print(f"{LABELS[name]:22s} skipped: {why}")
+        print(f"{LABELS[name]:36s} skipped: {why}")
     print("(median ms / img/s / vs FP: wall clock; CPU ms: process CPU time of the same steps, less sensitive to other load)")
     print(f"({mem_hdr}: peak resident memory of two training steps above the built model, fresh process per contender;"
           f" RSS MB: absolute peak of that process)" if s["device"] == "cpu" else "(peak MB: cuda max_memory_allocated above the resident model)")
@@ -406,16 +418,15 @@ def print_report(report: dict) -> None:
         print(f"  {r['label']}: {r['quantizes']}")
         if r["memory_error"]:
             print(f"    memory measurement failed: {r['memory_error']}")
-    g = report["goals"]
-    if g:
+    for variant, g in report["goals"].items():
         w, c = g["wall"], g["cpu"]
-        print(f"vitqtool/FP ratio <= 1.3? wall: {'yes' if w['vitqtool_fp_ratio_le_1_3'] else 'NO'} ({w['vitqtool_fp_ratio']:.2f}x); "
-              f"CPU time: {'yes' if c['vitqtool_fp_ratio_le_1_3'] else 'NO'} ({c['vitqtool_fp_ratio']:.2f}x)")
+        print(f"{LABELS[variant]}: FP ratio <= 1.3? wall: {'yes' if w['fp_ratio_le_1_3'] else 'NO'} ({w['fp_ratio']:.2f}x); "
+              f"CPU time: {'yes' if c['fp_ratio_le_1_3'] else 'NO'} ({c['fp_ratio']:.2f}x)")
 
         def detail(x: dict) -> str:
-            return ", ".join(f"{p}: {'yes' if f else 'no'}" for p, f in x["vitqtool_faster_than"].items()) or "no peer ran"
-        print(f"vitqtool faster than torchao and brevitas? wall: {'yes' if w['vitqtool_faster_than_both_peers'] else 'NO'} "
-              f"({detail(w)}); CPU time: {'yes' if c['vitqtool_faster_than_both_peers'] else 'NO'} ({detail(c)})")
+            return ", ".join(f"{p}: {'yes' if f else 'no'}" for p, f in x["faster_than"].items()) or "no peer ran"
+        print(f"  faster than torchao and brevitas? wall: {'yes' if w['faster_than_both_peers'] else 'NO'} "
+              f"({detail(w)}); CPU time: {'yes' if c['faster_than_both_peers'] else 'NO'} ({detail(c)})")
 
 
 def print_profile(rep: dict) -> None:
@@ -423,8 +434,8 @@ def print_profile(rep: dict) -> None:
     print(f"{'op':60s} {'self CPU ms':>12s} {'self %':>7s} {'calls':>6s}")
     for row in rep["top"]:
         print(f"{row['op'][:60]:60s} {row['self_cpu_ms']:12.1f} {row['self_pct']:6.1f}% {row['calls']:6d}")
-    if rep["lsq_share_pct"] is not None and rep["contender"] == "vitqtool":
-        print(f"LSQ fake quant (LSQQuantizer.forward incl. _LSQFakeQuant.forward + _LSQFakeQuantBackward): "
+    if rep["lsq_share_pct"] is not None and rep["contender"].startswith("vitqtool"):
+        print(f"LSQ fake quant (LSQQuantizer.forward + the fake-quant backward): "
               f"{rep['lsq_forward_ms_per_step']:.1f} + {rep['lsq_backward_ms_per_step']:.1f} ms/step = "
               f"{rep['lsq_share_pct']:.1f}% of the step")
 
