@@ -112,7 +112,7 @@ def run_one(job: dict) -> dict:
                   batch_size=job["batch_size"], limit_train=job["limit_train"])
         kw["calib_batches"] = job["calib_batches"]
         if recipe != "ptq":
-            kw.update(epochs=job["epochs"], lr=job["lr"])
+            kw.update(epochs=job["epochs"], lr=job["lr"], fuse_quantizers=job["fuse_quantizers"])
             if stored:
                 kw["soft_labels"] = Path(job["soft_labels"])
         quantize(job["fp"], **kw)
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-train", type=int, default=None, help="train QAT on the first N training images (default all)")
     p.add_argument("--calib-batches", type=int, default=None, help="calibration batches of every run (default: DEMO.calib_batches)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each (default 2)")
+    p.add_argument("--fuse-quantizers", action="store_true", help="QAT runs use `quantize --fuse-quantizers` (faster, same math)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, W2A2, 1 epoch, 512 images, ablations at W2A2")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where ladder.md/ladder.json go")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitqtool-ladder",
@@ -279,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     payloads = [{"method": m, "bits": b, "seed": s, "out": str(runs_dir / f"{m.replace('+', '_')}-w{b}-s{s}"),
                  "work": str(work), "fp": str(fp_dir), "soft_labels": str(sl_dir), "augment": augment,
                  "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "limit_train": a.limit_train,
-                 "calib_batches": a.calib_batches, "crops_per_image": a.crops_per_image, "threads": getattr(demo, "threads", 1)} for m, b, s in jobs]
+                 "calib_batches": a.calib_batches, "crops_per_image": a.crops_per_image, "fuse_quantizers": a.fuse_quantizers,
+                 "threads": getattr(demo, "threads", 1)} for m, b, s in jobs]
     cfg = {"data": demo.data, "architecture": demo.architecture, "model_args": model_args, "fp": fp_cfg,
            "seeds": seeds, "bits": bits, "ablation_bits": abl_bits, "epochs": a.epochs, "batch_size": a.batch_size,
            "lr": a.lr, "soft_label_crops": a.crops, "crops_per_image_vaq": a.crops_per_image, "train_images": train_images,
-           "limit_train": a.limit_train, "calib_batches": a.calib_batches, "jobs": a.jobs,
+           "limit_train": a.limit_train, "calib_batches": a.calib_batches, "jobs": a.jobs, "fuse_quantizers": a.fuse_quantizers,
            "reported_checkpoint": "last (validation split never selects the reported checkpoint)",
            "augment": {"scale": list(demo.scale), "ratio": list(demo.ratio), "hflip": demo.hflip},
            "command": "python " + " ".join([str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
