@@ -22,7 +22,8 @@ Ablations of vaq (each drops one component):
 
 Writes OUT/ladder.md (markdown tables) and OUT/ladder.json (config and every run), and prints the
 tables. Run folders (~270 MB for the default run), the FP model and the soft-label store go to --work
-(default TMPDIR/vitqtool-ladder; reused when present: delete it to start over).
+(default TMPDIR/vitqtool-ladder; reused when present: the FP model and labels while their settings match, a
+finished run while the schedule matches; delete the folder to start over).
 """
 
 from __future__ import annotations
@@ -222,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(int(a.seeds))) if "," not in a.seeds else parse_list(a.seeds)
     bits, abl_bits = parse_list(a.bits), parse_list(a.ablation_bits)
     work = a.work
-    runs_dir = work / ("runs-quick" if a.quick else "runs")
+    # finished runs are reused only under the same schedule (and FP model: retraining it clears them)
+    schedule = (f"e{a.epochs}-b{a.batch_size}-lr{a.lr:g}-k{a.crops_per_image}-s{a.crops}-c{a.calib_batches}"
+                f"-n{a.limit_train or 'all'}")
+    runs_dir = work / f"runs-{schedule}"
     work.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ladder] training the FP model ({demo.fp_epochs} epochs) ...", flush=True)
         t = time.perf_counter()
         shutil.rmtree(work / "softlabels", ignore_errors=True)  # labels of an older teacher
+        for old_runs in work.glob("runs*"):  # runs quantized from an older FP model
+            shutil.rmtree(old_runs)
         fp = train_fp(demo.architecture, fp_dir, data=demo.data, model_args=model_args, epochs=demo.fp_epochs,
                       batch_size=demo.fp_batch_size, lr=demo.fp_lr, weight_decay=demo.fp_weight_decay,
                       warmup_epochs=demo.fp_warmup_epochs, scale=tuple(demo.scale), ratio=tuple(demo.ratio),
