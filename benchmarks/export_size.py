@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from vitqtool import api  # noqa: E402
+from vitqtool import core  # noqa: E402
 from vitqtool.export import export_model  # noqa: E402
-from vitqtool.models import resolve_model  # noqa: E402
+from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 
 MODELS = ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224")
@@ -33,9 +33,9 @@ def measure(name: str, bits: int, dtype: str, folder: Path) -> dict:
     fp32 = folder / f"{name}.fp32.safetensors"
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(fp32))
     recipe = load_recipe("vaq", set_fields={"quant.bits": bits})
-    qmodel = api.prepare(loaded.model, recipe)
+    qmodel = core.prepare(loaded.model, recipe)
     size = tuple(loaded.data_config["input_size"])
-    api.calibrate(qmodel, [torch.randn(2, *size, generator=torch.Generator().manual_seed(0))])
+    core.calibrate(qmodel, [torch.randn(2, *size, generator=torch.Generator().manual_seed(0))])
     start = time.perf_counter()
     summary = export_model(qmodel, folder / f"{name}.w{bits}.safetensors", architecture=loaded.architecture,
                            model_args=loaded.model_args, data_config=loaded.data_config, recipe=recipe, dtype=dtype)

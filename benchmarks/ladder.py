@@ -96,14 +96,15 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     logging.disable(logging.WARNING)
-    from vitqtool.train import quantize
+    from vitqtool.commands import quantize
+    from vitqtool.core import read_run_info
 
     out = Path(job["out"])
     recipe, extra, stored = _variant(job["method"], job["crops_per_image"])
     run_json = out / "run.json"
     start = time.perf_counter()
     reused = False
-    if run_json.is_file() and json.loads(run_json.read_text()).get("status") == "done":
+    if run_json.is_file() and read_run_info(out).status == "done":
         reused = True
     else:
         ov = Path(job["out"] + ".toml")
@@ -117,9 +118,9 @@ def run_one(job: dict) -> dict:
             if stored:
                 kw["soft_labels"] = Path(job["soft_labels"])
         quantize(job["fp"], **kw)
-    meta = json.loads(run_json.read_text())
-    return {"method": job["method"], "bits": job["bits"], "seed": job["seed"], "top1": meta["last_top1"],
-            "best_top1_not_reported": meta["best_top1"], "kd_mode": meta["kd_mode"], "epochs": meta["epochs"],
+    info = read_run_info(out)
+    return {"method": job["method"], "bits": job["bits"], "seed": job["seed"], "top1": info.last_top1,
+            "best_top1_not_reported": info.best_top1, "kd_mode": info.kd_mode, "epochs": info.epochs,
             "seconds": round(time.perf_counter() - start, 1), "reused": reused, "run": str(out)}
 
 
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vitqtool.data import load_dataset
-    from vitqtool.train import softlabels, train_fp
+    from vitqtool.commands import softlabels, train_fp
+    from vitqtool.train import SoftLabelStore
 
     t0 = time.perf_counter()
     model_args = dict(demo.model_args)
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sl_dir = work / "softlabels"
     sl_seconds = None
-    if not (sl_dir / "manifest.json").is_file() or json.loads((sl_dir / "manifest.json").read_text()).get("crops_per_image", a.crops) != a.crops:
+    if not (sl_dir / "manifest.json").is_file() or SoftLabelStore.open(sl_dir).crops_per_image != a.crops:
         torch.set_num_threads(getattr(demo, "threads", 1))
         print(f"[ladder] soft labels: {a.crops} crops per training image from the FP teacher ...", flush=True)
         s = softlabels(str(fp_dir), sl_dir, data=demo.data, crops=a.crops, scale=tuple(demo.scale), ratio=tuple(demo.ratio),

@@ -75,11 +75,11 @@ def build_fp(fp: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> tuple[
 
 
 def build_vitqtool(fp: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> tuple[nn.Module, str]:
-    from vitqtool import api
+    from vitqtool import core
 
-    model = api.prepare(fp, recipe="vaq", bits=4)  # deep copy
-    api.calibrate(model, [x])
-    rows = api.quant_summary(model)
+    model = core.prepare(fp, recipe="vaq", bits=4)  # deep copy
+    core.calibrate(model, [x])
+    rows = core.quant_summary(model)
     layers = [r for r in rows if r["weight_bits"] is not None]
     acts = [r for r in rows if r["type"] == "activation"]
     by_bits: dict[int, list[str]] = {}

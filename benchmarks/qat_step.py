@@ -38,8 +38,8 @@ def build_step(args: argparse.Namespace, config: str):
     import torch
     import torch.nn.functional as F
 
-    from vitqtool.api import calibrate, prepare
-    from vitqtool.models import resolve_model
+    from vitqtool.core import calibrate, prepare
+    from vitqtool.core.models import resolve_model
     from vitqtool.quant import obr_loss, quant_layers, set_quantizers_fused
     from vitqtool.train.losses import kd_loss
 

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from vitqtool import api  # noqa: E402
+from vitqtool import commands, core  # noqa: E402
 from vitqtool.analysis.sensitivity import SensitivityProbe, build_units  # noqa: E402
 from vitqtool.arch import get_adapter  # noqa: E402
 from vitqtool.data import load_dataset, make_eval_loader  # noqa: E402
@@ -49,9 +49,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription on shared machines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = api.resolve_any(args.model, weights=args.weights, random_init=args.weights is None, model_args=json.loads(args.model_args))
-    model = api.prepare(loaded.model, load_recipe("vaq", set_fields={"quant.bits": args.bits}), inplace=True).eval()
-    api.calibrate(model, itertools.islice(make_eval_loader(load_dataset("builtin:mnist5k", "train"), loaded.data_config, args.batch_size), 1))
+    loaded = commands.resolve_any(args.model, weights=args.weights, random_init=args.weights is None, model_args=json.loads(args.model_args))
+    model = core.prepare(loaded.model, load_recipe("vaq", set_fields={"quant.bits": args.bits}), inplace=True).eval()
+    core.calibrate(model, itertools.islice(make_eval_loader(load_dataset("builtin:mnist5k", "train"), loaded.data_config, args.batch_size), 1))
     n_batches = -(-args.images // args.batch_size)
     batches = list(itertools.islice(make_eval_loader(load_dataset("builtin:mnist5k", "validation"), loaded.data_config, args.batch_size), n_batches))
     units = build_units(model, args.what, get_adapter(model).block_names(model))

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from vitqtool.data import load_dataset  # noqa: E402
-from vitqtool.models import resolve_model  # noqa: E402
+from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.train.softlabels import bytes_per_crop, generate_soft_labels  # noqa: E402
 
 TEACHERS = {

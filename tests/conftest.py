@@ -22,3 +22,20 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+def write_run_folder(folder, model, recipe, *, architecture, model_args, data_config, source="", best_top1=None,
+                     last_top1=None, oscillation=None):
+    """A run folder as `quantize` writes it (run.json, resolved recipe, one checkpoint) for `model`."""
+    from vitqtool.core.artifacts import CheckpointState, RunInfo
+    from vitqtool.core.runs import RECIPE_FILE, write_run_info
+    from vitqtool.fileio import atomic_write, state_dict_for_safetensors
+    from vitqtool.train.checkpoint import save_checkpoint
+
+    info = RunInfo(identity={}, source_model=source, architecture=architecture, model_args=model_args,
+                   data_config=data_config, data="builtin:mnist5k", num_classes=10, seed=0, recipe=recipe.name,
+                   bits=recipe.quant.bits, kd_mode="none", versions={}, status="done", best_top1=best_top1,
+                   last_top1=last_top1)
+    write_run_info(folder, info)
+    atomic_write(folder / RECIPE_FILE, recipe.to_toml())
+    save_checkpoint(folder, "step_1", state_dict_for_safetensors(model), CheckpointState(oscillation=oscillation or {}), best=True)

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from vitqtool import api, quant
+from vitqtool import core, quant
 from vitqtool.analysis.allocation import allocate, overrides_toml
 from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units
 from vitqtool.analysis.stats import (
@@ -85,7 +85,7 @@ def test_per_head_spread_of_a_hand_made_activation() -> None:
 def test_sqnr_and_mse_at_a_known_step() -> None:
     # 8-bit step 0.5: 1.0 -> 1.0, 0.3 -> 0.5; signal 1.09, noise 0.04 -> 10 log10(27.25) dB
     q = LSQQuantizer(QuantSpec(8), "act")
-    q.init_from_mean_abs(0.5 * math.sqrt(127) / 2)
+    q.init_from_statistic(0.5 * math.sqrt(127) / 2)
     assert float(q.step.detach()) == pytest.approx(0.5)
     x = torch.tensor([1.0, 0.3])
     x_hat = q(x)
@@ -129,8 +129,8 @@ def test_recorder_groups_attention_tensors_by_head() -> None:
 def _tiny(name: str, args: dict, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **args).eval()
-    q = api.prepare(model, "vaq", bits=2)
-    api.calibrate(q, [torch.randn(8, 3, 32, 32)])
+    q = core.prepare(model, "vaq", bits=2)
+    core.calibrate(q, [torch.randn(8, 3, 32, 32)])
     return q
 
 
@@ -162,8 +162,8 @@ def test_sensitivity_ranks_a_module_with_weight_outliers_first() -> None:
     with torch.no_grad():
         fc1 = model.blocks[0].mlp.fc1.weight
         fc1.view(-1)[::97] *= 60.0  # a few huge outliers: the MSE step either clips them or crushes the rest
-    q = api.prepare(model, "vaq", bits=2)
-    api.calibrate(q, [torch.randn(8, 3, 32, 32)])
+    q = core.prepare(model, "vaq", bits=2)
+    core.calibrate(q, [torch.randn(8, 3, 32, 32)])
     adapter = get_adapter(q)
     units = build_units(q, "weights", adapter.block_names(q))
     probe = SensitivityProbe(q, adapter, [(torch.randn(8, 3, 32, 32), torch.arange(8))], "fast")
@@ -197,7 +197,7 @@ def test_overrides_file_round_trips_into_prepare(tmp_path) -> None:
     path.write_text(overrides_toml(alloc, "test"))
     rec = load_recipe("vaq", override_files=[path], set_fields={"quant.bits": 2})
     torch.manual_seed(0)
-    model = api.prepare(timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_ARGS), rec)
+    model = core.prepare(timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_ARGS), rec)
     assert model.blocks[1].attn.v.w_quant.spec.bits == 8
     assert model.blocks[0].mlp.fc2.w_quant.spec.bits == 8 and model.blocks[0].mlp.fc2.a_quant.spec.bits == 8
     assert model.blocks[0].attn.v.w_quant.spec.bits == 2 and model.blocks[1].mlp.fc2.w_quant.spec.bits == 2
@@ -245,25 +245,23 @@ def test_cli_analyze_tiny_deit_and_swin(tmp_path) -> None:
 def _fake_run(folder) -> nn.Module:
     """A run folder as `quantize` writes it (run.json, resolved recipe, checkpoint with tracker state); returns its model."""
     from vitqtool.quant import OscillationTracker
-    from vitqtool.train.checkpoint import RUN_FORMAT, RUN_VERSION, atomic_write_text, model_state, save_checkpoint, write_run_json
+    from conftest import write_run_folder
 
-    folder.mkdir(exist_ok=True)
     model = _tiny("vit_tiny_patch16_224", VIT_ARGS)
     tracker = OscillationTracker(model)
     freq = tracker.state["blocks.0.mlp.fc1"]["frequency"]
     freq.view(-1)[: freq.numel() // 2] = 0.01  # half the weights above the 0.005 threshold
-    write_run_json(folder, {"format": RUN_FORMAT, "format_version": RUN_VERSION, "architecture": "vit_tiny_patch16_224",
-                            "model_args": VIT_ARGS, "data_config": {"input_size": [3, 32, 32]}})
-    atomic_write_text(folder / "recipe.resolved.toml", load_recipe("vaq", set_fields={"quant.bits": 2}).to_toml())
-    save_checkpoint(folder, "step_1", model_state(model), {"oscillation": tracker.state_dict()}, best=True)
+    write_run_folder(folder, model, load_recipe("vaq", set_fields={"quant.bits": 2}), architecture="vit_tiny_patch16_224",
+                     model_args=VIT_ARGS, data_config={"input_size": [3, 32, 32]}, oscillation=tracker.state_dict())
     return model
 
 
 def test_oscillation_rows_from_a_run_checkpoint(tmp_path) -> None:
     from vitqtool.analysis.oscillation import oscillation_rows
+    from vitqtool.core import load_checkpoint, load_run_model
 
     model = _fake_run(tmp_path)
-    osc = oscillation_rows(tmp_path)
+    osc = oscillation_rows(load_run_model(tmp_path, "last"), load_checkpoint(tmp_path, "last")[1], str(tmp_path))
     rows = {r["name"]: r for r in osc["modules"]}
     assert osc["tracked"] and rows["blocks.0.mlp.fc1"]["oscillating_share"] == pytest.approx(0.5)
     assert rows["blocks.0.mlp.fc1"]["flip_frequency"] == pytest.approx(0.005)

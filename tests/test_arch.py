@@ -7,7 +7,7 @@ import timm
 import torch
 
 from tests.conftest import TINY_DEIT, TINY_SWIN, TINY_VIT
-from vitqtool import api
+from vitqtool import core
 from vitqtool.errors import ModelError, RecipeError
 from vitqtool.quant import LSQQuantizer, QLinear, QuantAttention, iter_quantizers, quantizers_disabled
 
@@ -26,7 +26,7 @@ def test_fp_equivalence_with_stock_timm(name, args, recipe):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = stock(x)
-        q = api.prepare(stock, recipe, bits=2).eval()
+        q = core.prepare(stock, recipe, bits=2).eval()
         with quantizers_disabled(q):
             out = q(x)
     assert (out - ref).abs().max().item() <= 1e-5
@@ -36,7 +36,7 @@ def test_fp_equivalence_with_stock_timm(name, args, recipe):
 
 def test_vit_layout_matches_method():
     name, args = TINY_DEIT
-    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=3)
+    q = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=3)
     attn = q.blocks[0].attn
     assert isinstance(attn, QuantAttention) and attn.split
     for part in ("q", "k", "v"):
@@ -55,7 +55,7 @@ def test_vit_layout_matches_method():
 def test_split_qkv_slices_the_fused_weight_exactly():
     name, args = TINY_DEIT
     stock = timm.create_model(name, pretrained=False, **args)
-    q = api.prepare(stock, "vaq", bits=4)
+    q = core.prepare(stock, "vaq", bits=4)
     fused = stock.blocks[1].attn.qkv.weight
     d = fused.shape[0] // 3
     for i, part in enumerate("qkv"):
@@ -64,7 +64,7 @@ def test_split_qkv_slices_the_fused_weight_exactly():
 
 def test_swin_layout_quantizes_patch_merging_weights_at_8_bits():
     name, args = TINY_SWIN
-    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=2)
+    q = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=2)
     red = q.layers[1].downsample.reduction
     assert isinstance(red, QLinear) and red.w_quant.spec.bits == 8 and red.a_quant is None
     assert q.head.fc.w_quant.spec.bits == 8
@@ -73,8 +73,8 @@ def test_swin_layout_quantizes_patch_merging_weights_at_8_bits():
 
 def test_quant_summary_lists_every_layer_with_bits():
     name, args = TINY_VIT
-    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
-    rows = {r["name"]: r for r in api.quant_summary(q)}
+    q = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
+    rows = {r["name"]: r for r in core.quant_summary(q)}
     assert rows["blocks.0.attn.v"]["weight_bits"] == 4
     assert rows["head"]["weight_bits"] == 8
     assert rows["blocks.1.attn.softmax_quant"]["act_bits"] == 4
@@ -84,29 +84,63 @@ def test_quant_summary_lists_every_layer_with_bits():
 
 def test_bit_overrides_by_glob():
     name, args = TINY_VIT
-    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=2,
+    q = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=2,
                     overrides={"blocks.*.attn.v": {"weight_bits": 8}, "blocks.0.attn.softmax_quant": {"act_bits": 6}})
     assert q.blocks[0].attn.v.w_quant.spec.bits == 8 and q.blocks[1].attn.v.w_quant.spec.bits == 8
     assert q.blocks[0].attn.k.w_quant.spec.bits == 2
     assert q.blocks[0].attn.softmax_quant.spec.bits == 6 and not q.blocks[0].attn.softmax_quant.spec.signed
     with pytest.raises(RecipeError, match="matches no quantized module"):
-        api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", overrides={"nothing.*": {"weight_bits": 4}})
+        core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", overrides={"nothing.*": {"weight_bits": 4}})
 
 
 def test_unsupported_family_and_block_named():
     with pytest.raises(ModelError, match="not a supported family"):
-        api.prepare(timm.create_model("resnet18", pretrained=False, num_classes=10), "vaq")
+        core.prepare(timm.create_model("resnet18", pretrained=False, num_classes=10), "vaq")
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
                           num_heads=2, num_classes=10, qk_norm=True)
     with pytest.raises(ModelError, match=r"blocks\.0\.attn: qk_norm"):
-        api.prepare(m, "vaq")
+        core.prepare(m, "vaq")
+
+
+VIT_SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
+
+
+@pytest.mark.parametrize("name,extra,where,feature", [
+    ("vit_tiny_patch16_224", {"scale_mlp_norm": True}, r"blocks\.0\.mlp\.norm", "norm inside the MLP"),
+    ("vit_tiny_patch16_224", {"act_layer": "silu"}, r"blocks\.0\.mlp\.act", "activation SiLU"),
+    ("vit_tiny_patch16_224", {"qk_norm": True}, r"blocks\.0\.attn", "qk_norm"),
+    ("vit_tiny_patch16_224", {"reg_tokens": 2}, "reg_token", "register tokens"),
+    ("vit_tiny_patch16_224", {"global_pool": "map"}, "attn_pool", "attention pooling"),
+    ("swin_tiny_patch4_window7_224", {}, r"layers\.1\.blocks\.0\.mlp\.act", "SiLU"),
+], ids=["scale_mlp_norm", "silu", "qk_norm", "reg_tokens", "map_pool", "swin_silu"])
+def test_allow_list_refuses_features_the_rewrite_does_not_implement(name, extra, where, feature):
+    if name.startswith("vit"):
+        model = timm.create_model(name, pretrained=False, **VIT_SMALL, **extra)
+    else:  # timm's Swin has no act_layer argument: swap one block's activation
+        model = timm.create_model(name, pretrained=False, **{**TINY_SWIN[1], "embed_dim": 32, "depths": (1, 1), "num_heads": (2, 2)})
+        model.layers[1].blocks[0].mlp.act = torch.nn.SiLU()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ModelError, match=f"{where}: .*{feature}.*not supported") as err:
+        core.prepare(model, "vaq", inplace=True)
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, QLinear) for m in model.modules())  # refused before anything was rewritten
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gelu_tanh_vit_is_accepted_and_fp_equivalent():
+    stock = timm.create_model("vit_tiny_patch16_224", pretrained=False, act_layer="gelu_tanh", **VIT_SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        q = core.prepare(stock, "vaq", bits=2).eval()
+        with quantizers_disabled(q):
+            assert (q(x) - stock(x)).abs().max().item() <= 1e-5
 
 
 def test_calibrated_model_quantizes_every_quantizer_and_gets_gradients():
     name, args = TINY_SWIN
-    q = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
+    q = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
     x = torch.randn(4, 3, 32, 32)
-    api.calibrate(q, [x])
+    core.calibrate(q, [x])
     assert all(bool(qz.initialized) for _, qz in iter_quantizers(q))
     q.train()
     q(x).logsumexp(-1).sum().backward()
@@ -121,9 +155,9 @@ def test_fused_quantizers_match_eager_on_a_whole_model(name, args):
     from vitqtool.quant import set_quantizers_fused
 
     torch.manual_seed(0)
-    eager = api.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=3)
+    eager = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=3)
     x = torch.randn(4, 3, 32, 32)
-    api.calibrate(eager, [x])
+    core.calibrate(eager, [x])
     fused = copy.deepcopy(eager)
     assert set_quantizers_fused(fused, True) == sum(1 for _ in iter_quantizers(eager))
     grads = []

@@ -70,3 +70,17 @@ def test_help_is_fast_and_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     out = subprocess.run([sys.executable, "-m", "vitqtool", "--help"], check=True, capture_output=True, text=True).stdout
     assert "evaluate" in out
+
+
+def test_text_from_data_is_never_read_as_markup(capsys, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    state = timm.create_model(TINY_DEIT[0], **TINY_DEIT[1]).state_dict()
+    save_file({k: v for k, v in state.items() if k != "blocks.0.attn.qkv.weight"}, str(weights))
+    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], "--model-args", json.dumps(TINY_DEIT[1]), "--weights", str(weights)])
+    assert code == 1 and "[blocks.0.attn.qkv.weight]" in err  # strict loading's key list survives printing
+    odd = tmp_path / "no[/such]dir"
+    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], *ARGS, "--data", str(odd)])
+    assert code == 1 and "no[/such]dir" in err and "MarkupError" not in err and "Traceback" not in err

@@ -1,17 +1,12 @@
 """Dataset sources (builtin:mnist5k, image folders, saved HF datasets) and transforms (eval, crop replay)."""
 
-import os
+from collections import Counter
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import numpy as np
+import pytest
+import torch
 
-from collections import Counter  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from vitqtool.data import (  # noqa: E402
+from vitqtool.data import (
     apply_crop,
     check_num_classes,
     eval_transform,
@@ -21,8 +16,8 @@ from vitqtool.data import (  # noqa: E402
     sample_crop_box,
     train_transform,
 )
-from vitqtool.data.sources import mnist5k_split_indices, read_mnist5k  # noqa: E402
-from vitqtool.errors import DataError  # noqa: E402
+from vitqtool.data.sources import mnist5k_split_indices, read_mnist5k
+from vitqtool.errors import DataError
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),

@@ -5,11 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import json
 
 import pytest
 
-from vitqtool.train import train_fp, quantize
+from vitqtool.commands import train_fp, quantize
 
 ARGS = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 2, "num_heads": 2, "num_classes": 10}
 # digits: no flips, mild crops (the recipe defaults are ImageNet's)
@@ -28,8 +27,8 @@ def test_fp_then_w4_vaq_keeps_accuracy_and_w2_vaq_beats_ptq(tmp_path):
     overrides.write_text(AUGMENT)
     common = dict(batch_size=32, lr=3e-4, overrides=[overrides])
 
-    def top1(run):
-        return json.loads((run / "run.json").read_text())["best_top1"]
+    def top1(info):
+        return info.best_top1
 
     w4 = top1(quantize(str(fp.folder), bits=4, recipe="vaq", epochs=1, out=tmp_path / "w4", **common))
     w2_ptq = top1(quantize(str(fp.folder), bits=2, recipe="ptq", out=tmp_path / "w2ptq", batch_size=32, calib_batches=4))

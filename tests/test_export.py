@@ -1,27 +1,23 @@
 """Export -> reload: packed codes, exact logits, evaluate equality, the run path, size, and refusals of bad files."""
 
-import os
+import json
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import vitqtool  # noqa: E402
-from vitqtool import api  # noqa: E402
-from vitqtool.cli import main  # noqa: E402
-from vitqtool.errors import ExportFormatError  # noqa: E402
-from vitqtool.export import export, export_model, inspect, is_vitq_export, read_export  # noqa: E402
-from vitqtool.models import resolve_model  # noqa: E402
-from vitqtool.quant import QUANT_LAYERS, iter_quantizers  # noqa: E402
-from vitqtool.quant.packing import unpack_codes  # noqa: E402
-from vitqtool.recipe import load_recipe  # noqa: E402
+import vitqtool
+from vitqtool import commands, core
+from vitqtool.cli import main
+from vitqtool.errors import ExportFormatError
+from vitqtool.commands import export
+from vitqtool.export import export_model, inspect, is_vitq_export, read_export
+from vitqtool.core.models import resolve_model
+from vitqtool.quant import QUANT_LAYERS, iter_quantizers
+from vitqtool.quant.packing import unpack_codes
+from vitqtool.recipe import load_recipe
 
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10})
 DEIT = ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10})
@@ -35,9 +31,9 @@ def _quantized(spec, bits, per_channel=False, overrides=None, seed=0):
     name, args = spec
     loaded = resolve_model(name, random_init=True, model_args=args)
     recipe = load_recipe("vaq", set_fields={"quant.bits": bits, "quant.per_channel": per_channel})
-    model = api.prepare(loaded.model, recipe, overrides=overrides)
+    model = core.prepare(loaded.model, recipe, overrides=overrides)
     gen = torch.Generator().manual_seed(seed)
-    api.calibrate(model, [torch.randn(4, 3, 32, 32, generator=gen)])
+    core.calibrate(model, [torch.randn(4, 3, 32, 32, generator=gen)])
     with torch.no_grad():
         for _, q in iter_quantizers(model):
             q.step.mul_(torch.empty_like(q.step).uniform_(0.7, 1.3, generator=gen))
@@ -68,7 +64,7 @@ def test_export_load_round_trip(tmp_path, spec, bits, per_channel, overrides):
     with torch.no_grad():
         assert (reloaded(x) - model(x)).abs().max() <= 1e-5
     # same layout (bits, granularity) module by module, including the prepare-time overrides the recipe lacks
-    assert api.quant_summary(reloaded) == api.quant_summary(model)
+    assert core.quant_summary(reloaded) == core.quant_summary(model)
     file = load_file(str(path))
     layers = dict(reloaded.named_modules())
     for name, layer in model.named_modules():
@@ -135,25 +131,21 @@ def test_evaluate_on_export_equals_evaluate_on_model(tmp_path):
     loaded, recipe, model = _quantized(DEIT, 4)
     path = tmp_path / "deit.safetensors"
     _export(loaded, recipe, model, path)
-    assert is_vitq_export(path) and api.resolve_any(str(path)).kind == "quantized"
-    from_file = api.evaluate(str(path), "builtin:mnist5k", limit=48, batch_size=16)
-    in_memory = api.evaluate(model, "builtin:mnist5k", limit=48, batch_size=16, data_config=loaded.data_config)
+    assert is_vitq_export(path) and commands.resolve_any(str(path)).kind == "quantized"
+    from_file = commands.evaluate(str(path), "builtin:mnist5k", limit=48, batch_size=16)
+    in_memory = commands.evaluate(model, "builtin:mnist5k", limit=48, batch_size=16, data_config=loaded.data_config)
     assert from_file["n"] == in_memory["n"] == 48
     assert from_file["top1"] == in_memory["top1"] and from_file["top5"] == in_memory["top5"]
     assert from_file["loss"] == pytest.approx(in_memory["loss"], abs=1e-6)
 
 
 def test_export_from_run_folder_with_verify(tmp_path, capsys):
-    from vitqtool.train.checkpoint import RUN_FORMAT, RUN_VERSION, atomic_write_text, model_state, save_checkpoint, write_run_json
+    from conftest import write_run_folder
 
     loaded, recipe, model = _quantized(VIT, 3)
     run = tmp_path / "run"
-    run.mkdir()
-    write_run_json(run, {"format": RUN_FORMAT, "format_version": RUN_VERSION, "architecture": loaded.architecture,
-                         "model_args": loaded.model_args, "data_config": loaded.data_config, "data": "builtin:mnist5k",
-                         "source_model": VIT[0], "best_top1": 12.5, "last_top1": 10.0})
-    atomic_write_text(run / "recipe.resolved.toml", recipe.to_toml())
-    save_checkpoint(run, "epoch_1", model_state(model), {}, best=True)
+    write_run_folder(run, model, recipe, architecture=loaded.architecture, model_args=loaded.model_args,
+                     data_config=loaded.data_config, source=VIT[0], best_top1=12.5, last_top1=10.0)
     out = tmp_path / "m.safetensors"
     assert main(["export", str(run), "--out", str(out), "--verify", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -194,7 +186,7 @@ def test_deit_tiny_w2_is_at_least_10x_smaller_than_fp32(tmp_path):
     fp32 = tmp_path / "fp32.safetensors"
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(fp32))
     recipe = load_recipe("vaq", set_fields={"quant.bits": 2})
-    model = api.prepare(loaded.model, recipe, inplace=True)
+    model = core.prepare(loaded.model, recipe, inplace=True)
     with torch.no_grad():  # sizes depend on shapes and bits only: set steps directly instead of calibrating
         for _, q in iter_quantizers(model):
             q.step.fill_(0.01)
@@ -210,7 +202,7 @@ def test_uncalibrated_or_unprepared_models_and_bad_dtype_are_refused(tmp_path):
     with pytest.raises(ExportFormatError, match="no quantized layers"):
         _export(loaded, recipe, loaded.model, tmp_path / "a.safetensors")
     with pytest.raises(ExportFormatError, match="never calibrated"):
-        _export(loaded, recipe, api.prepare(loaded.model, recipe), tmp_path / "a.safetensors")
+        _export(loaded, recipe, core.prepare(loaded.model, recipe), tmp_path / "a.safetensors")
     _, recipe, model = _quantized(VIT, 2)
     with pytest.raises(ExportFormatError, match="unsupported export dtype"):
         _export(loaded, recipe, model, tmp_path / "a.safetensors", dtype="float8")

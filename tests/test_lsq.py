@@ -67,7 +67,7 @@ def test_weight_step_gradient_scale_uses_l1_norm(bits, fused):
 
 @FUSED
 def test_per_channel_weight_forward_and_gradient(fused):
-    spec = QuantSpec(3, per_channel=True)
+    spec = QuantSpec(3, granularity="channel")
     q = LSQQuantizer(spec, "weight", channels=5)
     q.fused = fused
     w = torch.randn(5, 7, requires_grad=True)
@@ -128,9 +128,9 @@ def test_mse_weight_init_is_a_fixed_point():
 def test_activation_init_formula_and_step_floor():
     q = LSQQuantizer(QuantSpec(4), "act")
     x = torch.randn(100, 10)
-    q.init_from_mean_abs(q.mean_abs(x))
+    q.init_from_statistic(q.activation_statistic(x))
     assert q.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-5)
-    q.init_from_mean_abs(0.0)
+    q.init_from_statistic(0.0)
     assert q.step.item() == pytest.approx(MIN_STEP)
 
 

@@ -16,7 +16,7 @@ from vitqtool.quant import QConv2d, QLinear, QuantSpec, obr_lambda, obr_loss
 
 def _layer(bits: int, per_channel: bool, seed: int = 0, conv: bool = False) -> QLinear | QConv2d:
     torch.manual_seed(seed)
-    spec = QuantSpec(bits, signed=True, per_channel=per_channel)
+    spec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor")
     if conv:
         layer = QConv2d.from_float(nn.Conv2d(3, 6, 3), spec, None)
     else:

@@ -15,7 +15,7 @@ from vitqtool.quant import OscillationTracker, QLinear, QuantSpec
 class _Net(nn.Module):
     def __init__(self, n: int = 4, per_channel: bool = False) -> None:
         super().__init__()
-        self.fc = QLinear.from_float(nn.Linear(n, 1, bias=False), QuantSpec(4, per_channel=per_channel), None)
+        self.fc = QLinear.from_float(nn.Linear(n, 1, bias=False), QuantSpec(4, granularity="channel" if per_channel else "tensor"), None)
         self.head = QLinear.from_float(nn.Linear(2, 1, bias=False), QuantSpec(4), None)
         with torch.no_grad():
             self.fc.w_quant.step.fill_(0.5)

@@ -86,7 +86,7 @@ def test_bad_input_is_refused():
 def test_on_grid_weights_are_fixed_points_of_the_weight_quantizer(bits, per_channel):
     """What the reader rebuilds (codes * stored step) quantizes to itself: same codes, bit-identical output."""
     out_features, in_features = 16, 40
-    q = LSQQuantizer(QuantSpec(bits, per_channel=per_channel), "weight", channels=out_features)
+    q = LSQQuantizer(QuantSpec(bits, granularity="channel" if per_channel else "tensor"), "weight", channels=out_features)
     gen = torch.Generator().manual_seed(bits)
     raw = torch.exp(torch.empty(q.step.shape).uniform_(-12, 2, generator=gen))  # includes steps below MIN_STEP
     raw[0] = MIN_STEP / 10

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from vitqtool import api
+from vitqtool import core
 from vitqtool.errors import DataError, RecipeError, RunError
 from vitqtool.recipe import load_recipe
-from vitqtool.train import load_run_model, quantize
+from vitqtool.commands import quantize
+from vitqtool.core import load_run_model, runs
 from vitqtool.train import checkpoint as ckpt
 from vitqtool.train import loop
 from vitqtool.train.run import resolve_kd_mode
@@ -88,12 +89,14 @@ def test_kd_mode_resolution():
 
 @pytest.fixture(scope="module")
 def ptq_run(tmp_path_factory) -> Path:
-    return quantize(MODEL, recipe="ptq", bits=3, calib_batches=2, out=tmp_path_factory.mktemp("ptq") / "run", **SMALL)
+    out = tmp_path_factory.mktemp("ptq") / "run"
+    quantize(MODEL, recipe="ptq", bits=3, calib_batches=2, out=out, **SMALL)
+    return out
 
 
 def test_ptq_run_folder_records_recipe_and_calibrated_model(ptq_run):
     from vitqtool.data import load_dataset, make_eval_loader
-    from vitqtool.models import resolve_model
+    from vitqtool.core.models import resolve_model
 
     meta = json.loads((ptq_run / "run.json").read_text())
     assert meta["architecture"] == MODEL and meta["model_args"] == ARGS and meta["seed"] == 0 and meta["status"] == "done"
@@ -105,14 +108,14 @@ def test_ptq_run_folder_records_recipe_and_calibrated_model(ptq_run):
     assert run.recipe == expected and not run.model.training
     # independent calibration: same seed -> same random init, same calibration images
     torch.manual_seed(0)
-    fresh = api.prepare(resolve_model(MODEL, random_init=True, model_args=ARGS).model, expected)
+    fresh = core.prepare(resolve_model(MODEL, random_init=True, model_args=ARGS).model, expected)
     train = torch.utils.data.Subset(load_dataset("builtin:mnist5k", "train"), range(48))
     idx = epoch_permutation(48, 0, 0, CALIBRATION)[:16].tolist()
-    api.calibrate(fresh, make_eval_loader(torch.utils.data.Subset(train, idx), meta["data_config"], 8))
+    core.calibrate(fresh, make_eval_loader(torch.utils.data.Subset(train, idx), meta["data_config"], 8))
     got = run.model.state_dict()
     for k, v in fresh.state_dict().items():
         assert torch.equal(got[k], v), k
-    val = api.evaluate_model(run.model, make_eval_loader(torch.utils.data.Subset(load_dataset("builtin:mnist5k", "validation"), [i * 20 for i in range(50)]), meta["data_config"], 25), 10)
+    val = core.evaluate_model(run.model, make_eval_loader(torch.utils.data.Subset(load_dataset("builtin:mnist5k", "validation"), [i * 20 for i in range(50)]), meta["data_config"], 25), 10)
     assert val["top1"] == pytest.approx(meta["best_top1"])
 
 
@@ -144,7 +147,7 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_checkpoint(tmp_path, monkeyp
     _nan_at(monkeypatch, 5)
     with pytest.raises(RunError, match="not finite.*step 5 .*last good checkpoint"):
         quantize(MODEL, epochs=1, save_every=2, out=tmp_path / "run", **SMALL)
-    assert ckpt.read_index(tmp_path / "run")["last"].startswith("step-00000004")
+    assert runs.read_index(tmp_path / "run")["last"].startswith("step-00000004")
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
 
 
@@ -152,7 +155,8 @@ def test_nonfinite_loss_skipped_when_recipe_says_so(tmp_path, monkeypatch):
     _nan_at(monkeypatch, 3)
     extra = tmp_path / "skip.toml"
     extra.write_text("[train]\nskip_nonfinite = true\n[oscillation]\nlog_every = 1\n")
-    out = quantize(MODEL, recipe="lsq", epochs=1, overrides=[extra], out=tmp_path / "run", **SMALL)
+    out = tmp_path / "run"
+    quantize(MODEL, recipe="lsq", epochs=1, overrides=[extra], out=out, **SMALL)
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert [s["step"] for s in steps] == list(range(1, 7)) and [s["skipped"] for s in steps] == [False, False, True, False, False, False]
     assert all(math.isfinite(s["loss"]) for s in steps)
@@ -172,17 +176,18 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(RunError, match="No space left on device.*previous checkpoint 'step-00000002"):
         quantize(MODEL, recipe="lsq", epochs=1, save_every=2, out=out, **SMALL)
-    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == [ckpt.read_index(out)["last"]]
-    model_sd, state = ckpt.load_checkpoint(out, "last")
-    assert state["train"]["step"] == 2 and "head.weight" in model_sd
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == [runs.read_index(out)["last"]]
+    model_sd, state = runs.load_checkpoint(out, "last")
+    assert state.train["step"] == 2 and "head.weight" in model_sd
 
 
 def test_stored_soft_labels_train_and_mismatched_store_is_refused(tmp_path):
-    from vitqtool.train import softlabels
+    from vitqtool.commands import softlabels
 
     softlabels(MODEL, tmp_path / "labels", random_init=True, model_args=ARGS, crops=3, topk=2, limit=16)
-    out = quantize(MODEL, epochs=1, soft_labels=tmp_path / "labels", overrides=[_crops2(tmp_path)], out=tmp_path / "run",
-                   **{**SMALL, "limit_train": 16})
+    out = tmp_path / "run"
+    quantize(MODEL, epochs=1, soft_labels=tmp_path / "labels", overrides=[_crops2(tmp_path)], out=out,
+             **{**SMALL, "limit_train": 16})
     meta = json.loads((out / "run.json").read_text())
     assert meta["kd_mode"] == "stored" and meta["status"] == "done"
     with pytest.raises(DataError, match="covers 16 of the 48 images"):
@@ -214,12 +219,12 @@ def test_cli_quantize_json_and_sigint_exit_code(tmp_path, capsys, monkeypatch):
     code = main(["quantize", MODEL, "--recipe", "lsq", "--epochs", "1", "--out", str(tmp_path / "qat"), "--json", *common])
     assert code == 130
     assert "interrupted at step 2" in capsys.readouterr().err
-    assert ckpt.read_index(tmp_path / "qat")["last"].startswith("step-00000002")
+    assert runs.read_index(tmp_path / "qat")["last"].startswith("step-00000002")
 
 
 def test_fused_quantizers_train_like_eager_and_a_broken_compiler_is_one_clear_error(tmp_path, capsys, monkeypatch):
-    from vitqtool import quant
     from vitqtool.cli import main
+    from vitqtool.train import run as run_module
 
     every_step = tmp_path / "log.toml"
     every_step.write_text("[oscillation]\nlog_every = 1\n")
@@ -240,7 +245,7 @@ def test_fused_quantizers_train_like_eager_and_a_broken_compiler_is_one_clear_er
     def no_compiler(device):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(quant, "check_fused_kernels", no_compiler)
+    monkeypatch.setattr(run_module, "check_fused_kernels", no_compiler)
     code = main(["quantize", MODEL, "--out", str(tmp_path / "broken"), "--fuse-quantizers", *common])
     err = capsys.readouterr().err
     assert code == 1 and "--fuse-quantizers" in err and "No working C++ compiler found" in err and "more detail" not in err

@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitqtool.train import RunInterrupted, quantize
-from vitqtool.train.checkpoint import CKPT_DIR, MODEL_FILE, STATE_FILE, read_index
+from vitqtool.commands import quantize
+from vitqtool.core.runs import CKPT_DIR, MODEL_FILE, STATE_FILE, read_index
+from vitqtool.train import RunInterrupted
 
 ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 # 64 images / batch 8 = 8 steps per epoch, 2 epochs; checkpoints every 3 steps and at epoch ends.
@@ -43,7 +44,9 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    return quantize("vit_tiny_patch16_224", out=tmp_path_factory.mktemp("ref") / "run", **RUN)
+    out = tmp_path_factory.mktemp("ref") / "run"
+    quantize("vit_tiny_patch16_224", out=out, **RUN)
+    return out
 
 
 def _interrupt_at(monkeypatch, call: int, action) -> None:
@@ -80,7 +83,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch
         from pathlib import Path
-        from vitqtool.train import quantize
+        from vitqtool.commands import quantize
         original, count = torch.optim.AdamW.step, [0]
         def step(self, *a, **k):
             count[0] += 1

@@ -1,10 +1,5 @@
 """Multi-crop soft-label store: generation vs independent replay, label recovery, refusal of mismatches, CLI."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import json
 import pickle
 import struct
@@ -53,7 +48,7 @@ def test_round_trip_matches_independent_replay(store_path):
     store = SoftLabelStore.open(store_path)
     dataset, teacher = _dataset(), _teacher()
     assert len(store) == 6 and store.crops_per_image == 6 and store.topk == 3
-    assert len(store.manifest["shards"]) == 2
+    assert len(store.manifest.shards) == 2
     flips_seen = set()
     for i in range(len(dataset)):
         img, _ = dataset[i]
@@ -128,7 +123,7 @@ def test_limited_store_covers_only_its_images(tmp_path):
     seven = _dataset(7)
     out = generate_soft_labels(_teacher(), torch.utils.data.Subset(seven, range(6)), CFG, tmp_path / "s", crops=2)
     store = SoftLabelStore.open(out)
-    assert len(store) == 6 and store.manifest["dataset"]["length"] == 7
+    assert len(store) == 6 and store.manifest.dataset["length"] == 7
     store.check(torch.utils.data.Subset(seven, range(6)), 10)
     with pytest.raises(DataError, match="covers 6 of the 7 images .*--limit"):
         store.check(seven, 10)

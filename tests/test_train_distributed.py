@@ -25,11 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitqtool.api import calibrate, prepare
-from vitqtool.models import resolve_model
+from vitqtool.core import calibrate, prepare
+from vitqtool.core.models import resolve_model
 from vitqtool.quant import iter_quantizers
-from vitqtool.train import quantize
-from vitqtool.train.checkpoint import CKPT_DIR, MODEL_FILE, read_index
+from vitqtool.commands import quantize
+from vitqtool.core.runs import CKPT_DIR, MODEL_FILE, read_index
 
 MODEL = "vit_tiny_patch16_224"
 ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
@@ -38,10 +38,10 @@ RUN = dict(bits=4, recipe="vaq", random_init=True, model_args=ARGS, epochs=2, li
 WORKER = textwrap.dedent(f"""
     import sys, torch, torch.distributed as dist
     from pathlib import Path
-    from vitqtool.api import calibrate, prepare
-    from vitqtool.models import resolve_model
+    from vitqtool.core import calibrate, prepare
+    from vitqtool.core.models import resolve_model
     from vitqtool.quant import iter_quantizers
-    from vitqtool.train import quantize
+    from vitqtool.commands import quantize
     out = Path(sys.argv[1])
     quantize({MODEL!r}, out=out / "dp", batch_size=4, **{RUN!r})  # 4 images per process = global batch 8
     rank = dist.get_rank()
@@ -87,7 +87,8 @@ def test_calibration_identical_on_every_rank_and_equal_to_pooled_batches(two_pro
 
 
 def test_two_processes_half_batch_equal_one_process_full_batch(two_process_run, tmp_path):
-    single = quantize(MODEL, out=tmp_path / "single", batch_size=8, grad_accum=2, **RUN)
+    single = tmp_path / "single"
+    quantize(MODEL, out=single, batch_size=8, grad_accum=2, **RUN)
     dp = two_process_run / "dp"
     w1 = load_file(str(single / CKPT_DIR / read_index(single)["last"] / MODEL_FILE))
     w2 = load_file(str(dp / CKPT_DIR / read_index(dp)["last"] / MODEL_FILE))

@@ -41,15 +41,24 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per b
 
 
 def _stderr_console():
+    """Console on stderr that never reads markup in what it prints (paths, keys and messages come from data)."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, markup=False, highlight=False)
 
 
 def _stdout_console():
+    """Console on stdout that never reads markup (table titles and cells come from data)."""
     from rich.console import Console
 
-    return Console()
+    return Console(markup=False, highlight=False)
+
+
+def _error_line(label: str, message: str) -> Any:
+    """`label` in bold red, then `message` as plain text."""
+    from rich.text import Text
+
+    return Text.assemble((label, "bold red"), " ", message)
 
 
 def parse_model_args(text: str | None) -> dict[str, Any] | None:
@@ -107,7 +116,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1/top-5 accuracy and loss of an FP, quantized (--bits: post-training) or exported model."""
-    from .api import evaluate as run_evaluate
+    from .commands import evaluate as run_evaluate
 
     result = run_evaluate(model, data, split, weights=weights, random_init=random_init, model_args=parse_model_args(model_args), num_classes=num_classes,
                           bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, show_progress=not as_json)
@@ -174,7 +183,7 @@ def softlabels_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD)."""
-    from .train.softlabels import softlabels as run_softlabels
+    from .commands import softlabels as run_softlabels
 
     result = run_softlabels(model, out, data, split, teacher=teacher, weights=weights, teacher_weights=teacher_weights,
                             random_init=random_init, model_args=parse_model_args(model_args),
@@ -209,7 +218,7 @@ def export_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a quantized run as one packed low-bit safetensors file that `vitqtool.load` rebuilds on its own."""
-    from .export import export as run_export
+    from .commands import export as run_export
 
     result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which)
     if as_json:
@@ -229,7 +238,7 @@ def inspect_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export."""
-    from .export import inspect as run_inspect
+    from .commands import inspect as run_inspect
 
     result = run_inspect(file)
     if as_json:
@@ -278,11 +287,11 @@ def quantize_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize MODEL: calibrate step sizes, then QAT with KD + OBR (vaq) on accelerate; checkpoints and exact --resume."""
-    from .train import quantize as run_quantize
+    from .commands import quantize as run_quantize
 
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise typer.BadParameter(f"must be no, fp16 or bf16, got {mixed_precision!r}", param_hint="--mixed-precision")
-    run_dir = run_quantize(model, bits=bits, recipe=recipe, data=data, out=out, teacher=teacher, soft_labels=soft_labels,
+    info = run_quantize(model, bits=bits, recipe=recipe, data=data, out=out, teacher=teacher, soft_labels=soft_labels,
                            weights=weights, random_init=random_init, model_args=parse_model_args(model_args),
                            teacher_weights=teacher_weights, epochs=epochs, batch_size=batch_size, lr=lr,
                            warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
@@ -291,14 +300,13 @@ def quantize_cmd(
                            show_progress=not as_json)
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
         return
-    meta = json.loads((run_dir / "run.json").read_text())
-    summary = {"run": str(run_dir), "model": meta["source_model"], "recipe": meta["recipe"], "bits": meta["bits"],
-               "kd": meta["kd_mode"], "epochs": meta["epochs_done"], "steps": meta.get("step", 0),
-               "best_top1": meta["best_top1"], "last_top1": meta["last_top1"], "status": meta["status"]}
+    summary = {"run": str(out), "model": info.source_model, "recipe": info.recipe, "bits": info.bits,
+               "kd": info.kd_mode, "epochs": info.epochs_done, "steps": info.step,
+               "best_top1": info.best_top1, "last_top1": info.last_top1, "status": info.status}
     if as_json:
         emit_json(summary)
     else:
-        render_table(f"quantize {summary['model']} -> {run_dir}", [summary], ["recipe", "bits", "kd", "epochs", "steps", "best_top1", "last_top1"])
+        render_table(f"quantize {summary['model']} -> {out}", [summary], ["recipe", "bits", "kd", "epochs", "steps", "best_top1", "last_top1"])
 
 
 @app.command("analyze")
@@ -323,7 +331,7 @@ def analyze_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion."""
-    from .analysis import analyze
+    from .commands import analyze
 
     if what not in ("weights", "acts", "both"):
         raise typer.BadParameter("must be weights, acts or both", param_hint="--what")
@@ -406,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except VitqError as exc:
         if debug:
             raise
-        _stderr_console().print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _stderr_console().print(_error_line("error:", str(exc)), soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         _stderr_console().print("interrupted")
@@ -414,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        _stderr_console().print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set VITQ_DEBUG=1 for the traceback)",
-                                highlight=False, soft_wrap=True)
+        _stderr_console().print(_error_line("internal error:", f"{type(exc).__name__}: {exc} (set VITQ_DEBUG=1 for the traceback)"),
+                                soft_wrap=True)
         return 3
     return 0
 

@@ -23,6 +23,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
+
+from .commands import analyze, evaluate, export, quantize, softlabels, train_fp
+from .fileio import atomic_write, write_json
+
 FP_STAMP = "demo.json"  # written into out/fp next to config.json: the settings the FP model was trained with
 
 
@@ -117,7 +122,7 @@ def _fp_cached(folder: Path, cfg: DemoConfig) -> float | None:
 
 
 def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: DemoConfig | None = None,
-         retrain: bool = False, show_progress: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+         retrain: bool = False, show_progress: bool = False, log: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Run the built-in pipeline (train FP -> analyze -> soft labels -> quantize W4/W2 -> evaluate -> export).
 
     Args:
@@ -130,11 +135,6 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
     Returns:
         The result document: config, per-model top-1 and file sizes, per-step wall times, paths.
     """
-    from .analysis import analyze
-    from .api import evaluate
-    from .export import export
-    from .train import quantize, softlabels, train_fp
-
     cfg = config or (QUICK if quick else DEMO)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +142,8 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
         if show_progress:
             from rich.console import Console
 
-            console = Console(stderr=True)
-            log = lambda text: console.print(text, highlight=False)  # noqa: E731
+            console = Console(stderr=True, markup=False, highlight=False)
+            log = console.print
         else:
             log = lambda text: None  # noqa: E731
     steps: list[dict[str, Any]] = []
@@ -152,7 +152,7 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
     @contextlib.contextmanager
     def step(name: str, detail: str = "") -> Iterator[dict[str, Any]]:
         record: dict[str, Any] = {"step": name, "seconds": None, "cached": False}
-        log(f"[bold cyan][{len(steps) + 1}/{total_steps}] {name}[/] {detail}")
+        log(Text.assemble((f"[{len(steps) + 1}/{total_steps}] {name}", "bold cyan"), " ", detail))
         t0 = time.perf_counter()
         yield record
         record["seconds"] = round(time.perf_counter() - t0, 2)
@@ -162,7 +162,7 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
     t_start = time.perf_counter()
     fp_dir, labels_dir = out / "fp", out / "labels"
     overrides = out / "mnist-overrides.toml"
-    overrides.write_text(cfg.overrides_toml())
+    atomic_write(overrides, cfg.overrides_toml())
     with _torch_threads(cfg.threads):
         # 1. FP model (cached)
         with step("train FP model", f"{cfg.architecture} {json.dumps(cfg.model_args)}, {cfg.fp_epochs} epochs") as rec:
@@ -177,7 +177,7 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
                               warmup_epochs=cfg.fp_warmup_epochs, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
                               seed=cfg.seed, limit_train=cfg.limit_train, show_progress=show_progress)
                 fp_top1 = fp.top1
-                (fp_dir / FP_STAMP).write_text(json.dumps({"settings": cfg.fp_settings(), "top1": fp_top1}, indent=2) + "\n")
+                write_json(fp_dir / FP_STAMP, {"settings": cfg.fp_settings(), "top1": fp_top1})
             rec["top1"] = fp_top1
         model = str(fp_dir)
 
@@ -201,12 +201,11 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
         for bits, epochs in zip(cfg.qat_bits, cfg.qat_epochs):
             run_dir = out / f"w{bits}"
             with step(f"quantize W{bits}A{bits}", f"recipe {cfg.recipe}, stored soft labels, {epochs} epoch(s) -> {run_dir}") as rec:
-                quantize(model, bits=bits, recipe=cfg.recipe, data=cfg.data, out=run_dir, soft_labels=labels_dir,
+                info = quantize(model, bits=bits, recipe=cfg.recipe, data=cfg.data, out=run_dir, soft_labels=labels_dir,
                          epochs=epochs, batch_size=cfg.qat_batch_size, lr=cfg.qat_lr, seed=cfg.seed,
                          calib_batches=cfg.calib_batches, overrides=[overrides], limit_train=cfg.limit_train,
                          limit_val=cfg.qat_limit_val, overwrite=True, show_progress=show_progress)
-                meta = json.loads((run_dir / "run.json").read_text())
-                rec.update(best_top1=meta["best_top1"], steps=meta.get("step", 0))
+                rec.update(best_top1=info.best_top1, steps=info.step)
             runs[bits] = run_dir
 
         # 5. evaluate on the validation split

@@ -28,8 +28,11 @@ class QuantSection:
     per_channel: bool = False    # per-output-channel weight steps
     edge_bits: int = 8           # patch embedding, head, Swin patch merging
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)  # module glob -> {weight_bits, act_bits}
+    quantizer: str = "lsq"       # the registered quantizer implementation (vitqtool.quant.QUANTIZERS)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.quantizer, str) or not self.quantizer.isidentifier():
+            raise RecipeError(f"quant.quantizer must be a quantizer name such as 'lsq', got {self.quantizer!r}")
         for name in ("bits", "edge_bits"):
             if not 2 <= getattr(self, name) <= 8:
                 raise RecipeError(f"quant.{name} must be between 2 and 8, got {getattr(self, name)}")

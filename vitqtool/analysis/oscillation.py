@@ -7,29 +7,19 @@ threshold), `flip_frequency` (mean EMA, oscillations per step), `flips_last_upda
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ..errors import RunError
+from ..core.artifacts import CheckpointState
+from ..core.runs import RunModel
 from ..quant import QUANT_LAYERS
 from .stats import boundary_share
 
-TRACKER_KEY = "oscillation"  # where the training loop stores OscillationTracker.state_dict() in state.pt
-
-
-def oscillation_rows(run: str | Path) -> dict[str, Any]:
-    """Per-module oscillation of the last checkpoint of `run`; tracker fields are null if the run did not track."""
-    from ..train.checkpoint import load_checkpoint, load_run_model
-
-    run = Path(run)
-    if not (run / "run.json").is_file():
-        raise RunError(f"--run '{run}' is not a vitqtool run folder (no run.json); pass the --out folder of `quantize`")
-    loaded = load_run_model(run, "last")
-    _, state = load_checkpoint(run, "last")
-    tracker = state.get(TRACKER_KEY) if isinstance(state, dict) else None
-    threshold = loaded.recipe.oscillation.threshold
+def oscillation_rows(run: RunModel, state: CheckpointState, where: str) -> dict[str, Any]:
+    """Per-module oscillation of a run's model and checkpoint state; tracker fields are null if the run did not track."""
+    tracker = state.oscillation
+    threshold = run.recipe.oscillation.threshold
     rows = []
-    for name, mod in loaded.model.named_modules():
+    for name, mod in run.model.named_modules():
         if not isinstance(mod, QUANT_LAYERS):
             continue
         row: dict[str, Any] = {"name": name, "bits": mod.w_quant.spec.bits, "params": mod.weight.numel(),
@@ -42,4 +32,4 @@ def oscillation_rows(run: str | Path) -> dict[str, Any]:
             flips = tracker.get(f"{name}.flips")
             row["flips_last_update"] = int(flips) if flips is not None else None
         rows.append(row)
-    return {"run": str(run), "threshold": threshold, "tracked": bool(tracker), "modules": rows}
+    return {"run": where, "threshold": threshold, "tracked": bool(tracker), "modules": rows}

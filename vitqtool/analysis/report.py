@@ -13,13 +13,12 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from ..fileio import atomic_write, finite_or_none
 from .allocation import overrides_toml
 
 log = logging.getLogger(__name__)
@@ -80,28 +79,6 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ files
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     """A CSV row: scalar fields, shapes as `AxB`, and `<group>_range_ratio`/`_range_cv` of each group kind."""
     out: dict[str, Any] = {}
@@ -134,7 +111,7 @@ def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> dict[
     files: dict[str, str] = {}
 
     def put(name: str, data: bytes) -> None:
-        _atomic_bytes(out / name, data)
+        atomic_write(out / name, data)
         files[name] = str(out / name)
 
     sens = report["sensitivity"]
@@ -156,7 +133,7 @@ def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> dict[
         files[key] = path
     files["analysis.json"] = str(out / "analysis.json")
     files["index.html"] = str(out / "index.html")
-    put("analysis.json", (json.dumps(_json_safe({**report, "files": files}), indent=1, default=str) + "\n").encode())
+    put("analysis.json", (json.dumps(finite_or_none({**report, "files": files}), indent=1, default=str) + "\n").encode())
     put("index.html", render_html(report, {k: Path(v).name for k, v in images.items()}).encode())
     return files
 
@@ -180,7 +157,7 @@ def render_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        _atomic_bytes(out / name, buf.getvalue())
+        atomic_write(out / name, buf.getvalue())
         made[name] = str(out / name)
 
     mods = report["sensitivity"]["modules"]

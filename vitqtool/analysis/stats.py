@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..quant import MIN_STEP, LSQQuantizer
+from ..quant import Quantizer
 
 OUTLIER_K = 3.0
 HIST_BINS = 64
@@ -69,7 +69,7 @@ def _db(signal: float, noise: float) -> float | None:
 
 
 @torch.no_grad()
-def fake_quant(quantizer: LSQQuantizer, x: Tensor) -> Tensor:
+def fake_quant(quantizer: Quantizer, x: Tensor) -> Tensor:
     """What `quantizer` outputs for `x` when enabled (its current step and offset), whatever its switch says."""
     was = quantizer.enabled
     quantizer.enabled = True
@@ -80,11 +80,9 @@ def fake_quant(quantizer: LSQQuantizer, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def boundary_share(quantizer: LSQQuantizer, weight: Tensor, band: float = BOUNDARY_BAND) -> float:
+def boundary_share(quantizer: Quantizer, weight: Tensor, band: float = BOUNDARY_BAND) -> float:
     """Share of weights whose clamped `W / s` lies within `band` of a rounding boundary (x.5)."""
-    step = quantizer.step.detach().clamp(min=MIN_STEP).to(weight.dtype)
-    if quantizer.spec.per_channel:
-        step = step.view(-1, *([1] * (weight.dim() - 1)))
+    step = quantizer.scale_for(weight).detach().to(weight.dtype)
     scaled = (weight.detach() / step).clamp(quantizer.spec.qn, quantizer.spec.qp)
     frac = scaled - scaled.floor()
     return float(((frac - 0.5).abs() < band).double().mean())

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..quant import QUANT_LAYERS, LSQQuantizer, QConv2d, QuantAttention, iter_quantizers
+from ..quant import QUANT_LAYERS, QConv2d, Quantizer, QuantAttention, iter_quantizers
 from .stats import Grouper, RunningStats, boundary_share, channel_groups, fake_quant, head_groups, spatial_groups
 
 HEAD_SPLIT = ("q_quant", "k_quant", "v_quant", "qkv_quant", "proj.a_quant")  # [.., heads * head_dim] tensors
@@ -62,7 +62,7 @@ class ActivationRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         named = dict(model.named_modules())
-        self.quantizers: dict[str, LSQQuantizer] = {n: q for n, q in iter_quantizers(model) if q.kind == "act"}
+        self.quantizers: dict[str, Quantizer] = {n: q for n, q in iter_quantizers(model) if q.kind == "act"}
         self._conv_inputs = {f"{n}.a_quant" for n, m in named.items() if isinstance(m, QConv2d)}
         self._attention = {n: _attention_role(n, named) for n in self.quantizers}
         self.stats: dict[str, RunningStats] = {}
@@ -72,7 +72,7 @@ class ActivationRecorder:
     def _hooks(self, tails: bool) -> Iterator[None]:
         handles = []
         for name, q in self.quantizers.items():
-            def hook(mod: LSQQuantizer, args: tuple, name: str = name) -> None:
+            def hook(mod: Quantizer, args: tuple, name: str = name) -> None:
                 x = args[0].detach()
                 if tails:
                     self.stats[name].update_tails(x)
@@ -102,7 +102,7 @@ class ActivationRecorder:
         for name, st in self.stats.items():
             q, block = self.quantizers[name], block_of(name, blocks)
             out.append({"name": name, "type": module_type(name, block), "block": block, "shape": self.shapes[name],
-                        "bits": q.spec.bits, "signed": q.spec.signed, "step": float(q.step.detach().flatten()[0]),
+                        "bits": q.spec.bits, "signed": q.spec.signed, "step": float(q.scale_for(torch.zeros(1)).detach().flatten()[0]),
                         **st.result()})
         return out
 

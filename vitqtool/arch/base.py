@@ -1,13 +1,25 @@
-"""What every model-family adapter shares: the quantization policy and the swap helpers."""
+"""The adapter protocol every model family implements, its registry, the quantization policy and swap helpers.
+
+An adapter knows one family's layout: where the blocks, attention, MLPs, patch embedding and heads
+are, which features of the family the quantized layout covers (`check` refuses the rest, naming the
+module and the feature), how to rewrite a model in place, and how to run it block by block (fast
+sensitivity). Adapters register with the dotted names of the model classes they accept.
+"""
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QConv2d, QLinear, QuantSpec
+
+ADAPTERS: dict[str, type["Adapter"]] = {}  # "module.QualName" of an accepted model class -> adapter, filled by @register_adapter
+GELU_CLASSES = ("torch.nn.modules.activation.GELU", "timm.layers.activations.GELU", "timm.layers.activations.GELUTanh")
 
 
 @dataclass(frozen=True)
@@ -18,6 +30,7 @@ class QuantPolicy:
     split_qkv: bool = True     # module-dependent Q/K/V (method.md §4); False = one fused qkv step
     per_channel: bool = False  # per-output-channel weight steps
     edge_bits: int = 8         # patch embedding, classifier head, Swin patch merging
+    method: str = "lsq"        # registered quantizer implementation
 
     def __post_init__(self) -> None:
         for name in ("bits", "edge_bits"):
@@ -26,15 +39,75 @@ class QuantPolicy:
 
     def weight(self, edge: bool = False) -> QuantSpec:
         """Signed weight spec for a block (or edge) layer."""
-        return QuantSpec(self.edge_bits if edge else self.bits, signed=True, per_channel=self.per_channel)
+        return QuantSpec(self.edge_bits if edge else self.bits, signed=True,
+                         granularity="channel" if self.per_channel else "tensor", method=self.method)
 
     def act(self, edge: bool = False) -> QuantSpec:
         """Signed activation spec."""
-        return QuantSpec(self.edge_bits if edge else self.bits, signed=True)
+        return QuantSpec(self.edge_bits if edge else self.bits, signed=True, method=self.method)
 
     def gelu_out(self) -> QuantSpec:
         """GELU output (fc2 input): unsigned with a learned offset (method.md §2)."""
-        return QuantSpec(self.bits, signed=False, learned_offset=True)
+        return QuantSpec(self.bits, signed=False, learned_offset=True, method=self.method)
+
+
+class Adapter(abc.ABC):
+    """One model family: its allow-list, its quantized rewrite and its block-by-block execution."""
+
+    family: ClassVar[str]
+    patterns: ClassVar[tuple[str, ...]]  # model-name globs of the family, for messages
+
+    @abc.abstractmethod
+    def check(self, model: nn.Module) -> None:
+        """Refuse (ModelError naming module and feature) anything the quantized layout does not implement."""
+
+    @abc.abstractmethod
+    def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
+        """Rewrite `model` in place into the quantized layout (after `check`)."""
+
+    @abc.abstractmethod
+    def block_names(self, model: nn.Module) -> list[str]:
+        """Names of the segments `block_inputs`/`run_from` index, in execution order."""
+
+    @abc.abstractmethod
+    def block_inputs(self, model: nn.Module, images: Tensor) -> list[Tensor]:
+        """The input of every segment, then the input of the tail (norm + head), from one forward pass."""
+
+    @abc.abstractmethod
+    def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
+        """Logits from the input of segment `index` (`len(block_names)` = the tail)."""
+
+
+def register_adapter(*model_classes: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator: the adapter handles models whose class is exactly one of `model_classes` ("module.QualName")."""
+    def add(cls: type[Adapter]) -> type[Adapter]:
+        for name in model_classes:
+            ADAPTERS[name] = cls
+        return cls
+    return add
+
+
+def class_name(obj: object) -> str:
+    """`module.QualName` of an object's class, the key adapters register under."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter registered for `model`'s class; ModelError listing the supported families otherwise."""
+    adapter = ADAPTERS.get(class_name(model))
+    if adapter is None:
+        supported = ", ".join(dict.fromkeys(p for a in ADAPTERS.values() for p in a.patterns))
+        raise ModelError(f"model class {type(model).__name__} is not a supported family (supported timm architectures: {supported})")
+    return adapter()
+
+
+def quantize_model_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
+    """Check `model` against its family's allow-list, then rewrite it in place into the quantized layout."""
+    adapter = get_adapter(model)
+    adapter.check(model)
+    adapter.quantize_(model, policy)
+    check_fully_quantized(model)
+    return model
 
 
 def quantize_linear(parent: nn.Module, attr: str, wspec: QuantSpec, aspec: QuantSpec | None) -> None:
@@ -60,7 +133,20 @@ def check_fully_quantized(model: nn.Module) -> None:
         raise ModelError(f"these layers have no quantization rule in the adapter and would stay float: {', '.join(left[:8])}")
 
 
-def check_is_identity(module: nn.Module, where: str, feature: str) -> None:
-    """Refuse a model feature the quantized layout does not implement (e.g. qk_norm), naming the module."""
-    if module is not None and not isinstance(module, nn.Identity):
-        raise ModelError(f"{where}: {feature} ({type(module).__name__}) is not supported by the quantized layout")
+def require(condition: bool, where: str, feature: str) -> None:
+    """Refuse a model feature the quantized layout does not implement, naming the module and the feature."""
+    if not condition:
+        raise ModelError(f"{where}: {feature} is not supported by the quantized layout")
+
+
+def is_identity(module: nn.Module | None) -> bool:
+    """True for a missing module or nn.Identity (an optional feature that is switched off)."""
+    return module is None or isinstance(module, nn.Identity)
+
+
+def check_mlp(mlp: nn.Module, where: str) -> None:
+    """The MLP the rewrite assumes: timm Mlp, Linear fc1/fc2, no inner norm, a GELU (fc2's input is unsigned + offset)."""
+    require(class_name(mlp) == "timm.layers.mlp.Mlp", f"{where}.mlp", f"MLP type {type(mlp).__name__} (only timm Mlp)")
+    require(is_identity(getattr(mlp, "norm", None)), f"{where}.mlp.norm", f"a norm inside the MLP ({type(mlp.norm).__name__}, scale_mlp_norm)")
+    require(class_name(mlp.act) in GELU_CLASSES, f"{where}.mlp.act",
+            f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU)")

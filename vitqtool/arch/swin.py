@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import QuantPolicy, check_fully_quantized, quantize_conv, quantize_linear
-
-PATTERNS = ("swin_*",)
+from .base import Adapter, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_adapter, require
 
 
 class SwinQuantWindowAttention(nn.Module):
@@ -28,7 +25,7 @@ class SwinQuantWindowAttention(nn.Module):
         self.core = QuantAttention(
             stock.qkv.in_features, stock.num_heads, stock.qkv, stock.proj, stock.scale, policy.bits,
             split=policy.split_qkv, per_channel=policy.per_channel,
-            attn_drop=stock.attn_drop.p, proj_drop=stock.proj_drop.p,
+            attn_drop=stock.attn_drop.p, proj_drop=stock.proj_drop.p, method=policy.method,
         )
 
     def _rel_pos_bias(self) -> Tensor:
@@ -45,68 +42,61 @@ class SwinQuantWindowAttention(nn.Module):
         return self.core(x, attn_bias=bias)
 
 
-def matches(model: nn.Module) -> bool:
-    """True for timm SwinTransformer (V1)."""
-    from timm.models.swin_transformer import SwinTransformer
+@register_adapter("timm.models.swin_transformer.SwinTransformer")
+class SwinAdapter(Adapter):
+    """timm SwinTransformer V1: window attention with relative-position bias, GELU MLPs, patch merging."""
 
-    return isinstance(model, SwinTransformer)
+    family = "swin"
+    patterns = ("swin_*",)
 
+    def check(self, model: nn.Module) -> None:
+        require(type(model.patch_embed.proj) is nn.Conv2d, "patch_embed.proj", f"patch embedding {type(model.patch_embed.proj).__name__}")
+        for si, stage in enumerate(model.layers):
+            require(is_identity(stage.downsample) or class_name(stage.downsample) == "timm.models.swin_transformer.PatchMerging",
+                    f"layers.{si}.downsample", f"downsampling {type(stage.downsample).__name__}")
+            for bi, block in enumerate(stage.blocks):
+                where = f"layers.{si}.blocks.{bi}"
+                require(class_name(block) == "timm.models.swin_transformer.SwinTransformerBlock", where,
+                        f"block type {type(block).__name__} (only timm SwinTransformerBlock)")
+                require(class_name(block.attn) == "timm.models.swin_transformer.WindowAttention", f"{where}.attn",
+                        f"attention type {type(block.attn).__name__} (only timm WindowAttention)")
+                check_mlp(block.mlp, where)
 
-def quantize_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
-    """Rewrite a timm SwinTransformer in place into the quantized layout."""
-    from timm.layers import Mlp
-    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+    def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
+        quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
+        for stage in model.layers:
+            if not is_identity(stage.downsample):
+                quantize_linear(stage.downsample, "reduction", policy.weight(edge=True), None)
+            for block in stage.blocks:
+                block.attn = SwinQuantWindowAttention(block.attn, policy)
+                quantize_linear(block.mlp, "fc1", policy.weight(), policy.act())
+                quantize_linear(block.mlp, "fc2", policy.weight(), policy.gelu_out())
+        if isinstance(model.head.fc, nn.Linear):
+            quantize_linear(model.head, "fc", policy.weight(edge=True), policy.act(edge=True))
+        return model
 
-    quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
-    for si, stage in enumerate(model.layers):
-        if isinstance(stage.downsample, PatchMerging):
-            quantize_linear(stage.downsample, "reduction", policy.weight(edge=True), None)
-        elif not isinstance(stage.downsample, nn.Identity):
-            raise ModelError(f"layers.{si}.downsample: {type(stage.downsample).__name__} is not supported")
-        for bi, block in enumerate(stage.blocks):
-            where = f"layers.{si}.blocks.{bi}"
-            if type(block) is not SwinTransformerBlock:
-                raise ModelError(f"{where}: block type {type(block).__name__} is not supported (only timm SwinTransformerBlock)")
-            if type(block.attn) is not WindowAttention:
-                raise ModelError(f"{where}.attn: {type(block.attn).__name__} is not supported (only timm WindowAttention)")
-            block.attn = SwinQuantWindowAttention(block.attn, policy)
-            if type(block.mlp) is not Mlp:
-                raise ModelError(f"{where}.mlp: MLP type {type(block.mlp).__name__} is not supported (only timm Mlp)")
-            quantize_linear(block.mlp, "fc1", policy.weight(), policy.act())
-            quantize_linear(block.mlp, "fc2", policy.weight(), policy.gelu_out())
-    if isinstance(model.head.fc, nn.Linear):
-        quantize_linear(model.head, "fc", policy.weight(edge=True), policy.act(edge=True))
-    check_fully_quantized(model)
-    return model
+    @staticmethod
+    def _segments(model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Patch merging of each stage (when present) and its blocks, in execution order."""
+        out: list[tuple[str, nn.Module]] = []
+        for si, stage in enumerate(model.layers):
+            if not is_identity(stage.downsample):
+                out.append((f"layers.{si}.downsample", stage.downsample))
+            out += [(f"layers.{si}.blocks.{bi}", block) for bi, block in enumerate(stage.blocks)]
+        return out
 
+    def block_names(self, model: nn.Module) -> list[str]:
+        return [name for name, _ in self._segments(model)]
 
-def _segments(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Patch merging of each stage (when present) and its blocks, in execution order."""
-    out: list[tuple[str, nn.Module]] = []
-    for si, stage in enumerate(model.layers):
-        if not isinstance(stage.downsample, nn.Identity):
-            out.append((f"layers.{si}.downsample", stage.downsample))
-        out += [(f"layers.{si}.blocks.{bi}", block) for bi, block in enumerate(stage.blocks)]
-    return out
+    def block_inputs(self, model: nn.Module, images: Tensor) -> list[Tensor]:
+        x = model.patch_embed(images)
+        hidden = []
+        for _, segment in self._segments(model):
+            hidden.append(x)
+            x = segment(x)
+        return hidden + [x]
 
-
-def block_names(model: nn.Module) -> list[str]:
-    """Names of the segments (patch merging and residual blocks) that `block_inputs`/`run_from` index."""
-    return [name for name, _ in _segments(model)]
-
-
-def block_inputs(model: nn.Module, images: Tensor) -> list[Tensor]:
-    """The input of every segment, then the input of the tail (final norm + head), from one forward pass."""
-    x = model.patch_embed(images)
-    hidden = []
-    for _, segment in _segments(model):
-        hidden.append(x)
-        x = segment(x)
-    return hidden + [x]
-
-
-def run_from(model: nn.Module, index: int, hidden: Tensor) -> Tensor:
-    """Logits from the input of segment `index` (`len(block_names)` = the tail): segments index.., norm, head."""
-    for _, segment in _segments(model)[index:]:
-        hidden = segment(hidden)
-    return model.forward_head(model.norm(hidden))
+    def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
+        for _, segment in self._segments(model)[index:]:
+            hidden = segment(hidden)
+        return model.forward_head(model.norm(hidden))

@@ -1,11 +1,11 @@
 """Export: packed low-bit safetensors files with quantization metadata that reload on their own.
 
-`export` writes one file per quantized model (integer weight codes packed densely into int32 words,
+`export_model` writes one file per quantized model (integer weight codes packed densely into int32 words,
 steps, FP tensors and a compressed-tensors-shaped `quantization_config` plus a `vitqtool` section);
 `load`/`read_export` rebuild a runnable model from the file alone; `inspect` summarises it.
 """
 
 from .reader import ExportedModel, inspect, is_vitq_export, load, read_export
-from .writer import export, export_model
+from .writer import export_model
 
-__all__ = ["ExportedModel", "export", "export_model", "inspect", "is_vitq_export", "load", "read_export"]
+__all__ = ["ExportedModel", "export_model", "inspect", "is_vitq_export", "load", "read_export"]

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..quant import QUANT_LAYERS, LSQQuantizer
+from ..core.artifacts import ExportHeader
+from ..quant import QUANT_LAYERS, Quantizer
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = ExportHeader.VERSION
 QUANT_METHOD = "vitqtool"
 PACK_FORMAT = "pack-quantized"
 META_QCONFIG = "quantization_config"
@@ -25,7 +26,7 @@ FP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": tor
 
 @dataclass(frozen=True)
 class Entry:
-    """One model state tensor and where it lives in the file; `kind`: weight, step, offset, flag or fp."""
+    """One model state tensor and where it lives in the file; `kind`: weight, scale, offset, flag or fp."""
 
     state_key: str
     file_key: str
@@ -47,11 +48,10 @@ def state_map(model: nn.Module) -> list[Entry]:
     return [Entry(key, *owners.get(key, (key, "fp"))) for key in model.state_dict()]
 
 
-def _quantizer_keys(owners: dict, prefix: str, file_prefix: str, scale: str, offset: str | None, q: LSQQuantizer) -> None:
-    owners[f"{prefix}.step"] = (f"{file_prefix}.{scale}", "step")
-    owners[f"{prefix}.initialized"] = ("", "flag")
-    if q.offset is not None:
-        owners[f"{prefix}.offset"] = (f"{file_prefix}.{offset}", "offset")
+def _quantizer_keys(owners: dict, prefix: str, file_prefix: str, scale: str, offset: str | None, q: Quantizer) -> None:
+    names = {"scale": f"{file_prefix}.{scale}", "offset": f"{file_prefix}.{offset}", "flag": ""}
+    for key, role in q.state_roles().items():
+        owners[f"{prefix}.{key}"] = (names[role], role)
 
 
 def iter_standalone_quantizers(model: nn.Module, layers: set[str] | None = None):
@@ -59,7 +59,7 @@ def iter_standalone_quantizers(model: nn.Module, layers: set[str] | None = None)
     if layers is None:
         layers = {name for name, mod in model.named_modules() if isinstance(mod, QUANT_LAYERS)}
     for name, mod in model.named_modules():
-        if isinstance(mod, LSQQuantizer) and name.rpartition(".")[0] not in layers:
+        if isinstance(mod, Quantizer) and name.rpartition(".")[0] not in layers:
             yield name, mod
 
 

@@ -19,10 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.artifacts import ExportHeader
+from ..core.models import load_strict, resolve_model
+from ..core.prepare import prepare
 from ..errors import ExportFormatError, RecipeError, VitqError
+from ..quant import apply_bit_overrides
 from ..quant.packing import packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
-from .layout import FORMAT_VERSION, META_QCONFIG, META_VITQ, QUANT_METHOD, module_table, state_map
+from .layout import META_QCONFIG, META_VITQ, QUANT_METHOD, module_table, state_map
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +101,11 @@ def read_metadata(path: str | Path) -> tuple[dict[str, dict], dict[str, Any]]:
         vq, qc = json.loads(raw[META_VITQ]), json.loads(raw[META_QCONFIG])
     except json.JSONDecodeError as exc:
         raise ExportFormatError(f"'{path}' has corrupt vitqtool metadata ({exc}); re-export it") from None
-    version = str(vq.get("format_version", "")) if isinstance(vq, dict) else ""
-    major = version.partition(".")[0]
-    if not major.isdigit():
-        raise ExportFormatError(f"'{path}' has no valid vitqtool format_version ({version!r}); re-export it")
-    if int(major) > int(FORMAT_VERSION.partition(".")[0]):
-        raise ExportFormatError(f"'{path}' uses export format {version}, newer than this vitqtool reads ({FORMAT_VERSION}); upgrade vitqtool")
+    export_header = ExportHeader.from_dict(vq, f"'{path}': vitqtool metadata")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ExportFormatError(f"'{path}': quantization_config.quant_method is {qc.get('quant_method') if isinstance(qc, dict) else None!r}, "
                                 f"not {QUANT_METHOD!r}; this reader only loads vitqtool exports")
-    missing = [k for k in ("architecture", "model_args", "data_config", "recipe", "layers", "activations") if k not in vq]
-    if missing:
-        raise ExportFormatError(f"'{path}': vitqtool metadata lacks {', '.join(missing)}; re-export it")
+    vq = export_header.to_dict()
     metadata = {META_QCONFIG: qc, META_VITQ: vq}
     check_header(path, header, vq)
     return header, metadata
@@ -158,9 +155,6 @@ def read_export(path: str | Path) -> ExportedModel:
     """
     from safetensors.torch import load_file
 
-    from ..api import prepare
-    from ..models import load_strict, resolve_model
-
     path = Path(path)
     _, metadata = read_metadata(path)
     vq = metadata[META_VITQ]
@@ -192,8 +186,6 @@ def load(path: str | Path) -> nn.Module:
 
 def _apply_table_bits(path: Path, model: nn.Module, vq: dict[str, Any]) -> None:
     """Set each module's bits to the table's (they can differ from the recipe's by prepare-time overrides); check the rest."""
-    from ..quant import apply_bit_overrides
-
     built_layers, built_acts = module_table(model)
     overrides: dict[str, dict[str, int]] = {}
     for name, row in vq["layers"].items():

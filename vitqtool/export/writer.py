@@ -9,12 +9,8 @@ float latent weight of QAT is not stored. Steps are always float32; the other fl
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
-import os
-import platform
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,12 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import DataError, ExportFormatError
-from ..quant import QUANT_LAYERS, MIN_STEP, LSQQuantizer
+from ..core.artifacts import ExportHeader
+from ..errors import ExportFormatError
+from ..fileio import atomic_write, json_default, library_versions, save_safetensors
+from ..quant import QUANT_LAYERS, Quantizer
 from ..quant.packing import pack_codes
 from ..recipe import Recipe
-from .layout import (FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table,
-                     state_map)
+from .reader import inspect, read_export
+from .layout import FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table, state_map
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +59,32 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
         >>> export_model(qmodel, "m.safetensors", architecture="deit_tiny_patch16_224", model_args={},
         ...              data_config=cfg, recipe=load_recipe("vaq"), dtype="float16")
     """
-    from .reader import inspect, read_export
-
     if dtype not in FP_DTYPES:
         raise ExportFormatError(f"unsupported export dtype {dtype!r}; use one of {', '.join(FP_DTYPES)}")
     out = Path(out)
     tensors = export_tensors(model, FP_DTYPES[dtype])
     metadata = _metadata(model, architecture=architecture, model_args=model_args, data_config=data_config,
                          recipe=recipe, source=source, metrics=metrics, dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    os.close(fd)
-    try:
-        _save(tensors, metadata, Path(tmp))
-        checked = None
+    checked: dict[str, Any] | None = None
+
+    def write(tmp: Path) -> None:
+        nonlocal checked
+        save_safetensors(tmp, tensors, metadata)
         if verify:
             inputs = verify_inputs if verify_inputs is not None else random_inputs(data_config)
             checked = verify_export(model, read_export(tmp).model, inputs, dtype)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     log.info("wrote %s (%d tensors)", out, len(tensors))
     return {**inspect(out), "verify": checked}
 
 
 def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The file's tensors for a quantized model (see `layout.state_map`); refuses uncalibrated quantizers."""
-    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, LSQQuantizer)]
+    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
     if not any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
         raise ExportFormatError("the model has no quantized layers; prepare and calibrate it first (vitqtool.prepare, vitqtool.calibrate)")
-    uninit = [name for name, q in quantizers if not bool(q.initialized)]
+    uninit = [name for name, q in quantizers if not q.is_initialized]
     if uninit:
         raise ExportFormatError(f"quantizers were never calibrated ({', '.join(uninit[:3])}, {len(uninit)} in all); "
                                 "run vitqtool.calibrate(model, batches) before exporting")
@@ -105,8 +98,9 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
                 codes = layer.w_quant.codes(layer.weight.detach()).cpu()
                 tensors[entry.file_key] = pack_codes(codes.reshape(codes.shape[0], -1), layer.w_quant.spec.bits, signed=layer.w_quant.spec.signed)
                 tensors[entry.file_key.replace(".weight_packed", ".weight_shape")] = torch.tensor(list(value.shape), dtype=torch.int32)
-            elif entry.kind == "step":  # the effective step: forward clamps it, consumers should not have to
-                tensors[entry.file_key] = value.float().clamp(min=MIN_STEP).contiguous()
+            elif entry.kind == "scale":  # the effective scale (e.g. LSQ's clamped step): consumers need not know the rule
+                quantizer = model.get_submodule(entry.state_key.rpartition(".")[0])
+                tensors[entry.file_key] = quantizer.scale_for(value.new_zeros(1)).detach().float().reshape(-1).cpu().contiguous()
             elif entry.kind == "offset":
                 tensors[entry.file_key] = value.float().contiguous()
             elif entry.kind == "fp":
@@ -117,14 +111,14 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
 def _metadata(model: nn.Module, *, architecture: str, model_args: dict, data_config: dict, recipe: Recipe,
               source: str, metrics: dict | None, dtype: str) -> dict[str, str]:
     layers, acts = module_table(model)
-    vitq = {
-        "format_version": FORMAT_VERSION,
-        "architecture": architecture, "model_args": model_args, "data_config": data_config, "source": source,
-        "fp_dtype": dtype, "split_qkv": recipe.quant.split_qkv, "weights": "codes * weight_scale (float latent weights not stored)",
-        "layers": layers, "activations": acts, "recipe": recipe.to_dict(), "metrics": metrics, "versions": _versions(),
-    }
+    header = ExportHeader(
+        architecture=architecture, model_args=model_args, data_config=data_config, source=source, fp_dtype=dtype,
+        split_qkv=recipe.quant.split_qkv, weights="codes * weight_scale (float latent weights not stored)",
+        layers=layers, activations=acts, recipe=recipe.to_dict(), metrics=metrics,
+        versions=library_versions("safetensors"))
     try:
-        return {"format": "pt", META_QCONFIG: json.dumps(quantization_config(model, layers)), META_VITQ: json.dumps(vitq, default=_json_default)}
+        return {"format": "pt", META_QCONFIG: json.dumps(quantization_config(model, layers)),
+                META_VITQ: json.dumps(header.to_dict(), default=json_default)}
     except TypeError as exc:
         raise ExportFormatError(f"model_args/data_config/metrics must be JSON-serialisable ({exc})") from None
 
@@ -148,30 +142,6 @@ def quantization_config(model: nn.Module, layers: dict[str, dict]) -> dict[str, 
     ignore = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     return {"quant_method": QUANT_METHOD, "format": PACK_FORMAT, "quantization_status": "compressed",
             "version": FORMAT_VERSION, "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None}
-
-
-def _save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-    import timm
-
-    from .. import __version__
-
-    return {"vitqtool": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def random_inputs(data_config: dict, batches: int = VERIFY_BATCHES, batch_size: int = VERIFY_BATCH_SIZE, seed: int = 0) -> list[Tensor]:
@@ -214,51 +184,3 @@ def verify_export(model: nn.Module, reloaded: nn.Module, inputs: Iterable[Tensor
                                 "the file was not written (rerun with VITQ_DEBUG=1 and report it)")
     log.info("verify: max |logit diff| %.3g over %d inputs (%.3g vs the unrounded model)", diff, n, diff_unrounded)
     return {"max_abs_diff": diff, "max_abs_diff_unrounded": diff_unrounded, "atol": atol, "inputs": n, "dtype": dtype}
-
-
-def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32", verify: bool = False,
-           which: str = "best") -> dict[str, Any]:
-    """Export a `quantize` run folder (checkpoint `which`: best or last), or re-export a vitqtool export, to `out`.
-
-    `verify` reloads the file and checks its logits against the run's model on a few batches of the
-    run's validation data (random inputs of the model's input size when no data is available).
-    Returns the `inspect` summary of the written file plus `verify` results.
-    Raises RunError / ExportFormatError naming the problem when the input is neither.
-    Example:
-        >>> export("runs/deit_w2", "deit_w2.safetensors", dtype="float16", verify=True)
-    """
-    from .reader import is_vitq_export, read_export
-
-    path = Path(run_or_checkpoint)
-    if path.is_dir():
-        from ..train.checkpoint import load_run_model
-
-        run = load_run_model(path, which)
-        meta = run.meta
-        top1 = meta.get("best_top1" if which == "best" else "last_top1")
-        metrics = {"top1": top1, "data": meta.get("data"), "split": "validation", "checkpoint": which} if top1 is not None else None
-        inputs = _run_inputs(meta.get("data"), run.data_config) if verify else None
-        return export_model(run.model, out, architecture=meta["architecture"], model_args=meta.get("model_args") or {},
-                            data_config=run.data_config, recipe=run.recipe, source=meta.get("source_model", str(path)),
-                            metrics=metrics, dtype=dtype, verify=verify, verify_inputs=inputs)
-    if path.is_file() and is_vitq_export(path):
-        exported = read_export(path)
-        vq = exported.metadata[META_VITQ]
-        return export_model(exported.model, out, architecture=vq["architecture"], model_args=vq["model_args"],
-                            data_config=exported.data_config, recipe=exported.recipe, source=vq["source"],
-                            metrics=vq["metrics"], dtype=dtype, verify=verify)
-    raise ExportFormatError(f"'{path}' is neither a `vitqtool quantize` run folder nor a vitqtool export; "
-                            "pass the --out folder of a quantize run")
-
-
-def _run_inputs(data: str | None, data_config: dict) -> list[Tensor]:
-    """A few validation batches of the run's data; random inputs when the data is unknown or unavailable."""
-    if data:
-        from ..data import load_dataset, make_eval_loader
-
-        try:
-            loader = make_eval_loader(load_dataset(data, "validation"), data_config, VERIFY_BATCH_SIZE)
-            return [images for images, _ in itertools.islice(loader, VERIFY_BATCHES)]
-        except DataError as exc:
-            log.warning("verify: the run's data is not available (%s); using random inputs", exc)
-    return random_inputs(data_config)

@@ -14,14 +14,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .lsq import LSQQuantizer
+from .base import Quantizer
 from .modules import QUANT_LAYERS
 
 
-def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:
-    """Yield `(name, quantizer)` for every LSQ quantizer in `model`."""
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """Yield `(name, quantizer)` for every quantizer in `model`."""
     for name, mod in model.named_modules():
-        if isinstance(mod, LSQQuantizer):
+        if isinstance(mod, Quantizer):
             yield name, mod
 
 
@@ -39,7 +39,7 @@ def quantizers_disabled(model: nn.Module) -> Iterator[nn.Module]:
             q.enabled = was
 
 
-def set_quantizers_enabled(model: nn.Module, enabled: bool, predicate: Callable[[str, LSQQuantizer], bool] | None = None) -> int:
+def set_quantizers_enabled(model: nn.Module, enabled: bool, predicate: Callable[[str, Quantizer], bool] | None = None) -> int:
     """Switch quantizers on or off (those `predicate(name, q)` selects, default all); returns how many."""
     count = 0
     for name, q in iter_quantizers(model):
@@ -60,7 +60,7 @@ def set_quantizers_fused(model: nn.Module, fused: bool) -> int:
 
 @torch.no_grad()
 def init_weight_steps(model: nn.Module) -> int:
-    """MSE-initialise the weight step of every quantized Linear/Conv; returns how many."""
+    """Initialise the weight scale of every quantized Linear/Conv from its weight; returns how many."""
     count = 0
     for mod in model.modules():
         if isinstance(mod, QUANT_LAYERS):
@@ -71,9 +71,9 @@ def init_weight_steps(model: nn.Module) -> int:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn.Module, Tensor], object] | None = None) -> dict[str, float]:
-    """Initialise every step: weights by MSE, activations from FP forwards over `batches`.
+    """Initialise every step: weights from the weights, activations from FP forwards over `batches`.
 
-    Returns the mean |x| seen by each activation quantizer (after averaging across processes).
+    Returns the statistic (LSQ: mean |x|) seen by each activation quantizer (after averaging across processes).
     Raises ValueError when `batches` is empty.
     """
     init_weight_steps(model)
@@ -81,8 +81,8 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn
     sums: dict[str, Tensor] = {}
     hooks = []
     for name, q in act.items():
-        def hook(mod: LSQQuantizer, args: tuple, name: str = name) -> None:
-            sums[name] = sums.get(name, 0.0) + mod.mean_abs(args[0]).double()  # float64: the sum is exact, so batch splits and processes agree
+        def hook(mod: Quantizer, args: tuple, name: str = name) -> None:
+            sums[name] = sums.get(name, 0.0) + mod.activation_statistic(args[0]).double()  # float64: the sum is exact, so batch splits and processes agree
         hooks.append(q.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
@@ -107,7 +107,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn
         stats = (stats / dist.get_world_size()).cpu()
     result = {}
     for name, value in zip(names, stats.tolist()):
-        act[name].init_from_mean_abs(value)
+        act[name].init_from_statistic(value)
         result[name] = value
     missing = [name for name in act if name not in sums]
     if missing:

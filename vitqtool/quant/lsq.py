@@ -9,39 +9,14 @@ quantization stays cheap next to the matmuls it feeds; with `fused=True` each di
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-MIN_STEP = 1e-4  # method.md §2: steps are clamped to >= 1e-4
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized: bit width, sign, granularity and whether an offset is learned."""
-
-    bits: int
-    signed: bool = True
-    per_channel: bool = False
-    learned_offset: bool = False
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
-
-    @property
-    def qn(self) -> int:
-        """Lowest integer level."""
-        return -(2 ** (self.bits - 1)) if self.signed else 0
-
-    @property
-    def qp(self) -> int:
-        """Highest integer level."""
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
-
+from .base import MIN_STEP, Quantizer, QuantSpec, register_quantizer
 
 class _LSQFakeQuant(torch.autograd.Function):
     """Fake quantization with LSQ/LSQ+ gradients; `step` and `offset` broadcast against `x`.
@@ -149,13 +124,14 @@ def check_fused_kernels(device: torch.device | str) -> None:
     _FusedLSQFakeQuant.apply(x, step, None, -2, 1, 1.0).sum().backward()
 
 
-class LSQQuantizer(nn.Module):
-    """A learned-step fake quantizer for weights (`kind="weight"`) or activations (`kind="act"`).
+@register_quantizer("lsq")
+class LSQQuantizer(Quantizer):
+    """A learned-step (LSQ) fake quantizer for weights (`kind="weight"`) or activations (`kind="act"`).
 
     The step is a Parameter from construction (shape `[channels]` when per-channel, else `[1]`), so
-    optimizers and checkpoints never depend on a first forward pass. `enabled=False` makes it the
-    identity (FP arithmetic in the same module tree); `initialized` records calibration; `fused=True`
-    runs the compiled single-kernel path (same values and gradients up to float summation order).
+    optimizers and checkpoints never depend on a first forward pass; `initialized` records
+    calibration; `fused=True` runs the compiled single-kernel path (same values and gradients up to
+    float summation order).
     """
 
     def __init__(self, spec: QuantSpec, kind: str, channels: int = 1) -> None:
@@ -173,16 +149,38 @@ class LSQQuantizer(nn.Module):
         self.fused = False
 
     def extra_repr(self) -> str:
-        gran = "per-channel" if self.spec.per_channel else "per-tensor"
         sign = "signed" if self.spec.signed else "unsigned"
         extra = ", offset" if self.spec.learned_offset else ""
-        return f"{self.kind}, {self.spec.bits}-bit {sign}, {gran}{extra}, enabled={self.enabled}" + (", fused" if self.fused else "")
+        return (f"{self.kind}, {self.spec.bits}-bit {sign}, per-{self.spec.granularity}{extra}, enabled={self.enabled}"
+                + (", fused" if self.fused else ""))
 
-    def _step_view(self, x: Tensor) -> Tensor:
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    def mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+
+    def scale_for(self, x: Tensor) -> Tensor:
         step = self.step.clamp(min=MIN_STEP)
         if self.spec.per_channel:  # channel dim 0 (out_features / out_channels)
             step = step.view(-1, *([1] * (x.dim() - 1)))
         return step
+
+    def offset_for(self, x: Tensor) -> Tensor | None:
+        return self.offset.to(x.dtype) if self.offset is not None else None
+
+    def state_roles(self) -> dict[str, str]:
+        roles = {"step": "scale", "initialized": "flag"}
+        if self.offset is not None:
+            roles["offset"] = "offset"
+        return roles
+
+    def with_bits(self, bits: int) -> "LSQQuantizer":
+        new = LSQQuantizer(dataclasses.replace(self.spec, bits=bits), self.kind, channels=self.step.numel())
+        new.to(self.step.device)
+        new.enabled, new.fused = self.enabled, self.fused
+        return new
 
     def grad_scale(self, x: Tensor) -> Tensor | float:
         """The step's gradient scale: `1/sqrt(Qp*||W||_1)` for weights, `1/(Qp*sqrt(N_x))` for activations."""
@@ -199,19 +197,18 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        step = self._step_view(x)
+        step = self.scale_for(x)
         scale = self.grad_scale(x)
         if isinstance(scale, Tensor):
             scale = scale.view_as(step)
-        offset = self.offset.to(x.dtype) if self.offset is not None else None
         fake_quant = _FusedLSQFakeQuant if self.fused else _LSQFakeQuant
-        return fake_quant.apply(x, step.to(x.dtype), offset, self.spec.qn, self.spec.qp, scale)
+        return fake_quant.apply(x, step.to(x.dtype), self.offset_for(x), self.spec.qn, self.spec.qp, scale)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
         """The integer codes `round(clamp((x - beta) / s))` as int32, whatever `enabled` says."""
         shifted = x - self.offset if self.offset is not None else x
-        return (shifted / self._step_view(x)).clamp(self.spec.qn, self.spec.qp).round().to(torch.int32)
+        return (shifted / self.scale_for(x)).clamp(self.spec.qn, self.spec.qp).round().to(torch.int32)
 
     @torch.no_grad()
     def init_from_weight(self, weight: Tensor, tol: float = 1e-5, max_iter: int = 100) -> None:
@@ -227,17 +224,17 @@ class LSQQuantizer(nn.Module):
             if converged:
                 break
         self.step.copy_(s.to(self.step.dtype))
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     @torch.no_grad()
-    def mean_abs(self, x: Tensor) -> Tensor:
+    def activation_statistic(self, x: Tensor) -> Tensor:
         """`mean|x - beta|`, the statistic activation init needs (averaged over calibration batches)."""
         shifted = x.detach().float() - (self.offset.detach().float() if self.offset is not None else 0.0)
         return shifted.abs().mean()
 
     @torch.no_grad()
-    def init_from_mean_abs(self, mean_abs: float | Tensor) -> None:
+    def init_from_statistic(self, value: float | Tensor) -> None:
         """Activation init (method.md §2): `s = 2 * mean|x| / sqrt(Qp)`."""
-        s = 2 * float(mean_abs) / math.sqrt(self.spec.qp)
+        s = 2 * float(value) / math.sqrt(self.spec.qp)
         self.step.fill_(max(s, MIN_STEP))
-        self.initialized.fill_(True)
+        self.mark_initialized()

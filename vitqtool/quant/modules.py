@@ -1,4 +1,4 @@
-"""Quantized Linear, Conv2d and attention building blocks made from LSQ quantizers.
+"""Quantized Linear, Conv2d and attention building blocks made from quantizers (`base.make_quantizer`).
 
 `QLinear`/`QConv2d` subclass the float modules and reuse their Parameters, so a swap keeps the
 state_dict keys `weight`/`bias` and adds `w_quant.*` and (optionally) `a_quant.*`. With every
@@ -7,34 +7,36 @@ quantizer disabled they compute exactly what the float module computes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lsq import LSQQuantizer, QuantSpec
+from .base import Quantizer, QuantSpec, make_quantizer
 
 
-def _weight_quantizer(spec: QuantSpec, out_channels: int) -> LSQQuantizer:
-    return LSQQuantizer(spec, "weight", channels=out_channels)
+def _attach_quantizers(layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None, out_channels: int,
+                       device: torch.device | str | None) -> None:
+    """Give `layer` its weight quantizer `w_quant` and (unless `act_spec` is None) input quantizer `a_quant`."""
+    layer.w_quant = make_quantizer(weight_spec, "weight", out_channels).to(device)
+    layer.a_quant = make_quantizer(act_spec, "act").to(device) if act_spec is not None else None
 
 
 class QLinear(nn.Linear):
     """`nn.Linear` whose weight (and, unless `act_spec` is None, input) is fake-quantized."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.w_quant = _weight_quantizer(weight_spec, out_features)
-        self.a_quant = LSQQuantizer(act_spec, "act") if act_spec is not None else None
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: QuantSpec, act_spec: QuantSpec | None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        _attach_quantizers(self, weight_spec, act_spec, out_features, device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QLinear":
-        """Wrap an existing Linear, sharing its weight and bias tensors."""
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.in_features, q.out_features = linear.in_features, linear.out_features
+        """Wrap an existing Linear, sharing its weight and bias Parameters."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec,
+                device=linear.weight.device, dtype=linear.weight.dtype)
         q.weight, q.bias = linear.weight, linear.bias
-        q.w_quant = _weight_quantizer(weight_spec, linear.out_features).to(linear.weight.device)
-        q.a_quant = LSQQuantizer(act_spec, "act").to(linear.weight.device) if act_spec is not None else None
         return q
 
     def forward(self, x: Tensor) -> Tensor:
@@ -44,19 +46,21 @@ class QLinear(nn.Linear):
 
 
 class QConv2d(nn.Conv2d):
-    """`nn.Conv2d` whose weight and input are fake-quantized (the patch embedding)."""
+    """`nn.Conv2d` whose weight and (unless `act_spec` is None) input are fake-quantized."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, weight_spec: QuantSpec,
+                 act_spec: QuantSpec | None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 **conv_args: Any) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, device=device, dtype=dtype, **conv_args)
+        _attach_quantizers(self, weight_spec, act_spec, out_channels, device)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QConv2d":
-        """Wrap an existing Conv2d, sharing its weight and bias tensors."""
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
-            setattr(q, name, getattr(conv, name))
+        """Wrap an existing Conv2d, sharing its weight and bias Parameters."""
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, weight_spec, act_spec, device=conv.weight.device,
+                dtype=conv.weight.dtype, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None, padding_mode=conv.padding_mode)
         q.weight, q.bias = conv.weight, conv.bias
-        q.w_quant = _weight_quantizer(weight_spec, conv.out_channels).to(conv.weight.device)
-        q.a_quant = LSQQuantizer(act_spec, "act").to(conv.weight.device) if act_spec is not None else None
         return q
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,7 +84,8 @@ class QuantAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qkv: nn.Linear, proj: nn.Linear, scale: float, bits: int,
-                 split: bool = True, per_channel: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+                 split: bool = True, per_channel: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 method: str = "lsq") -> None:
         super().__init__()
         if qkv.out_features % 3:
             raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
@@ -88,18 +93,18 @@ class QuantAttention(nn.Module):
         self.head_dim = qkv.out_features // 3 // num_heads
         self.scale = scale
         self.split = split
-        wspec = QuantSpec(bits, signed=True, per_channel=per_channel)
-        aspec = QuantSpec(bits, signed=True)
-        self.input_quant = LSQQuantizer(aspec, "act")
+        wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
+        aspec = QuantSpec(bits, signed=True, method=method)
+        self.input_quant = make_quantizer(aspec, "act")
         if split:
             for i, name in enumerate(("q", "k", "v")):
                 part = _slice_linear(qkv, i)
                 setattr(self, name, QLinear.from_float(part, wspec, None))
-                setattr(self, f"{name}_quant", LSQQuantizer(aspec, "act"))
+                setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
         else:
             self.qkv = QLinear.from_float(qkv, wspec, None)
-            self.qkv_quant = LSQQuantizer(aspec, "act")
-        self.softmax_quant = LSQQuantizer(QuantSpec(bits, signed=False), "act")
+            self.qkv_quant = make_quantizer(aspec, "act")
+        self.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
         self.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .lsq import MIN_STEP
 from .modules import QUANT_LAYERS, QConv2d, QLinear
 
 
@@ -25,19 +24,11 @@ def quant_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> lis
             if isinstance(mod, QUANT_LAYERS) and (patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns))]
 
 
-def weight_step(layer: QLinear | QConv2d) -> Tensor:
-    """The layer's clamped weight step, shaped to broadcast against its weight (`[out, 1, ...]` when per-channel)."""
-    step = layer.w_quant.step.clamp(min=MIN_STEP)
-    if layer.w_quant.spec.per_channel:
-        step = step.view(-1, *([1] * (layer.weight.dim() - 1)))
-    return step
-
-
 def _layer_obr(layer: QLinear | QConv2d) -> Tensor:
     spec = layer.w_quant.spec
     dtype = torch.promote_types(layer.weight.dtype, torch.float32)  # half precisions are summed in float32
     w = layer.weight.to(dtype)
-    s = weight_step(layer).to(dtype)
+    s = layer.w_quant.scale_for(layer.weight).to(dtype)
     clipped = (w / s).clamp(spec.qn, spec.qp)
     w_c = clipped * s
     codes = clipped.detach().round()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .modules import QConv2d, QLinear
-from .obr import quant_layers, weight_step
+from .obr import quant_layers
 
 _FIELDS = ("codes", "direction", "frequency", "frozen", "frozen_codes", "flips")
 
@@ -85,7 +85,7 @@ class OscillationTracker:
             st = self._on_device(name, layer.weight.device)
             if not bool(st["frozen"].any()):
                 continue
-            value = st["frozen_codes"].to(layer.weight.dtype) * weight_step(layer).to(layer.weight.dtype)
+            value = st["frozen_codes"].to(layer.weight.dtype) * layer.w_quant.scale_for(layer.weight).to(layer.weight.dtype)
             layer.weight.copy_(torch.where(st["frozen"], value, layer.weight))
 
     def summary(self) -> dict[str, dict]:

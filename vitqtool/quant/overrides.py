@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 from fnmatch import fnmatchcase
 
 from torch import nn
 
-from .lsq import LSQQuantizer
+from .base import Quantizer
 from .modules import QUANT_LAYERS
 
 
 def _replace_bits(parent: nn.Module, attr: str, bits: int) -> None:
-    old: LSQQuantizer = getattr(parent, attr)
-    if old.spec.bits == bits:
-        return
-    new = LSQQuantizer(dataclasses.replace(old.spec, bits=bits), old.kind, channels=old.step.numel())
-    new.to(old.step.device)
-    new.enabled, new.fused = old.enabled, old.fused
-    setattr(parent, attr, new)
+    old: Quantizer = getattr(parent, attr)
+    if old.spec.bits != bits:
+        setattr(parent, attr, old.with_bits(bits))
 
 
 def apply_bit_overrides(model: nn.Module, overrides: dict[str, dict[str, int]]) -> dict[str, list[str]]:
@@ -41,7 +36,7 @@ def apply_bit_overrides(model: nn.Module, overrides: dict[str, dict[str, int]]) 
                 if "act_bits" in bits and mod.a_quant is not None:
                     _replace_bits(mod, "a_quant", bits["act_bits"])
                 hits.append(name)
-            elif isinstance(mod, LSQQuantizer) and mod.kind == "act" and "act_bits" in bits:
+            elif isinstance(mod, Quantizer) and mod.kind == "act" and "act_bits" in bits:
                 parent_name, _, attr = name.rpartition(".")
                 _replace_bits(named[parent_name] if parent_name else model, attr, bits["act_bits"])
                 hits.append(name)

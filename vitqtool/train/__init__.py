@@ -1,9 +1,9 @@
-"""QAT on accelerate (`quantize`), multi-crop soft labels (`softlabels`), run folders (`load_run_model`), FP training (`train_fp`)."""
+"""Training on modules: the QAT run (`run_quantization`), multi-crop soft labels, checkpoints, FP training."""
 
-from .checkpoint import RunModel, load_run_model
-from .fp import train_fp
+from .fp import FPResult, train_fp
 from .loop import RunInterrupted
-from .run import quantize
-from .softlabels import softlabels
+from .run import RunSession, open_run, resolve_kd_mode, run_quantization, seed_everything
+from .softlabels import MultiCropDataset, SoftLabelStore, generate_soft_labels
 
-__all__ = ["RunInterrupted", "RunModel", "load_run_model", "quantize", "softlabels", "train_fp"]
+__all__ = ["FPResult", "MultiCropDataset", "RunInterrupted", "RunSession", "SoftLabelStore", "generate_soft_labels",
+           "open_run", "resolve_kd_mode", "run_quantization", "seed_everything", "train_fp"]

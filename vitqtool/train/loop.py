@@ -29,10 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.artifacts import CheckpointState
+from ..core.prepare import evaluate_model
+from ..data import make_eval_loader
 from ..errors import RunError
+from ..fileio import state_dict_for_safetensors
 from ..progress import progress_bar
+from ..quant import iter_quantizers, obr_lambda, obr_loss
 from ..recipe import Recipe
-from .checkpoint import capture_rng, model_state, save_checkpoint
+from .checkpoint import capture_rng, restore_rng, save_checkpoint
+from .losses import kd_loss, soft_cross_entropy
 from .sampling import ShardedBatchSampler
 from .schedule import lr_at
 
@@ -58,7 +64,7 @@ class TrainState:
 
 @dataclass
 class Trainer:
-    """Everything the loop needs, built by `run.quantize`."""
+    """Everything the loop needs, built by `run.run_quantization`."""
 
     accelerator: Any
     model: nn.Module               # as returned by accelerator.prepare (DDP-wrapped under N processes)
@@ -92,8 +98,6 @@ class Trainer:
 
 def task_loss(tr: Trainer, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """(total task loss, the distillation part) for one micro-batch."""
-    from .losses import kd_loss, soft_cross_entropy
-
     kd = tr.recipe.kd
     x, y = batch
     if tr.kd_mode == "stored":  # x: [B, C, 3, H, W] crops, y: [B, C, classes] recovered soft labels
@@ -122,9 +126,6 @@ def _epoch_batches(tr: Trainer, epoch: int, start: int) -> Iterator:
 
 def validate(tr: Trainer) -> float:
     """Validation top-1 (percent), each process evaluating its shard, counts summed across processes."""
-    from ..api import evaluate_model
-    from ..data import make_eval_loader
-
     acc = tr.accelerator
     shard = torch.utils.data.Subset(tr.val_set, range(acc.process_index, len(tr.val_set), acc.num_processes))
     res = evaluate_model(tr.raw, make_eval_loader(shard, tr.data_config, tr.micro_batch), tr.num_classes)
@@ -141,16 +142,16 @@ def save(tr: Trainer, state: TrainState, best: bool = False) -> None:
     rng = gather_object([capture_rng()]) if acc.num_processes > 1 else [capture_rng()]
     error = [None]
     if acc.is_main_process:
-        payload = {
-            "train": dataclasses.asdict(state),
-            "optimizer": tr.optimizer.state_dict(),
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
-            "rng": rng,
-            "oscillation": tr.tracker.state_dict() if tr.tracker is not None else {},
-        }
+        payload = CheckpointState(
+            train=dataclasses.asdict(state),
+            optimizer=tr.optimizer.state_dict(),
+            scaler=acc.scaler.state_dict() if acc.scaler is not None else {},
+            rng=rng,
+            oscillation=tr.tracker.state_dict() if tr.tracker is not None else {},
+        )
         name = f"step-{state.step:08d}-e{state.epoch}-b{state.batch}"
         try:
-            save_checkpoint(tr.run_dir, name, model_state(tr.raw), payload, best)
+            save_checkpoint(tr.run_dir, name, state_dict_for_safetensors(tr.raw), payload, best)
         except RunError as exc:
             error = [str(exc)]
     if acc.num_processes > 1:
@@ -159,20 +160,18 @@ def save(tr: Trainer, state: TrainState, best: bool = False) -> None:
         raise RunError(error[0])
 
 
-def restore(tr: Trainer, payload: dict) -> TrainState:
-    """Load optimizer, scaler, RNG and oscillation state from a checkpoint payload; returns the loop position."""
-    from .checkpoint import restore_rng
-
+def restore(tr: Trainer, payload: CheckpointState) -> TrainState:
+    """Load optimizer, scaler, RNG and oscillation state from a checkpoint; returns the loop position."""
     acc = tr.accelerator
-    tr.optimizer.load_state_dict(payload["optimizer"])
-    if acc.scaler is not None and payload["scaler"]:
-        acc.scaler.load_state_dict(payload["scaler"])
-    if len(payload["rng"]) != acc.num_processes:
-        raise RunError(f"the checkpoint was written by {len(payload['rng'])} processes, this run has {acc.num_processes}; resume with the same number")
-    restore_rng(payload["rng"][acc.process_index])
-    if tr.tracker is not None and payload["oscillation"]:
-        tr.tracker.load_state_dict(payload["oscillation"])
-    return TrainState(**payload["train"])
+    tr.optimizer.load_state_dict(payload.optimizer)
+    if acc.scaler is not None and payload.scaler:
+        acc.scaler.load_state_dict(payload.scaler)
+    if len(payload.rng) != acc.num_processes:
+        raise RunError(f"the checkpoint was written by {len(payload.rng)} processes, this run has {acc.num_processes}; resume with the same number")
+    restore_rng(payload.rng[acc.process_index])
+    if tr.tracker is not None and payload.oscillation:
+        tr.tracker.load_state_dict(payload.oscillation)
+    return TrainState(**payload.train)
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -202,15 +201,13 @@ def _sigint_flag() -> Iterator[list[bool]]:
 
 def train(tr: Trainer, state: TrainState) -> TrainState:
     """Run (or continue from `state`) the training loop to the recipe's last epoch; returns the final state."""
-    from ..quant import iter_quantizers, obr_lambda, obr_loss
-
     acc, rt = tr.accelerator, tr.recipe.train
     accum, total = rt.grad_accum, tr.total_steps
     warmup = round(rt.warmup_epochs * tr.steps_per_epoch)
     log_every = max(1, tr.recipe.oscillation.log_every)
     show = tr.show_progress and acc.is_main_process
     act_factor = (acc.num_processes * accum) ** -0.5
-    act_params = [p for _, q in iter_quantizers(tr.raw) if q.kind == "act" for p in (q.step, q.offset) if p is not None]
+    act_params = [p for _, q in iter_quantizers(tr.raw) if q.kind == "act" for p in q.parameters()]
     columns = ("loss {task.fields[loss]:.4f}", "lr {task.fields[lr]:.2e}", "{task.fields[ips]:.0f} img/s")
     with _sigint_flag() as interrupted, progress_bar(show, *columns) as bar:
         task = bar.add_task("quantize", total=total, completed=state.step, loss=float("nan"), lr=0.0, ips=0.0) if bar else None

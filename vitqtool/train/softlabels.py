@@ -27,18 +27,17 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..core.artifacts import SoftLabelManifest
 from ..data import ImageDataset, train_transform
 from ..errors import DataError, RunError
+from ..fileio import save_safetensors, write_json
 from ..progress import progress_bar
 from .sampling import mix_seed
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vitqtool-softlabels"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BOX_SCALE = 65535  # uint16 fixed point for box fractions
 SHARD_BYTES = 256 * 2**20  # target size of one shard
@@ -126,7 +125,7 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
         raise DataError(f"{num_classes} classes do not fit the int16 class indices of the soft-label format")
     if n == 0:
         raise DataError(f"dataset '{base.spec}' [{base.split}] is empty; nothing to label")
-    _check_out(out, overwrite)
+    check_store_out(out, overwrite)
 
     transform = train_transform(data_config, scale, ratio, hflip)
     bpc = bytes_per_crop(topk)
@@ -153,24 +152,20 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
                 tensors = _label_shard(teacher, jobs, first, count, topk, batch_size, num_classes, num_workers, device,
                                        on_image)
                 name = f"shard-{shard_no:05d}.safetensors"
-                save_file(tensors, str(tmp / name))
+                save_safetensors(tmp / name, tensors)
                 shards.append({"file": name, "first": first, "count": count})
         seconds = time.perf_counter() - start
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "teacher": teacher_id or type(teacher).__name__,
-            "teacher_input_size": list(transform.size),
-            "dataset": {"id": dataset_id or f"{base.spec}[{base.split}]", "spec": base.spec, "split": base.split,
-                        "fingerprint": base.fingerprint, "length": len(base), "images": n, "num_classes": num_classes},
-            "crops": crops, "topk": topk, "scale": list(transform.scale), "ratio": list(transform.ratio),
-            "hflip": transform.hflip, "seed": seed,
-            "bytes_per_crop": bpc,
-            "encoding": {"boxes": "uint16 [N, K, 4] x0,y0,w,h as value/65535", "flips": "uint8 [N, K]",
-                         "indices": "int16 [N, K, k]", "probs": "float16 [N, K, k]"},
-            "shards": shards,
-            "seconds": round(seconds, 3),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = SoftLabelManifest(
+            teacher=teacher_id or type(teacher).__name__,
+            teacher_input_size=list(transform.size),
+            dataset={"id": dataset_id or f"{base.spec}[{base.split}]", "spec": base.spec, "split": base.split,
+                     "fingerprint": base.fingerprint, "length": len(base), "images": n, "num_classes": num_classes},
+            crops=crops, topk=topk, scale=list(transform.scale), ratio=list(transform.ratio), hflip=transform.hflip,
+            seed=seed, bytes_per_crop=bpc,
+            encoding={"boxes": "uint16 [N, K, 4] x0,y0,w,h as value/65535", "flips": "uint8 [N, K]",
+                      "indices": "int16 [N, K, k]", "probs": "float16 [N, K, k]"},
+            shards=shards, seconds=round(seconds, 3))
+        write_json(tmp / MANIFEST, manifest.to_dict())
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,7 +246,8 @@ def _label_shard(teacher: nn.Module, jobs: _CropJobs, first: int, count: int, to
     return {"boxes": boxes, "flips": flips, "indices": indices, "probs": probs}
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_store_out(out: Path, overwrite: bool) -> None:
+    """Refuse (RunError) an --out that is a file, or a non-empty folder without `overwrite`."""
     if out.exists() and not out.is_dir():
         raise RunError(f"'{out}' is a file; pass a folder path for the soft-label store")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -272,10 +268,10 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 class SoftLabelStore:
     """Read access to a soft-label store written by `generate_soft_labels` (shards are memory-mapped lazily)."""
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: SoftLabelManifest) -> None:
         self.path = path
         self.manifest = manifest
-        self._shards = manifest["shards"]
+        self._shards = manifest.shards
         self._per_shard = self._shards[0]["count"]
         self._handles: dict[int, Any] = {}
 
@@ -287,41 +283,37 @@ class SoftLabelStore:
         if not manifest_path.is_file():
             raise DataError(f"'{path}' is not a soft-label store (no {MANIFEST}); create one with `vitqtool softlabels`")
         try:
-            manifest = json.loads(manifest_path.read_text())
+            document = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise DataError(f"'{manifest_path}' cannot be read ({exc}); regenerate the store") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise DataError(f"'{path}' is not a vitqtool soft-label store; create one with `vitqtool softlabels`")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise DataError(f"soft-label store '{path}' has format version {manifest['format_version']}, newer than "
-                            f"this vitqtool reads ({FORMAT_VERSION}); upgrade vitqtool")
-        missing = [s["file"] for s in manifest.get("shards", []) if not (path / s["file"]).is_file()]
-        if missing or not manifest.get("shards"):
+        manifest = SoftLabelManifest.from_dict(document, f"soft-label store '{path}' ({MANIFEST})")
+        missing = [s["file"] for s in manifest.shards if not (path / s["file"]).is_file()]
+        if missing or not manifest.shards:
             raise DataError(f"soft-label store '{path}' is incomplete (missing {', '.join(missing) or 'shards'}); regenerate it")
         return cls(path, manifest)
 
     def __len__(self) -> int:
-        return int(self.manifest["dataset"]["images"])
+        return int(self.manifest.dataset["images"])
 
     @property
     def crops_per_image(self) -> int:
         """Stored crops per image (K)."""
-        return int(self.manifest["crops"])
+        return self.manifest.crops
 
     @property
     def topk(self) -> int:
         """Stored classes per crop (k)."""
-        return int(self.manifest["topk"])
+        return self.manifest.topk
 
     @property
     def num_classes(self) -> int:
         """Classes of the labelled dataset (and of the teacher)."""
-        return int(self.manifest["dataset"]["num_classes"])
+        return int(self.manifest.dataset["num_classes"])
 
     def check(self, dataset: Any, num_classes: int) -> None:
         """Refuse (DataError) a dataset or model the store was not made for: fingerprint, image count, classes."""
         base, n = _dataset_identity(dataset)
-        info = self.manifest["dataset"]
+        info = self.manifest.dataset
         where = f"soft-label store '{self.path}'"
         if base.fingerprint != info["fingerprint"]:
             raise DataError(f"{where} was made for dataset {info['id']} (fingerprint {info['fingerprint']}), not "
@@ -397,50 +389,3 @@ class MultiCropDataset(torch.utils.data.Dataset):
         chosen = self.pick(index)
         crops = torch.stack([self.transform.replay(img, boxes[j].tolist(), bool(flips[j])) for j in chosen.tolist()])
         return crops, recover_label(indices[chosen], probs[chosen], self.store.num_classes)
-
-
-def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split: str = "train", *,
-               teacher: str | None = None, weights: str | Path | None = None, teacher_weights: str | Path | None = None,
-               random_init: bool = False, model_args: dict | None = None, teacher_model_args: dict | None = None,
-               crops: int = 500, topk: int = 5, scale: tuple[float, float] = (0.08, 1.0),
-               ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, seed: int = 0, batch_size: int = 64,
-               limit: int | None = None, overwrite: bool = False, device: str | None = None, num_workers: int = 0,
-               show_progress: bool = False) -> dict[str, Any]:
-    """Generate a multi-crop soft-label store for training MODEL (teacher: `teacher`, default MODEL itself).
-
-    Example:
-        softlabels("deit_tiny_patch16_224", "labels/", teacher="deit_base_patch16_224", crops=500)
-    Returns:
-        A summary dict: out, teacher, data, split, fingerprint, images, crops, topk, bytes_per_crop,
-        total_bytes (stored tensor bytes), seconds, crops_per_second.
-    Raises:
-        ModelError/WeightsError for the models, DataError for the data, RunError when `out` is taken.
-    """
-    from ..data import check_num_classes, load_dataset
-    from ..models import resolve_model
-
-    out = Path(out)
-    _check_out(out, overwrite)
-    dataset = load_dataset(data, split)
-    if teacher is None:
-        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
-    else:
-        loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
-                               model_args=teacher_model_args if teacher_model_args is not None else model_args)
-    check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
-    target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = loaded.model.to(target)
-    used: Any = dataset if limit is None else torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    start = time.perf_counter()
-    generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
-                         seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
-                         dataset_id=f"{dataset.spec}[{dataset.split}]", show_progress=show_progress, overwrite=overwrite,
-                         num_workers=num_workers)
-    seconds = time.perf_counter() - start
-    n = len(used)
-    return {
-        "out": str(out), "teacher": loaded.source or (teacher or model), "student": model, "data": dataset.spec,
-        "split": dataset.split, "fingerprint": dataset.fingerprint, "images": n, "crops": crops, "topk": topk,
-        "bytes_per_crop": bytes_per_crop(topk), "total_bytes": n * crops * bytes_per_crop(topk),
-        "seconds": round(seconds, 3), "crops_per_second": round(n * crops / max(seconds, 1e-9), 1),
-    }

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,7 +20,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from vitqtool.errors import ModelError, WeightsError
+from ..errors import ModelError, WeightsError
+from ..fileio import atomic_write, json_default, save_safetensors, state_dict_for_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -500,8 +500,6 @@ def save_model_folder(
     pretrained_cfg: dict | None = None,
 ) -> Path:
     """Write timm's hub layout (config.json + model.safetensors) atomically; return the folder."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = dict(model_args)
@@ -524,48 +522,14 @@ def save_model_folder(
         "pretrained_cfg": cfg,
     }
     try:
-        config_text = json.dumps(config, indent=2, default=_json_default)
+        config_text = json.dumps(config, indent=2, default=json_default)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"model_args/pretrained_cfg are not JSON-serialisable ({_first_line(exc)})") from exc
 
-    state = _unshared_state_dict(model)
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(config_text + "\n"))
+    state = state_dict_for_safetensors(model)
+    atomic_write(folder / "model.safetensors", lambda p: save_safetensors(p, state, metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", config_text + "\n")
     return folder
-
-
-def _unshared_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Contiguous CPU tensors; clones tensors whose storage is shared (safetensors refuses aliases)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict().items():
-        t = tensor.detach().cpu()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-        if ptr in seen or not t.is_contiguous():
-            t = t.clone().contiguous()
-        elif ptr != -1:
-            seen.add(ptr)
-        out[key] = t
-    return out
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 # --------------------------------------------------------------------------- helpers

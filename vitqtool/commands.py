@@ -1,0 +1,334 @@
+"""Every verb as a Python function: evaluate, quantize, softlabels, train_fp, export, inspect, analyze.
+
+This is the one place where MODEL specs, run folders, export files and dataset specs are resolved
+to modules and datasets; the layers below (`train`, `export`, `analysis`) take nn.Modules, recipes
+and typed metadata. `cli.py` parses flags, calls these and renders what they return.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .analysis import analyze_model, oscillation_rows
+from .core.artifacts import RunInfo
+from .core.models import resolve_model
+from .core.prepare import calibrate, evaluate_model, prepare
+from .core.runs import is_run_dir, load_checkpoint, load_run_model
+from .data import check_num_classes, load_dataset, make_eval_loader
+from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
+from .export import export_model, inspect, is_vitq_export, load, read_export
+from .export.layout import META_VITQ
+from .export.writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs
+from .fileio import library_versions
+from .recipe import Recipe, load_recipe
+from .train import (FPResult, generate_soft_labels, open_run, resolve_kd_mode, run_quantization, seed_everything)
+from .train import train_fp as train_fp_module
+from .train.softlabels import bytes_per_crop, check_store_out
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ResolvedModel", "analyze", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
+           "train_fp"]
+
+
+@dataclass
+class ResolvedModel:
+    """Any runnable model spec: FP model, quantized run or export; `kind` is "fp" or "quantized"."""
+
+    model: nn.Module
+    data_config: dict[str, Any]
+    source: str
+    kind: str
+    recipe: Recipe | None = None
+
+
+def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool = False,
+                model_args: dict | None = None, num_classes: int | None = None) -> ResolvedModel:
+    """Resolve a MODEL spec, a `quantize` run folder or an `export` file to a runnable model."""
+    path = Path(spec)
+    if path.is_dir() and is_run_dir(path):
+        run = load_run_model(path)
+        return ResolvedModel(run.model, run.data_config, str(path), "quantized", run.recipe)
+    if path.is_file() and path.suffix == ".safetensors" and is_vitq_export(path):
+        exported = read_export(path)
+        return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
+    loaded = resolve_model(spec, weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
+    return ResolvedModel(loaded.model, loaded.data_config, loaded.source, "fp")
+
+
+def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str = "validation", *,
+             weights: str | Path | None = None, random_init: bool = False, model_args: dict | None = None,
+             num_classes: int | None = None, bits: int | None = None, recipe: str | Path | None = None, batch_size: int = 64,
+             calib_batches: int | None = None, limit: int | None = None, data_config: dict | None = None,
+             show_progress: bool = False) -> dict[str, Any]:
+    """Top-1/top-5/loss of a model on a dataset split.
+
+    `model` is a MODEL spec, an export (`.safetensors` written by `export`), a run folder of
+    `quantize`, or an nn.Module (then `data_config` is required). With `bits` or `recipe`, an FP
+    model is quantized and calibrated on training images first (post-training quantization).
+
+    Returns a dict with top1, top5 (percent), loss, n, plus model/data/split/bits descriptions.
+    """
+    if isinstance(model, nn.Module):
+        if data_config is None:
+            raise ValueError("evaluate(nn.Module) needs data_config")
+        net, cfg, source, kind = model, data_config, type(model).__name__, "module"
+    else:
+        loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
+        net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
+    dataset = load_dataset(data, split)
+    check_num_classes(dataset, cfg.get("num_classes", dataset.num_classes))
+    dataset_classes = dataset.num_classes
+    if limit is not None and limit < len(dataset):  # a fixed random sample, not the first (often one-class) images
+        dataset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit].tolist())
+    quantized_with = None
+    if bits is not None or recipe is not None:
+        if kind != "fp":
+            raise RecipeError("--bits/--recipe quantize an FP model; this model is already quantized")
+        rec = load_recipe(recipe or "ptq", set_fields={"quant.bits": bits})
+        net = prepare(net, rec)
+        train_set = load_dataset(data, "train")
+        n_calib = calib_batches or rec.calibration.batches
+        calibrate(net, itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib))
+        quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
+    loader = make_eval_loader(dataset, cfg, batch_size)
+    result = evaluate_model(net, loader, dataset_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size))
+    return {**result, "model": source, "kind": kind, "data": data, "split": split, "quantized": quantized_with}
+
+
+def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq", data: str = "builtin:mnist5k", out: Path,
+             teacher: str | None = None, soft_labels: Path | None = None, weights: str | Path | None = None,
+             random_init: bool = False, model_args: dict | None = None, teacher_weights: str | Path | None = None,
+             epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+             warmup_epochs: float | None = None, grad_clip: float | None = None, grad_accum: int | None = None,
+             seed: int | None = None, calib_batches: int | None = None, overrides: list[Path] | None = None,
+             resume: bool = False, overwrite: bool = False, mixed_precision: str = "no", limit_train: int | None = None,
+             save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool = False,
+             show_progress: bool = False) -> RunInfo:
+    """Quantize MODEL with a recipe (vaq QAT, lsq, or ptq calibration only) and write a run folder.
+
+    Flags override recipe fields; `limit_train` trains on the first N training images and `limit_val`
+    validates on N evenly spaced validation images (smoke tests); `fuse_quantizers` trains with the
+    `torch.compile`d single-kernel fake quantizers (faster, needs a working compiler). Training runs
+    on `accelerate` (launch with `accelerate launch -m vitqtool quantize ...` for several processes);
+    every process calibrates on the same training images. Checkpoints every `save_every` steps and
+    each epoch; `resume=True` continues exactly.
+
+    Returns:
+        The run's RunInfo (what run.json holds); the run folder `out` is loadable with `evaluate` and `export`.
+    Raises:
+        RecipeError, ModelError, DataError for bad input; RunError for a run folder that holds
+        another run, a non-finite loss, or a failed checkpoint write; RunInterrupted (exit 130) on SIGINT.
+    """
+    rec = load_recipe(recipe, override_files=overrides, set_fields={
+        "quant.bits": bits, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+        "train.warmup_epochs": warmup_epochs, "train.grad_clip": grad_clip, "train.grad_accum": grad_accum,
+        "train.seed": seed, "calibration.batches": calib_batches})
+    soft_labels = Path(soft_labels) if soft_labels is not None else None
+    kd_mode = resolve_kd_mode(rec, soft_labels) if rec.train.enabled else "none"
+    rt = rec.train
+    if rt.batch_size % rt.grad_accum:
+        raise RecipeError(f"train.batch_size ({rt.batch_size}) must be a multiple of train.grad_accum ({rt.grad_accum})")
+    if save_every is not None and save_every < 0:
+        raise RunError("--save-every must be >= 0 (0 = only at epoch ends)")
+    identity = {"model": model, "weights": str(weights) if weights else None, "random_init": random_init,
+                "model_args": model_args or {}, "data": data, "limit_train": limit_train, "limit_val": limit_val, "teacher": teacher,
+                "teacher_weights": str(teacher_weights) if teacher_weights else None,
+                "soft_labels": str(soft_labels) if soft_labels else None, "recipe": rec.to_dict()}
+    session = open_run(Path(out), identity, resume=resume, overwrite=overwrite, mixed_precision=mixed_precision)
+
+    seed_everything(rt.seed)
+    loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+    train_ds, val_ds = load_dataset(data, "train"), load_dataset(data, "validation")
+    num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
+    check_num_classes(train_ds, num_classes)
+    if limit_train is not None:
+        train_ds = torch.utils.data.Subset(train_ds, range(min(limit_train, len(train_ds))))
+    if limit_val is not None:
+        n_val = min(limit_val, len(val_ds))  # evenly spaced: a split may be sorted by class
+        val_ds = torch.utils.data.Subset(val_ds, [i * len(val_ds) // n_val for i in range(n_val)])
+    teacher_model = None
+    if kd_mode == "online":
+        teacher_model = _resolve_teacher(teacher, teacher_weights, random_init, model_args, loaded, num_classes)
+    info = RunInfo(identity=session.identity, source_model=loaded.source, architecture=loaded.architecture,
+                   model_args=loaded.model_args, data_config=loaded.data_config, data=data, num_classes=num_classes,
+                   seed=rt.seed, recipe=rec.name, bits=rec.quant.bits, kd_mode=kd_mode,
+                   versions=library_versions("accelerate"))
+    return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
+                            teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
+                            fuse_quantizers=fuse_quantizers, show_progress=show_progress)
+
+
+def _resolve_teacher(teacher: str | None, teacher_weights: str | Path | None, random_init: bool, model_args: dict | None,
+                     student: Any, num_classes: int) -> nn.Module:
+    """The online-KD teacher: a copy of the FP student, or the `teacher` spec (same input size and classes)."""
+    if teacher is None:
+        return copy.deepcopy(student.model)
+    t = resolve_model(teacher, weights=teacher_weights, random_init=random_init, model_args=model_args)
+    if tuple(t.data_config["input_size"]) != tuple(student.data_config["input_size"]) or t.data_config.get("num_classes", num_classes) != num_classes:
+        raise RecipeError(f"teacher {teacher!r} takes {t.data_config['input_size']} with {t.data_config.get('num_classes')} classes, "
+                          f"the student {student.data_config['input_size']} with {num_classes}; use stored soft labels (`vitqtool softlabels`)")
+    return t.model
+
+
+def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split: str = "train", *,
+               teacher: str | None = None, weights: str | Path | None = None, teacher_weights: str | Path | None = None,
+               random_init: bool = False, model_args: dict | None = None, teacher_model_args: dict | None = None,
+               crops: int = 500, topk: int = 5, scale: tuple[float, float] = (0.08, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, seed: int = 0, batch_size: int = 64,
+               limit: int | None = None, overwrite: bool = False, device: str | None = None, num_workers: int = 0,
+               show_progress: bool = False) -> dict[str, Any]:
+    """Generate a multi-crop soft-label store for training MODEL (teacher: `teacher`, default MODEL itself).
+
+    Example:
+        softlabels("deit_tiny_patch16_224", "labels/", teacher="deit_base_patch16_224", crops=500)
+    Returns:
+        A summary dict: out, teacher, data, split, fingerprint, images, crops, topk, bytes_per_crop,
+        total_bytes (stored tensor bytes), seconds, crops_per_second.
+    Raises:
+        ModelError/WeightsError for the models, DataError for the data, RunError when `out` is taken.
+    """
+    out = Path(out)
+    check_store_out(out, overwrite)
+    dataset = load_dataset(data, split)
+    if teacher is None:
+        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+    else:
+        loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
+                               model_args=teacher_model_args if teacher_model_args is not None else model_args)
+    check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
+    target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = loaded.model.to(target)
+    used: Any = dataset if limit is None else torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    start = time.perf_counter()
+    generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
+                         seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
+                         dataset_id=f"{dataset.spec}[{dataset.split}]", show_progress=show_progress, overwrite=overwrite,
+                         num_workers=num_workers)
+    seconds = time.perf_counter() - start
+    n = len(used)
+    return {
+        "out": str(out), "teacher": loaded.source or (teacher or model), "student": model, "data": dataset.spec,
+        "split": dataset.split, "fingerprint": dataset.fingerprint, "images": n, "crops": crops, "topk": topk,
+        "bytes_per_crop": bytes_per_crop(topk), "total_bytes": n * crops * bytes_per_crop(topk),
+        "seconds": round(seconds, 3), "crops_per_second": round(n * crops / max(seconds, 1e-9), 1),
+    }
+
+
+def train_fp(model: str, out: Path, *, data: str = "builtin:mnist5k", model_args: dict | None = None,
+             weights: str | Path | None = None, random_init: bool = True, epochs: int = 3, batch_size: int = 64,
+             lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 0.5,
+             scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3), hflip: bool = False,
+             seed: int = 0, limit_train: int | None = None, show_progress: bool = False) -> FPResult:
+    """Train MODEL in FP on `data` (hard labels) and save it as a model folder `out` (a MODEL spec for `quantize`)."""
+    torch.manual_seed(seed)
+    loaded = resolve_model(model, weights=weights, random_init=random_init and weights is None, model_args=model_args)
+    train_ds, val_ds = load_dataset(data, "train"), load_dataset(data, "validation")
+    check_num_classes(train_ds, loaded.data_config.get("num_classes", train_ds.num_classes))
+    if limit_train is not None:
+        train_ds = torch.utils.data.Subset(train_ds, range(min(limit_train, len(train_ds))))
+    return train_fp_module(loaded, train_ds, val_ds, out, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, scale=scale, ratio=ratio, hflip=hflip,
+                           seed=seed, show_progress=show_progress)
+
+
+def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32", verify: bool = False,
+           which: str = "best") -> dict[str, Any]:
+    """Export a `quantize` run folder (checkpoint `which`: best or last), or re-export a vitqtool export, to `out`.
+
+    `verify` reloads the file and checks its logits against the run's model on a few batches of the
+    run's validation data (random inputs of the model's input size when no data is available).
+    Returns the `inspect` summary of the written file plus `verify` results.
+    Raises RunError / ExportFormatError naming the problem when the input is neither.
+    Example:
+        >>> export("runs/deit_w2", "deit_w2.safetensors", dtype="float16", verify=True)
+    """
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        run = load_run_model(path, which)
+        info = run.info
+        top1 = info.best_top1 if which == "best" else info.last_top1
+        metrics = {"top1": top1, "data": info.data, "split": "validation", "checkpoint": which} if top1 is not None else None
+        inputs = _verify_inputs(info.data, run.data_config) if verify else None
+        return export_model(run.model, out, architecture=info.architecture, model_args=info.model_args or {},
+                            data_config=run.data_config, recipe=run.recipe, source=info.source_model or str(path),
+                            metrics=metrics, dtype=dtype, verify=verify, verify_inputs=inputs)
+    if path.is_file() and is_vitq_export(path):
+        exported = read_export(path)
+        vq = exported.metadata[META_VITQ]
+        return export_model(exported.model, out, architecture=vq["architecture"], model_args=vq["model_args"],
+                            data_config=exported.data_config, recipe=exported.recipe, source=vq["source"],
+                            metrics=vq["metrics"], dtype=dtype, verify=verify)
+    raise ExportFormatError(f"'{path}' is neither a `vitqtool quantize` run folder nor a vitqtool export; "
+                            "pass the --out folder of a quantize run")
+
+
+def _verify_inputs(data: str | None, data_config: dict) -> list[Tensor]:
+    """A few validation batches of the run's data; random inputs when the data is unknown or unavailable."""
+    if data:
+        try:
+            loader = make_eval_loader(load_dataset(data, "validation"), data_config, VERIFY_BATCH_SIZE)
+            return [images for images, _ in itertools.islice(loader, VERIFY_BATCHES)]
+        except DataError as exc:
+            log.warning("verify: the run's data is not available (%s); using random inputs", exc)
+    return random_inputs(data_config)
+
+
+def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validation", bits: int = 2, what: str = "both",
+            out: Path | str | None = None, weights: str | Path | None = None, random_init: bool = False,
+            model_args: dict | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
+            run: Path | str | None = None, budget_bits: float | None = None, keep: int | None = None,
+            plots: bool = True, method: str = "fast", show_progress: bool = False) -> dict[str, Any]:
+    """Variation, sensitivity (and oscillation) report of an FP model quantized with `recipe` at `bits`.
+
+    Args:
+        model: MODEL spec (timm name, hf-hub:..., local folder) of the FP model.
+        data, split: analysis data; step sizes are calibrated on the dataset's "train" split first.
+        bits: weight/activation bits inside blocks (edge layers keep the recipe's edge bits).
+        what, method, budget_bits, keep, out, plots: as `analysis.analyze_model`.
+        batches, batch_size: analysis images = batches x batch_size.
+        run: a `quantize` run folder, for the oscillation section.
+    Returns:
+        The report dict (schema in the README; `report["summary"]` is what `--json` prints).
+    Raises:
+        ModelError, DataError, RecipeError, RunError on bad input.
+
+    Example:
+        >>> report = analyze("deit_tiny_patch16_224", random_init=True, batches=1, batch_size=8, out="report")
+    """
+    t0 = time.perf_counter()
+    loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
+    if loaded.kind != "fp":
+        raise ModelError(f"analyze takes an FP model, '{model}' is already quantized; pass the FP model and the run folder as --run")
+    rec = load_recipe(recipe, set_fields={"quant.bits": bits})
+    cfg = loaded.data_config
+    calibration = itertools.islice(make_eval_loader(load_dataset(data, "train"), cfg, batch_size), rec.calibration.batches)
+    dataset = load_dataset(data, split)
+    batch_list = list(itertools.islice(make_eval_loader(dataset, cfg, batch_size), batches))
+    model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
+    labels_valid = model_classes == dataset.num_classes
+    if not labels_valid:
+        log.warning("model has %d classes, dataset %d: reporting KL and top-1 agreement only (no loss/top-1)", model_classes, dataset.num_classes)
+    oscillation = None
+    if run is not None:
+        if not is_run_dir(run):
+            raise RunError(f"--run '{run}' is not a vitqtool run folder (no run.json); pass the --out folder of `quantize`")
+        _, state = load_checkpoint(run, "last")
+        oscillation = oscillation_rows(load_run_model(run, "last"), state, str(run))
+    load_seconds = time.perf_counter() - t0
+    report = analyze_model(loaded.model, recipe=rec, calibration_batches=calibration, batches=batch_list,
+                           labels_valid=labels_valid, source=loaded.source, data=data, split=split, what=what,
+                           method=method, oscillation=oscillation, budget_bits=budget_bits, keep=keep, out=out,
+                           plots=plots, show_progress=show_progress)
+    report["seconds"]["load_calibrate"] += load_seconds
+    return report

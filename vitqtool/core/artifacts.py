@@ -1,0 +1,184 @@
+"""Typed file formats: run info (run.json), checkpoint state, soft-label manifest and export header.
+
+Each is a dataclass with `to_dict`/`from_dict`, a format name and a version. `from_dict` checks the
+format, refuses a newer major version in one line, and checks every field's type, so a damaged or
+edited file is reported by name instead of failing later with a TypeError. The dict layouts are the
+files' layouts: changing a field means a new version that still reads the old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from ..errors import DataError, ExportFormatError, RunError, VitqError
+
+
+def _major(version: Any) -> int | None:
+    text = str(version).partition(".")[0]
+    return int(text) if text.isdigit() else None
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a simple annotation: str, int, float, bool, dict, list, Any and `X | None` unions."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    base = origin or hint
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+@dataclass
+class Artifact:
+    """Base of the typed formats: `FORMAT`/`VERSION` identify the file, `ERROR` is what a bad one raises."""
+
+    FORMAT: ClassVar[str]
+    VERSION: ClassVar[Any]
+    ERROR: ClassVar[type[VitqError]] = VitqError
+    WRITES_FORMAT: ClassVar[bool] = True  # False: the format name lives outside the dict (export header)
+
+    def __init_subclass__(cls, format_name: str = "", version: Any = 1, error: type[VitqError] = VitqError,
+                          writes_format: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.FORMAT, cls.VERSION, cls.ERROR, cls.WRITES_FORMAT = format_name, version, error, writes_format
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's JSON document."""
+        head = {"format": self.FORMAT} if self.WRITES_FORMAT else {}
+        return {**head, "format_version": self.VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, document: Any, where: str) -> Any:
+        """Parse and check a document read from `where` (named in every error)."""
+        if not isinstance(document, dict):
+            raise cls.ERROR(f"{where} is not a JSON object; the file is damaged")
+        if cls.WRITES_FORMAT and document.get("format") != cls.FORMAT:
+            raise cls.ERROR(f"{where} is not a {cls.FORMAT} file (format is {document.get('format')!r})")
+        version = document.get("format_version", cls.VERSION if not cls.WRITES_FORMAT else None)
+        major = _major(version)
+        if major is None:
+            raise cls.ERROR(f"{where} has an invalid format_version {version!r}; the file is damaged")
+        if major > _major(cls.VERSION):
+            raise cls.ERROR(f"{where} has {cls.FORMAT} format version {version}, newer than this vitqtool reads "
+                            f"({cls.VERSION}); upgrade vitqtool")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in document:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise cls.ERROR(f"{where} lacks the field '{f.name}'; the file is damaged")
+                continue
+            value = document[f.name]
+            if not _type_ok(value, hints[f.name]):
+                raise cls.ERROR(f"{where}: field '{f.name}' is {type(value).__name__} {value!r:.60}, "
+                                f"expected {_hint_name(hints[f.name])}; the file is damaged or was edited")
+            values[f.name] = value
+        return cls(**values)
+
+
+def _hint_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
+
+
+@dataclass
+class RunInfo(Artifact, format_name="vitqtool-run", version=1, error=RunError):
+    """run.json of a `quantize` run folder: what was run (identity, model, data, recipe) and how far it got."""
+
+    identity: dict
+    source_model: str
+    architecture: str
+    model_args: dict
+    data_config: dict
+    data: str
+    num_classes: int
+    seed: int
+    recipe: str
+    bits: int
+    kd_mode: str
+    versions: dict
+    status: str = "running"
+    epochs_done: int = 0
+    epochs: int = 0
+    step: int = 0
+    best_top1: float | None = None
+    last_top1: float | None = None
+    fused_quantizers: bool = False
+
+
+@dataclass
+class CheckpointState(Artifact, format_name="vitqtool-checkpoint", version=1, error=RunError):
+    """state.pt of a checkpoint: loop position, optimizer, scaler, per-process RNG and oscillation state."""
+
+    train: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    scaler: dict = field(default_factory=dict)
+    rng: list = field(default_factory=list)
+    oscillation: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, document: Any, where: str) -> "CheckpointState":
+        """As `Artifact.from_dict`; checkpoints written before the format had a name are read as version 1."""
+        if isinstance(document, dict) and "format" not in document:
+            document = {**document, "format": cls.FORMAT, "format_version": 1}
+        return super().from_dict(document, where)
+
+
+@dataclass
+class SoftLabelManifest(Artifact, format_name="vitqtool-softlabels", version=1, error=DataError):
+    """manifest.json of a soft-label store: teacher, dataset identity, crop parameters, encoding and shards."""
+
+    teacher: str
+    teacher_input_size: list
+    dataset: dict
+    crops: int
+    topk: int
+    scale: list
+    ratio: list
+    hflip: bool
+    seed: int
+    bytes_per_crop: int
+    encoding: dict
+    shards: list
+    seconds: float = 0.0
+
+
+@dataclass
+class ExportHeader(Artifact, format_name="vitqtool-export", version="1.0", error=ExportFormatError, writes_format=False):
+    """The `vitqtool` metadata section of an export: how to rebuild the model and its per-module table."""
+
+    architecture: str
+    model_args: dict
+    data_config: dict
+    recipe: dict
+    layers: dict
+    activations: dict
+    source: str = ""
+    fp_dtype: str = "float32"
+    split_qkv: bool = True
+    weights: str = ""
+    metrics: dict | None = None
+    versions: dict = field(default_factory=dict)
+    format_version: str = "1.0"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metadata document (format_version first, as files have always had it)."""
+        body = dataclasses.asdict(self)
+        return {"format_version": body.pop("format_version"), **body}
+
+    @classmethod
+    def from_dict(cls, document: Any, where: str) -> "ExportHeader":
+        """As `Artifact.from_dict`, keeping the file's own format_version."""
+        header = super().from_dict(document, where)
+        header.format_version = str(document.get("format_version"))
+        return header
