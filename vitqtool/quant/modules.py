@@ -33,10 +33,13 @@ class QLinear(nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QLinear":
-        """Wrap an existing Linear, sharing its weight and bias Parameters."""
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec,
-                device=linear.weight.device, dtype=linear.weight.dtype)
+        """Wrap an existing Linear, sharing its weight and bias Parameters.
+
+        Built on the meta device, so no throwaway weights are allocated or drawn from the global RNG.
+        """
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
+        _attach_quantizers(q, weight_spec, act_spec, linear.out_features, linear.weight.device)
         return q
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,11 +59,12 @@ class QConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QConv2d":
-        """Wrap an existing Conv2d, sharing its weight and bias Parameters."""
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, weight_spec, act_spec, device=conv.weight.device,
-                dtype=conv.weight.dtype, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        """Wrap an existing Conv2d, sharing its weight and bias Parameters (built on the meta device, as QLinear)."""
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, weight_spec, act_spec, device="meta",
+                stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                 bias=conv.bias is not None, padding_mode=conv.padding_mode)
         q.weight, q.bias = conv.weight, conv.bias
+        _attach_quantizers(q, weight_spec, act_spec, conv.out_channels, conv.weight.device)
         return q
 
     def forward(self, x: Tensor) -> Tensor:
