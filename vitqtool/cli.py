@@ -8,15 +8,18 @@ commands so that `vitqtool --help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import VitqError
+from .errors import Terminated, VitqError
 
 app = typer.Typer(
     name="vitqtool",
@@ -401,14 +404,35 @@ def demo_cmd(
     _stderr_console().print(f"report: {result['report']}  exports: {', '.join(m['file'] for m in result['models'][1:])}", highlight=False)
 
 
+@contextlib.contextmanager
+def _termination_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise `Terminated` (like Ctrl-C) instead of killing the process."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning VitqError into one stderr line and exit code 1.
 
-    Exit codes: 0 success, 1 bad input (VitqError), 2 bad flags (usage), 3 internal error, 130 interrupted.
+    Exit codes: 0 success, 1 bad input (VitqError) or an OS error, 2 bad flags (usage), 3 internal error,
+    130 interrupted (SIGINT), 143 / 129 stopped by SIGTERM / SIGHUP (quantize checkpoints first).
     """
     debug = os.environ.get("VITQ_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=True)  # usage errors print themselves and raise SystemExit(2)
+        with _termination_raises():
+            app(args=argv, standalone_mode=True)  # usage errors print themselves and raise SystemExit(2)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except VitqError as exc:
@@ -416,9 +440,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _stderr_console().print(_error_line("error:", str(exc)), soft_wrap=True)
         return exc.exit_code
+    except Terminated as exc:
+        _stderr_console().print(f"stopped by {signal.Signals(exc.signum).name}")
+        return 128 + exc.signum
     except KeyboardInterrupt:
         _stderr_console().print("interrupted")
         return 130
+    except OSError as exc:  # an OS error no layer expected (e.g. a file vanished mid-run): still one line, exit 1
+        if debug:
+            raise
+        where = f" '{exc.filename}'" if exc.filename else ""
+        _stderr_console().print(_error_line("error:", f"{exc.strerror or exc}{where}"), soft_wrap=True)
+        return 1
     except Exception as exc:
         if debug:
             raise

@@ -145,28 +145,27 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
                 "model_args": model_args or {}, "data": data, "limit_train": limit_train, "limit_val": limit_val, "teacher": teacher,
                 "teacher_weights": str(teacher_weights) if teacher_weights else None,
                 "soft_labels": str(soft_labels) if soft_labels else None, "recipe": rec.to_dict()}
-    session = open_run(Path(out), identity, resume=resume, overwrite=overwrite, mixed_precision=mixed_precision)
-
-    seed_everything(rt.seed)
-    loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
-    train_ds, val_ds = load_dataset(data, "train"), load_dataset(data, "validation")
-    num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
-    check_num_classes(train_ds, num_classes)
-    if limit_train is not None:
-        train_ds = torch.utils.data.Subset(train_ds, range(min(limit_train, len(train_ds))))
-    if limit_val is not None:
-        n_val = min(limit_val, len(val_ds))  # evenly spaced: a split may be sorted by class
-        val_ds = torch.utils.data.Subset(val_ds, [i * len(val_ds) // n_val for i in range(n_val)])
-    teacher_model = None
-    if kd_mode == "online":
-        teacher_model = _resolve_teacher(teacher, teacher_weights, random_init, model_args, loaded, num_classes)
-    info = RunInfo(identity=session.identity, source_model=loaded.source, architecture=loaded.architecture,
-                   model_args=loaded.model_args, data_config=loaded.data_config, data=data, num_classes=num_classes,
-                   seed=rt.seed, recipe=rec.name, bits=rec.quant.bits, kd_mode=kd_mode,
-                   versions=library_versions("accelerate"))
-    return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
-                            teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
-                            fuse_quantizers=fuse_quantizers, show_progress=show_progress)
+    with open_run(Path(out), identity, resume=resume, overwrite=overwrite, mixed_precision=mixed_precision) as session:
+        seed_everything(rt.seed)
+        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+        train_ds, val_ds = load_dataset(data, "train"), load_dataset(data, "validation")
+        num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
+        check_num_classes(train_ds, num_classes)
+        if limit_train is not None:
+            train_ds = torch.utils.data.Subset(train_ds, range(min(limit_train, len(train_ds))))
+        if limit_val is not None:
+            n_val = min(limit_val, len(val_ds))  # evenly spaced: a split may be sorted by class
+            val_ds = torch.utils.data.Subset(val_ds, [i * len(val_ds) // n_val for i in range(n_val)])
+        teacher_model = None
+        if kd_mode == "online":
+            teacher_model = _resolve_teacher(teacher, teacher_weights, random_init, model_args, loaded, num_classes)
+        info = RunInfo(identity=session.identity, source_model=loaded.source, architecture=loaded.architecture,
+                       model_args=loaded.model_args, data_config=loaded.data_config, data=data, num_classes=num_classes,
+                       seed=rt.seed, recipe=rec.name, bits=rec.quant.bits, kd_mode=kd_mode,
+                       versions=library_versions("accelerate"))
+        return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
+                                teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
+                                fuse_quantizers=fuse_quantizers, show_progress=show_progress)
 
 
 def _resolve_teacher(teacher: str | None, teacher_weights: str | Path | None, random_init: bool, model_args: dict | None,

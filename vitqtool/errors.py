@@ -35,3 +35,21 @@ class RunError(VitqError):
 
 class ExportFormatError(VitqError):
     """A file is not a vitqtool export, has a newer format version, or its tensors contradict its metadata."""
+
+
+class WriteError(VitqError):
+    """A file or folder cannot be written: full disk, read-only or missing permission, a path that is in the way."""
+
+
+class BusyError(VitqError):
+    """Another vitqtool process is writing to the same run folder."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (CI, `timeout`, docker, schedulers); unwinds like Ctrl-C so files are cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -1,17 +1,22 @@
-"""File writing shared by every artifact: one atomic writer, safetensors state dicts, versions, JSON.
+"""File writing shared by every artifact: one atomic writer, safetensors state dicts, versions, JSON, locks.
 
 Every file vitqtool creates goes through `atomic_write` (or `atomic_dir` for a folder): written under a
 hidden temporary name in the target's folder, fsynced, given the mode a plain `open` would give (0644
-under umask 022, not mkstemp's 0600), then renamed into place. A crash leaves the old file or none.
+under umask 022, not mkstemp's 0600), then renamed into place. A crash leaves the old file or none, and
+the temporary files of a killed writer are removed by the next write to the same folder. Failures of
+the OS or of torch/safetensors writers (full disk, read-only, a path in the way) become one `WriteError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -21,9 +26,17 @@ from importlib import metadata
 from typing import Any
 
 from . import __version__
+from .errors import BusyError, VitqError, WriteError
 
-TEMP_MARK = ".vitq-tmp"  # every temporary name we create contains this, so stale ones can be recognised
-STALE_SECONDS = 3600.0  # a temporary file of ours older than this is left over from a killed process
+TEMP_MARK = ".vitq-tmp"  # every temporary name we create contains this (then "-PID-"), so stale ones can be recognised
+STALE_SECONDS = 86400.0  # a temporary file of ours whose PID cannot be read is stale after a day
+LOCK_FILE = ".vitq-lock"
+_IO_FAILURE = re.compile(r"No space left|StorageFull|file write failed|Read-only|PermissionDenied|Permission denied|"
+                         r"IoError|Input/output error|os error|Disk quota", re.IGNORECASE)
+_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EISDIR: "it is a folder",
+            errno.ENOTDIR: "a parent in the path is a file", errno.EEXIST: "something else is in the way",
+            errno.ENAMETOOLONG: "the name is too long"}
 
 
 def _umask() -> int:
@@ -42,17 +55,33 @@ def dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def clean_stale_temps(folder: Path, stem: str, max_age: float = STALE_SECONDS) -> int:
-    """Remove our own temporary files/folders for `stem` in `folder` left by a killed writer; returns how many."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}{TEMP_MARK}-{os.getpid()}-"
+
+
+def clean_stale_temps(folder: Path, max_age: float = STALE_SECONDS) -> int:
+    """Remove our temporary files/folders in `folder` whose writer process is gone; returns how many."""
     removed = 0
     now = time.time()
-    prefix = f".{stem}{TEMP_MARK}"
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
-            if not entry.name.startswith(prefix):
+            head, mark, tail = entry.name.partition(TEMP_MARK + "-")
+            if not mark or not head.startswith("."):
                 continue
+            pid = tail.partition("-")[0]
             with contextlib.suppress(OSError):
-                if now - entry.lstat().st_mtime < max_age:
+                stale = not _pid_alive(int(pid)) if pid.isdigit() else now - entry.lstat().st_mtime > max_age
+                if not stale:
                     continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -62,27 +91,80 @@ def clean_stale_temps(folder: Path, stem: str, max_age: float = STALE_SECONDS) -
     return removed
 
 
+def write_failure(path: Path, exc: BaseException) -> WriteError | None:
+    """The one-line WriteError for an OS/torch/safetensors failure to write `path`; None for anything else."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if not isinstance(exc, OSError) and not _IO_FAILURE.search(text):
+        return None
+    reason = _REASONS.get(code) if code is not None else None
+    if reason is not None and getattr(exc, "strerror", None):
+        reason = f"{reason} ({exc.strerror})"
+    if reason is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(_existing_parent(path)).free < 1 << 20:
+                reason = "disk full"
+    if reason is None:
+        reason = "disk full" if re.search(r"No space left|StorageFull|file write failed", text, re.IGNORECASE) else \
+            (getattr(exc, "strerror", None) or text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__)
+    return WriteError(f"cannot write '{path}': {reason}")
+
+
+def _existing_parent(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+@contextlib.contextmanager
+def translate_write_errors(path: str | Path) -> Iterator[None]:
+    """Turn an OS, torch or safetensors write failure inside the block into one WriteError naming `path`."""
+    try:
+        yield
+    except VitqError:
+        raise
+    except Exception as exc:
+        failure = write_failure(Path(path), exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def make_dirs(folder: str | Path) -> Path:
+    """`mkdir -p` with failures (read-only, a file in the way) as one WriteError."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise WriteError(f"cannot write into '{folder}': it is a file, not a folder")
+    with translate_write_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -> Path:
     """Write `data` (bytes, text, or a function that writes the given temporary path) to `path` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path.parent, path.name)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}-", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        if callable(data):
-            os.close(fd)
-            data(tmp)
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data.encode() if isinstance(data, str) else data)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    if path.is_dir():
+        raise WriteError(f"cannot write '{path}': it is a folder; pass a file path")
+    make_dirs(path.parent)
+    clean_stale_temps(path.parent)
+    with translate_write_errors(path):
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            if callable(data):
+                os.close(fd)
+                data(tmp)
+            else:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data.encode() if isinstance(data, str) else data)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -90,16 +172,38 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it to `path` on success (`path` must not exist)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path.parent, path.name)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}-"))
+    make_dirs(path.parent)
+    clean_stale_temps(path.parent)
+    with translate_write_errors(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path.name)))
+        try:
+            os.chmod(tmp, dir_mode())
+            yield tmp
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if needed) for the block; BusyError naming the holder's PID."""
+    folder = make_dirs(folder)
+    lock = folder / LOCK_FILE
+    with translate_write_errors(lock):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
     try:
-        os.chmod(tmp, dir_mode())
-        yield tmp
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise BusyError(f"'{folder}' is in use by another vitqtool process (PID {holder}); "
+                            "wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def write_json(path: str | Path, document: Any) -> Path:

@@ -8,6 +8,7 @@ errors that name the key. The resolved recipe is written next to every run and i
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +18,20 @@ from typing import Any
 from .errors import RecipeError
 
 KD_MODES = ("auto", "online", "stored", "none")
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    """RecipeError naming the key, the rule and the value when `ok` is false."""
+    if not ok:
+        raise RecipeError(f"{key} must be {rule}, got {value!r}")
+
+
+def _finite(value: Any, low: float = -math.inf) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) for v in value)
 
 
 @dataclass(frozen=True)
@@ -52,8 +67,7 @@ class CalibrationSection:
     batches: int = 1             # calibration batches of training images
 
     def __post_init__(self) -> None:
-        if self.batches < 1:
-            raise RecipeError(f"calibration.batches must be >= 1, got {self.batches}")
+        _check(self.batches >= 1, "calibration.batches", "an integer >= 1", self.batches)
 
 
 @dataclass(frozen=True)
@@ -74,8 +88,10 @@ class TrainSection:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.lr < 0:
-            raise RecipeError("train: epochs >= 0, batch_size >= 1, grad_accum >= 1 and lr >= 0 are required")
+        for key, low in (("epochs", 0), ("batch_size", 1), ("grad_accum", 1), ("seed", 0), ("num_workers", 0)):
+            _check(getattr(self, key) >= low, f"train.{key}", f"an integer >= {low}", getattr(self, key))
+        for key in ("lr", "weight_decay", "warmup_epochs", "min_lr", "grad_clip"):
+            _check(_finite(getattr(self, key), 0.0), f"train.{key}", "a finite number >= 0", getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -90,8 +106,9 @@ class KDSection:
     def __post_init__(self) -> None:
         if self.mode not in KD_MODES:
             raise RecipeError(f"kd.mode must be one of {', '.join(KD_MODES)}, got {self.mode!r}")
-        if self.temperature <= 0 or self.crops_per_image < 1:
-            raise RecipeError("kd: temperature > 0 and crops_per_image >= 1 are required")
+        _check(_finite(self.temperature) and self.temperature > 0, "kd.temperature", "a finite number > 0", self.temperature)
+        _check(_finite(self.hard_label_weight, 0.0), "kd.hard_label_weight", "a finite number >= 0", self.hard_label_weight)
+        _check(self.crops_per_image >= 1, "kd.crops_per_image", "an integer >= 1", self.crops_per_image)
 
 
 @dataclass(frozen=True)
@@ -103,8 +120,8 @@ class AugmentSection:
     hflip: bool = True
 
     def __post_init__(self) -> None:
-        if not (0 < self.scale[0] <= self.scale[1] <= 1) or not (0 < self.ratio[0] <= self.ratio[1]):
-            raise RecipeError(f"augment: need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got {self.scale}, {self.ratio}")
+        _check(_pair(self.scale) and 0 < self.scale[0] <= self.scale[1] <= 1, "augment.scale", "[low, high] with 0 < low <= high <= 1", list(self.scale))
+        _check(_pair(self.ratio) and 0 < self.ratio[0] <= self.ratio[1], "augment.ratio", "[low, high] with 0 < low <= high", list(self.ratio))
 
 
 @dataclass(frozen=True)
@@ -117,8 +134,9 @@ class OBRSection:
     modules: tuple[str, ...] = ("*",)  # globs over quantized Linear/Conv names
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start_fraction < 1 or self.max_lambda < 0:
-            raise RecipeError("obr: 0 <= start_fraction < 1 and max_lambda >= 0 are required")
+        _check(_finite(self.start_fraction, 0.0) and self.start_fraction < 1, "obr.start_fraction", "in [0, 1)", self.start_fraction)
+        _check(_finite(self.max_lambda, 0.0), "obr.max_lambda", "a finite number >= 0", self.max_lambda)
+        _check(all(isinstance(m, str) and m for m in self.modules), "obr.modules", "a list of module-name globs (strings)", list(self.modules))
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,10 @@ class OscillationSection:
     freeze: bool = False
     log_every: int = 50
 
+    def __post_init__(self) -> None:
+        _check(_finite(self.momentum) and 0 < self.momentum <= 1, "oscillation.momentum", "in (0, 1]", self.momentum)
+        _check(_finite(self.threshold, 0.0), "oscillation.threshold", "a finite number >= 0", self.threshold)
+        _check(self.log_every >= 1, "oscillation.log_every", "an integer >= 1", self.log_every)
 
 @dataclass(frozen=True)
 class Recipe:
@@ -168,9 +190,15 @@ def builtin_recipes() -> list[str]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe '{path}' is a folder; pass a .toml file") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe '{path}' is not a text file (not UTF-8); pass a .toml file") from None
+    except OSError as exc:
+        raise RecipeError(f"recipe '{path}' cannot be read ({exc.strerror or exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML ({exc})") from None
 
@@ -220,7 +248,7 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
             fields[k] = _coerce(v, default, f"{key}.{k}", where)
         try:
             kwargs[key] = cls(**fields)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecipeError) as exc:
             raise RecipeError(f"{where}: {exc}") from None
     return Recipe(**kwargs)
 
@@ -245,7 +273,12 @@ def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{where}: {key} must be a list, got {value!r}")
-        return tuple(float(v) if isinstance(v, int) and default and isinstance(default[0], float) else v for v in value)
+        kind = type(default[0]) if default else None
+        if kind is float and not all(_finite(v) for v in value):
+            raise RecipeError(f"{where}: {key} must be a list of finite numbers, got {value!r}")
+        if kind is str and not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{where}: {key} must be a list of strings, got {value!r}")
+        return tuple(float(v) if kind is float else v for v in value)
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: {key} must be a table, got {value!r}")

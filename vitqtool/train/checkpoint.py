@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..core.artifacts import CheckpointState
 from ..core.runs import CKPT_DIR, INDEX, MODEL_FILE, STATE_FILE, read_index
-from ..errors import RunError
+from ..errors import RunError, WriteError
 from ..fileio import atomic_dir, atomic_write, save_safetensors
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,12 @@ def save_checkpoint(run_dir: Path, name: str, model_sd: dict[str, Tensor], state
             _save_state_file(state.to_dict(), tmp / STATE_FILE)
         new_index = {"last": target.name, "best": target.name if best or "best" not in index else index["best"]}
         atomic_write(ckpt_root / INDEX, json.dumps(new_index) + "\n")
-    except OSError as exc:
+    except (OSError, WriteError) as exc:
         if target.exists() and read_index(run_dir).get("last") != target.name:
             shutil.rmtree(target, ignore_errors=True)
+        reason = str(exc).partition("': ")[2] if isinstance(exc, WriteError) else (exc.strerror or str(exc))
         kept = f"the previous checkpoint '{index['last']}' is kept" if index.get("last") else "no earlier checkpoint exists"
-        raise RunError(f"could not write checkpoint {name} in '{ckpt_root}' ({exc.strerror or exc}); {kept}; free disk space and --resume") from None
+        raise RunError(f"could not write checkpoint {name} in '{ckpt_root}' ({reason}); {kept}; free disk space and --resume") from None
     for entry in ckpt_root.iterdir():
         if entry.is_dir() and entry.name not in new_index.values():
             shutil.rmtree(entry, ignore_errors=True)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..core.artifacts import CheckpointState
 from ..core.prepare import evaluate_model
+from ..core.runs import read_index
 from ..data import make_eval_loader
 from ..errors import RunError
 from ..fileio import state_dict_for_safetensors
@@ -46,9 +47,11 @@ log = logging.getLogger(__name__)
 
 
 class RunInterrupted(RunError):
-    """The run was interrupted (SIGINT); a checkpoint was saved and `--resume` continues it."""
+    """The run was stopped by a signal (SIGINT, SIGTERM, SIGHUP); a checkpoint was saved and `--resume` continues it."""
 
-    exit_code = 130
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 @dataclass
@@ -180,23 +183,29 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
 @contextlib.contextmanager
-def _sigint_flag() -> Iterator[list[bool]]:
-    """Turn SIGINT into a flag the loop polls between steps (only in the main thread)."""
-    flag = [False]
+def _stop_flag() -> Iterator[list[int]]:
+    """Turn SIGINT, SIGTERM and SIGHUP into a flag (the signal number) the loop polls between steps (main thread only)."""
+    flag = [0]
 
     def handler(signum: int, frame: Any) -> None:
-        flag[0] = True
+        flag[0] = signum
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name)
+            previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: leave signals alone
-        yield flag
-        return
+        pass
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train(tr: Trainer, state: TrainState) -> TrainState:
@@ -209,7 +218,7 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
     act_factor = (acc.num_processes * accum) ** -0.5
     act_params = [p for _, q in iter_quantizers(tr.raw) if q.kind == "act" for p in q.parameters()]
     columns = ("loss {task.fields[loss]:.4f}", "lr {task.fields[lr]:.2e}", "{task.fields[ips]:.0f} img/s")
-    with _sigint_flag() as interrupted, progress_bar(show, *columns) as bar:
+    with _stop_flag() as interrupted, progress_bar(show, *columns) as bar:
         task = bar.add_task("quantize", total=total, completed=state.step, loss=float("nan"), lr=0.0, ips=0.0) if bar else None
         tick, seen = time.perf_counter(), 0
         while state.epoch < rt.epochs:
@@ -232,15 +241,17 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                             loss, kd_part = task_loss(tr, (x, y))
                             obr = obr_loss(m for _, m in tr.obr_layers) if lam > 0 else loss.new_zeros(())
                             loss = loss + lam * obr
-                        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, float(interrupted[0])], device=acc.device)
+                        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, float(interrupted[0] > 0)], device=acc.device)
                         flags = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
-                        if flags[1] > 0:
-                            interrupted[0] = True
+                        if flags[1] > 0 and not interrupted[0]:  # another process was signalled
+                            interrupted[0] = int(signal.SIGINT)
                         if flags[0] > 0:
                             if not rt.skip_nonfinite:
+                                kept = (f"the last good checkpoint is kept in '{tr.run_dir}'" if read_index(tr.run_dir)
+                                        else "no checkpoint was written yet")
                                 raise RunError(f"loss is not finite ({loss.detach().item()}) at step {state.step + 1} (epoch {state.epoch + 1}, "
-                                               f"micro-batch {state.batch + micro + 1}); the last good checkpoint is kept in '{tr.run_dir}'; "
-                                               "lower --lr, set --grad-clip, or set train.skip_nonfinite = true")
+                                               f"micro-batch {state.batch + micro + 1}); {kept}; "
+                                               "lower --lr, set --grad-clip, or set train.skip_nonfinite = true to skip such steps")
                             log.warning("skipping step %d: non-finite loss %s", state.step + 1, loss.detach().item())
                             skipped = True
                         if not skipped:
@@ -276,7 +287,8 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                 end_of_epoch = state.batch >= tr.steps_per_epoch * accum
                 if interrupted[0]:
                     save(tr, state)
-                    raise RunInterrupted(f"interrupted at step {state.step}; checkpoint saved in '{tr.run_dir}'; continue with --resume")
+                    raise RunInterrupted(interrupted[0], f"interrupted at step {state.step} ({signal.Signals(interrupted[0]).name}); "
+                                         f"checkpoint saved in '{tr.run_dir}'; continue with --resume")
                 if tr.save_every and state.step % tr.save_every == 0 and not end_of_epoch:
                     save(tr, state)
             state.epoch, state.batch = state.epoch + 1, 0

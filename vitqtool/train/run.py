@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from ..core.prepare import calibrate, prepare
 from ..core.runs import METRICS_FILE, RECIPE_FILE, is_run_dir, load_checkpoint, read_index, read_run_info, write_run_info
 from ..data import TransformedDataset, eval_transform
 from ..errors import RecipeError, RunError
-from ..fileio import atomic_write
+from ..fileio import LOCK_FILE, atomic_write, folder_lock
 from ..quant import OscillationTracker, check_fused_kernels, quant_layers, set_quantizers_fused
 from ..recipe import Recipe
 from .loop import RunInterrupted, Trainer, TrainState, append_metrics, restore, save, train, validate
@@ -62,17 +63,34 @@ class RunSession:
     resuming: bool
 
 
+@contextlib.contextmanager
 def open_run(out: Path, identity: dict, *, resume: bool = False, overwrite: bool = False,
-             mixed_precision: str = "no") -> RunSession:
-    """Start the accelerator and check (with `overwrite`, empty) the run folder; `identity` gets the process count."""
+             mixed_precision: str = "no") -> Iterator[RunSession]:
+    """Start the accelerator, lock the run folder (main process) and check it; `identity` gets the process count.
+
+    A second writer on the same folder is refused naming the holder's PID. When the block fails before
+    anything but the lock was written, the folder this call created is removed again.
+    """
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     out = Path(out)
     identity = {**identity, "processes": acc.num_processes}
-    resuming = _prepare_run_dir(out, identity, resume, overwrite, acc.is_main_process)
-    acc.wait_for_everyone()
-    return RunSession(acc, out, identity, resuming)
+    created = not out.exists()
+    with folder_lock(out) if acc.is_main_process else contextlib.nullcontext():
+        try:
+            resuming = _prepare_run_dir(out, identity, resume, overwrite, acc.is_main_process)
+            acc.wait_for_everyone()
+            yield RunSession(acc, out, identity, resuming)
+        except BaseException:
+            if acc.is_main_process and created and _contents(out) == []:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _contents(folder: Path) -> list[Path]:
+    """What a run folder holds besides its lock file."""
+    return [p for p in folder.iterdir() if p.name != LOCK_FILE] if folder.is_dir() else []
 
 
 def seed_everything(seed: int) -> None:
@@ -87,30 +105,49 @@ def _prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool, i
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other; pass one")
     has_run = is_run_dir(out)
-    if has_run and resume:
+    if resume:
+        if not has_run:
+            raise RunError(f"nothing to resume in '{out}' (no run.json); start the run without --resume")
         recorded = read_run_info(out).identity
         diff = sorted(k for k in set(identity) | set(recorded) if identity.get(k) != recorded.get(k))
         if diff:
             raise RunError(f"'{out}' holds a run with different settings ({', '.join(diff)}); resume with the original flags, or use --overwrite or another --out")
-        return bool(read_index(out))
-    if out.exists() and any(out.iterdir()):
+        if not read_index(out):
+            raise RunError(f"nothing to resume in '{out}': the run stopped before its first checkpoint; start it again without --resume")
+        return True
+    contents = _contents(out)
+    if contents:
         if not has_run and not (out / "checkpoints").exists():
             raise RunError(f"'{out}' exists, is not empty and is not a vitqtool run; choose another --out")
-        if not overwrite:
+        if not overwrite and read_index(out):
             raise RunError(f"'{out}' already holds a run; pass --resume to continue it or --overwrite to start over")
+        if not overwrite:
+            log.info("'%s' holds a run that stopped before its first checkpoint; starting over", out)
         if is_main:
-            shutil.rmtree(out)
-    if resume:
-        log.info("nothing to resume in '%s'; starting a new run", out)
+            for path in contents:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return False
 
 
 def _keep_metrics_until(run_dir: Path, step: int) -> None:
     """Drop metrics lines written after the checkpoint we resume from (the killed run's lost steps)."""
     path = run_dir / METRICS_FILE
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write(path, "".join(ln + "\n" for ln in lines))
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the killed run's half-written last line
+                break
+            raise RunError(f"run folder '{run_dir}' is damaged: {METRICS_FILE} line {number} is not JSON") from None
+        if not isinstance(record, dict):
+            raise RunError(f"run folder '{run_dir}' is damaged: {METRICS_FILE} line {number} is not a JSON object")
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write(path, "".join(ln + "\n" for ln in kept))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
