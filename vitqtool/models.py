@@ -41,6 +41,9 @@ class LoadedModel:
     architecture: str
     model_args: dict = field(default_factory=dict)
     source: str = ""
+    source_format: str = "timm"  # "timm", or "transformers" for a converted transformers checkpoint
+    source_config: dict | None = None  # transformers: the whole config.json
+    preprocessor_config: dict | None = None  # transformers: preprocessor_config.json, when present
 
 
 # --------------------------------------------------------------------------- state dict files
@@ -276,6 +279,11 @@ def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra
     import timm
     from timm.models import load_model_config_from_hf
 
+    from .hf_models import hub_folder, load_folder, read_json  # transformers repos (config.json with model_type)
+
+    folder = hub_folder(spec[len("hf-hub:"):], offline=_hub_offline())
+    if folder is not None:
+        return load_folder(folder, read_json(folder / "config.json"), spec, weights, random_init, extra)
     pretrained = weights is None and not random_init
     try:
         hub_cfg, _, _ = load_model_config_from_hf(spec[len("hf-hub:"):])
@@ -328,6 +336,12 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
     except (OSError, ValueError) as exc:
         raise ModelError(f"'{config_path}' is not valid JSON ({_first_line(exc)}); fix or re-export it") from exc
     arch = config.get("architecture") if isinstance(config, dict) else None
+    from .hf_convert import is_transformers_config  # a transformers save_pretrained folder
+
+    if not arch and is_transformers_config(config):
+        from .hf_models import load_folder
+
+        return load_folder(folder, config, spec, weights if weights is not None else weights_file, random_init, extra)
     if not arch:
         raise ModelError(f"'{config_path}' has no 'architecture' field; expected timm's hub config.json")
     arch = resolve_timm_name(str(arch))
@@ -354,14 +368,18 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
 def _create(name: str, pretrained: bool, kwargs: dict, pretrained_cfg: dict | None = None) -> nn.Module:
     import timm
 
+    from .hf_convert import timm_kwargs  # JSON model_args -> create_model kwargs (layer_norm_eps -> norm_layer)
+
+    shown = kwargs
+    kwargs = timm_kwargs(kwargs)
     try:
         if pretrained_cfg is not None:
             return timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
-        raise ModelError(f"cannot build '{name}' with {kwargs}: {_first_line(exc)}; fix --model-args") from exc
+        raise ModelError(f"cannot build '{name}' with {shown}: {_first_line(exc)}; fix --model-args") from exc
     except (ValueError, AssertionError, RuntimeError) as exc:
-        raise ModelError(f"cannot build '{name}' with {kwargs}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot build '{name}' with {shown}: {_first_line(exc)}") from exc
 
 
 def _clean_pretrained_cfg(cfg: dict, arch: str) -> dict:

@@ -39,9 +39,10 @@ def quantize_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block
 
-    for name in ("attn_pool", "reg_token"):
-        if getattr(model, name, None) is not None:
-            raise ModelError(f"{name}: this ViT variant is not supported by the quantized layout")
+    # register tokens (e.g. a transformers DeiT's distillation token read by no head) are FP prefix tokens like
+    # cls_token: the rewrite leaves the embedding alone and `run_from` keeps every prefix row; attention pooling is refused
+    if getattr(model, "attn_pool", None) is not None:
+        raise ModelError("attn_pool: this ViT variant is not supported by the quantized layout")
     quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
     for i, block in enumerate(model.blocks):
         where = f"blocks.{i}"
