@@ -46,6 +46,12 @@ def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool 
 
         run = load_run_model(path)
         return ResolvedModel(run.model, run.data_config, str(path), "quantized", run.recipe)
+    if path.is_dir() and (path / "config.json").is_file():
+        from .export.hf import is_hf_export, read_hf_export  # a `vitqtool export --format hf` folder
+
+        if is_hf_export(path):
+            exported = read_hf_export(path)
+            return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
     if path.is_file() and path.suffix == ".safetensors":
         from .export import is_vitq_export, read_export
 
@@ -111,12 +117,17 @@ def quant_summary(model: nn.Module) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], num_classes: int,
-                   show_progress: bool = False, total: int | None = None) -> dict[str, float]:
-    """Top-1, top-5 (percent), mean cross-entropy loss and sample count of `model` over `loader`."""
+                   show_progress: bool = False, total: int | None = None, per_class: bool = False) -> dict[str, Any]:
+    """Top-1, top-5 (percent), mean cross-entropy loss and sample count of `model` over `loader`.
+
+    `per_class` adds `per_class`: per class index, its images (`n`), correct top-1 (`correct`) and
+    how often it was the top-1 prediction (`predicted`).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     n, loss_sum, c1, c5 = 0, 0.0, 0, 0
+    counts = torch.zeros(3, num_classes, dtype=torch.long)  # images, correct top-1, predicted top-1
     k = min(5, num_classes)
     try:
         for images, labels in track(loader, "evaluate", total=total, enabled=show_progress):
@@ -130,11 +141,18 @@ def evaluate_model(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], nu
             c1 += int(hit[:, 0].sum())
             c5 += int(hit.any(dim=1).sum())
             n += labels.numel()
+            if per_class:
+                counts[0] += torch.bincount(labels.cpu(), minlength=num_classes)
+                counts[1] += torch.bincount(labels[hit[:, 0]].cpu(), minlength=num_classes)
+                counts[2] += torch.bincount(top[:, 0].cpu(), minlength=num_classes)
     finally:
         model.train(was_training)
     if n == 0:
         raise DataError("the evaluation split is empty")
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": n}
+    result: dict[str, Any] = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": n}
+    if per_class:
+        result["per_class"] = [{"n": int(a), "correct": int(b), "predicted": int(c)} for a, b, c in counts.T.tolist()]
+    return result
 
 
 def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str = "validation", *,
@@ -174,5 +192,10 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
         calibrate(net, itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib))
         quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
     loader = make_eval_loader(dataset, cfg, batch_size)
-    result = evaluate_model(net, loader, dataset_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size))
-    return {**result, "model": source, "kind": kind, "data": data, "split": split, "quantized": quantized_with}
+    labels = cfg.get("labels")  # class names of a transformers checkpoint (id2label)
+    result = evaluate_model(net, loader, dataset_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size),
+                            per_class=labels is not None)
+    if labels is not None:
+        result["per_class"] = [{"class": i, "label": labels[i] if i < len(labels) else None, **row}
+                               for i, row in enumerate(result["per_class"]) if row["n"] or row["predicted"]]
+    return {**result, "labels": labels, "model": source, "kind": kind, "data": data, "split": split, "quantized": quantized_with}

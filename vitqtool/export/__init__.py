@@ -5,7 +5,9 @@ steps, FP tensors and a compressed-tensors-shaped `quantization_config` plus a `
 `load`/`read_export` rebuild a runnable model from the file alone; `inspect` summarises it.
 """
 
+from .hf import export_hf, export_hf_model, is_hf_export, read_hf_export
 from .reader import ExportedModel, inspect, is_vitq_export, load, read_export
 from .writer import export, export_model
 
-__all__ = ["ExportedModel", "export", "export_model", "inspect", "is_vitq_export", "load", "read_export"]
+__all__ = ["ExportedModel", "export", "export_hf", "export_hf_model", "export_model", "inspect", "is_hf_export",
+           "is_vitq_export", "load", "read_export", "read_hf_export"]

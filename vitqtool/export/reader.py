@@ -186,7 +186,11 @@ def read_export(path: str | Path) -> ExportedModel:
 
 
 def load(path: str | Path) -> nn.Module:
-    """Public API: the runnable quantized model (eval mode) of a vitqtool export file."""
+    """Public API: the runnable quantized model (eval mode) of a vitqtool export file (or `--format hf` folder)."""
+    if Path(path).is_dir():
+        from .hf import read_hf_export
+
+        return read_hf_export(path).model
     return read_export(path).model
 
 

@@ -38,7 +38,8 @@ VERIFY_BATCH_SIZE = 8
 
 def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_args: dict, data_config: dict,
                  recipe: Recipe, source: str = "", metrics: dict | None = None, dtype: str = "float32",
-                 verify: bool = False, verify_inputs: Iterable[Tensor] | None = None) -> dict[str, Any]:
+                 verify: bool = False, verify_inputs: Iterable[Tensor] | None = None,
+                 source_info: dict | None = None) -> dict[str, Any]:
     """Write a calibrated quantized model (from `api.prepare`) to `out` as a vitqtool export.
 
     Args:
@@ -52,6 +53,8 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
         dtype: storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).
         verify: reload the written file and compare logits with `model` (FP tensors rounded to
             `dtype`) on `verify_inputs`, or random inputs of the model's input size.
+        source_info: recorded as is in the metadata (`source_format`, and for transformers sources
+            `source_config`/`preprocessor_config`, which `export --format hf` needs later).
     Returns:
         The `inspect` summary of the written file, plus `verify` results when asked.
     Raises:
@@ -68,7 +71,7 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
     out = Path(out)
     tensors = export_tensors(model, FP_DTYPES[dtype])
     metadata = _metadata(model, architecture=architecture, model_args=model_args, data_config=data_config,
-                         recipe=recipe, source=source, metrics=metrics, dtype=dtype)
+                         recipe=recipe, source=source, metrics=metrics, dtype=dtype, source_info=source_info)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
     os.close(fd)
@@ -115,13 +118,14 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
 
 
 def _metadata(model: nn.Module, *, architecture: str, model_args: dict, data_config: dict, recipe: Recipe,
-              source: str, metrics: dict | None, dtype: str) -> dict[str, str]:
+              source: str, metrics: dict | None, dtype: str, source_info: dict | None = None) -> dict[str, str]:
     layers, acts = module_table(model)
     vitq = {
         "format_version": FORMAT_VERSION,
         "architecture": architecture, "model_args": model_args, "data_config": data_config, "source": source,
         "fp_dtype": dtype, "split_qkv": recipe.quant.split_qkv, "weights": "codes * weight_scale (float latent weights not stored)",
         "layers": layers, "activations": acts, "recipe": recipe.to_dict(), "metrics": metrics, "versions": _versions(),
+        **(source_info or {}),
     }
     try:
         return {"format": "pt", META_QCONFIG: json.dumps(quantization_config(model, layers)), META_VITQ: json.dumps(vitq, default=_json_default)}
@@ -217,17 +221,27 @@ def verify_export(model: nn.Module, reloaded: nn.Module, inputs: Iterable[Tensor
 
 
 def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32", verify: bool = False,
-           which: str = "best") -> dict[str, Any]:
+           which: str = "best", format: str = "safetensors") -> dict[str, Any]:
     """Export a `quantize` run folder (checkpoint `which`: best or last), or re-export a vitqtool export, to `out`.
 
     `verify` reloads the file and checks its logits against the run's model on a few batches of the
     run's validation data (random inputs of the model's input size when no data is available).
     Returns the `inspect` summary of the written file plus `verify` results.
     Raises RunError / ExportFormatError naming the problem when the input is neither.
+    `format="hf"` writes the transformers layout of a transformers-sourced model instead (`export.hf`).
     Example:
         >>> export("runs/deit_w2", "deit_w2.safetensors", dtype="float16", verify=True)
     """
     from .reader import is_vitq_export, read_export
+
+    if format == "hf":  # transformers folder + compressed-tensors config (vitqtool/export/hf.py)
+        from .hf import export_hf
+
+        if dtype != "float32":
+            raise ExportFormatError(f"--dtype {dtype} applies to --format safetensors; --format hf stores float32")
+        return export_hf(run_or_checkpoint, out, verify=verify, which=which)
+    if format != "safetensors":
+        raise ExportFormatError(f"unknown export format {format!r}; use safetensors or hf")
 
     path = Path(run_or_checkpoint)
     if path.is_dir():
@@ -240,15 +254,20 @@ def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32
         inputs = _run_inputs(meta.get("data"), run.data_config) if verify else None
         return export_model(run.model, out, architecture=meta["architecture"], model_args=meta.get("model_args") or {},
                             data_config=run.data_config, recipe=run.recipe, source=meta.get("source_model", str(path)),
-                            metrics=metrics, dtype=dtype, verify=verify, verify_inputs=inputs)
+                            metrics=metrics, dtype=dtype, verify=verify, verify_inputs=inputs, source_info=_source_info(meta))
     if path.is_file() and is_vitq_export(path):
         exported = read_export(path)
         vq = exported.metadata[META_VITQ]
         return export_model(exported.model, out, architecture=vq["architecture"], model_args=vq["model_args"],
                             data_config=exported.data_config, recipe=exported.recipe, source=vq["source"],
-                            metrics=vq["metrics"], dtype=dtype, verify=verify)
+                            metrics=vq["metrics"], dtype=dtype, verify=verify, source_info=_source_info(vq))
     raise ExportFormatError(f"'{path}' is neither a `vitqtool quantize` run folder nor a vitqtool export; "
                             "pass the --out folder of a quantize run")
+
+
+def _source_info(meta: dict) -> dict:
+    """The source-format fields of a run.json or export metadata (absent in files written before them)."""
+    return {k: meta[k] for k in ("source_format", "source_config", "preprocessor_config") if meta.get(k) is not None}
 
 
 def _run_inputs(data: str | None, data_config: dict) -> list[Tensor]:

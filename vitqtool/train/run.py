@@ -200,7 +200,10 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
             "architecture": loaded.architecture, "model_args": loaded.model_args, "data_config": cfg, "data": data,
             "num_classes": num_classes, "seed": rt.seed, "recipe": rec.name, "bits": rec.quant.bits, "kd_mode": kd_mode,
             "versions": _versions(), "status": "running", "epochs_done": 0, "epochs": rt.epochs if rt.enabled else 0,
-            "best_top1": None, "last_top1": None, "fused_quantizers": fuse_quantizers}
+            "best_top1": None, "last_top1": None, "fused_quantizers": fuse_quantizers,
+            # where the FP model came from; a transformers source's config.json lets `export --format hf` rebuild its layout
+            "source_format": loaded.source_format, "source_config": loaded.source_config,
+            "preprocessor_config": loaded.preprocessor_config}
     if resuming:
         meta = {**read_run_json(out), "status": "running", "versions": meta["versions"], "fused_quantizers": fuse_quantizers}
 
