@@ -237,3 +237,30 @@ def test_cli_pipeline_on_a_cached_hub_id(tiny, tmp_path, monkeypatch):
     with torch.no_grad():
         assert (loaded.model(_x()) - tiny["deit"][0](pixel_values=_x()).logits).abs().max() <= ATOL
     _pipeline("hf-hub:tiny-org/tiny-deit", tmp_path, "deit")
+
+
+def test_loading_and_exporting_need_neither_transformers_nor_compressed_tensors(tiny, tmp_path):
+    """A transformers folder loads, quantizes and exports --format hf with both libraries made unimportable."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["transformers"] = None  # any import of it raises ImportError
+sys.modules["compressed_tensors"] = None
+import torch
+from vitqtool import api
+from vitqtool.export import export_hf_model, read_hf_export
+from vitqtool.models import resolve_model
+from vitqtool.recipe import load_recipe
+loaded = resolve_model({str(tiny['swin'][2])!r})
+rec = load_recipe("ptq", set_fields={{"quant.bits": 4}})
+q = api.prepare(loaded.model, rec)
+api.calibrate(q, [torch.randn(2, 3, 32, 32)])
+export_hf_model(q.eval(), {str(tmp_path / 'out')!r}, architecture=loaded.architecture, model_args=loaded.model_args,
+                data_config=loaded.data_config, recipe=rec, source="tiny", source_config=loaded.source_config)
+x = torch.randn(2, 3, 32, 32)
+assert torch.equal(read_hf_export({str(tmp_path / 'out')!r}).model(x), q(x))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
