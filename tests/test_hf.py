@@ -90,6 +90,24 @@ def test_strict_key_map_names_leftover_and_missing_tensors(tiny, tmp_path):
         resolve_model(str(folder))
 
 
+def test_sharded_checkpoint_loads_and_its_index_is_checked(tiny, tmp_path):
+    folder = shutil.copytree(tiny["vit"][1], tmp_path / "vit")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for shard, part in shards.items():
+        save_file({k: state[k] for k in part}, str(folder / shard))
+    index = {"metadata": {}, "weight_map": {k: shard for shard, part in shards.items() for k in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with torch.no_grad():
+        assert (resolve_model(str(folder)).model(_x()) - tiny["vit"][0](pixel_values=_x()).logits).abs().max() <= ATOL
+    index["weight_map"][keys[0]] = "model-00002-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match="does not hold what"):
+        resolve_model(str(folder))
+
+
 def test_swin_stored_relative_position_index_is_checked(tiny, tmp_path):
     """Older transformers saved Swin's relative_position_index: it must equal what timm computes, then it is dropped."""
     folder = shutil.copytree(tiny["swin"][1], tmp_path / "swin")

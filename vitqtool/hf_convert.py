@@ -150,7 +150,7 @@ def timm_spec(config: Mapping[str, Any], where: str = "config.json") -> HFSpec:
                          f"{' (also: ' + ', '.join(unknown[1:4]) + ')' if len(unknown) > 1 else ''}; "
                          "remove it if your transformers version ignores it")
     for name, off in _GENERIC_OFF.items():
-        if name in config and config[name] not in (off, None) and config[name] != off:
+        if name in config and config[name] not in (off, None):
             raise ModelError(f"{where}: field '{name}' = {config[name]!r} is not supported (only {off!r})")
     _check(config, "hidden_act", "gelu", where, "only exact GELU (nn.GELU) is mapped to timm")
     num_classes = len(labels_from_config(config, where))

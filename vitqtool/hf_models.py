@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from .errors import ModelError, WeightsError
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def load_folder(folder: Path, config: dict[str, Any], source: str, weights: str | Path | None = None,
-                random_init: bool = False, extra: dict[str, Any] | None = None):
+                random_init: bool = False, extra: dict[str, Any] | None = None) -> LoadedModel:
     """Build the timm equivalent of a transformers ViT/DeiT/Swin folder and load its weights strictly.
 
     Args:

@@ -269,7 +269,7 @@ def _from_timm_name(spec: str, weights: str | Path | None, random_init: bool, ex
     if _hub_offline() and not _pretrained_cached(cfg):
         raise WeightsError(_offline_message(name))
     try:
-        model = timm.create_model(name, pretrained=True, **extra)
+        model = timm.create_model(name, pretrained=True, **_timm_kwargs(extra))
     except Exception as exc:
         raise _pretrained_error(name, exc) from exc
     return _finish(model, arch, extra, spec)
@@ -301,7 +301,7 @@ def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra
             f"pass --weights FILE with a {extra['num_classes']}-class head (or drop --num-classes)"
         )
     try:
-        model = timm.create_model(spec, pretrained=pretrained, **extra)
+        model = timm.create_model(spec, pretrained=pretrained, **_timm_kwargs(extra))
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelError(f"cannot build '{spec}' with {extra}: {_first_line(exc)}; fix --model-args") from exc
     except Exception as exc:
@@ -343,7 +343,8 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
 
         return load_folder(folder, config, spec, weights if weights is not None else weights_file, random_init, extra)
     if not arch:
-        raise ModelError(f"'{config_path}' has no 'architecture' field; expected timm's hub config.json")
+        raise ModelError(f"'{config_path}' has no 'architecture' field (timm's hub config.json) nor 'model_type' "
+                         "(a transformers config.json)")
     arch = resolve_timm_name(str(arch))
     args = dict(config.get("model_args") or {})
     if config.get("num_classes") is not None:
@@ -365,13 +366,18 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
     return _finish(model, arch.partition(".")[0], args, spec)
 
 
+def _timm_kwargs(model_args: dict) -> dict:
+    """create_model kwargs from JSON model_args (`layer_norm_eps` -> `norm_layer`; see hf_convert.timm_kwargs)."""
+    from .hf_convert import timm_kwargs
+
+    return timm_kwargs(model_args)
+
+
 def _create(name: str, pretrained: bool, kwargs: dict, pretrained_cfg: dict | None = None) -> nn.Module:
     import timm
 
-    from .hf_convert import timm_kwargs  # JSON model_args -> create_model kwargs (layer_norm_eps -> norm_layer)
-
     shown = kwargs
-    kwargs = timm_kwargs(kwargs)
+    kwargs = _timm_kwargs(kwargs)
     try:
         if pretrained_cfg is not None:
             return timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
