@@ -47,7 +47,6 @@ def save(model: torch.nn.Module, folder: Path, weights: str = "safetensors", pre
         torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
         (folder / "model.safetensors").unlink()
     if preprocessor is not None:
-        from transformers import AutoImageProcessor  # noqa: F401  (registers the processor classes)
         import transformers as tf
 
         kind = preprocessor.pop("type")

@@ -107,8 +107,8 @@ _MISSING = object()
 
 
 def _same(a: Any, b: Any) -> bool:
-    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
-    return norm(a) == norm(b)
+    """Equal model args, a tuple and a list with the same items counting as equal (JSON round trips)."""
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
 def read_weights(folder: Path, weights: str | Path | None = None) -> tuple[dict[str, Tensor], str]:

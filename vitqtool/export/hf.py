@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ExportFormatError, RecipeError, VitqError
-from ..quant import MIN_STEP, QConv2d, QLinear, LSQQuantizer
+from ..quant import MIN_STEP, LSQQuantizer, QConv2d, QLinear
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
 from .layout import META_QCONFIG, META_VITQ, module_table
