@@ -233,6 +233,19 @@ def _pipeline(spec: str, tmp_path, family: str) -> None:
     res = runner.invoke(app, ["evaluate", str(out), "--limit", "16", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["kind"] == "quantized"
+
+    # the default single-file export keeps the source config, so it can be re-exported in the transformers layout
+    single = tmp_path / "model.safetensors"
+    res = runner.invoke(app, ["export", str(run), "--out", str(single), "--json"])
+    assert res.exit_code == 0, res.output
+    from vitqtool.export.reader import read_metadata
+
+    vq_single = read_metadata(single)[1]["vitqtool"]
+    assert vq_single["source_format"] == "transformers" and vq_single["data_config"]["labels"] == LABELS
+    assert vq_single["source_config"] == meta["source_config"]
+    res = runner.invoke(app, ["export", str(single), "--format", "hf", "--out", str(tmp_path / "again"), "--verify", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     res = runner.invoke(app, ["evaluate", str(run), "--limit", "16", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["labels"] == LABELS
