@@ -109,10 +109,9 @@ VIT_SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_
     ("vit_tiny_patch16_224", {"scale_mlp_norm": True}, r"blocks\.0\.mlp\.norm", "norm inside the MLP"),
     ("vit_tiny_patch16_224", {"act_layer": "silu"}, r"blocks\.0\.mlp\.act", "activation SiLU"),
     ("vit_tiny_patch16_224", {"qk_norm": True}, r"blocks\.0\.attn", "qk_norm"),
-    ("vit_tiny_patch16_224", {"reg_tokens": 2}, "reg_token", "register tokens"),
     ("vit_tiny_patch16_224", {"global_pool": "map"}, "attn_pool", "attention pooling"),
     ("swin_tiny_patch4_window7_224", {}, r"layers\.1\.blocks\.0\.mlp\.act", "SiLU"),
-], ids=["scale_mlp_norm", "silu", "qk_norm", "reg_tokens", "map_pool", "swin_silu"])
+], ids=["scale_mlp_norm", "silu", "qk_norm", "map_pool", "swin_silu"])
 def test_allow_list_refuses_features_the_rewrite_does_not_implement(name, extra, where, feature):
     if name.startswith("vit"):
         model = timm.create_model(name, pretrained=False, **VIT_SMALL, **extra)
@@ -127,8 +126,9 @@ def test_allow_list_refuses_features_the_rewrite_does_not_implement(name, extra,
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_gelu_tanh_vit_is_accepted_and_fp_equivalent():
-    stock = timm.create_model("vit_tiny_patch16_224", pretrained=False, act_layer="gelu_tanh", **VIT_SMALL).eval()
+@pytest.mark.parametrize("extra", [{"act_layer": "gelu_tanh"}, {"reg_tokens": 2}], ids=["gelu_tanh", "reg_tokens"])
+def test_vit_variants_the_rewrite_covers_are_fp_equivalent(extra):
+    stock = timm.create_model("vit_tiny_patch16_224", pretrained=False, **extra, **VIT_SMALL).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         q = core.prepare(stock, "vaq", bits=2).eval()

@@ -211,19 +211,31 @@ def _export_dtype(value: str) -> str:
     return value
 
 
+def _export_format(value: str) -> str:
+    """Validate `--format` against the export formats."""
+    from .commands import EXPORT_FORMATS
+
+    if value not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(EXPORT_FORMATS)}, got {value!r}", param_hint="--format")
+    return value
+
+
 @app.command("export")
 def export_cmd(
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
-    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
+    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write (--format hf: the folder).")],
     dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).")] = "float32",
     verify: Annotated[bool, typer.Option("--verify", help="Reload the file and check its logits against the run's model (max |diff| <= 1e-5); exit 1 and write nothing otherwise.")] = False,
     which: Annotated[str, typer.Option("--which", help="Checkpoint of the run: best or last.")] = "best",
+    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help="safetensors: one packed file (default); hf: a transformers folder "
+                                     "(config.json with a compressed-tensors quantization_config, model.safetensors, "
+                                     "preprocessor_config.json) for runs of transformers checkpoints.")] = "safetensors",
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a quantized run as one packed low-bit safetensors file that `vitqtool.load` rebuilds on its own."""
+    """Write a quantized run as one packed low-bit safetensors file (or, --format hf, a transformers folder) that `vitqtool.load` rebuilds."""
     from .commands import export as run_export
 
-    result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which)
+    result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which, format=fmt)
     if as_json:
         emit_json(result)
         return

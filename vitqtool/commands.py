@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import math
 import time
@@ -26,7 +27,8 @@ from .core.prepare import calibrate, evaluate_model, prepare
 from .core.runs import is_run_dir, load_checkpoint, load_run_model
 from .data import check_num_classes, load_dataset, make_eval_loader
 from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
-from .export import export_model, inspect, is_vitq_export, load, read_export
+from .export import export_hf_model, export_model, inspect, is_hf_export, is_vitq_export, read_export, read_hf_export
+from .export.hf import read_config as read_hf_config
 from .export.layout import META_VITQ
 from .export.writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs
 from .fileio import library_versions
@@ -36,6 +38,8 @@ from .train import train_fp as train_fp_module
 from .train.softlabels import bytes_per_crop, check_store_out
 
 log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("safetensors", "hf")
 
 __all__ = ["ResolvedModel", "analyze", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
            "train_fp"]
@@ -59,11 +63,19 @@ def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool 
     if path.is_dir() and is_run_dir(path):
         run = load_run_model(path)
         return ResolvedModel(run.model, run.data_config, str(path), "quantized", run.recipe)
+    if path.is_dir() and is_hf_export(path):  # a `vitqtool export --format hf` folder
+        exported = read_hf_export(path)
+        return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
     if path.is_file() and path.suffix == ".safetensors" and is_vitq_export(path):
         exported = read_export(path)
         return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
     loaded = resolve_model(spec, weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
     return ResolvedModel(loaded.model, loaded.data_config, loaded.source, "fp")
+
+
+def load(path: str | Path) -> nn.Module:
+    """The runnable quantized model (eval mode) of a vitqtool export: a .safetensors file or a `--format hf` folder."""
+    return read_hf_export(path).model if Path(path).is_dir() else read_export(path).model
 
 
 def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str = "validation", *,
@@ -102,8 +114,13 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
         calibrate(net, itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib))
         quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
     loader = make_eval_loader(dataset, cfg, batch_size)
-    result = evaluate_model(net, loader, dataset_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size))
-    return {**result, "model": source, "kind": kind, "data": data, "split": split, "quantized": quantized_with}
+    labels = cfg.get("labels")  # class names of a transformers checkpoint (id2label)
+    result = evaluate_model(net, loader, dataset_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size),
+                            per_class=labels is not None)
+    if labels is not None:
+        result["per_class"] = [{"class": i, "label": labels[i] if i < len(labels) else None, **row}
+                               for i, row in enumerate(result["per_class"]) if row["n"] or row["predicted"]]
+    return {**result, "labels": labels, "model": source, "kind": kind, "data": data, "split": split, "quantized": quantized_with}
 
 
 def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq", data: str = "builtin:mnist5k", out: Path,
@@ -162,7 +179,8 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
         info = RunInfo(identity=session.identity, source_model=loaded.source, architecture=loaded.architecture,
                        model_args=loaded.model_args, data_config=loaded.data_config, data=data, num_classes=num_classes,
                        seed=rt.seed, recipe=rec.name, bits=rec.quant.bits, kd_mode=kd_mode,
-                       versions=library_versions("accelerate"))
+                       versions=library_versions("accelerate"), source_format=loaded.source_format,
+                       source_config=loaded.source_config, preprocessor_config=loaded.preprocessor_config)
         return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
                                 teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
                                 fuse_quantizers=fuse_quantizers, show_progress=show_progress)
@@ -242,34 +260,72 @@ def train_fp(model: str, out: Path, *, data: str = "builtin:mnist5k", model_args
 
 
 def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32", verify: bool = False,
-           which: str = "best") -> dict[str, Any]:
-    """Export a `quantize` run folder (checkpoint `which`: best or last), or re-export a vitqtool export, to `out`.
+           which: str = "best", format: str = "safetensors") -> dict[str, Any]:
+    """Export a `quantize` run folder (checkpoint `which`: best or last), or re-export an export, to `out`.
 
-    `verify` reloads the file and checks its logits against the run's model on a few batches of the
-    run's validation data (random inputs of the model's input size when no data is available).
-    Returns the `inspect` summary of the written file plus `verify` results.
-    Raises RunError / ExportFormatError naming the problem when the input is neither.
+    `format="safetensors"` writes one vitqtool file; `format="hf"` writes the transformers layout of a
+    model quantized from a transformers checkpoint (a folder; `export.hf`). `verify` reloads what was
+    written and checks its logits against the run's model on a few batches of the run's validation
+    data (random inputs of the model's input size when no data is available).
+    Returns the summary of what was written plus `verify` results.
+    Raises RunError / ExportFormatError naming the problem when the input is neither a run nor an export.
     Example:
         >>> export("runs/deit_w2", "deit_w2.safetensors", dtype="float16", verify=True)
     """
+    if format not in EXPORT_FORMATS:
+        raise ExportFormatError(f"unknown export format {format!r}; use {' or '.join(EXPORT_FORMATS)}")
+    if format == "hf" and dtype != "float32":
+        raise ExportFormatError(f"--dtype {dtype} applies to --format safetensors; --format hf stores float32")
     path = Path(run_or_checkpoint)
-    if path.is_dir():
+    if path.is_dir() and is_run_dir(path):
         run = load_run_model(path, which)
         info = run.info
         top1 = info.best_top1 if which == "best" else info.last_top1
         metrics = {"top1": top1, "data": info.data, "split": "validation", "checkpoint": which} if top1 is not None else None
+        source = _ExportSource(run.model, run.data_config, run.recipe, info.architecture, info.model_args or {},
+                               info.source_model or str(path), metrics, info.source_info())
         inputs = _verify_inputs(info.data, run.data_config) if verify else None
-        return export_model(run.model, out, architecture=info.architecture, model_args=info.model_args or {},
-                            data_config=run.data_config, recipe=run.recipe, source=info.source_model or str(path),
-                            metrics=metrics, dtype=dtype, verify=verify, verify_inputs=inputs)
-    if path.is_file() and is_vitq_export(path):
-        exported = read_export(path)
+    elif path.is_dir() and is_hf_export(path):
+        exported = read_hf_export(path)
         vq = exported.metadata[META_VITQ]
-        return export_model(exported.model, out, architecture=vq["architecture"], model_args=vq["model_args"],
-                            data_config=exported.data_config, recipe=exported.recipe, source=vq["source"],
-                            metrics=vq["metrics"], dtype=dtype, verify=verify)
-    raise ExportFormatError(f"'{path}' is neither a `vitqtool quantize` run folder nor a vitqtool export; "
-                            "pass the --out folder of a quantize run")
+        config = read_hf_config(path)[0]
+        preprocessor = path / "preprocessor_config.json"
+        info = {"source_format": "transformers", "source_config": {k: v for k, v in config.items() if k != "quantization_config"},
+                "preprocessor_config": json.loads(preprocessor.read_text()) if preprocessor.is_file() else None}
+        source = _ExportSource(exported.model, exported.data_config, exported.recipe, vq["architecture"], vq["model_args"],
+                               vq.get("source", str(path)), vq.get("metrics"), {k: v for k, v in info.items() if v is not None})
+        inputs = None
+    elif path.is_file() and is_vitq_export(path):
+        exported = read_export(path)
+        header = exported.header
+        source = _ExportSource(exported.model, exported.data_config, exported.recipe, header.architecture, header.model_args,
+                               header.source, header.metrics, header.source_info())
+        inputs = None
+    else:
+        raise ExportFormatError(f"'{path}' is neither a `vitqtool quantize` run folder nor a vitqtool export; "
+                                "pass the --out folder of a quantize run")
+    if format == "hf":
+        return export_hf_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                               data_config=source.data_config, recipe=source.recipe, source=source.source,
+                               source_config=source.info.get("source_config"), preprocessor_config=source.info.get("preprocessor_config"),
+                               metrics=source.metrics, verify=verify, verify_inputs=inputs)
+    return export_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                        data_config=source.data_config, recipe=source.recipe, source=source.source, metrics=source.metrics,
+                        dtype=dtype, verify=verify, verify_inputs=inputs, source_info=source.info)
+
+
+@dataclass
+class _ExportSource:
+    """What any export format needs of a run or an earlier export."""
+
+    model: nn.Module
+    data_config: dict
+    recipe: Recipe
+    architecture: str
+    model_args: dict
+    source: str
+    metrics: dict | None
+    info: dict  # source format, and for transformers sources their config.json and preprocessor config
 
 
 def _verify_inputs(data: str | None, data_config: dict) -> list[Tensor]:

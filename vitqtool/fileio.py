@@ -186,6 +186,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def staging_dir(target: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to stage files in, always removed afterwards (move what you keep out)."""
+    target = Path(target)
+    make_dirs(target.parent)
+    clean_stale_temps(target.parent)
+    with translate_write_errors(target):
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target.name)))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def folder_lock(folder: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (created if needed) for the block; BusyError naming the holder's PID."""
     folder = make_dirs(folder)

@@ -32,7 +32,8 @@ class ViTAdapter(Adapter):
 
     def check(self, model: nn.Module) -> None:
         require(getattr(model, "attn_pool", None) is None, "attn_pool", "attention pooling (global_pool='map')")
-        require(getattr(model, "reg_token", None) is None, "reg_token", "register tokens")
+        # register tokens (e.g. a transformers DeiT's distillation token that no head reads) are FP prefix tokens like
+        # cls_token: the rewrite leaves the embedding alone and `run_from` keeps every prefix row
         require(type(model.patch_embed.proj) is nn.Conv2d, "patch_embed.proj", f"patch embedding {type(model.patch_embed.proj).__name__}")
         for i, block in enumerate(model.blocks):
             where = f"blocks.{i}"

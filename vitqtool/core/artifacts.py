@@ -87,6 +87,15 @@ class Artifact:
         return cls(**values)
 
 
+def source_fields(artifact: Any) -> dict[str, Any]:
+    """`source_format`, `source_config`, `preprocessor_config` of a RunInfo or ExportHeader, unset ones left out."""
+    if artifact.source_format == "timm":
+        return {}
+    fields = {"source_format": artifact.source_format, "source_config": artifact.source_config,
+              "preprocessor_config": artifact.preprocessor_config}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def _hint_name(hint: Any) -> str:
     return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
 
@@ -114,6 +123,13 @@ class RunInfo(Artifact, format_name="vitqtool-run", version=1, error=RunError):
     best_top1: float | None = None
     last_top1: float | None = None
     fused_quantizers: bool = False
+    source_format: str = "timm"              # or "transformers": a converted transformers checkpoint
+    source_config: dict | None = None        # transformers: the source's config.json (`export --format hf` needs it)
+    preprocessor_config: dict | None = None  # transformers: its preprocessor_config.json, when present
+
+    def source_info(self) -> dict[str, Any]:
+        """The source-format fields an export records (none for a timm source)."""
+        return source_fields(self)
 
 
 @dataclass
@@ -169,7 +185,14 @@ class ExportHeader(Artifact, format_name="vitqtool-export", version="1.0", error
     weights: str = ""
     metrics: dict | None = None
     versions: dict = field(default_factory=dict)
+    source_format: str = "timm"
+    source_config: dict | None = None
+    preprocessor_config: dict | None = None
     format_version: str = "1.0"
+
+    def source_info(self) -> dict[str, Any]:
+        """The source-format fields (to carry into a re-export)."""
+        return source_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The metadata document (format_version first, as files have always had it)."""

@@ -12,24 +12,21 @@ import difflib
 import json
 import logging
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import ModelError, WeightsError
+from . import hf_convert, hf_models
+from .weights import SAFETENSORS_EXTS, TORCH_EXTS, first_line, load_state_dict_file, load_strict
 from ..fileio import atomic_write, json_default, save_safetensors, state_dict_for_safetensors
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_EXTS = (".safetensors",)
-TORCH_EXTS = (".pth", ".pt", ".bin", ".ckpt")
 FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "open_clip_pytorch_model.bin")
-_WRAPPER_KEYS = ("model", "state_dict")
-_MAX_KEYS_SHOWN = 5
 
 
 @dataclass
@@ -41,126 +38,9 @@ class LoadedModel:
     architecture: str
     model_args: dict = field(default_factory=dict)
     source: str = ""
-
-
-# --------------------------------------------------------------------------- state dict files
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a .safetensors / .pth / .pt / .bin file into a flat {name: tensor} dict (no pickled code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file '{path}' does not exist; pass the path of a .safetensors or .pth file")
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_EXTS:
-        obj = _read_safetensors(path)
-    elif suffix in TORCH_EXTS:
-        obj = _read_torch(path)
-    else:
-        raise WeightsError(
-            f"weights file '{path}' has an unsupported extension '{suffix or '(none)'}'; "
-            "use a .safetensors, .pth, .pt or .bin file"
-        )
-    return _as_state_dict(obj, path)
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # SafetensorError, OSError, ValueError depending on the damage
-        raise WeightsError(
-            f"weights file '{path}' is not a readable safetensors file ({_first_line(exc)}); "
-            "re-download or re-export it"
-        ) from exc
-
-
-def _read_torch(path: Path) -> Any:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"weights file '{path}' holds Python objects other than tensors and was refused "
-            "(loaded with weights_only=True); re-save it as a plain state_dict or convert it to .safetensors"
-        ) from exc
-    except Exception as exc:  # truncated zip, not a torch file, ...
-        raise WeightsError(
-            f"weights file '{path}' is not a readable PyTorch checkpoint ({_first_line(exc)}); "
-            "re-download it or convert it to .safetensors"
-        ) from exc
-
-
-def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
-    """Unwrap {"model": sd} / {"state_dict": sd} and a uniform DDP "module." prefix; check values are tensors."""
-    if isinstance(obj, Mapping):
-        for key in _WRAPPER_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping):
-                logger.info("using the '%s' entry of checkpoint %s", key, path)
-                obj = inner
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(
-            f"weights file '{path}' does not contain a state_dict (a mapping of names to tensors); "
-            "save model.state_dict() instead"
-        )
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise WeightsError(
-            f"weights file '{path}' has non-tensor entries ({_key_list(bad)}); "
-            "save model.state_dict() (or a {'model': state_dict} wrapper) instead"
-        )
-    sd = {str(k): v for k, v in obj.items()}
-    if all(k.startswith("module.") for k in sd):
-        logger.info("stripping the 'module.' prefix (DistributedDataParallel) from %s", path)
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> None:
-    """Load `state_dict` into `model` strictly; any missing/unexpected key or shape mismatch is a WeightsError."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems: list[str] = []
-    if missing:
-        problems.append(f"missing keys {_key_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_key_list(unexpected)}")
-    if mismatched:
-        shown = ", ".join(
-            f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-            for k in mismatched[:_MAX_KEYS_SHOWN]
-        )
-        more = f" (+{len(mismatched) - _MAX_KEYS_SHOWN} more)" if len(mismatched) > _MAX_KEYS_SHOWN else ""
-        problems.append(f"shape mismatch {shown}{more}")
-    if problems:
-        hint = _mismatch_hint(model, state_dict, mismatched)
-        raise WeightsError(f"{what} does not match the model: " + "; ".join(problems) + f"; {hint}")
-    try:
-        model.load_state_dict(dict(state_dict), strict=True)
-    except RuntimeError as exc:  # e.g. a dtype that cannot be copied
-        raise WeightsError(f"{what} could not be loaded into the model ({_first_line(exc)})") from exc
-
-
-def _mismatch_hint(model: nn.Module, state_dict: Mapping[str, Tensor], mismatched: list[str]) -> str:
-    num_classes = getattr(model, "num_classes", None)
-    expected = model.state_dict()
-    for key in mismatched:
-        file_shape, model_shape = tuple(state_dict[key].shape), tuple(expected[key].shape)
-        if (
-            num_classes is not None
-            and len(file_shape) == len(model_shape)
-            and model_shape[0] == num_classes
-            and file_shape[0] != num_classes
-            and file_shape[1:] == model_shape[1:]
-        ):
-            return f"the file has {file_shape[0]} classes and the model {num_classes}: pass --num-classes {file_shape[0]}"
-    return "check that the weights belong to this architecture and its --model-args (img_size, patch_size, ...)"
+    source_format: str = "timm"  # "timm", or "transformers" for a converted transformers checkpoint
+    source_config: dict | None = None  # transformers: the whole config.json
+    preprocessor_config: dict | None = None  # transformers: preprocessor_config.json, when present
 
 
 # --------------------------------------------------------------------------- spec resolution
@@ -266,7 +146,7 @@ def _from_timm_name(spec: str, weights: str | Path | None, random_init: bool, ex
     if _hub_offline() and not _pretrained_cached(cfg):
         raise WeightsError(_offline_message(name))
     try:
-        model = timm.create_model(name, pretrained=True, **extra)
+        model = timm.create_model(name, pretrained=True, **_timm_kwargs(extra))
     except Exception as exc:
         raise _pretrained_error(name, exc) from exc
     return _finish(model, arch, extra, spec)
@@ -276,6 +156,9 @@ def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra
     import timm
     from timm.models import load_model_config_from_hf
 
+    folder = hf_models.hub_folder(spec[len("hf-hub:"):], offline=_hub_offline())  # a transformers repo (model_type)
+    if folder is not None:
+        return _from_transformers_folder(folder, hf_models.read_json(folder / hf_models.CONFIG), spec, weights, random_init, extra)
     pretrained = weights is None and not random_init
     try:
         hub_cfg, _, _ = load_model_config_from_hf(spec[len("hf-hub:"):])
@@ -293,9 +176,9 @@ def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra
             f"pass --weights FILE with a {extra['num_classes']}-class head (or drop --num-classes)"
         )
     try:
-        model = timm.create_model(spec, pretrained=pretrained, **extra)
+        model = timm.create_model(spec, pretrained=pretrained, **_timm_kwargs(extra))
     except (TypeError, ValueError, AssertionError) as exc:
-        raise ModelError(f"cannot build '{spec}' with {extra}: {_first_line(exc)}; fix --model-args") from exc
+        raise ModelError(f"cannot build '{spec}' with {extra}: {first_line(exc)}; fix --model-args") from exc
     except Exception as exc:
         raise _pretrained_error(spec, exc) from exc
     if weights is not None:
@@ -326,10 +209,13 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelError(f"'{config_path}' is not valid JSON ({_first_line(exc)}); fix or re-export it") from exc
+        raise ModelError(f"'{config_path}' is not valid JSON ({first_line(exc)}); fix or re-export it") from exc
     arch = config.get("architecture") if isinstance(config, dict) else None
+    if not arch and hf_convert.is_transformers_config(config):  # a transformers save_pretrained folder
+        return _from_transformers_folder(folder, config, spec, weights if weights is not None else weights_file, random_init, extra)
     if not arch:
-        raise ModelError(f"'{config_path}' has no 'architecture' field; expected timm's hub config.json")
+        raise ModelError(f"'{config_path}' has no 'architecture' field (timm's hub config.json) nor 'model_type' "
+                         "(a transformers config.json)")
     arch = resolve_timm_name(str(arch))
     args = dict(config.get("model_args") or {})
     if config.get("num_classes") is not None:
@@ -351,17 +237,71 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
     return _finish(model, arch.partition(".")[0], args, spec)
 
 
+def _timm_kwargs(model_args: dict) -> dict:
+    """create_model kwargs from JSON model_args (`layer_norm_eps` -> `norm_layer`; see hf_convert.timm_kwargs)."""
+    return hf_convert.timm_kwargs(model_args)
+
+
+def _from_transformers_folder(folder: Path, config: dict[str, Any], source: str, weights: str | Path | None = None,
+                random_init: bool = False, extra: dict[str, Any] | None = None) -> LoadedModel:
+    """Build the timm equivalent of a transformers ViT/DeiT/Swin folder and load its weights strictly.
+
+    Args:
+        folder: the folder holding config.json (and weights, preprocessor_config.json).
+        config: its parsed config.json.
+        source: the MODEL spec, recorded as the loaded model's source.
+        weights: a transformers-layout weights file to use instead of the folder's.
+        random_init: build without loading weights.
+        extra: --model-args/--num-classes; only training-time knobs (dropout rates) may differ.
+    Returns:
+        A `LoadedModel` with `source_format="transformers"`, the whole config.json and
+        preprocessor config, and `labels` (id2label) in its data config.
+    Raises:
+        ModelError for a config field the map does not cover; WeightsError for missing, leftover or
+        mis-shaped tensors (named).
+    """
+    where = str(folder / hf_models.CONFIG)
+    qc = config.get("quantization_config")
+    if qc is not None:
+        if isinstance(qc, dict) and "vitqtool" in qc:
+            raise ModelError(f"'{folder}' is a quantized vitqtool export, not an FP model; evaluate it directly "
+                             "(vitqtool evaluate DIR) or pass the FP checkpoint it came from")
+        raise ModelError(f"{where}: field 'quantization_config' (an already quantized checkpoint) is not supported; "
+                         "pass the FP checkpoint")
+    spec = hf_convert.timm_spec(config, where)
+    args = hf_models.merge_args(spec.model_args, extra or {}, where)
+    model = _create(spec.architecture, pretrained=False, kwargs=args)
+    if not random_init:
+        state, what = hf_models.read_weights(folder, weights)
+        load_strict(model, hf_convert.to_timm_state(state, spec, model, what), what)
+    preprocessor = hf_models.read_json(folder / hf_models.PREPROCESSOR) if (folder / hf_models.PREPROCESSOR).is_file() else None
+    data_config = resolve_data_config(model, args)
+    if preprocessor is not None:
+        size = data_config["input_size"][1:]
+        data_config.update(hf_convert.data_config_from_preprocessor(
+            preprocessor, int(args["in_chans"]), (int(size[0]), int(size[1])), str(folder / hf_models.PREPROCESSOR)))
+    else:
+        logger.info("'%s' has no %s; using timm's defaults for %s", folder, hf_models.PREPROCESSOR, spec.architecture)
+    data_config["labels"] = hf_convert.labels_from_config(config, where)
+    model.eval()
+    return LoadedModel(model=model, data_config=data_config, architecture=spec.architecture, model_args=args,
+                       source=source, source_format="transformers", source_config=config,
+                       preprocessor_config=preprocessor)
+
+
 def _create(name: str, pretrained: bool, kwargs: dict, pretrained_cfg: dict | None = None) -> nn.Module:
     import timm
 
+    shown = kwargs
+    kwargs = _timm_kwargs(kwargs)
     try:
         if pretrained_cfg is not None:
             return timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
-        raise ModelError(f"cannot build '{name}' with {kwargs}: {_first_line(exc)}; fix --model-args") from exc
+        raise ModelError(f"cannot build '{name}' with {shown}: {first_line(exc)}; fix --model-args") from exc
     except (ValueError, AssertionError, RuntimeError) as exc:
-        raise ModelError(f"cannot build '{name}' with {kwargs}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot build '{name}' with {shown}: {first_line(exc)}") from exc
 
 
 def _clean_pretrained_cfg(cfg: dict, arch: str) -> dict:
@@ -407,7 +347,7 @@ def resolve_data_config(model: nn.Module, model_args: dict | None = None) -> dic
 
 def _pretrained_error(name: str, exc: Exception, what: str = "pretrained weights") -> Exception:
     """Turn whatever timm / huggingface_hub / torch.hub raised into one actionable line."""
-    text = _first_line(exc)
+    text = first_line(exc)
     if isinstance(exc, RuntimeError) and "No pretrained weights exist" in text:
         return ModelError(
             f"timm has no pretrained weights for '{name}'; pass --weights FILE (a .safetensors/.pth file) "
@@ -524,23 +464,9 @@ def save_model_folder(
     try:
         config_text = json.dumps(config, indent=2, default=json_default)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"model_args/pretrained_cfg are not JSON-serialisable ({_first_line(exc)})") from exc
+        raise ModelError(f"model_args/pretrained_cfg are not JSON-serialisable ({first_line(exc)})") from exc
 
     state = state_dict_for_safetensors(model)
     atomic_write(folder / "model.safetensors", lambda p: save_safetensors(p, state, metadata={"format": "pt"}))
     atomic_write(folder / "config.json", config_text + "\n")
     return folder
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _key_list(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
-    more = f" (+{len(keys) - _MAX_KEYS_SHOWN} more, {len(keys)} in all)" if len(keys) > _MAX_KEYS_SHOWN else ""
-    return f"[{shown}]{more}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

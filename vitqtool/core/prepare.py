@@ -78,12 +78,17 @@ def quant_summary(model: nn.Module) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], num_classes: int,
-                   show_progress: bool = False, total: int | None = None) -> dict[str, float]:
-    """Top-1, top-5 (percent), mean cross-entropy loss and sample count of `model` over `loader`."""
+                   show_progress: bool = False, total: int | None = None, per_class: bool = False) -> dict[str, Any]:
+    """Top-1, top-5 (percent), mean cross-entropy loss and sample count of `model` over `loader`.
+
+    `per_class` adds `per_class`: per class index, its images (`n`), correct top-1 (`correct`) and
+    how often it was the top-1 prediction (`predicted`).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     n, loss_sum, c1, c5 = 0, 0.0, 0, 0
+    counts = torch.zeros(3, num_classes, dtype=torch.long)  # images, correct top-1, predicted top-1
     k = min(5, num_classes)
     try:
         for images, labels in track(loader, "evaluate", total=total, enabled=show_progress):
@@ -97,8 +102,15 @@ def evaluate_model(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], nu
             c1 += int(hit[:, 0].sum())
             c5 += int(hit.any(dim=1).sum())
             n += labels.numel()
+            if per_class:
+                counts[0] += torch.bincount(labels.cpu(), minlength=num_classes)
+                counts[1] += torch.bincount(labels[hit[:, 0]].cpu(), minlength=num_classes)
+                counts[2] += torch.bincount(top[:, 0].cpu(), minlength=num_classes)
     finally:
         model.train(was_training)
     if n == 0:
         raise DataError("the evaluation split is empty")
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": n}
+    result: dict[str, Any] = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": n}
+    if per_class:
+        result["per_class"] = [{"n": int(a), "correct": int(b), "predicted": int(c)} for a, b, c in counts.T.tolist()]
+    return result

@@ -43,6 +43,11 @@ class ExportedModel:
     recipe: Recipe
     metadata: dict  # {"quantization_config": {...}, "vitqtool": {...}}
 
+    @property
+    def header(self) -> ExportHeader:
+        """The typed vitqtool section of the metadata."""
+        return ExportHeader.from_dict(self.metadata[META_VITQ], "export metadata")
+
 
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Parse a safetensors header by hand: ({tensor name: {dtype, shape, data_offsets}}, __metadata__).
@@ -168,7 +173,7 @@ def read_export(path: str | Path) -> ExportedModel:
         raise ExportFormatError(f"'{path}' could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     loaded = resolve_model(vq["architecture"], random_init=True, model_args=vq["model_args"] or None)
     model = prepare(loaded.model, recipe, inplace=True)
-    _apply_table_bits(path, model, vq)
+    apply_table_bits(path, model, vq)
     state = assemble_state(path, model, tensors)
     try:
         load_strict(model, state, f"export '{path}'")
@@ -179,12 +184,7 @@ def read_export(path: str | Path) -> ExportedModel:
     return ExportedModel(model=model, data_config=data_config, recipe=recipe, metadata=metadata)
 
 
-def load(path: str | Path) -> nn.Module:
-    """Public API: the runnable quantized model (eval mode) of a vitqtool export file."""
-    return read_export(path).model
-
-
-def _apply_table_bits(path: Path, model: nn.Module, vq: dict[str, Any]) -> None:
+def apply_table_bits(path: Path, model: nn.Module, vq: dict[str, Any]) -> None:
     """Set each module's bits to the table's (they can differ from the recipe's by prepare-time overrides); check the rest."""
     built_layers, built_acts = module_table(model)
     overrides: dict[str, dict[str, int]] = {}

@@ -36,7 +36,8 @@ VERIFY_BATCH_SIZE = 8
 
 def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_args: dict, data_config: dict,
                  recipe: Recipe, source: str = "", metrics: dict | None = None, dtype: str = "float32",
-                 verify: bool = False, verify_inputs: Iterable[Tensor] | None = None) -> dict[str, Any]:
+                 verify: bool = False, verify_inputs: Iterable[Tensor] | None = None,
+                 source_info: dict | None = None) -> dict[str, Any]:
     """Write a calibrated quantized model (from `api.prepare`) to `out` as a vitqtool export.
 
     Args:
@@ -50,6 +51,8 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
         dtype: storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).
         verify: reload the written file and compare logits with `model` (FP tensors rounded to
             `dtype`) on `verify_inputs`, or random inputs of the model's input size.
+        source_info: recorded as is in the metadata (`source_format`, and for transformers sources
+            `source_config`/`preprocessor_config`, which `export --format hf` needs later).
     Returns:
         The `inspect` summary of the written file, plus `verify` results when asked.
     Raises:
@@ -64,7 +67,7 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
     out = Path(out)
     tensors = export_tensors(model, FP_DTYPES[dtype])
     metadata = _metadata(model, architecture=architecture, model_args=model_args, data_config=data_config,
-                         recipe=recipe, source=source, metrics=metrics, dtype=dtype)
+                         recipe=recipe, source=source, metrics=metrics, dtype=dtype, source_info=source_info)
     checked: dict[str, Any] | None = None
 
     def write(tmp: Path) -> None:
@@ -109,13 +112,13 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
 
 
 def _metadata(model: nn.Module, *, architecture: str, model_args: dict, data_config: dict, recipe: Recipe,
-              source: str, metrics: dict | None, dtype: str) -> dict[str, str]:
+              source: str, metrics: dict | None, dtype: str, source_info: dict | None = None) -> dict[str, str]:
     layers, acts = module_table(model)
     header = ExportHeader(
         architecture=architecture, model_args=model_args, data_config=data_config, source=source, fp_dtype=dtype,
         split_qkv=recipe.quant.split_qkv, weights="codes * weight_scale (float latent weights not stored)",
         layers=layers, activations=acts, recipe=recipe.to_dict(), metrics=metrics,
-        versions=library_versions("safetensors"))
+        versions=library_versions("safetensors"), **(source_info or {}))
     try:
         return {"format": "pt", META_QCONFIG: json.dumps(quantization_config(model, layers)),
                 META_VITQ: json.dumps(header.to_dict(), default=json_default)}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantSpec, make_quantizer
+from .base import QuantSpec, make_quantizer
 
 
 def _attach_quantizers(layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None, out_channels: int,

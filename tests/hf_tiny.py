@@ -1,0 +1,79 @@
+"""Tiny random transformers ViT / DeiT / Swin checkpoints saved with save_pretrained, for the transformers tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+LABELS = [f"digit_{i}" for i in range(10)]
+VIT_KW = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
+SWIN_KW = dict(image_size=32, patch_size=2, window_size=4, depths=[2, 2], num_heads=[3, 6], embed_dim=24)
+FAMILIES = ("vit", "deit", "deit_distilled", "swin")
+
+
+def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A transformers classification model with 10 named labels and weights far from init (logits of order 1)."""
+    import transformers as tf
+
+    cls, config_cls, kw = {
+        "vit": (tf.ViTForImageClassification, tf.ViTConfig, VIT_KW),
+        "deit": (tf.DeiTForImageClassification, tf.DeiTConfig, VIT_KW),
+        "deit_distilled": (tf.DeiTForImageClassificationWithTeacher, tf.DeiTConfig, VIT_KW),
+        "swin": (tf.SwinForImageClassification, tf.SwinConfig, SWIN_KW),
+    }[family]
+    config = config_cls(**{**kw, **overrides}, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random init is ~0.02 wide: spread every tensor so that a wrong mapping shows in the logits
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def save(model: torch.nn.Module, folder: Path, weights: str = "safetensors", preprocessor: dict | None = None) -> Path:
+    """save_pretrained, optionally as pytorch_model.bin, optionally with an image processor.
+
+    transformers 5 always writes safetensors (safe_serialization is gone), so the .bin variant is the same
+    state dict written with torch.save, which is what `save_pretrained(safe_serialization=False)` wrote before.
+    """
+    from safetensors.torch import load_file
+
+    model.save_pretrained(folder)
+    if weights == "bin":
+        torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    if preprocessor is not None:
+        import transformers as tf
+
+        kind = preprocessor.pop("type")
+        getattr(tf, kind)(**preprocessor).save_pretrained(folder)
+    return folder
+
+
+def hub_cache(root: Path, repo: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay `folder`'s files out as the Hugging Face cache holds `repo` (snapshots/<rev> + refs/main); returns the cache root."""
+    org, name = repo.split("/")
+    base = root / f"models--{org}--{name}"
+    snap = base / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        shutil.copy(f, snap / f.name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(revision)
+    return root
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Change fields of a saved config.json (None deletes a field)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            config.pop(k, None)
+        else:
+            config[k] = v
+    path.write_text(json.dumps(config))
