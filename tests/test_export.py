@@ -12,8 +12,8 @@ import vitqtool
 from vitqtool import commands, core
 from vitqtool.cli import main
 from vitqtool.errors import ExportFormatError
-from vitqtool.commands import export
-from vitqtool.export import export_model, inspect, is_vitq_export, read_export
+from vitqtool.commands import export, inspect
+from vitqtool.export import export_model, is_vitq_export, read_export
 from vitqtool.core.models import resolve_model
 from vitqtool.quant import QUANT_LAYERS, iter_quantizers
 from vitqtool.quant.packing import unpack_codes

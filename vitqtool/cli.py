@@ -249,15 +249,18 @@ def export_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    file: Annotated[Path, typer.Argument(help="A .safetensors file written by `vitqtool export`.")],
+    file: Annotated[Path, typer.Argument(help="A .safetensors file or --format hf folder written by `vitqtool export`.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export."""
+    """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export (checked as `load` checks it)."""
     from .commands import inspect as run_inspect
 
     result = run_inspect(file)
     if as_json:
         emit_json(result)
+        return
+    if result.get("format") == "hf":
+        render_table(f"{result['path']}: transformers export", [{"field": k, "value": _fmt(v)} for k, v in result.items()])
         return
     render_table(f"{result['path']}: quantized layers", result["layers"],
                  ["name", "type", "weight_bits", "act_bits", "granularity", "params", "bytes", "ratio"])

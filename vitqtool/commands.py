@@ -27,11 +27,13 @@ from .core.prepare import calibrate, evaluate_model, prepare
 from .core.runs import is_run_dir, load_checkpoint, load_run_model
 from .data import check_num_classes, load_dataset, make_eval_loader
 from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
-from .export import export_hf_model, export_model, inspect, is_hf_export, is_vitq_export, read_export, read_hf_export
+from .export import export_hf_model, export_model, is_hf_export, is_vitq_export, read_export, read_hf_export, summarize_export
 from .export.hf import read_config as read_hf_config
+from .export.hf import summary as hf_summary
 from .export.layout import META_VITQ
+from .export.reader import read_header
 from .export.writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs
-from .fileio import library_versions
+from .fileio import check_file_target, check_folder_target, library_versions
 from .recipe import Recipe, load_recipe
 from .train import (FPResult, generate_soft_labels, open_run, resolve_kd_mode, run_quantization, seed_everything)
 from .train import train_fp as train_fp_module
@@ -66,7 +68,7 @@ def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool 
     if path.is_dir() and is_hf_export(path):  # a `vitqtool export --format hf` folder
         exported = read_hf_export(path)
         return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
-    if path.is_file() and path.suffix == ".safetensors" and is_vitq_export(path):
+    if path.is_file() and path.suffix == ".safetensors" and META_VITQ in read_header(path)[1]:  # damage: the true reason
         exported = read_export(path)
         return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
     loaded = resolve_model(spec, weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
@@ -276,6 +278,7 @@ def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32
         raise ExportFormatError(f"unknown export format {format!r}; use {' or '.join(EXPORT_FORMATS)}")
     if format == "hf" and dtype != "float32":
         raise ExportFormatError(f"--dtype {dtype} applies to --format safetensors; --format hf stores float32")
+    check_folder_target(out) if format == "hf" else check_file_target(out)
     path = Path(run_or_checkpoint)
     if path.is_dir() and is_run_dir(path):
         run = load_run_model(path, which)
@@ -339,6 +342,21 @@ def _verify_inputs(data: str | None, data_config: dict) -> list[Tensor]:
     return random_inputs(data_config)
 
 
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export.
+
+    The file is checked as `load` checks it (the model is rebuilt and its state loaded), so `inspect`
+    never describes a file that does not load.
+    Example:
+        >>> summary = inspect("deit_w2.safetensors"); summary["compression_ratio"]
+    """
+    if Path(path).is_dir() and is_hf_export(path):
+        read_hf_export(path)
+        return hf_summary(path)
+    read_export(path)
+    return summarize_export(path)
+
+
 def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validation", bits: int = 2, what: str = "both",
             out: Path | str | None = None, weights: str | Path | None = None, random_init: bool = False,
             model_args: dict | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
@@ -361,6 +379,8 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
     Example:
         >>> report = analyze("deit_tiny_patch16_224", random_init=True, batches=1, batch_size=8, out="report")
     """
+    if out is not None:
+        check_folder_target(out)
     t0 = time.perf_counter()
     loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
     if loaded.kind != "fp":

@@ -131,24 +131,58 @@ def translate_write_errors(path: str | Path) -> Iterator[None]:
         raise failure from exc
 
 
+def check_folder_target(folder: str | Path) -> Path:
+    """Refuse, before any work, a folder path that is a file or lies below a file (one WriteError)."""
+    folder = Path(folder)
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "it is" if candidate == folder else f"'{candidate}' is"
+                raise WriteError(f"cannot write into '{folder}': {where} a file, not a folder")
+            if os.statvfs(candidate).f_flag & os.ST_RDONLY:
+                raise WriteError(f"cannot write into '{folder}': read-only file system")
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                raise WriteError(f"cannot write into '{folder}': permission denied")
+            break
+    return folder
+
+
+def check_file_target(path: str | Path) -> Path:
+    """Refuse, before any work, a file path that is a folder or lies below a file (one WriteError)."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(f"cannot write '{path}': it is a folder; pass a file path")
+    check_folder_target(path.parent)
+    return path
+
+
 def make_dirs(folder: str | Path) -> Path:
     """`mkdir -p` with failures (read-only, a file in the way) as one WriteError."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise WriteError(f"cannot write into '{folder}': it is a file, not a folder")
+    folder = check_folder_target(folder)
     with translate_write_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
+@contextlib.contextmanager
+def new_dirs_removed_on_failure(folder: Path) -> Iterator[None]:
+    """Create `folder` (and missing parents) for the block; on failure remove the ones it created if left empty."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    make_dirs(folder)
+    try:
+        yield
+    except BaseException:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -> Path:
     """Write `data` (bytes, text, or a function that writes the given temporary path) to `path` atomically."""
-    path = Path(path)
-    if path.is_dir():
-        raise WriteError(f"cannot write '{path}': it is a folder; pass a file path")
-    make_dirs(path.parent)
-    clean_stale_temps(path.parent)
-    with translate_write_errors(path):
+    path = check_file_target(path)
+    with new_dirs_removed_on_failure(path.parent), translate_write_errors(path):
+        clean_stale_temps(path.parent)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
         tmp = Path(tmp_name)
         try:
@@ -172,9 +206,8 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it to `path` on success (`path` must not exist)."""
     path = Path(path)
-    make_dirs(path.parent)
-    clean_stale_temps(path.parent)
-    with translate_write_errors(path):
+    with new_dirs_removed_on_failure(path.parent), translate_write_errors(path):
+        clean_stale_temps(path.parent)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path.name)))
         try:
             os.chmod(tmp, dir_mode())
@@ -189,14 +222,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def staging_dir(target: str | Path) -> Iterator[Path]:
     """A temporary folder beside `target` to stage files in, always removed afterwards (move what you keep out)."""
     target = Path(target)
-    make_dirs(target.parent)
-    clean_stale_temps(target.parent)
-    with translate_write_errors(target):
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target.name)))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with new_dirs_removed_on_failure(target.parent):
+        clean_stale_temps(target.parent)
+        with translate_write_errors(target):
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target.name)))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

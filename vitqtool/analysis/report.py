@@ -13,12 +13,13 @@ import io
 import json
 import logging
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ..fileio import atomic_write, finite_or_none
+from ..fileio import atomic_write, finite_or_none, new_dirs_removed_on_failure, staging_dir, translate_write_errors
 from .allocation import overrides_toml
 
 log = logging.getLogger(__name__)
@@ -106,35 +107,41 @@ def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
 
 
 def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> dict[str, str]:
-    """Write analysis.json, CSVs, PNGs (if possible), overrides.toml (if allocated) and index.html into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write analysis.json, CSVs, PNGs (if possible), overrides.toml (if allocated) and index.html into `out`.
+
+    Everything is written into a staging folder first and moved into `out` only when all of it was
+    written, so a full disk or a crash adds no half-written report to `out`.
+    """
     files: dict[str, str] = {}
+    with new_dirs_removed_on_failure(out), staging_dir(out) as stage:
+        def put(name: str, data: bytes) -> None:
+            atomic_write(stage / name, data)
+            files[name] = str(out / name)
 
-    def put(name: str, data: bytes) -> None:
-        atomic_write(out / name, data)
-        files[name] = str(out / name)
-
-    sens = report["sensitivity"]
-    tables = {"weights.csv": report["weights"], "activations.csv": report["activations"],
-              "sensitivity.csv": sens["modules"], "sensitivity_blocks.csv": sens["blocks"], "sensitivity_types.csv": sens["types"]}
-    if report.get("oscillation"):
-        tables["oscillation.csv"] = report["oscillation"]["modules"]
-    for name, rows in tables.items():
-        put(name, _csv_bytes(rows))
-    if report.get("allocation"):
-        alloc = report["allocation"]
-        what = f"--budget-bits {alloc['budget_bits']}" if alloc["mode"] == "budget" else f"--keep {alloc['keep']}"
-        comment = (f"vitqtool analyze {report['model']} --bits {report['bits']} {what}: average weight bits over block layers "
-                   f"{alloc['base_average_bits']:.3f} -> {alloc['average_bits']:.3f}\n"
-                   f"use: vitqtool quantize MODEL --recipe {report['recipe']} --bits {report['bits']} --overrides overrides.toml")
-        put("overrides.toml", overrides_toml(alloc, comment).encode())
-    images = render_plots(report, out) if plots else {}
-    for key, path in images.items():
-        files[key] = path
-    files["analysis.json"] = str(out / "analysis.json")
-    files["index.html"] = str(out / "index.html")
-    put("analysis.json", (json.dumps(finite_or_none({**report, "files": files}), indent=1, default=str) + "\n").encode())
-    put("index.html", render_html(report, {k: Path(v).name for k, v in images.items()}).encode())
+        sens = report["sensitivity"]
+        tables = {"weights.csv": report["weights"], "activations.csv": report["activations"],
+                  "sensitivity.csv": sens["modules"], "sensitivity_blocks.csv": sens["blocks"], "sensitivity_types.csv": sens["types"]}
+        if report.get("oscillation"):
+            tables["oscillation.csv"] = report["oscillation"]["modules"]
+        for name, rows in tables.items():
+            put(name, _csv_bytes(rows))
+        if report.get("allocation"):
+            alloc = report["allocation"]
+            what = f"--budget-bits {alloc['budget_bits']}" if alloc["mode"] == "budget" else f"--keep {alloc['keep']}"
+            comment = (f"vitqtool analyze {report['model']} --bits {report['bits']} {what}: average weight bits over block layers "
+                       f"{alloc['base_average_bits']:.3f} -> {alloc['average_bits']:.3f}\n"
+                       f"use: vitqtool quantize MODEL --recipe {report['recipe']} --bits {report['bits']} --overrides overrides.toml")
+            put("overrides.toml", overrides_toml(alloc, comment).encode())
+        images = {key: Path(path).name for key, path in (render_plots(report, stage) if plots else {}).items()}
+        for key, name in images.items():
+            files[key] = str(out / name)
+        files["analysis.json"] = str(out / "analysis.json")
+        files["index.html"] = str(out / "index.html")
+        put("analysis.json", (json.dumps(finite_or_none({**report, "files": files}), indent=1, default=str) + "\n").encode())
+        put("index.html", render_html(report, images).encode())
+        with translate_write_errors(out):
+            for path in sorted(stage.iterdir()):
+                os.replace(path, out / path.name)
     return files
 
 

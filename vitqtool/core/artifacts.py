@@ -9,6 +9,7 @@ files' layouts: changing a field means a new version that still reads the old on
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,7 +85,43 @@ class Artifact:
                 raise cls.ERROR(f"{where}: field '{f.name}' is {type(value).__name__} {value!r:.60}, "
                                 f"expected {_hint_name(hints[f.name])}; the file is damaged or was edited")
             values[f.name] = value
-        return cls(**values)
+        artifact = cls(**values)
+        artifact.check(where)
+        return artifact
+
+    def check(self, where: str) -> None:
+        """Checks beyond field types (ranges, nested rows); raise `ERROR` naming `where` and the field."""
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+_BITS = (2, 8)
+_LAYER_ROW = {"type": str, "weight_shape": "shape", "weight_bits": _BITS, "per_channel": bool,
+              "act_bits": (_BITS, None), "act_signed": (bool, None), "act_offset": (bool, None)}
+_ACTIVATION_ROW = {"role": str, "bits": _BITS, "signed": bool, "offset": bool}
+
+
+def _int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _fits(value: Any, rule: Any) -> bool:
+    if isinstance(rule, tuple) and rule and rule[-1] is None:
+        return value is None or _fits(value, rule[0])
+    if rule == "shape":
+        return isinstance(value, list) and 1 <= len(value) <= 4 and all(_int(v, 1) for v in value)
+    if rule == _BITS:
+        return _int(value, _BITS[0]) and value <= _BITS[1]
+    return isinstance(value, rule)
+
+
+def _check_row(where: str, name: str, row: Any, rules: dict[str, Any]) -> None:
+    """One per-module row of the export table: a dict whose fields fit `rules` (ints in range, bools, shapes)."""
+    if not isinstance(row, dict):
+        raise ExportFormatError(f"{where}: {name} is not a JSON object; the metadata was edited")
+    for key, rule in rules.items():
+        if key not in row or not _fits(row[key], rule):
+            raise ExportFormatError(f"{where}: {name}.{key} is {row.get(key)!r:.60}, which is not valid here; "
+                                    "the metadata was edited")
 
 
 def source_fields(artifact: Any) -> dict[str, Any]:
@@ -193,6 +230,19 @@ class ExportHeader(Artifact, format_name="vitqtool-export", version="1.0", error
     def source_info(self) -> dict[str, Any]:
         """The source-format fields (to carry into a re-export)."""
         return source_fields(self)
+
+    def check(self, where: str) -> None:
+        """The architecture is a model name, the data config a real input, every module row well-formed."""
+        bad = ExportFormatError
+        if not _MODEL_NAME.fullmatch(self.architecture):
+            raise bad(f"{where}: 'architecture' {self.architecture!r:.80} is not a model name; the metadata was edited")
+        size = self.data_config.get("input_size")
+        if not (isinstance(size, list) and len(size) == 3 and all(_int(v, 1) for v in size)):
+            raise bad(f"{where}: data_config.input_size must be [channels, height, width], got {size!r:.80}")
+        for name, row in self.layers.items():
+            _check_row(where, f"layers.{name}", row, _LAYER_ROW)
+        for name, row in self.activations.items():
+            _check_row(where, f"activations.{name}", row, _ACTIVATION_ROW)
 
     def to_dict(self) -> dict[str, Any]:
         """The metadata document (format_version first, as files have always had it)."""

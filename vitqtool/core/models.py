@@ -216,10 +216,19 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
     if not arch:
         raise ModelError(f"'{config_path}' has no 'architecture' field (timm's hub config.json) nor 'model_type' "
                          "(a transformers config.json)")
-    arch = resolve_timm_name(str(arch))
-    args = dict(config.get("model_args") or {})
+    if not isinstance(arch, str):
+        raise ModelError(f"'{config_path}': field 'architecture' must be a timm model name, got {arch!r}")
+    arch = resolve_timm_name(arch)
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise ModelError(f"'{config_path}': field 'model_args' must be a JSON object of timm.create_model arguments, got {model_args!r:.80}")
+    args = dict(model_args)
     if config.get("num_classes") is not None:
-        args["num_classes"] = int(config["num_classes"])
+        if isinstance(config["num_classes"], bool) or not isinstance(config["num_classes"], int) or config["num_classes"] < 1:
+            raise ModelError(f"'{config_path}': field 'num_classes' must be a positive integer, got {config['num_classes']!r:.80}")
+        args["num_classes"] = config["num_classes"]
+    if not isinstance(config.get("pretrained_cfg") or {}, dict):
+        raise ModelError(f"'{config_path}': field 'pretrained_cfg' must be a JSON object, got {config['pretrained_cfg']!r:.80}")
     args.update(extra)
     pretrained_cfg = _clean_pretrained_cfg(config.get("pretrained_cfg") or {}, arch)
     model = _create(arch, pretrained=False, kwargs=args, pretrained_cfg=pretrained_cfg)
@@ -467,6 +476,9 @@ def save_model_folder(
         raise ModelError(f"model_args/pretrained_cfg are not JSON-serialisable ({first_line(exc)})") from exc
 
     state = state_dict_for_safetensors(model)
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise WeightsError(f"the model holds NaN or Inf in {', '.join(nonfinite[:4])}; nothing was written to '{folder}'")
     atomic_write(folder / "model.safetensors", lambda p: save_safetensors(p, state, metadata={"format": "pt"}))
     atomic_write(folder / "config.json", config_text + "\n")
     return folder

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import RunError
+from ..errors import RunError, VitqError
 from ..fileio import write_json
 from ..recipe import Recipe, load_recipe
 from .artifacts import CheckpointState, RunInfo
@@ -67,7 +67,12 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
         document = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunError(f"run folder '{run_dir}' is damaged: run.json is unreadable ({exc})") from None
-    return RunInfo.from_dict(document, f"'{path}'")
+    try:
+        return RunInfo.from_dict(document, "run.json")
+    except RunError as exc:
+        if "newer than this vitqtool" in str(exc):
+            raise RunError(f"run folder '{run_dir}': {exc}") from None
+        raise RunError(f"run folder '{run_dir}' is damaged: {exc}") from None
 
 
 def read_index(run_dir: str | Path) -> dict[str, str]:
@@ -112,7 +117,10 @@ def load_run_model(run_dir: str | Path, which: str = "best") -> RunModel:
     info = read_run_info(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE)
     model_sd, _ = load_checkpoint(run_dir, which)
-    loaded = resolve_model(info.architecture, random_init=True, model_args=info.model_args or None)
+    try:
+        loaded = resolve_model(info.architecture, random_init=True, model_args=info.model_args or None)
+    except VitqError as exc:
+        raise RunError(f"run folder '{run_dir}' is damaged: its model cannot be rebuilt ({exc})") from None
     model = prepare(loaded.model, recipe, inplace=True)
     load_strict(model, model_sd, f"checkpoint '{which}' of run '{run_dir}'")
     model.eval()

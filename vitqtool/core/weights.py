@@ -116,7 +116,12 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -
         )
         more = f" (+{len(mismatched) - _MAX_KEYS_SHOWN} more)" if len(mismatched) > _MAX_KEYS_SHOWN else ""
         problems.append(f"shape mismatch {shown}{more}")
+    nonfinite = [k for k, v in state_dict.items() if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        problems.append(f"non-finite values (NaN or Inf) in {key_list(nonfinite)}")
     if problems:
+        if nonfinite and not (missing or unexpected or mismatched):
+            raise WeightsError(f"{what} is damaged: " + "; ".join(problems))
         hint = _mismatch_hint(model, state_dict, mismatched)
         raise WeightsError(f"{what} does not match the model: " + "; ".join(problems) + f"; {hint}")
     try:

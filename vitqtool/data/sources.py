@@ -7,12 +7,14 @@ and 3 for colour images (transforms expand grey to the model's channels).
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +310,8 @@ def _load_hf_splits(spec: str) -> dict[str, Any]:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(spec)
+        with _quiet_datasets():
+            loaded = datasets.load_dataset(spec)
     except Exception as exc:
         if _datasets_offline() or isinstance(exc, (ConnectionError, FileNotFoundError)):
             raise DataError(
@@ -320,7 +323,30 @@ def _load_hf_splits(spec: str) -> dict[str, Any]:
     return _as_split_dict(loaded)
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Keep `datasets`' progress bars (tqdm lines with \\r) off stderr unless vitqtool logs at INFO (verbose)."""
+    import datasets.config
+    from datasets.utils import logging as ds_logging
+
+    verbose = logging.getLogger("vitqtool").isEnabledFor(logging.INFO)
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    if not verbose:
+        ds_logging.disable_progress_bar()
+    logger.info("Hugging Face datasets cache: %s (set HF_DATASETS_CACHE to move it)", datasets.config.HF_DATASETS_CACHE)
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
 def _load_local(path: Path, spec: str) -> dict[str, Any]:
+    with _quiet_datasets():
+        return _load_local_splits(path, spec)
+
+
+def _load_local_splits(path: Path, spec: str) -> dict[str, Any]:
     import datasets
 
     if path.is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .layout import META_QCONFIG, META_VITQ, QUANT_METHOD, module_table, state_m
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -71,14 +73,21 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        for name, v in header.items():
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("__metadata__ is not a map of strings")
+        end = 0
+        for name, v in sorted(header.items(), key=lambda kv: [int(o) for o in kv[1]["data_offsets"]]):
+            if not _TENSOR_NAME.fullmatch(name):
+                raise ValueError(f"tensor name {name[:80]!r} is not a module path")
             begin, stop = (int(o) for o in v["data_offsets"])
+            if begin != end:
+                raise ValueError(f"tensor {name!r} starts at byte {begin}, not {end} (overlapping or gapped data)")
             count = 1
             for dim in v["shape"]:
                 count *= int(dim)
             if stop - begin != count * _ST_BYTES.get(v["dtype"], -1):
                 raise ValueError(f"tensor {name!r} has {stop - begin} bytes for dtype {v['dtype']} and shape {v['shape']}")
+            end = stop
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ExportFormatError(f"'{path}' has a corrupt safetensors header ({exc}); re-export it") from None
     if 8 + n + end > size:
@@ -113,6 +122,7 @@ def read_metadata(path: str | Path) -> tuple[dict[str, dict], dict[str, Any]]:
     vq = export_header.to_dict()
     metadata = {META_QCONFIG: qc, META_VITQ: vq}
     check_header(path, header, vq)
+    recorded_recipe(path, vq)
     return header, metadata
 
 
@@ -148,6 +158,14 @@ def check_header(path: str | Path, header: dict[str, dict], vq: dict[str, Any]) 
         raise ExportFormatError(f"'{path}': malformed per-module table in the vitqtool metadata ({type(exc).__name__}: {exc}); re-export it") from None
 
 
+def recorded_recipe(path: str | Path, vq: dict[str, Any]) -> Recipe:
+    """The recipe recorded in an export's metadata, validated like a recipe file."""
+    try:
+        return recipe_from_dict(vq["recipe"], where=f"recipe in '{path}'")
+    except RecipeError as exc:
+        raise ExportFormatError(f"'{path}': the recorded recipe is invalid ({exc})") from None
+
+
 def read_export(path: str | Path) -> ExportedModel:
     """Rebuild the quantized model of an export from the file alone (no run folder, recipe file or network).
 
@@ -163,15 +181,18 @@ def read_export(path: str | Path) -> ExportedModel:
     path = Path(path)
     _, metadata = read_metadata(path)
     vq = metadata[META_VITQ]
-    try:
-        recipe = recipe_from_dict(vq["recipe"], where=f"recipe in '{path}'")
-    except RecipeError as exc:
-        raise ExportFormatError(f"'{path}': the recorded recipe is invalid ({exc})") from None
+    recipe = recorded_recipe(path, vq)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for damage our header check missed
         raise ExportFormatError(f"'{path}' could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    loaded = resolve_model(vq["architecture"], random_init=True, model_args=vq["model_args"] or None)
+    try:
+        loaded = resolve_model(vq["architecture"], random_init=True, model_args=vq["model_args"] or None)
+    except VitqError as exc:
+        raise ExportFormatError(f"'{path}': the recorded model cannot be rebuilt ({exc})") from None
+    if list(loaded.data_config["input_size"]) != list(vq["data_config"]["input_size"]):
+        raise ExportFormatError(f"'{path}': data_config.input_size {vq['data_config']['input_size']} does not match the "
+                                f"recorded model's {list(loaded.data_config['input_size'])}; the metadata was edited")
     model = prepare(loaded.model, recipe, inplace=True)
     apply_table_bits(path, model, vq)
     state = assemble_state(path, model, tensors)
@@ -212,6 +233,11 @@ def apply_table_bits(path: Path, model: nn.Module, vq: dict[str, Any]) -> None:
                                         f"(file vs rebuilt: {diff}); the metadata was edited or is inconsistent")
 
 
+def layer_name(entry: Any) -> str:
+    """The module a state-map entry belongs to."""
+    return entry.state_key.rpartition(".")[0]
+
+
 def assemble_state(path: str | Path, model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The model's full state dict from the file's tensors: weights = unpacked codes * scale, flags set."""
     state = model.state_dict()
@@ -231,14 +257,21 @@ def assemble_state(path: str | Path, model: nn.Module, tensors: dict[str, Tensor
             continue
         if entry.kind == "weight":
             layer = model.get_submodule(entry.state_key.rpartition(".")[0])
+            scale = take(entry.file_key.replace(".weight_packed", ".weight_scale"))
+            if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+                raise ExportFormatError(f"'{path}': weight scale of '{layer_name(entry)}' is not a positive finite number; the file is damaged")
             out[entry.state_key] = _weight(path, layer, take(entry.file_key), take(entry.file_key.replace(".weight_packed", ".weight_shape")),
-                                           take(entry.file_key.replace(".weight_packed", ".weight_scale")), tuple(target.shape))
+                                           scale, tuple(target.shape))
             continue
         value = take(entry.file_key)
         if tuple(value.shape) != tuple(target.shape):
             raise ExportFormatError(f"'{path}': tensor '{entry.file_key}' has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}")
         if value.is_floating_point() != target.is_floating_point():
             raise ExportFormatError(f"'{path}': tensor '{entry.file_key}' has dtype {value.dtype}, the model needs {target.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ExportFormatError(f"'{path}': tensor '{entry.file_key}' holds NaN or Inf; the file is damaged")
+        if entry.kind == "scale" and not bool((value > 0).all()):
+            raise ExportFormatError(f"'{path}': scale '{entry.file_key}' is not positive ({value.min().item():g}); the file is damaged")
         out[entry.state_key] = value.to(target.dtype)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
@@ -264,11 +297,11 @@ def _weight(path: str | Path, layer: nn.Module, packed: Tensor, shape: Tensor, s
     return codes.reshape(expected).to(dtype) * step
 
 
-def inspect(path: str | Path) -> dict[str, Any]:
+def summarize_export(path: str | Path) -> dict[str, Any]:
     """Per-module bits and sizes, compression ratio vs float32 and a metadata summary (reads only the header).
 
     Example:
-        >>> summary = inspect("deit_w2.safetensors"); summary["compression_ratio"]
+        >>> summarize_export("deit_w2.safetensors")["compression_ratio"]
     """
     path = Path(path)
     header, metadata = read_metadata(path)

@@ -24,7 +24,7 @@ from ..fileio import atomic_write, json_default, library_versions, save_safetens
 from ..quant import QUANT_LAYERS, Quantizer
 from ..quant.packing import pack_codes
 from ..recipe import Recipe
-from .reader import inspect, read_export
+from .reader import read_export, summarize_export
 from .layout import FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table, state_map
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
 
     atomic_write(out, write)
     log.info("wrote %s (%d tensors)", out, len(tensors))
-    return {**inspect(out), "verify": checked}
+    return {**summarize_export(out), "verify": checked}
 
 
 def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -98,6 +98,8 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
             value = state[entry.state_key].detach().cpu()
             if entry.kind == "weight":
                 layer = model.get_submodule(entry.state_key.rpartition(".")[0])
+                if not bool(torch.isfinite(layer.weight).all()):
+                    raise ExportFormatError(f"the model holds NaN or Inf in {entry.state_key}; nothing was written")
                 codes = layer.w_quant.codes(layer.weight.detach()).cpu()
                 tensors[entry.file_key] = pack_codes(codes.reshape(codes.shape[0], -1), layer.w_quant.spec.bits, signed=layer.w_quant.spec.signed)
                 tensors[entry.file_key.replace(".weight_packed", ".weight_shape")] = torch.tensor(list(value.shape), dtype=torch.int32)
@@ -108,6 +110,9 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
                 tensors[entry.file_key] = value.float().contiguous()
             elif entry.kind == "fp":
                 tensors[entry.file_key] = (value.to(fp_dtype) if value.is_floating_point() else value).clone().contiguous()
+    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if nonfinite:
+        raise ExportFormatError(f"the model holds NaN or Inf in {', '.join(nonfinite[:4])}; nothing was written")
     return tensors
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..core.artifacts import SoftLabelManifest
 from ..data import ImageDataset, train_transform
 from ..errors import DataError, RunError
-from ..fileio import save_safetensors, write_json
+from ..fileio import check_folder_target, save_safetensors, write_json
 from ..progress import progress_bar
 from .sampling import mix_seed
 
@@ -248,8 +248,7 @@ def _label_shard(teacher: nn.Module, jobs: _CropJobs, first: int, count: int, to
 
 def check_store_out(out: Path, overwrite: bool) -> None:
     """Refuse (RunError) an --out that is a file, or a non-empty folder without `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"'{out}' is a file; pass a folder path for the soft-label store")
+    check_folder_target(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunError(f"'{out}' already exists and is not empty; pass another --out or --overwrite to replace it")
 
