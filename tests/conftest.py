@@ -39,3 +39,17 @@ def write_run_folder(folder, model, recipe, *, architecture, model_args, data_co
     write_run_info(folder, info)
     atomic_write(folder / RECIPE_FILE, recipe.to_toml())
     save_checkpoint(folder, "step_1", state_dict_for_safetensors(model), CheckpointState(oscillation=oscillation or {}), best=True)
+
+
+def calibrate_off_init(model, seed: int) -> None:
+    """Calibrate `model` on a random batch, then move every step (x0.7..1.3) and offset (-0.05) off its init."""
+    from vitqtool import core
+    from vitqtool.quant import iter_quantizers
+
+    gen = torch.Generator().manual_seed(seed)
+    core.calibrate(model, [torch.randn(4, 3, 32, 32, generator=gen)])
+    with torch.no_grad():
+        for _, q in iter_quantizers(model):
+            q.step.mul_(torch.empty_like(q.step).uniform_(0.7, 1.3, generator=gen))
+            if q.offset is not None:
+                q.offset.fill_(-0.05)

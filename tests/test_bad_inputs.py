@@ -105,14 +105,6 @@ def _scale_key(t: dict) -> str:
     return next(k for k in t if k.endswith(".weight_scale"))
 
 
-def _copy_run(good: Good, case: Path) -> Path:
-    return Path(shutil.copytree(good.run, case / "run"))
-
-
-def _copy_fp(good: Good, case: Path) -> Path:
-    return Path(shutil.copytree(good.fp, case / "fp"))
-
-
 def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
 
@@ -186,103 +178,50 @@ _export_rows("quant-method", lambda c, g: tampered(g.export, c / "m.safetensors"
              qconfig=lambda q: _set(q, "quant_method", "gptq")), "quant_method")
 
 
-@row("run-index-truncated")
-def _(case, good):
-    run = _copy_run(good, case)
-    index = run / "checkpoints" / "index.json"
-    index.write_text(index.read_text()[:5])
-    return ["evaluate", str(run)], 1, "is damaged"
+def _folder_row(name: str, which: str, damage, verb: str, needle: str) -> None:
+    """A copy of the good run (`which="run"`) or FP model folder (`"fp"`), damaged, through `verb`."""
+    def fn(case, good):
+        folder = Path(shutil.copytree(getattr(good, which), case / which))
+        damage(folder)
+        out = ["--out", str(case / "x.safetensors")] if verb == "export" else []
+        return [verb, str(folder), *out], 1, needle
+    ROWS[f"{which}-{name}"] = fn
 
 
-@row("run-version-one")
-def _(case, good):
-    run = _copy_run(good, case)
-    _edit_json(run / "run.json", lambda d: _set(d, "format_version", "one"))
-    return ["evaluate", str(run)], 1, "is damaged"
+def _truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
 
 
-@row("run-no-architecture")
-def _(case, good):
-    run = _copy_run(good, case)
-    _edit_json(run / "run.json", lambda d: {k: v for k, v in d.items() if k != "architecture"})
-    return ["export", str(run), "--out", str(case / "x.safetensors")], 1, "architecture"
+def _checkpoint(run: Path) -> Path:
+    return next(d for d in (run / "checkpoints").iterdir() if d.is_dir())
 
 
-@row("run-json-garbage")
-def _(case, good):
-    run = _copy_run(good, case)
-    (run / "run.json").write_text("{\"format\": ")
-    return ["evaluate", str(run)], 1, "is damaged"
+def _infinite_weight(file: Path, key: str) -> None:
+    t, meta = _read(file)
+    t[key] = torch.full_like(t[key], float("inf"))
+    save_file(t, str(file), metadata=meta)
 
 
-@row("run-newer-version")
-def _(case, good):
-    run = _copy_run(good, case)
-    _edit_json(run / "run.json", lambda d: _set(d, "format_version", 7))
-    return ["evaluate", str(run)], 1, "newer than this vitqtool"
-
-
-@row("run-checkpoint-missing")
-def _(case, good):
-    run = _copy_run(good, case)
-    for d in (run / "checkpoints").iterdir():
-        if d.is_dir():
-            shutil.rmtree(d)
-    return ["export", str(run), "--out", str(case / "x.safetensors")], 1, "unreadable"
-
-
-@row("run-nan-weights")
-def _(case, good):
-    run = _copy_run(good, case)
-    ckpt = next(d for d in (run / "checkpoints").iterdir() if d.is_dir()) / "model.safetensors"
-    t, meta = _read(ckpt)
-    t["blocks.0.mlp.fc1.weight"] = torch.full_like(t["blocks.0.mlp.fc1.weight"], float("inf"))
-    save_file(t, str(ckpt), metadata=meta)
-    return ["evaluate", str(run)], 1, "blocks.0.mlp.fc1.weight"
-
-
-@row("config-model-args-string")
-def _(case, good):
-    fp = _copy_fp(good, case)
-    _edit_json(fp / "config.json", lambda d: _set(d, "model_args", "img_size=32"))
-    return ["evaluate", str(fp)], 1, "model_args"
-
-
-@row("config-num-classes-ten")
-def _(case, good):
-    fp = _copy_fp(good, case)
-    _edit_json(fp / "config.json", lambda d: _set(d, "num_classes", "ten"))
-    return ["evaluate", str(fp)], 1, "num_classes"
-
-
-@row("config-pretrained-cfg-list")
-def _(case, good):
-    fp = _copy_fp(good, case)
-    _edit_json(fp / "config.json", lambda d: _set(d, "pretrained_cfg", [1]))
-    return ["evaluate", str(fp)], 1, "pretrained_cfg"
-
-
-@row("config-not-json")
-def _(case, good):
-    fp = _copy_fp(good, case)
-    (fp / "config.json").write_text("{{{")
-    return ["evaluate", str(fp)], 1, "not valid JSON"
-
-
-@row("config-code-as-architecture")
-def _(case, good):
-    fp = _copy_fp(good, case)
-    _edit_json(fp / "config.json", lambda d: _set(d, "architecture", {"eval": "1"}))
-    return ["evaluate", str(fp)], 1, "architecture"
-
-
-@row("fp-weights-nan")
-def _(case, good):
-    fp = _copy_fp(good, case)
-    t, meta = _read(fp / "model.safetensors")
-    t["pos_embed"] = torch.full_like(t["pos_embed"], float("nan"))
-    save_file(t, str(fp / "model.safetensors"), metadata=meta)
-    return ["evaluate", str(fp)], 1, "pos_embed"
+_folder_row("index-truncated", "run", lambda r: _truncate(r / "checkpoints" / "index.json", 5), "evaluate", "is damaged")
+_folder_row("version-one", "run", lambda r: _edit_json(r / "run.json", lambda d: _set(d, "format_version", "one")), "evaluate", "is damaged")
+_folder_row("no-architecture", "run", lambda r: _edit_json(r / "run.json", lambda d: {k: v for k, v in d.items() if k != "architecture"}),
+            "export", "architecture")
+_folder_row("json-garbage", "run", lambda r: (r / "run.json").write_text('{"format": '), "evaluate", "is damaged")
+_folder_row("newer-version", "run", lambda r: _edit_json(r / "run.json", lambda d: _set(d, "format_version", 7)), "evaluate",
+            "newer than this vitqtool")
+_folder_row("checkpoint-missing", "run", lambda r: shutil.rmtree(_checkpoint(r)), "export", "unreadable")
+_folder_row("inf-weights", "run", lambda r: _infinite_weight(_checkpoint(r) / "model.safetensors", "blocks.0.mlp.fc1.weight"),
+            "evaluate", "blocks.0.mlp.fc1.weight")
+_folder_row("model-args-string", "fp", lambda f: _edit_json(f / "config.json", lambda d: _set(d, "model_args", "img_size=32")),
+            "evaluate", "model_args")
+_folder_row("num-classes-ten", "fp", lambda f: _edit_json(f / "config.json", lambda d: _set(d, "num_classes", "ten")),
+            "evaluate", "num_classes")
+_folder_row("pretrained-cfg-list", "fp", lambda f: _edit_json(f / "config.json", lambda d: _set(d, "pretrained_cfg", [1])),
+            "evaluate", "pretrained_cfg")
+_folder_row("config-not-json", "fp", lambda f: (f / "config.json").write_text("{{{"), "evaluate", "not valid JSON")
+_folder_row("architecture-not-a-name", "fp", lambda f: _edit_json(f / "config.json", lambda d: _set(d, "architecture", {"eval": "1"})),
+            "evaluate", "architecture")
+_folder_row("weights-inf", "fp", lambda f: _infinite_weight(f / "model.safetensors", "pos_embed"), "evaluate", "pos_embed")
 
 
 def _quantize(case: Path, *extra: str) -> list[str]:

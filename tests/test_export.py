@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import vitqtool
 from vitqtool import commands, core
+from tests.conftest import calibrate_off_init
 from vitqtool.cli import main
 from vitqtool.errors import ExportFormatError
 from vitqtool.commands import export, inspect
@@ -32,13 +33,7 @@ def _quantized(spec, bits, per_channel=False, overrides=None, seed=0):
     loaded = resolve_model(name, random_init=True, model_args=args)
     recipe = load_recipe("vaq", set_fields={"quant.bits": bits, "quant.per_channel": per_channel})
     model = core.prepare(loaded.model, recipe, overrides=overrides)
-    gen = torch.Generator().manual_seed(seed)
-    core.calibrate(model, [torch.randn(4, 3, 32, 32, generator=gen)])
-    with torch.no_grad():
-        for _, q in iter_quantizers(model):
-            q.step.mul_(torch.empty_like(q.step).uniform_(0.7, 1.3, generator=gen))
-            if q.offset is not None:
-                q.offset.fill_(-0.05)
+    calibrate_off_init(model, seed)
     return loaded, recipe, model.eval()
 
 

@@ -23,6 +23,13 @@ def _attach_quantizers(layer: nn.Module, weight_spec: QuantSpec, act_spec: Quant
     layer.a_quant = make_quantizer(act_spec, "act").to(device) if act_spec is not None else None
 
 
+def _share_parameters(q: nn.Module, float_layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> nn.Module:
+    """Give a meta-built quantized layer the float layer's weight and bias Parameters and real quantizers."""
+    q.weight, q.bias = float_layer.weight, float_layer.bias
+    _attach_quantizers(q, weight_spec, act_spec, float_layer.weight.shape[0], float_layer.weight.device)
+    return q
+
+
 class QLinear(nn.Linear):
     """`nn.Linear` whose weight (and, unless `act_spec` is None, input) is fake-quantized."""
 
@@ -38,9 +45,7 @@ class QLinear(nn.Linear):
         Built on the meta device, so no throwaway weights are allocated or drawn from the global RNG.
         """
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec, device="meta")
-        q.weight, q.bias = linear.weight, linear.bias
-        _attach_quantizers(q, weight_spec, act_spec, linear.out_features, linear.weight.device)
-        return q
+        return _share_parameters(q, linear, weight_spec, act_spec)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.a_quant is not None:
@@ -63,9 +68,7 @@ class QConv2d(nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, weight_spec, act_spec, device="meta",
                 stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                 bias=conv.bias is not None, padding_mode=conv.padding_mode)
-        q.weight, q.bias = conv.weight, conv.bias
-        _attach_quantizers(q, weight_spec, act_spec, conv.out_channels, conv.weight.device)
-        return q
+        return _share_parameters(q, conv, weight_spec, act_spec)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.a_quant is not None:
