@@ -165,3 +165,26 @@ def test_qlinear_and_qconv_share_parameters_and_match_float_when_disabled():
     img = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(qc(img), conv(img))
     assert set(qc.state_dict()) == {"weight", "bias", "w_quant.step", "w_quant.initialized", "a_quant.step", "a_quant.initialized"}
+
+
+def test_a_step_at_the_floor_still_learns():
+    """A step init puts at (or below) the 1e-4 floor keeps LSQ's gradient: the floor is a projection of the stored
+    value, not a clamp in the forward (which gave zero gradient there, so the step never moved)."""
+    from vitqtool.quant import project_quantizers_
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 64) * 0.05
+    q = LSQQuantizer(QuantSpec(2), "weight")
+    with torch.no_grad():
+        q.step.fill_(9.5e-5)
+    project_quantizers_(q)
+    assert q.step.item() == pytest.approx(1e-4)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-5)
+    for _ in range(100):
+        loss = (q(w) - w).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert q.step.grad is not None and q.step.grad.abs().item() > 0
+        opt.step()
+        project_quantizers_(q)
+    assert q.step.item() > 5e-4  # measured 1.09e-3; the clamp-in-forward version stayed at 1e-4

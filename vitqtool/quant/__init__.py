@@ -1,7 +1,8 @@
 """Pure-torch quantization core: the quantizer interface and LSQ, quantized layers, calibration, packing (no timm here)."""
 
 from .base import GRANULARITIES, MIN_STEP, QUANTIZERS, Quantizer, QuantSpec, make_quantizer, register_quantizer
-from .calibrate import calibrate, init_weight_steps, iter_quantizers, quantizers_disabled, set_quantizers_enabled, set_quantizers_fused
+from .calibrate import (calibrate, init_weight_steps, iter_quantizers, project_quantizers_, quantizers_disabled,
+                        set_quantizers_enabled, set_quantizers_fused)
 from .lsq import LSQQuantizer, check_fused_kernels
 from .modules import QUANT_LAYERS, QConv2d, QLinear, QuantAttention
 from .obr import obr_lambda, obr_loss, quant_layers
@@ -12,5 +13,5 @@ __all__ = [
     "GRANULARITIES", "MIN_STEP", "QUANTIZERS", "Quantizer", "QuantSpec", "make_quantizer", "register_quantizer",
     "LSQQuantizer", "check_fused_kernels", "QLinear", "QConv2d", "QuantAttention", "QUANT_LAYERS",
     "apply_bit_overrides", "calibrate", "obr_lambda", "obr_loss", "quant_layers", "OscillationTracker",
-    "init_weight_steps", "iter_quantizers", "quantizers_disabled", "set_quantizers_enabled", "set_quantizers_fused",
+    "init_weight_steps", "iter_quantizers", "project_quantizers_", "quantizers_disabled", "set_quantizers_enabled", "set_quantizers_fused",
 ]

@@ -95,6 +95,9 @@ class Quantizer(nn.Module, abc.ABC):
     def init_from_statistic(self, value: float | Tensor) -> None:
         """Set the scale from the averaged `activation_statistic`."""
 
+    def project_(self) -> None:
+        """Bring learned parameters back into their valid range; called after calibration and each optimizer step."""
+
     @abc.abstractmethod
     def with_bits(self, bits: int) -> "Quantizer":
         """A new, uninitialised quantizer of the same type and shape at `bits` (same switches)."""

@@ -49,6 +49,13 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool, predicate: Callable[
     return count
 
 
+@torch.no_grad()
+def project_quantizers_(model: nn.Module) -> None:
+    """Call every quantizer's `project_` (e.g. LSQ's step floor) after an optimizer step."""
+    for _, q in iter_quantizers(model):
+        q.project_()
+
+
 def set_quantizers_fused(model: nn.Module, fused: bool) -> int:
     """Switch every quantizer to the compiled single-kernel path (`True`) or the eager one; returns how many."""
     count = 0

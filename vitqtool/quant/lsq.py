@@ -162,13 +162,18 @@ class LSQQuantizer(Quantizer):
         self.initialized.fill_(True)
 
     def scale_for(self, x: Tensor) -> Tensor:
-        step = self.step.clamp(min=MIN_STEP)
+        step = self.step  # kept >= MIN_STEP by `project_`, so the step always gets LSQ's gradient
         if self.spec.per_channel:  # channel dim 0 (out_features / out_channels)
             step = step.view(-1, *([1] * (x.dim() - 1)))
         return step
 
     def offset_for(self, x: Tensor) -> Tensor | None:
         return self.offset.to(x.dtype) if self.offset is not None else None
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Clamp the stored step to >= MIN_STEP (method.md §2), as the reference code does after each update."""
+        self.step.clamp_(min=MIN_STEP)
 
     def state_roles(self) -> dict[str, str]:
         roles = {"step": "scale", "initialized": "flag"}
@@ -224,6 +229,7 @@ class LSQQuantizer(Quantizer):
             if converged:
                 break
         self.step.copy_(s.to(self.step.dtype))
+        self.project_()
         self.mark_initialized()
 
     @torch.no_grad()
@@ -236,5 +242,6 @@ class LSQQuantizer(Quantizer):
     def init_from_statistic(self, value: float | Tensor) -> None:
         """Activation init (method.md §2): `s = 2 * mean|x| / sqrt(Qp)`."""
         s = 2 * float(value) / math.sqrt(self.spec.qp)
-        self.step.fill_(max(s, MIN_STEP))
+        self.step.fill_(s)
+        self.project_()
         self.mark_initialized()

@@ -36,7 +36,7 @@ from ..data import make_eval_loader
 from ..errors import RunError
 from ..fileio import state_dict_for_safetensors
 from ..progress import progress_bar
-from ..quant import iter_quantizers, obr_lambda, obr_loss
+from ..quant import iter_quantizers, obr_lambda, obr_loss, project_quantizers_
 from ..recipe import Recipe
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
 from .losses import kd_loss, soft_cross_entropy
@@ -265,6 +265,7 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                     if rt.grad_clip > 0:
                         acc.clip_grad_norm_(tr.model.parameters(), rt.grad_clip)
                     tr.optimizer.step()
+                    project_quantizers_(tr.raw)
                     if tr.tracker is not None:
                         tr.tracker.update()
                 tr.optimizer.zero_grad(set_to_none=True)
