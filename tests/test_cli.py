@@ -84,3 +84,27 @@ def test_text_from_data_is_never_read_as_markup(capsys, tmp_path):
     odd = tmp_path / "no[/such]dir"
     code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], *ARGS, "--data", str(odd)])
     assert code == 1 and "no[/such]dir" in err and "MarkupError" not in err and "Traceback" not in err
+
+
+def test_version_quiet_verbose_and_completion(capsys):
+    from vitqtool import __version__
+
+    code, out, _ = run_main(capsys, ["--version"])
+    assert code == 0 and out.strip() == f"vitqtool {__version__}"
+    code, out, err = run_main(capsys, ["-q", "evaluate", TINY_DEIT[0], *ARGS, "--limit", "16"])
+    assert code == 0 and "top-1" in out and err == ""
+    code, _, err = run_main(capsys, ["-v", "evaluate", TINY_DEIT[0], *ARGS, "--limit", "16", "--bits", "4", "--json"])
+    assert code == 0 and "INFO vitqtool.core.prepare: quantized" in err  # INFO logs were never shown before -v
+    code, out, _ = run_main(capsys, ["--help"])
+    assert code == 0 and "--install-completion" in out
+
+
+def test_without_a_terminal_progress_is_plain_lines_at_an_interval(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("VITQ_PROGRESS_SECONDS", "0")  # a line on every update (default: every 30 s)
+    code, _, err = run_main(capsys, ["quantize", TINY_DEIT[0], *ARGS, "--recipe", "lsq", "--epochs", "1", "--batch-size", "8",
+                                     "--limit-train", "24", "--limit-val", "16", "--out", str(tmp_path / "run")])
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("quantize: ")]
+    assert len(lines) >= 3 and lines[-1].startswith("quantize: 3/3")  # step, loss, img/s, elapsed and eta
+    assert all(" img/s" in ln and "elapsed" in ln for ln in lines) and any("eta" in ln for ln in lines)
+    assert "\r" not in err and "━" not in err

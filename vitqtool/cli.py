@@ -26,9 +26,51 @@ app = typer.Typer(
     help="Variation-aware 2/3/4/8-bit quantization of Vision Transformers (timm / Hugging Face checkpoints).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 recipes_app = typer.Typer(help="List and show the built-in recipes.", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    """`--version`: print the version and exit."""
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"vitqtool {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or lines; only errors on stderr.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log steps to stderr (-v: info, -vv: debug).")] = 0,
+) -> None:
+    """Variation-aware 2/3/4/8-bit quantization of Vision Transformers (timm / Hugging Face checkpoints)."""
+    ctx.obj = {"quiet": quiet}
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: int) -> None:
+    """Send vitqtool's log records to stderr at INFO (-v) or DEBUG (-vv); only warnings otherwise."""
+    import logging
+
+    logger = logging.getLogger("vitqtool")
+    logger.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+    handler = next((h for h in logger.handlers if getattr(h, "_vitqtool", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._vitqtool = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    handler.stream = sys.stderr  # this invocation's stderr (in-process callers may have replaced it)
+
+
+def _show_progress(ctx: typer.Context, as_json: bool) -> bool:
+    """Progress on stderr unless --json or --quiet."""
+    return not as_json and not (ctx.obj or {}).get("quiet", False)
 app.add_typer(recipes_app, name="recipes")
 
 # Options shared by several commands (defined once).
@@ -105,6 +147,7 @@ def _fmt(value: Any) -> str:
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="MODEL spec (timm name, hf-hub:..., model folder), a quantize run folder, or an exported .safetensors.")],
     data: DataOpt = "builtin:mnist5k",
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate.")] = "validation",
@@ -122,7 +165,7 @@ def evaluate(
     from .commands import evaluate as run_evaluate
 
     result = run_evaluate(model, data, split, weights=weights, random_init=random_init, model_args=parse_model_args(model_args), num_classes=num_classes,
-                          bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, show_progress=not as_json)
+                          bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, show_progress=_show_progress(ctx, as_json))
     if as_json:
         emit_json(result)
         return
@@ -163,6 +206,7 @@ def recipes_show(
 
 @app.command("softlabels")
 def softlabels_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="MODEL the labels are for; also the teacher unless --teacher is given.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to create for the soft-label store.")],
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher MODEL spec (default: MODEL itself).")] = None,
@@ -192,7 +236,7 @@ def softlabels_cmd(
                             random_init=random_init, model_args=parse_model_args(model_args),
                             teacher_model_args=parse_model_args(teacher_model_args), crops=crops, topk=topk, scale=scale,
                             ratio=ratio, hflip=hflip, seed=seed, batch_size=batch_size, limit=limit, overwrite=overwrite,
-                            num_workers=workers, show_progress=not as_json)
+                            num_workers=workers, show_progress=_show_progress(ctx, as_json))
     if as_json:
         emit_json(result)
         return
@@ -275,6 +319,7 @@ def inspect_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="FP MODEL spec to quantize (timm name, hf-hub:..., model folder).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints).")],
     bits: BitsOpt = None,
@@ -315,7 +360,7 @@ def quantize_cmd(
                            warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
                            calib_batches=calib_batches, overrides=overrides, resume=resume, overwrite=overwrite,
                            mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
-                           show_progress=not as_json)
+                           show_progress=_show_progress(ctx, as_json))
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
         return
     summary = {"run": str(out), "model": info.source_model, "recipe": info.recipe, "bits": info.bits,
@@ -329,6 +374,7 @@ def quantize_cmd(
 
 @app.command("analyze")
 def analyze_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="MODEL spec of the FP model (timm name, hf-hub:..., model folder).")],
     data: DataOpt = "builtin:mnist5k",
     split: Annotated[str, typer.Option("--split", help="Analysis split (step sizes are calibrated on 'train' first).")] = "validation",
@@ -359,7 +405,7 @@ def analyze_cmd(
         raise typer.BadParameter("pass only one of --budget-bits and --keep", param_hint="--keep")
     report = analyze(model, data=data, split=split, bits=bits, what=what, out=out, weights=weights, random_init=random_init,
                      model_args=parse_model_args(model_args), recipe=recipe or "vaq", batches=batches, batch_size=batch_size,
-                     run=run, budget_bits=budget_bits, keep=keep, plots=not no_plots, method=method, show_progress=not as_json)
+                     run=run, budget_bits=budget_bits, keep=keep, plots=not no_plots, method=method, show_progress=_show_progress(ctx, as_json))
     summary = report["summary"]
     if as_json:
         emit_json(summary)
@@ -385,6 +431,7 @@ def analyze_cmd(
 
 @app.command("demo")
 def demo_cmd(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Working folder: fp/ (cached FP model), report/, labels/, w4/, w2/ and the exports.")] = Path("vitqtool-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A much shorter schedule (smoke tests; lower accuracy).")] = False,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the FP model again even when --out holds one with the same settings.")] = False,
@@ -393,7 +440,7 @@ def demo_cmd(
     """Run the whole pipeline offline on builtin:mnist5k: train a small ViT, analyze, soft labels, quantize W4A4/W2A2, evaluate, export."""
     from .demo import demo
 
-    result = demo(out, quick=quick, retrain=retrain, show_progress=not as_json)
+    result = demo(out, quick=quick, retrain=retrain, show_progress=_show_progress(ctx, as_json))
     if as_json:
         emit_json(result)
         return
