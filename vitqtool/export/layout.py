@@ -15,7 +15,7 @@ from torch import nn
 
 from ..quant import QUANT_LAYERS, LSQQuantizer
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"  # 2.x: compressed-tensors' weight layout (packed_layout.py); 1.x still read
 QUANT_METHOD = "vitqtool"
 PACK_FORMAT = "pack-quantized"
 META_QCONFIG = "quantization_config"

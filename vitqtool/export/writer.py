@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from ..errors import DataError, ExportFormatError
 from ..quant import QUANT_LAYERS, MIN_STEP, LSQQuantizer
-from ..quant.packing import pack_codes
 from ..recipe import Recipe
 from .layout import (FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table,
                      state_map)
+from .packed_layout import file_scale, pack_weight
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,13 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
             if entry.kind == "weight":
                 layer = model.get_submodule(entry.state_key.rpartition(".")[0])
                 codes = layer.w_quant.codes(layer.weight.detach()).cpu()
-                tensors[entry.file_key] = pack_codes(codes.reshape(codes.shape[0], -1), layer.w_quant.spec.bits, signed=layer.w_quant.spec.signed)
+                tensors[entry.file_key] = pack_weight(codes, layer.w_quant.spec.bits, signed=layer.w_quant.spec.signed)
                 tensors[entry.file_key.replace(".weight_packed", ".weight_shape")] = torch.tensor(list(value.shape), dtype=torch.int32)
             elif entry.kind == "step":  # the effective step: forward clamps it, consumers should not have to
                 tensors[entry.file_key] = value.float().clamp(min=MIN_STEP).contiguous()
+                if entry.file_key.endswith(".weight_scale"):  # [1] or compressed-tensors' [out, 1, ...]
+                    weight = state[entry.state_key.rpartition(".")[0].rpartition(".")[0] + ".weight"]
+                    tensors[entry.file_key] = file_scale(tensors[entry.file_key], weight.dim())
             elif entry.kind == "offset":
                 tensors[entry.file_key] = value.float().contiguous()
             elif entry.kind == "fp":
@@ -142,8 +145,9 @@ def quantization_config(model: nn.Module, layers: dict[str, dict]) -> dict[str, 
             "targets": names, "format": PACK_FORMAT,
             "weights": {"num_bits": wbits, "type": "int", "symmetric": True, "strategy": "channel" if per_channel else "tensor",
                         "dynamic": False, "group_size": None},
-            "input_activations": None if abits is None else {
-                "num_bits": abits, "type": "int", "symmetric": bool(asigned and not aoffset), "strategy": "tensor", "dynamic": False},
+            # only signed offset-free inputs mean in compressed-tensors what they mean here (unsigned/offset: vitqtool section)
+            "input_activations": None if abits is None or not asigned or aoffset else {
+                "num_bits": abits, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False},
         }
     ignore = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     return {"quant_method": QUANT_METHOD, "format": PACK_FORMAT, "quantization_status": "compressed",
