@@ -199,16 +199,35 @@ def _export_dtype(value: str) -> str:
     return value
 
 
+def _export_format(value: str) -> str:
+    """Validate `--format` against the export formats."""
+    from .export.formats import EXPORT_FORMATS
+
+    if value not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(EXPORT_FORMATS)}, got {value!r}", param_hint="--format")
+    return value
+
+
 @app.command("export")
 def export_cmd(
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
-    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write (.safetensors).")],
+    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help="safetensors (vitqtool export) or compressed-tensors (weights under the source timm model's names).")] = "safetensors",
     dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).")] = "float32",
     verify: Annotated[bool, typer.Option("--verify", help="Reload the file and check its logits against the run's model (max |diff| <= 1e-5); exit 1 and write nothing otherwise.")] = False,
     which: Annotated[str, typer.Option("--which", help="Checkpoint of the run: best or last.")] = "best",
     as_json: JsonOpt = False,
 ) -> None:
     """Write a quantized run as one packed low-bit safetensors file that `vitqtool.load` rebuilds on its own."""
+    if fmt != "safetensors":
+        from .export.formats import export_as
+
+        result = export_as(fmt, run_or_checkpoint, out, dtype=dtype, verify=verify, which=which)
+        if as_json:
+            emit_json(result)
+        else:
+            render_table(f"export ({fmt}) -> {result['path']}", [result["summary"]])
+        return
     from .export import export as run_export
 
     result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which)

@@ -6,6 +6,8 @@ steps, FP tensors and a compressed-tensors-shaped `quantization_config` plus a `
 """
 
 from .reader import ExportedModel, inspect, is_vitq_export, load, read_export
+from .source_view import export_source_view, load_source_model, source_state_dict
 from .writer import export, export_model
 
-__all__ = ["ExportedModel", "export", "export_model", "inspect", "is_vitq_export", "load", "read_export"]
+__all__ = ["ExportedModel", "export", "export_model", "inspect", "is_vitq_export", "load", "read_export",
+           "export_source_view", "load_source_model", "source_state_dict"]
