@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ResolvedModel:
-    """Any runnable model spec: FP model, quantized run or export; `kind` is "fp" or "quantized"."""
+    """Any runnable model spec: FP model, quantized run or export; `kind` is "fp", "quantized" or "onnx" (onnxruntime)."""
 
     model: nn.Module
     data_config: dict[str, Any]
@@ -46,6 +46,11 @@ def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool 
 
         run = load_run_model(path)
         return ResolvedModel(run.model, run.data_config, str(path), "quantized", run.recipe)
+    if path.is_file() and path.suffix == ".onnx":  # an `export --format onnx` graph, run by onnxruntime
+        from .export.onnx_export import load_onnx
+
+        onnx_model, onnx_config = load_onnx(path)
+        return ResolvedModel(onnx_model, onnx_config, str(path), "onnx")
     if path.is_file() and path.suffix == ".safetensors":
         from .export import is_vitq_export, read_export
 

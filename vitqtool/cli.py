@@ -211,8 +211,8 @@ def _export_format(value: str) -> str:
 @app.command("export")
 def export_cmd(
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
-    out: Annotated[Path, typer.Option("--out", help="The file to write (.safetensors).")],
-    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help="safetensors (vitqtool export) or compressed-tensors (weights under the source timm model's names).")] = "safetensors",
+    out: Annotated[Path, typer.Option("--out", help="The file to write (.safetensors, or .onnx with --format onnx).")],
+    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help="safetensors (vitqtool export), onnx (QDQ graph for onnxruntime; --verify compares top-1 with the torch model on validation images) or compressed-tensors (weights under the source timm model's names).")] = "safetensors",
     dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).")] = "float32",
     verify: Annotated[bool, typer.Option("--verify", help="Reload the file and check its logits against the run's model (max |diff| <= 1e-5); exit 1 and write nothing otherwise.")] = False,
     which: Annotated[str, typer.Option("--which", help="Checkpoint of the run: best or last.")] = "best",
@@ -244,11 +244,14 @@ def export_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    file: Annotated[Path, typer.Argument(help="A .safetensors file written by `vitqtool export`.")],
+    file: Annotated[Path, typer.Argument(help="A .safetensors or .onnx file written by `vitqtool export`.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export."""
-    from .export import inspect as run_inspect
+    if file.suffix == ".onnx":
+        from .export.onnx_export import inspect_onnx as run_inspect
+    else:
+        from .export import inspect as run_inspect
 
     result = run_inspect(file)
     if as_json:
