@@ -13,7 +13,8 @@ transposes run on the 8-bit tensors between the Q and the DQ (a per-tensor quant
   so the codes are exactly vitqtool's.
 - Weights are integer initializers: 8-bit (and 5-7-bit) codes as int8 `[in, out]`; 3/4-bit codes two
   per byte and 2-bit codes four per byte in a uint8 initializer, unpacked to int8 by a small constant
-  subgraph (BitShift, BitwiseAnd, Cast, Sub) that onnxruntime folds once at session start.
+  subgraph (BitShift, BitwiseAnd, Cast, Sub on int8: onnxruntime >= 1.21) that onnxruntime folds once at
+  session start.
   Per-tensor steps are scalar scales, per-channel steps are per-column (`axis=1`).
 - The GELU output quantizer (unsigned with a learned offset beta): `x - beta` (Sub) before the
   QuantizeLinear, as vitqtool computes it; the `+ beta` after the DequantizeLinear is folded into fc2's
@@ -210,10 +211,9 @@ class Builder:
         if flat.size != n:
             flat_u = self.op("Slice", [flat_u, self.const(f"{name}.unpack_start", [0], np.int64),
                                        self.const(f"{name}.unpack_end", [n], np.int64)], f"{name}/unpack")
-        wide = self.op("Cast", [flat_u], f"{name}/unpack", to=6)  # INT32
-        signed = self.op("Sub", [wide, self.const(f"{name}.unpack_offset", offset, np.int32)], f"{name}/unpack")
-        narrow = self.op("Cast", [signed], f"{name}/unpack", to=3)  # INT8
-        return self.op("Reshape", [narrow, self.const(f"{name}.weight_shape", list(codes.shape), np.int64)], f"{name}/weight_codes")
+        narrow = self.op("Cast", [flat_u], f"{name}/unpack", to=3)  # INT8: every u < 16 fits
+        signed = self.op("Sub", [narrow, self.const(f"{name}.unpack_offset", offset, np.int8)], f"{name}/unpack")
+        return self.op("Reshape", [signed, self.const(f"{name}.weight_shape", list(codes.shape), np.int64)], f"{name}/weight_codes")
 
     def linear(self, x: str | QTensor, name: str, layers: list[QLinear | QConv2d], biases: list[torch.Tensor | None],
                act_bits: int | None = None) -> str:
