@@ -140,11 +140,15 @@ VARIANTS = {
 }
 
 
+# mixed widths: q/k/v packed at their widest inside the fused matmul, 3-bit weights two per byte, a 6-bit input
+MIXED = {"blocks.*.attn.v": {"weight_bits": 4}, "blocks.0.mlp.fc1": {"weight_bits": 3, "act_bits": 6}}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_vit_variants_fp_exact_and_quantized_close(tmp_path, variant):
     name, args = VARIANTS[variant]
     loaded = resolve_model(name, random_init=True, model_args=args)
-    model = api.prepare(loaded.model, load_recipe("vaq", set_fields={"quant.bits": 8}))
+    model = api.prepare(loaded.model, load_recipe("vaq", set_fields={"quant.bits": 8}), overrides=MIXED)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 32, 32, generator=gen)
     api.calibrate(model, [x])
@@ -156,7 +160,20 @@ def test_vit_variants_fp_exact_and_quantized_close(tmp_path, variant):
     assert verify_onnx(loaded.model, fp_path, [x], threads=1)["max_abs_diff"] <= 1e-4
     with torch.no_grad():
         scale = float(model(x).abs().max())
-    assert verify_onnx(model, q_path, [x], threads=1)["max_abs_diff"] <= 0.02 * scale  # 8-bit: only rare code flips
+    assert verify_onnx(model, q_path, [x], threads=1)["max_abs_diff"] <= 0.02 * scale  # only rare code flips
+    layers = inspect_onnx(q_path)["layers"]
+    assert {r["name"]: r["weight_bits"] for r in layers}["blocks.0.attn.qkv"] == 8
+    assert {r["name"]: (r["weight_bits"], r["act_bits"]) for r in layers}["blocks.0.mlp.fc1"] == (3, 6)
+
+
+def test_failed_verify_writes_nothing(tmp_path, trained, monkeypatch):
+    from vitqtool.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "verify_onnx", lambda *a, **k: {"top1_agreement": 97.0, "max_abs_diff": 3.0, "images": 256})
+    out = tmp_path / "w4.onnx"
+    with pytest.raises(ExportFormatError, match="agrees with the torch model on 97.00%"):
+        export_onnx(trained[4], out, verify=True)
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_cli_export_onnx_verify_then_evaluate_and_inspect(tmp_path, trained, capsys):

@@ -9,6 +9,7 @@ and `vitqtool inspect model.onnx` need nothing else. onnx and onnxruntime are im
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import json
 import logging
@@ -96,7 +97,10 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
     if uninit:
         raise ExportFormatError(f"quantizers were never calibrated ({', '.join(uninit[:3])}, {len(uninit)} in all); "
                                 "run vitqtool.calibrate(model, batches) before exporting")
-    model = model.cpu().eval()
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()
+    was_training = model.training
+    model.eval()
     input_size = tuple(int(s) for s in data_config["input_size"])
     quantized = any(isinstance(m, QUANT_LAYERS) and m.w_quant.enabled for m in model.modules())
     meta: dict[str, Any] = {
@@ -130,6 +134,8 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        model.train(was_training)
     log.info("wrote %s", out)
     return {**inspect_onnx(out), "verify": checked}
 
@@ -152,7 +158,7 @@ def export_onnx(run_or_export: str | Path, out: str | Path, verify: bool = False
 
 def verify_batches(data: str | None, data_config: dict, images: int = VERIFY_IMAGES,
                    batch_size: int = VERIFY_BATCH_SIZE) -> list[tuple[Tensor, Tensor]]:
-    """The first `images` validation images (and labels) of `data`; builtin:mnist5k when it is unknown or unavailable."""
+    """`images` evenly spaced validation images (and labels) of `data`; builtin:mnist5k when it is unknown or unavailable."""
     from ..data import load_dataset, make_eval_loader
 
     for spec in [s for s in (data, "builtin:mnist5k") if s]:
@@ -161,7 +167,8 @@ def verify_batches(data: str | None, data_config: dict, images: int = VERIFY_IMA
         except DataError as exc:
             log.warning("verify: dataset %s is not available (%s)", spec, exc)
             continue
-        subset = torch.utils.data.Subset(dataset, range(min(images, len(dataset))))
+        n = min(images, len(dataset))  # evenly spaced: an image folder is sorted by class
+        subset = torch.utils.data.Subset(dataset, [i * len(dataset) // n for i in range(n)])
         return list(itertools.islice(make_eval_loader(subset, data_config, batch_size), math.ceil(images / batch_size)))
     raise ExportFormatError("verify needs validation images and none are available")
 
