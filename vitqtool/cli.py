@@ -267,28 +267,29 @@ def _export_format(value: str) -> str:
 @app.command("export")
 def export_cmd(
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
-    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write (--format hf: the folder).")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write (.safetensors; .onnx with --format onnx; a folder with --format hf).")],
     dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).")] = "float32",
     verify: Annotated[bool, typer.Option("--verify", help="Reload the file and check its logits against the run's model (max |diff| <= 1e-5); exit 1 and write nothing otherwise.")] = False,
     which: Annotated[str, typer.Option("--which", help="Checkpoint of the run: best or last.")] = "best",
-    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help="safetensors: one packed file (default); hf: a transformers folder "
-                                     "(config.json with a compressed-tensors quantization_config, model.safetensors, "
-                                     "preprocessor_config.json) for runs of transformers checkpoints.")] = "safetensors",
+    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help="safetensors: one packed vitqtool file (default); "
+                                     "onnx: a QDQ graph onnxruntime runs with integer matmuls (--verify compares top-1 on validation "
+                                     "images); compressed-tensors: the weights under the source timm model's names; hf: a transformers "
+                                     "folder with a compressed-tensors config (runs of transformers checkpoints).")] = "safetensors",
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a quantized run as one packed low-bit safetensors file (or, --format hf, a transformers folder) that `vitqtool.load` rebuilds."""
+    """Write a quantized run as a packed low-bit safetensors file that `vitqtool.load` rebuilds (or as ONNX, compressed-tensors, transformers)."""
     from .commands import export as run_export
 
     result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which, format=fmt)
     if as_json:
         emit_json(result)
         return
-    checked = result["verify"]
-    render_table(f"export -> {result['path']}", [{
-        "model": result["architecture"], "bits": result["bits"], "fp dtype": result["fp_dtype"],
-        "layers": result["quantized_layers"], "MB": round(result["file_bytes"] / 1e6, 3),
-        "fp32 MB": round(result["fp32_bytes"] / 1e6, 3), "ratio": result["compression_ratio"],
-        "verify max|diff|": checked["max_abs_diff"] if checked else None}])
+    checked = result.get("verify") or {}
+    render_table(f"export ({fmt}) -> {result['path']}", [{
+        "model": result.get("architecture"), "bits": result.get("bits"), "layers": result.get("quantized_layers"),
+        "MB": round(result["file_bytes"] / 1e6, 3), "fp32 MB": round(result["fp32_bytes"] / 1e6, 3),
+        "ratio": result["compression_ratio"], "verify max|diff|": checked.get("max_abs_diff"),
+        **({"top-1 agree %": checked["top1_agreement"]} if "top1_agreement" in checked else {})}])
 
 
 @app.command("inspect")
@@ -303,8 +304,9 @@ def inspect_cmd(
     if as_json:
         emit_json(result)
         return
-    if result.get("format") == "hf":
-        render_table(f"{result['path']}: transformers export", [{"field": k, "value": _fmt(v)} for k, v in result.items()])
+    if "layers" not in result:  # a transformers folder or an ONNX graph: their summary fields
+        render_table(f"{result['path']}: {result.get('format', 'export')}",
+                     [{"field": k, "value": _fmt(v)} for k, v in result.items() if not isinstance(v, (dict, list))])
         return
     render_table(f"{result['path']}: quantized layers", result["layers"],
                  ["name", "type", "weight_bits", "act_bits", "granularity", "params", "bytes", "ratio"])

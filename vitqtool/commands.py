@@ -27,7 +27,10 @@ from .core.prepare import calibrate, evaluate_model, prepare
 from .core.runs import is_run_dir, load_checkpoint, load_run_model
 from .data import check_num_classes, load_dataset, make_eval_loader
 from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
-from .export import export_hf_model, export_model, is_hf_export, is_vitq_export, read_export, read_hf_export, summarize_export
+from .export import (export_hf_model, export_model, export_onnx_model, inspect_onnx, is_hf_export, is_vitq_export, load_onnx,
+                     read_export, read_hf_export, summarize_export, write_source_view)
+from .export.onnx_export import VERIFY_IMAGES as ONNX_VERIFY_IMAGES
+from .export.source_view import verify_source_view
 from .export.hf import read_config as read_hf_config
 from .export.hf import summary as hf_summary
 from .export.layout import META_VITQ
@@ -41,7 +44,7 @@ from .train.softlabels import bytes_per_crop, check_store_out
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("safetensors", "hf")
+EXPORT_FORMATS = ("safetensors", "onnx", "compressed-tensors", "hf")
 
 __all__ = ["ResolvedModel", "analyze", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
            "train_fp"]
@@ -49,7 +52,7 @@ __all__ = ["ResolvedModel", "analyze", "evaluate", "export", "inspect", "load", 
 
 @dataclass
 class ResolvedModel:
-    """Any runnable model spec: FP model, quantized run or export; `kind` is "fp" or "quantized"."""
+    """Any runnable model spec: FP model, quantized run or export; `kind` is "fp", "quantized" or "onnx" (onnxruntime)."""
 
     model: nn.Module
     data_config: dict[str, Any]
@@ -62,6 +65,9 @@ def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool 
                 model_args: dict | None = None, num_classes: int | None = None) -> ResolvedModel:
     """Resolve a MODEL spec, a `quantize` run folder or an `export` file to a runnable model."""
     path = Path(spec)
+    if path.is_file() and path.suffix == ".onnx":  # an `export --format onnx` graph, run by onnxruntime
+        onnx_model, onnx_config = load_onnx(path)
+        return ResolvedModel(onnx_model, onnx_config, str(path), "onnx")
     if path.is_dir() and is_run_dir(path):
         run = load_run_model(path)
         return ResolvedModel(run.model, run.data_config, str(path), "quantized", run.recipe)
@@ -76,7 +82,10 @@ def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool 
 
 
 def load(path: str | Path) -> nn.Module:
-    """The runnable quantized model (eval mode) of a vitqtool export: a .safetensors file or a `--format hf` folder."""
+    """The runnable quantized model (eval mode) of a vitqtool export: a .safetensors file, a `--format hf` folder,
+    or an `--format onnx` graph (run by onnxruntime behind the nn.Module call)."""
+    if Path(path).suffix == ".onnx":
+        return load_onnx(path)[0]
     return read_hf_export(path).model if Path(path).is_dir() else read_export(path).model
 
 
@@ -286,7 +295,7 @@ def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32
         top1 = info.best_top1 if which == "best" else info.last_top1
         metrics = {"top1": top1, "data": info.data, "split": "validation", "checkpoint": which} if top1 is not None else None
         source = _ExportSource(run.model, run.data_config, run.recipe, info.architecture, info.model_args or {},
-                               info.source_model or str(path), metrics, info.source_info())
+                               info.source_model or str(path), metrics, info.source_info(), info.data)
         inputs = _verify_inputs(info.data, run.data_config) if verify else None
     elif path.is_dir() and is_hf_export(path):
         exported = read_hf_export(path)
@@ -296,17 +305,30 @@ def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32
         info = {"source_format": "transformers", "source_config": {k: v for k, v in config.items() if k != "quantization_config"},
                 "preprocessor_config": json.loads(preprocessor.read_text()) if preprocessor.is_file() else None}
         source = _ExportSource(exported.model, exported.data_config, exported.recipe, vq["architecture"], vq["model_args"],
-                               vq.get("source", str(path)), vq.get("metrics"), {k: v for k, v in info.items() if v is not None})
+                               vq.get("source", str(path)), vq.get("metrics"), {k: v for k, v in info.items() if v is not None},
+                               (vq.get("metrics") or {}).get("data"))
         inputs = None
     elif path.is_file() and is_vitq_export(path):
         exported = read_export(path)
         header = exported.header
         source = _ExportSource(exported.model, exported.data_config, exported.recipe, header.architecture, header.model_args,
-                               header.source, header.metrics, header.source_info())
+                               header.source, header.metrics, header.source_info(), (header.metrics or {}).get("data"))
         inputs = None
     else:
         raise ExportFormatError(f"'{path}' is neither a `vitqtool quantize` run folder nor a vitqtool export; "
                                 "pass the --out folder of a quantize run")
+    if format == "onnx":
+        if dtype != "float32":
+            raise ExportFormatError("--dtype applies to safetensors exports; the ONNX graph keeps its FP tensors in float32")
+        batches = _validation_batches(source.data, source.data_config, ONNX_VERIFY_IMAGES, with_fallback=True) if verify else None
+        return export_onnx_model(source.model.cpu().eval(), out, architecture=source.architecture, model_args=source.model_args,
+                                 data_config=source.data_config, recipe=source.recipe, source=source.source, data=source.data,
+                                 metrics=source.metrics, verify_batches=batches)
+    if format == "compressed-tensors":
+        summary = write_source_view(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                                    data_config=source.data_config, source=source.source, dtype=dtype)
+        checked = verify_source_view(source.model, out, random_inputs(source.data_config)) if verify else None
+        return {**summary, "verify": checked}
     if format == "hf":
         return export_hf_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
                                data_config=source.data_config, recipe=source.recipe, source=source.source,
@@ -329,17 +351,33 @@ class _ExportSource:
     source: str
     metrics: dict | None
     info: dict  # source format, and for transformers sources their config.json and preprocessor config
+    data: str | None  # the dataset the model was trained or evaluated on, when known (verification images)
 
 
 def _verify_inputs(data: str | None, data_config: dict) -> list[Tensor]:
     """A few validation batches of the run's data; random inputs when the data is unknown or unavailable."""
-    if data:
+    batches = _validation_batches(data, data_config, VERIFY_BATCHES * VERIFY_BATCH_SIZE)
+    return [images for images, _ in batches] if batches else random_inputs(data_config)
+
+
+def _validation_batches(data: str | None, data_config: dict, images: int, with_fallback: bool = False,
+                        batch_size: int = VERIFY_BATCH_SIZE) -> list[tuple[Tensor, Tensor]]:
+    """`images` evenly spaced validation images (and labels) of `data` (builtin:mnist5k too when `with_fallback`).
+
+    Evenly spaced: an image folder (and builtin:mnist5k) is sorted by class. [] when no dataset is available.
+    """
+    for spec in [s for s in (data, "builtin:mnist5k" if with_fallback else None) if s]:
         try:
-            loader = make_eval_loader(load_dataset(data, "validation"), data_config, VERIFY_BATCH_SIZE)
-            return [images for images, _ in itertools.islice(loader, VERIFY_BATCHES)]
+            dataset = load_dataset(spec, "validation")
         except DataError as exc:
-            log.warning("verify: the run's data is not available (%s); using random inputs", exc)
-    return random_inputs(data_config)
+            log.warning("verify: dataset %s is not available (%s)", spec, exc)
+            continue
+        n = min(images, len(dataset))
+        subset = torch.utils.data.Subset(dataset, [i * len(dataset) // n for i in range(n)])
+        return list(itertools.islice(make_eval_loader(subset, data_config, batch_size), math.ceil(n / batch_size)))
+    if with_fallback:
+        raise ExportFormatError("verify needs validation images and none are available")
+    return []
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
@@ -350,6 +388,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
     Example:
         >>> summary = inspect("deit_w2.safetensors"); summary["compression_ratio"]
     """
+    if Path(path).suffix == ".onnx":
+        return inspect_onnx(path)
     if Path(path).is_dir() and is_hf_export(path):
         read_hf_export(path)
         return hf_summary(path)

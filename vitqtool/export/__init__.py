@@ -6,8 +6,11 @@ steps, FP tensors and a compressed-tensors-shaped `quantization_config` plus a `
 """
 
 from .hf import export_hf_model, is_hf_export, read_hf_export
+from .onnx_export import export_onnx_model, inspect_onnx, load_onnx
 from .reader import ExportedModel, is_vitq_export, read_export, summarize_export
+from .source_view import load_source_model, source_state_dict, write_source_view
 from .writer import export_model
 
-__all__ = ["ExportedModel", "export_hf_model", "export_model", "is_hf_export",
-           "is_vitq_export", "read_export", "read_hf_export", "summarize_export"]
+__all__ = ["ExportedModel", "export_hf_model", "export_model", "export_onnx_model", "inspect_onnx", "is_hf_export",
+           "is_vitq_export", "load_onnx", "load_source_model", "read_export", "read_hf_export", "source_state_dict",
+           "summarize_export", "write_source_view"]

@@ -25,9 +25,9 @@ from ..core.models import load_strict, resolve_model
 from ..core.prepare import prepare
 from ..errors import ExportFormatError, RecipeError, VitqError
 from ..quant import apply_bit_overrides
-from ..quant.packing import packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
 from .layout import META_QCONFIG, META_VITQ, QUANT_METHOD, module_table, state_map
+from .packed_layout import format_major, packed_shape, scale_shape, unpack_weight
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +136,13 @@ def check_header(path: str | Path, header: dict[str, dict], vq: dict[str, Any]) 
             raise ExportFormatError(f"'{path}': tensor '{key}' is {info['dtype']}{list(info['shape'])} but the metadata implies "
                                     f"{dtype}{shape} ({what}); the file is damaged or its metadata was edited")
 
+    major = format_major(vq.get("format_version", ""))
     try:
         for name, row in vq["layers"].items():
             shape = [int(d) for d in row["weight_shape"]]
             bits = int(row["weight_bits"])
-            inner = 1
-            for d in shape[1:]:
-                inner *= d
-            expect(f"{name}.weight_packed", "I32", [shape[0], packed_length(inner, bits)], f"{bits}-bit codes of a {shape} weight")
-            expect(f"{name}.weight_scale", "F32", [shape[0] if row["per_channel"] else 1], "weight scale")
+            expect(f"{name}.weight_packed", "I32", packed_shape(shape, bits, major), f"{bits}-bit codes of a {shape} weight")
+            expect(f"{name}.weight_scale", "F32", scale_shape(shape, bool(row["per_channel"]), major), "weight scale")
             expect(f"{name}.weight_shape", "I32", [len(shape)], "weight shape")
             if row["act_bits"] is not None:
                 expect(f"{name}.input_scale", "F32", [1], "input activation scale")
@@ -264,6 +262,8 @@ def assemble_state(path: str | Path, model: nn.Module, tensors: dict[str, Tensor
                                            scale, tuple(target.shape))
             continue
         value = take(entry.file_key)
+        if entry.kind == "scale" and value.numel() == target.numel():  # 2.x weight scales are [out, 1, ...]
+            value = value.reshape(target.shape)
         if tuple(value.shape) != tuple(target.shape):
             raise ExportFormatError(f"'{path}': tensor '{entry.file_key}' has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}")
         if value.is_floating_point() != target.is_floating_point():
@@ -285,16 +285,13 @@ def _weight(path: str | Path, layer: nn.Module, packed: Tensor, shape: Tensor, s
     spec = layer.w_quant.spec
     if tuple(int(d) for d in shape.tolist()) != expected:
         raise ExportFormatError(f"'{path}': weight_shape {shape.tolist()} does not match the rebuilt layer's {list(expected)}")
-    n = 1
-    for d in expected[1:]:
-        n *= d
     try:
-        codes = unpack_codes(packed, spec.bits, n, signed=spec.signed)
+        codes = unpack_weight(packed, spec.bits, expected, signed=spec.signed)
     except ValueError as exc:
         raise ExportFormatError(f"'{path}': packed weight of a {spec.bits}-bit layer {list(expected)}: {exc}") from None
     dtype = layer.weight.dtype
-    step = scale.to(dtype).view(-1, *([1] * (len(expected) - 1)))
-    return codes.reshape(expected).to(dtype) * step
+    step = scale.to(dtype).reshape(-1, *([1] * (len(expected) - 1)))
+    return codes.to(dtype) * step
 
 
 def summarize_export(path: str | Path) -> dict[str, Any]:

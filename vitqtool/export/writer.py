@@ -22,10 +22,10 @@ from ..core.artifacts import ExportHeader
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, json_default, library_versions, save_safetensors
 from ..quant import QUANT_LAYERS, Quantizer
-from ..quant.packing import pack_codes
 from ..recipe import Recipe
-from .reader import read_export, summarize_export
 from .layout import FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table, state_map
+from .packed_layout import file_scale, pack_weight
+from .reader import read_export, summarize_export
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,14 @@ def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> d
                 if not bool(torch.isfinite(layer.weight).all()):
                     raise ExportFormatError(f"the model holds NaN or Inf in {entry.state_key}; nothing was written")
                 codes = layer.w_quant.codes(layer.weight.detach()).cpu()
-                tensors[entry.file_key] = pack_codes(codes.reshape(codes.shape[0], -1), layer.w_quant.spec.bits, signed=layer.w_quant.spec.signed)
+                tensors[entry.file_key] = pack_weight(codes, layer.w_quant.spec.bits, signed=layer.w_quant.spec.signed)
                 tensors[entry.file_key.replace(".weight_packed", ".weight_shape")] = torch.tensor(list(value.shape), dtype=torch.int32)
-            elif entry.kind == "scale":  # the effective scale (e.g. LSQ's clamped step): consumers need not know the rule
+            elif entry.kind == "scale":  # the effective scale: consumers need not know the quantizer's rules
                 quantizer = model.get_submodule(entry.state_key.rpartition(".")[0])
-                tensors[entry.file_key] = quantizer.scale_for(value.new_zeros(1)).detach().float().reshape(-1).cpu().contiguous()
+                scale = quantizer.scale_values().float().cpu().contiguous()
+                if entry.file_key.endswith(".weight_scale"):  # [1] or compressed-tensors' [out, 1, ...]
+                    scale = file_scale(scale, state[entry.state_key.rpartition(".")[0].rpartition(".")[0] + ".weight"].dim())
+                tensors[entry.file_key] = scale
             elif entry.kind == "offset":
                 tensors[entry.file_key] = value.float().contiguous()
             elif entry.kind == "fp":
@@ -144,8 +147,9 @@ def quantization_config(model: nn.Module, layers: dict[str, dict]) -> dict[str, 
             "targets": names, "format": PACK_FORMAT,
             "weights": {"num_bits": wbits, "type": "int", "symmetric": True, "strategy": "channel" if per_channel else "tensor",
                         "dynamic": False, "group_size": None},
-            "input_activations": None if abits is None else {
-                "num_bits": abits, "type": "int", "symmetric": bool(asigned and not aoffset), "strategy": "tensor", "dynamic": False},
+            # only signed offset-free inputs mean in compressed-tensors what they mean here (unsigned/offset: vitqtool section)
+            "input_activations": None if abits is None or not asigned or aoffset else {
+                "num_bits": abits, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False},
         }
     ignore = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     return {"quant_method": QUANT_METHOD, "format": PACK_FORMAT, "quantization_status": "compressed",

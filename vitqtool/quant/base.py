@@ -12,6 +12,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 MIN_STEP = 1e-4  # method.md §2: steps are clamped to >= 1e-4
@@ -105,6 +106,20 @@ class Quantizer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def state_roles(self) -> dict[str, str]:
         """This quantizer's state_dict keys (relative) mapped to "scale", "offset" or "flag"."""
+
+    def scale_values(self) -> Tensor:
+        """The effective scale(s), detached and flat: `[1]` per tensor, `[channels]` per channel (what files store)."""
+        return self.scale_for(self.offset_probe()).detach().reshape(-1)
+
+    def offset_value(self) -> float | None:
+        """The offset as a number, or None when there is none."""
+        offset = self.offset_for(self.offset_probe())
+        return None if offset is None else float(offset.detach().reshape(-1)[0])
+
+    def offset_probe(self) -> Tensor:
+        """A one-element float32 tensor on the quantizer's device, to ask `scale_for`/`offset_for` without data."""
+        param = next(self.parameters(), None)
+        return torch.zeros(1, device=param.device if param is not None else None)
 
     def dequantize(self, codes: Tensor, like: Tensor) -> Tensor:
         """`codes * scale (+ offset)` in `like`'s dtype and shape: exactly what the forward outputs."""

@@ -162,7 +162,10 @@ class LSQQuantizer(Quantizer):
         self.initialized.fill_(True)
 
     def scale_for(self, x: Tensor) -> Tensor:
-        step = self.step  # kept >= MIN_STEP by `project_`, so the step always gets LSQ's gradient
+        # The value is floored at MIN_STEP (`project_` keeps the stored step there after each update, and this
+        # guards loops that do not call it) while the gradient is LSQ's even at the floor: a clamp's zero
+        # gradient below it would freeze a step that calibration put there.
+        step = self.step + (self.step.clamp(min=MIN_STEP) - self.step).detach()
         if self.spec.per_channel:  # channel dim 0 (out_features / out_channels)
             step = step.view(-1, *([1] * (x.dim() - 1)))
         return step

@@ -1,0 +1,245 @@
+"""`export --format onnx`: QDQ graphs that onnxruntime runs as integer matmuls and that agree with `vitqtool.load`."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+
+import vitqtool  # noqa: E402
+from vitqtool import commands, core  # noqa: E402
+from vitqtool.cli import main  # noqa: E402
+from vitqtool.data import load_dataset, make_eval_loader  # noqa: E402
+from vitqtool.errors import ExportFormatError  # noqa: E402
+from vitqtool.export import export_model, export_onnx_model, inspect_onnx  # noqa: E402
+from vitqtool.export.onnx_export import integer_matmuls, optimized_op_counts, verify_onnx  # noqa: E402
+from vitqtool.core.models import resolve_model  # noqa: E402
+from vitqtool.quant import QUANT_LAYERS, QuantAttention, iter_quantizers, quantizers_disabled  # noqa: E402
+from vitqtool.recipe import load_recipe  # noqa: E402
+
+# the demo's model: timm vit_tiny layout at 28x28 input, 7x7 patches, 96-dim, 3 blocks, 10 classes
+DEMO = ("vit_tiny_patch16_224", {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 3, "num_heads": 3, "num_classes": 10})
+DATA = "builtin:mnist5k"
+
+
+def _train(model, images, labels, steps, lr, seed=0):
+    """A few hundred plain AdamW steps on preloaded images (enough for confident, untied logits)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, images.shape[0], (64,), generator=gen)
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo ViT trained briefly in FP, then W4A4 and W2A2 (vaq layout): calibrated, a short QAT, exported."""
+    torch.manual_seed(0)
+    loaded = resolve_model(DEMO[0], random_init=True, model_args=DEMO[1])
+    cfg = loaded.data_config
+    train = [b for b in make_eval_loader(load_dataset(DATA, "train"), cfg, 500)]
+    images, labels = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
+    fp = _train(loaded.model, images, labels, steps=250, lr=1e-3)
+    folder = tmp_path_factory.mktemp("onnx")
+    out = {"loaded": loaded, "fp": fp, "folder": folder, "val": list(make_eval_loader(load_dataset(DATA, "validation"), cfg, 250))}
+    for bits in (4, 2):
+        recipe = load_recipe("vaq", set_fields={"quant.bits": bits})
+        model = core.prepare(fp, recipe)
+        core.calibrate(model, [images[i:i + 64] for i in range(0, 256, 64)])
+        _train(model, images, labels, steps=50, lr=1e-3, seed=bits)
+        path = folder / f"w{bits}.safetensors"
+        export_model(model, path, architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg, recipe=recipe,
+                     source="test", metrics={"data": DATA})
+        out[bits] = path
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_onnxruntime_agrees_with_vitqtool_load_on_1000_validation_images(trained, bits, record_property, capsys):
+    onnx_path = trained["folder"] / f"w{bits}.onnx"
+    commands.export(trained[bits], onnx_path, format="onnx")
+    torch_model = vitqtool.load(trained[bits])
+    checked = verify_onnx(torch_model, onnx_path, trained["val"], threads=1)
+    assert checked["images"] == 1000
+    record_property("top1_agreement", checked["top1_agreement"])
+    record_property("max_abs_logit_diff", checked["max_abs_diff"])
+    with capsys.disabled():
+        print(f"\nW{bits}A{bits}: onnxruntime vs vitqtool.load on 1000 validation images: top-1 agreement "
+              f"{checked['top1_agreement']:.1f}%, max |logit diff| {checked['max_abs_diff']:.3g}, top-1 "
+              f"{checked['top1_onnx']:.1f}% (onnx) / {checked['top1_torch']:.1f}% (torch)")
+    assert checked["top1_torch"] >= 40.0, "the model did not learn (chance is 10%): agreement would mean little"
+    assert checked["top1_agreement"] >= 99.0
+    assert abs(checked["top1_onnx"] - checked["top1_torch"]) <= 1.0
+    assert checked["max_abs_diff"] < 1.0
+
+
+def _expected_matmuls(model) -> tuple[int, int]:
+    """(quantized Linear/Conv layers, integer matmuls the graph must run: q/k/v fused into one, plus QK^T and attn@V)."""
+    layers = sum(1 for m in model.modules() if isinstance(m, QUANT_LAYERS))
+    attns = [m for m in model.modules() if isinstance(m, QuantAttention)]
+    return layers, layers - 2 * sum(1 for a in attns if a.split) + 2 * len(attns)
+
+
+@pytest.mark.parametrize("per_channel,recipe", [(False, "vaq"), (True, "vaq"), (False, "lsq")], ids=["tensor", "channel", "fused-qkv"])
+def test_optimized_graph_runs_every_quantized_matmul_as_integer(tmp_path, trained, per_channel, recipe):
+    loaded = trained["loaded"]
+    model = core.prepare(trained["fp"], load_recipe(recipe, set_fields={"quant.bits": 4, "quant.per_channel": per_channel}))
+    core.calibrate(model, [trained["val"][0][0][:64]])
+    path = tmp_path / "m.onnx"
+    export_onnx_model(model, path, architecture=loaded.architecture, model_args=loaded.model_args, data_config=loaded.data_config)
+    counts = optimized_op_counts(path)
+    layers, expected = _expected_matmuls(model)
+    assert layers == 3 * (6 if recipe == "vaq" else 4) + 2  # q, k, v (or qkv), proj, fc1, fc2 per block, patch embedding, head
+    assert integer_matmuls(counts) == expected == 20  # 3 x (qkv, QK^T, attn@V, proj, fc1, fc2) + patch embedding + head
+    assert counts["MatMul"] + counts["FusedMatMul"] + counts["Gemm"] + counts["Conv"] == 0  # nothing left in float
+    assert counts["DequantizeLinear"] == 0  # every DQ was fused into an integer kernel
+    exported = onnx.load(str(path))
+    assert sum(1 for n in exported.graph.node if n.op_type == "MatMul") == expected
+    assert sum(1 for n in exported.graph.node if n.op_type == "Sub" and "fc2.input" in n.name) == 3  # the GELU offset
+    inits = {i.name: i for i in exported.graph.initializer}
+    for name in inspect_onnx(path)["layers"]:  # weights are integer initializers (4-bit: two codes per byte)
+        codes = [i for k, i in inits.items() if k.startswith(name["name"] + ".weight_") and ("codes" in k or "packed" in k)]
+        assert codes and all(i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for i in codes), name["name"]
+        assert f"{name['name']}.weight" not in inits
+
+
+def test_fp_graph_equals_the_timm_model(tmp_path, trained):
+    loaded = trained["loaded"]
+    model = core.prepare(trained["fp"], "vaq")
+    path = tmp_path / "fp.onnx"
+    with quantizers_disabled(model):
+        summary = export_onnx_model(model, path, architecture=loaded.architecture, model_args=loaded.model_args,
+                                    data_config=loaded.data_config)
+    assert summary["quantized"] is False and summary["bits"] is None
+    x = trained["val"][0][0][:32]
+    checked = verify_onnx(trained["fp"], path, [x], threads=1)
+    assert checked["max_abs_diff"] <= 1e-4 and checked["top1_agreement"] == 100.0
+    assert integer_matmuls(optimized_op_counts(path)) == 0
+
+
+VARIANTS = {
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}),
+    "avg-pool-layerscale": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
+                                                     "num_classes": 10, "global_pool": "avg", "init_values": 0.1}),
+    "deit3-no-embed-class": ("deit3_small_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}),
+}
+
+
+# mixed widths: q/k/v packed at their widest inside the fused matmul, 3-bit weights two per byte, a 6-bit input
+MIXED = {"blocks.*.attn.v": {"weight_bits": 4}, "blocks.0.mlp.fc1": {"weight_bits": 3, "act_bits": 6}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vit_variants_fp_exact_and_quantized_close(tmp_path, variant):
+    name, args = VARIANTS[variant]
+    loaded = resolve_model(name, random_init=True, model_args=args)
+    model = core.prepare(loaded.model, load_recipe("vaq", set_fields={"quant.bits": 8}), overrides=MIXED)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=gen)
+    core.calibrate(model, [x])
+    fp_path, q_path = tmp_path / "fp.onnx", tmp_path / "q.onnx"
+    kw = dict(architecture=loaded.architecture, model_args=loaded.model_args, data_config=loaded.data_config)
+    with quantizers_disabled(model):
+        export_onnx_model(model, fp_path, **kw)
+    export_onnx_model(model, q_path, **kw)
+    assert verify_onnx(loaded.model, fp_path, [x], threads=1)["max_abs_diff"] <= 1e-4
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert verify_onnx(model, q_path, [x], threads=1)["max_abs_diff"] <= 0.02 * scale  # only rare code flips
+    layers = inspect_onnx(q_path)["layers"]
+    assert {r["name"]: r["weight_bits"] for r in layers}["blocks.0.attn.qkv"] == 8
+    assert {r["name"]: (r["weight_bits"], r["act_bits"]) for r in layers}["blocks.0.mlp.fc1"] == (3, 6)
+
+
+def test_failed_verify_writes_nothing(tmp_path, trained, monkeypatch):
+    from vitqtool.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "verify_onnx", lambda *a, **k: {"top1_agreement": 97.0, "max_abs_diff": 3.0, "images": 256})
+    out = tmp_path / "w4.onnx"
+    with pytest.raises(ExportFormatError, match="agrees with the torch model on 97.00%"):
+        commands.export(trained[4], out, format="onnx", verify=True)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_export_onnx_verify_then_evaluate_and_inspect(tmp_path, trained, capsys):
+    out = tmp_path / "w2.onnx"
+    assert main(["export", str(trained[2]), "--format", "onnx", "--out", str(out), "--verify", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verify"]["images"] == 256 and doc["verify"]["top1_agreement"] >= 99.0
+    assert doc["bits"] == 2 and doc["quantized_layers"] == 14  # q, k, v fused: 3 x (qkv, proj, fc1, fc2) + patch + head
+    assert main(["evaluate", str(out), "--json"]) == 0
+    from_onnx = json.loads(capsys.readouterr().out)
+    from_torch = commands.evaluate(str(trained[2]), DATA)
+    assert from_onnx["kind"] == "onnx" and from_onnx["n"] == 1000
+    assert abs(from_onnx["top1"] - from_torch["top1"]) <= 1.0
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in info["layers"]}
+    fc1 = rows["blocks.0.mlp.fc1"]
+    assert fc1["weight_bits"] == 2 and fc1["act_bits"] == 2 and fc1["params"] == 96 * 384
+    assert fc1["bytes"] <= fc1["params"] / 4 + 4 * 384 + 64  # four 2-bit codes per byte, float32 bias, scale, shape
+    assert rows["head"]["weight_bits"] == 8 and rows["blocks.0.attn.qkv"]["shape"] == [288, 96]
+    assert info["compression_ratio"] > 4 and info["file_bytes"] == out.stat().st_size
+    assert main(["inspect", str(out)]) == 0 and "ratio" in capsys.readouterr().out
+
+
+def test_refusals_are_one_line_errors(tmp_path, trained, capsys):
+    swin = resolve_model("swin_tiny_patch4_window7_224", random_init=True, model_args={
+        "img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 32, "depths": (1, 1), "num_heads": (1, 2), "num_classes": 10})
+    model = core.prepare(swin.model, "vaq")
+    core.calibrate(model, [torch.randn(2, 3, 32, 32)])
+    with pytest.raises(ExportFormatError, match="supports timm VisionTransformer"):
+        export_onnx_model(model, tmp_path / "s.onnx", architecture=swin.architecture, model_args=swin.model_args,
+                          data_config=swin.data_config)
+    assert not (tmp_path / "s.onnx").exists()
+    uncalibrated = core.prepare(trained["fp"], "vaq")
+    with pytest.raises(ExportFormatError, match="never calibrated"):
+        export_onnx_model(uncalibrated, tmp_path / "u.onnx", architecture="x", model_args={}, data_config=trained["loaded"].data_config)
+    plain = tmp_path / "plain.onnx"
+    onnx.save(onnx.load(str(_any_onnx(tmp_path, trained))), str(plain))
+    stripped = onnx.load(str(plain))
+    del stripped.metadata_props[:]
+    onnx.save(stripped, str(plain))
+    assert main(["inspect", str(plain)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without vitqtool metadata" in err[0]
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x07not onnx")
+    assert main(["evaluate", str(garbage)]) == 1 and "not a readable ONNX file" in capsys.readouterr().err
+
+
+def _any_onnx(tmp_path, trained):
+    path = tmp_path / "any.onnx"
+    commands.export(trained[4], path, format="onnx")
+    return path
+
+
+def test_learned_offset_is_folded_exactly(tmp_path, trained):
+    """Large GELU offsets (not a multiple of the step) still match: Sub before the quantizer, + beta folded into fc2's bias."""
+    loaded = trained["loaded"]
+    model = core.prepare(trained["fp"], load_recipe("vaq", set_fields={"quant.bits": 4}))
+    x = trained["val"][1][0][:64]
+    core.calibrate(model, [x])
+    with torch.no_grad():
+        for name, q in iter_quantizers(model):
+            if q.offset is not None:
+                q.offset.fill_(-0.37 * float(q.step))  # beta / s = -0.37: no integer zero point could express it
+    path = tmp_path / "offset.onnx"
+    export_onnx_model(model, path, architecture=loaded.architecture, model_args=loaded.model_args, data_config=loaded.data_config)
+    checked = verify_onnx(model, path, [x], threads=1)
+    assert checked["top1_agreement"] == 100.0 and checked["max_abs_diff"] < 0.05
