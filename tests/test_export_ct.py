@@ -13,6 +13,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import vitqtool  # noqa: E402
+from tests.conftest import calibrate_off_init  # noqa: E402
 from vitqtool import core  # noqa: E402
 from vitqtool.cli import main  # noqa: E402
 from vitqtool.errors import ExportFormatError  # noqa: E402
@@ -40,13 +41,7 @@ def _quantized(spec, bits, per_channel=False, overrides=None, recipe="vaq", seed
     loaded = resolve_model(name, random_init=True, model_args=args)
     rec = load_recipe(recipe, set_fields={"quant.bits": bits, "quant.per_channel": per_channel, "quant.edge_bits": bits})
     model = core.prepare(loaded.model, rec, overrides=overrides)
-    gen = torch.Generator().manual_seed(seed)
-    core.calibrate(model, [torch.randn(4, 3, 32, 32, generator=gen)])
-    with torch.no_grad():
-        for _, q in iter_quantizers(model):
-            q.step.mul_(torch.empty_like(q.step).uniform_(0.7, 1.3, generator=gen))
-            if q.offset is not None:
-                q.offset.fill_(-0.05)
+    calibrate_off_init(model, seed)
     return loaded, rec, model.eval()
 
 
