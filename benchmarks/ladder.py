@@ -47,6 +47,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def labels_reusable(store: Path, crops: int) -> bool:
+    """Whether the soft-label store at `store` exists and holds `crops` crops per image (its typed manifest says)."""
+    from vitqtool.train import SoftLabelStore
+
+    return (store / "manifest.json").is_file() and SoftLabelStore.open(store).crops_per_image == crops
 METHODS = ("ptq", "lsq", "lsq+kd", "vaq")
 ABLATIONS = ("vaq-shared-qkv", "vaq-no-obr", "vaq-online-kd")
 LABELS = {
@@ -235,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from vitqtool.data import load_dataset
     from vitqtool.commands import softlabels, train_fp
-    from vitqtool.train import SoftLabelStore
 
     t0 = time.perf_counter()
     model_args = dict(demo.model_args)
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sl_dir = work / "softlabels"
     sl_seconds = None
-    if not (sl_dir / "manifest.json").is_file() or SoftLabelStore.open(sl_dir).crops_per_image != a.crops:
+    if not labels_reusable(sl_dir, a.crops):
         torch.set_num_threads(getattr(demo, "threads", 1))
         print(f"[ladder] soft labels: {a.crops} crops per training image from the FP teacher ...", flush=True)
         s = softlabels(str(fp_dir), sl_dir, data=demo.data, crops=a.crops, scale=tuple(demo.scale), ratio=tuple(demo.ratio),

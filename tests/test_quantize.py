@@ -95,7 +95,7 @@ def ptq_run(tmp_path_factory) -> Path:
 
 
 def test_ptq_run_folder_records_recipe_and_calibrated_model(ptq_run):
-    from vitqtool.data import load_dataset, make_eval_loader
+    from vitqtool.data import load_dataset, make_eval_loader, stratified_sample
     from vitqtool.core.models import resolve_model
 
     meta = json.loads((ptq_run / "run.json").read_text())
@@ -109,13 +109,13 @@ def test_ptq_run_folder_records_recipe_and_calibrated_model(ptq_run):
     # independent calibration: same seed -> same random init, same calibration images
     torch.manual_seed(0)
     fresh = core.prepare(resolve_model(MODEL, random_init=True, model_args=ARGS).model, expected)
-    train = torch.utils.data.Subset(load_dataset("builtin:mnist5k", "train"), range(48))
+    train = stratified_sample(load_dataset("builtin:mnist5k", "train"), 48)  # what --limit-train 48 takes
     idx = epoch_permutation(48, 0, 0, CALIBRATION)[:16].tolist()
     core.calibrate(fresh, make_eval_loader(torch.utils.data.Subset(train, idx), meta["data_config"], 8))
     got = run.model.state_dict()
     for k, v in fresh.state_dict().items():
         assert torch.equal(got[k], v), k
-    val = core.evaluate_model(run.model, make_eval_loader(torch.utils.data.Subset(load_dataset("builtin:mnist5k", "validation"), [i * 20 for i in range(50)]), meta["data_config"], 25), 10)
+    val = core.evaluate_model(run.model, make_eval_loader(stratified_sample(load_dataset("builtin:mnist5k", "validation"), 50), meta["data_config"], 25), 10)
     assert val["top1"] == pytest.approx(meta["best_top1"])
 
 

@@ -113,8 +113,8 @@ def test_check_refuses_mismatches(store_path):
         store.check(_dataset(seed=2), 10)
     with pytest.raises(DataError, match="10 classes but the model has 100"):
         store.check(_dataset(), 100)
-    with pytest.raises(DataError, match="stored order"):
-        store.check(torch.utils.data.Subset(_dataset(), [2, 0]), 10)
+    # any subset of labelled images is covered (--limit samples are class-stratified, not leading images)
+    assert store.rows_for(torch.utils.data.Subset(_dataset(), [2, 0])) == [2, 0]
     with pytest.raises(DataError, match="not a soft-label store"):
         SoftLabelStore.open(store_path.parent)
 
@@ -127,6 +127,22 @@ def test_limited_store_covers_only_its_images(tmp_path):
     store.check(torch.utils.data.Subset(seven, range(6)), 10)
     with pytest.raises(DataError, match="covers 6 of the 7 images .*--limit"):
         store.check(seven, 10)
+
+
+def test_a_stratified_limit_store_serves_the_same_limit_of_training(tmp_path):
+    """softlabels --limit N and quantize --limit-train N take the same class-stratified images (not the leading ones)."""
+    from vitqtool.data import stratified_sample
+
+    nine = _dataset(9, classes=3)  # labels 0,1,2,0,1,2,...
+    sample = stratified_sample(nine, 4)
+    assert len({nine.labels()[i] for i in sample.indices}) == 3 and list(sample.indices) != [0, 1, 2, 3]
+    out = generate_soft_labels(_teacher(3), sample, CFG, tmp_path / "s", crops=2, topk=2)
+    store = SoftLabelStore.open(out)
+    assert store.manifest.indices == list(sample.indices)
+    items = MultiCropDataset(stratified_sample(nine, 4), store, CFG, crops_per_image=2)
+    assert items.rows == list(range(4)) and len(items) == 4
+    with pytest.raises(DataError, match="covers 4 of the 9 images"):
+        store.check(nine, 3)
 
 
 def test_multicrop_dataset_deterministic_without_replacement(store_path):
@@ -195,10 +211,10 @@ def test_cli_softlabels_on_builtin_data(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["images"] == 6 and doc["crops"] == 4 and doc["bytes_per_crop"] == 29 and doc["total_bytes"] == 6 * 4 * 29
     store = SoftLabelStore.open(out)
-    from vitqtool.data import load_dataset
+    from vitqtool.data import load_dataset, stratified_sample
 
     train = load_dataset("builtin:mnist5k", "train")
-    store.check(torch.utils.data.Subset(train, range(6)), 10)
+    store.check(stratified_sample(train, 6), 10)  # --limit 6: the same class-stratified images everywhere
     with pytest.raises(DataError, match="covers 6 of the"):
         store.check(train, 10)
     assert main(args) == 1  # the store exists: refused with one line, no traceback

@@ -83,6 +83,8 @@ RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe: vaq,
 BitsOpt = Annotated[Optional[int], typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside transformer blocks (2..8); overrides the recipe.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="Image column of a datasets dataset (default: 'image'/'img', or its one Image column).")]
+LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="Label column (default: 'label'/'labels', or its one ClassLabel column); int or string labels.")]
 
 
 def _stderr_console():
@@ -158,14 +160,17 @@ def evaluate(
     bits: BitsOpt = None,
     recipe: RecipeOpt = None,
     batch_size: BatchOpt = 64,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N images.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1/top-5 accuracy and loss of an FP, quantized (--bits: post-training) or exported model."""
     from .commands import evaluate as run_evaluate
 
     result = run_evaluate(model, data, split, weights=weights, random_init=random_init, model_args=parse_model_args(model_args), num_classes=num_classes,
-                          bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, show_progress=_show_progress(ctx, as_json))
+                          bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, image_column=image_column,
+                          label_column=label_column, show_progress=_show_progress(ctx, as_json))
     if as_json:
         emit_json(result)
         return
@@ -224,7 +229,7 @@ def softlabels_cmd(
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Flip each crop horizontally with probability 0.5.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the crop draws.")] = 0,
     batch_size: BatchOpt = 64,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Label only the first N images (demos, tests).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Label a class-stratified sample of N images (fixed seed: the same images in every command); quantize --limit-train N trains on them.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes that crop images while the teacher runs.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out.")] = False,
     as_json: JsonOpt = False,
@@ -343,9 +348,12 @@ def quantize_cmd(
     calib_batches: Annotated[Optional[int], typer.Option("--calib-batches", min=1, help="Calibration batches of training images.")] = None,
     overrides: Annotated[Optional[list[Path]], typer.Option("--overrides", help="Override TOML files merged on top of the recipe, in order.")] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", min=0, help="Also checkpoint every N optimiser steps (0: epoch ends only).")] = None,
-    limit_train: Annotated[Optional[int], typer.Option("--limit-train", min=1, help="Train on the first N training images only.")] = None,
-    limit_val: Annotated[Optional[int], typer.Option("--limit-val", min=1, help="Validate on N evenly spaced validation images only.")] = None,
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate).")] = "no",
+    limit_train: Annotated[Optional[int], typer.Option("--limit-train", min=1, help="Train on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
+    limit_val: Annotated[Optional[int], typer.Option("--limit-val", min=1, help="Validate on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
+    teacher_model_args: Annotated[Optional[str], typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (the teacher never takes --model-args or --random-init).")] = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch --mixed_precision), else no.")] = None,
     fuse_quantizers: Annotated[bool, typer.Option("--fuse-quantizers", help="Run each fake quantizer as one torch.compile'd kernel: faster steps, less memory; the first run compiles for ~20 s.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
@@ -354,7 +362,7 @@ def quantize_cmd(
     """Quantize MODEL: calibrate step sizes, then QAT with KD + OBR (vaq) on accelerate; checkpoints and exact --resume."""
     from .commands import quantize as run_quantize
 
-    if mixed_precision not in ("no", "fp16", "bf16"):
+    if mixed_precision not in (None, "no", "fp16", "bf16"):
         raise typer.BadParameter(f"must be no, fp16 or bf16, got {mixed_precision!r}", param_hint="--mixed-precision")
     info = run_quantize(model, bits=bits, recipe=recipe, data=data, out=out, teacher=teacher, soft_labels=soft_labels,
                            weights=weights, random_init=random_init, model_args=parse_model_args(model_args),
@@ -362,6 +370,7 @@ def quantize_cmd(
                            warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
                            calib_batches=calib_batches, overrides=overrides, resume=resume, overwrite=overwrite,
                            mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
+                           teacher_model_args=parse_model_args(teacher_model_args), image_column=image_column, label_column=label_column,
                            show_progress=_show_progress(ctx, as_json))
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
         return

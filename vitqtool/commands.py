@@ -25,7 +25,8 @@ from .core.artifacts import RunInfo
 from .core.models import resolve_model
 from .core.prepare import calibrate, evaluate_model, prepare
 from .core.runs import is_run_dir, load_checkpoint, load_run_model
-from .data import check_num_classes, load_dataset, make_eval_loader
+from .data import check_num_classes, holdout_split, load_dataset, make_eval_loader, stratified_sample
+from .data.sampling import HOLDOUT_FRACTION, HOLDOUT_SEED
 from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
 from .export import (export_hf_model, export_model, export_onnx_model, inspect_onnx, is_hf_export, is_vitq_export, load_onnx,
                      read_export, read_hf_export, summarize_export, write_source_view)
@@ -93,8 +94,9 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
              weights: str | Path | None = None, random_init: bool = False, model_args: dict | None = None,
              num_classes: int | None = None, bits: int | None = None, recipe: str | Path | None = None, batch_size: int = 64,
              calib_batches: int | None = None, limit: int | None = None, data_config: dict | None = None,
+             image_column: str | None = None, label_column: str | None = None,
              show_progress: bool = False) -> dict[str, Any]:
-    """Top-1/top-5/loss of a model on a dataset split.
+    """Top-1/top-5/loss of a model on a dataset split (`limit`: a seeded class-stratified sample of N images).
 
     `model` is a MODEL spec, an export (`.safetensors` written by `export`), a run folder of
     `quantize`, or an nn.Module (then `data_config` is required). With `bits` or `recipe`, an FP
@@ -109,18 +111,17 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
     else:
         loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
         net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
-    dataset = load_dataset(data, split)
+    dataset = load_dataset(data, split, image_column, label_column)
     check_num_classes(dataset, cfg.get("num_classes", dataset.num_classes))
-    dataset_classes = dataset.num_classes
-    if limit is not None and limit < len(dataset):  # a fixed random sample, not the first (often one-class) images
-        dataset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit].tolist())
+    dataset_classes, used_split = dataset.num_classes, dataset.split
+    dataset = stratified_sample(dataset, limit)
     quantized_with = None
     if bits is not None or recipe is not None:
         if kind != "fp":
             raise RecipeError("--bits/--recipe quantize an FP model; this model is already quantized")
         rec = load_recipe(recipe or "ptq", set_fields={"quant.bits": bits})
         net = prepare(net, rec)
-        train_set = load_dataset(data, "train")
+        train_set = load_dataset(data, "train", image_column, label_column)
         n_calib = calib_batches or rec.calibration.batches
         calibrate(net, itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib))
         quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
@@ -131,7 +132,7 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
     if labels is not None:
         result["per_class"] = [{"class": i, "label": labels[i] if i < len(labels) else None, **row}
                                for i, row in enumerate(result["per_class"]) if row["n"] or row["predicted"]]
-    return {**result, "labels": labels, "model": source, "kind": kind, "data": data, "split": split, "quantized": quantized_with}
+    return {**result, "labels": labels, "model": source, "kind": kind, "data": data, "split": used_split, "quantized": quantized_with}
 
 
 def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq", data: str = "builtin:mnist5k", out: Path,
@@ -140,13 +141,17 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
              warmup_epochs: float | None = None, grad_clip: float | None = None, grad_accum: int | None = None,
              seed: int | None = None, calib_batches: int | None = None, overrides: list[Path] | None = None,
-             resume: bool = False, overwrite: bool = False, mixed_precision: str = "no", limit_train: int | None = None,
+             resume: bool = False, overwrite: bool = False, mixed_precision: str | None = None, limit_train: int | None = None,
              save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool = False,
+             teacher_model_args: dict | None = None, image_column: str | None = None, label_column: str | None = None,
              show_progress: bool = False) -> RunInfo:
     """Quantize MODEL with a recipe (vaq QAT, lsq, or ptq calibration only) and write a run folder.
 
-    Flags override recipe fields; `limit_train` trains on the first N training images and `limit_val`
-    validates on N evenly spaced validation images (smoke tests); `fuse_quantizers` trains with the
+    Flags override recipe fields; `limit_train`/`limit_val` take a seeded class-stratified sample of N
+    training/validation images (the same images in every command); a dataset without a validation split
+    gets a seeded, class-stratified 10% of its training split held out (recorded in run.json);
+    `mixed_precision` None keeps the launcher's setting (`accelerate launch --mixed_precision`);
+    `teacher` is resolved on its own (its folder config, or `teacher_model_args`); `fuse_quantizers` trains with the
     `torch.compile`d single-kernel fake quantizers (faster, needs a working compiler). Training runs
     on `accelerate` (launch with `accelerate launch -m vitqtool quantize ...` for several processes);
     every process calibrates on the same training images. Checkpoints every `save_every` steps and
@@ -172,37 +177,55 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     identity = {"model": model, "weights": str(weights) if weights else None, "random_init": random_init,
                 "model_args": model_args or {}, "data": data, "limit_train": limit_train, "limit_val": limit_val, "teacher": teacher,
                 "teacher_weights": str(teacher_weights) if teacher_weights else None,
-                "soft_labels": str(soft_labels) if soft_labels else None, "recipe": rec.to_dict()}
+                "soft_labels": str(soft_labels) if soft_labels else None, "recipe": rec.to_dict(),
+                "teacher_model_args": teacher_model_args or {}}
     with open_run(Path(out), identity, resume=resume, overwrite=overwrite, mixed_precision=mixed_precision) as session:
         seed_everything(rt.seed)
         loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
-        train_ds, val_ds = load_dataset(data, "train"), load_dataset(data, "validation")
+        train_ds, val_ds, validation = _train_and_validation(data, limit_train, limit_val, image_column, label_column)
         num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
         check_num_classes(train_ds, num_classes)
-        if limit_train is not None:
-            train_ds = torch.utils.data.Subset(train_ds, range(min(limit_train, len(train_ds))))
-        if limit_val is not None:
-            n_val = min(limit_val, len(val_ds))  # evenly spaced: a split may be sorted by class
-            val_ds = torch.utils.data.Subset(val_ds, [i * len(val_ds) // n_val for i in range(n_val)])
         teacher_model = None
         if kd_mode == "online":
-            teacher_model = _resolve_teacher(teacher, teacher_weights, random_init, model_args, loaded, num_classes)
+            teacher_model = _resolve_teacher(teacher, teacher_weights, teacher_model_args, loaded, num_classes)
         info = RunInfo(identity=session.identity, source_model=loaded.source, architecture=loaded.architecture,
                        model_args=loaded.model_args, data_config=loaded.data_config, data=data, num_classes=num_classes,
                        seed=rt.seed, recipe=rec.name, bits=rec.quant.bits, kd_mode=kd_mode,
                        versions=library_versions("accelerate"), source_format=loaded.source_format,
-                       source_config=loaded.source_config, preprocessor_config=loaded.preprocessor_config)
+                       source_config=loaded.source_config, preprocessor_config=loaded.preprocessor_config,
+                       validation=validation)
         return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
                                 teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
                                 fuse_quantizers=fuse_quantizers, show_progress=show_progress)
 
 
-def _resolve_teacher(teacher: str | None, teacher_weights: str | Path | None, random_init: bool, model_args: dict | None,
+def _train_and_validation(data: str, limit_train: int | None, limit_val: int | None, image_column: str | None,
+                          label_column: str | None) -> tuple[Any, Any, str]:
+    """(training images, validation images, how validation was chosen) of `data`, limits applied.
+
+    Both carry `num_classes` (subsets get their split's).
+
+    A dataset with no validation split (only `train`) gets a seeded, class-stratified slice of its
+    training split held out, so the best checkpoint is never picked on training images.
+    """
+    train_ds = load_dataset(data, "train", image_column, label_column)
+    val_ds = load_dataset(data, "validation", image_column, label_column)
+    validation = f"split '{val_ds.split}'"
+    if val_ds.split == train_ds.split:
+        train_ds, val_ds = holdout_split(train_ds)
+        validation = (f"{len(val_ds)} images held out of split '{train_ds.dataset.split}' "
+                      f"({HOLDOUT_FRACTION:.0%}, class-stratified, seed {HOLDOUT_SEED})")
+        log.warning("dataset '%s' has no validation split: validating on %s", data, validation)
+    return stratified_sample(train_ds, limit_train), stratified_sample(val_ds, limit_val), validation
+
+
+def _resolve_teacher(teacher: str | None, teacher_weights: str | Path | None, teacher_model_args: dict | None,
                      student: Any, num_classes: int) -> nn.Module:
-    """The online-KD teacher: a copy of the FP student, or the `teacher` spec (same input size and classes)."""
+    """The online-KD teacher: a copy of the FP student, or the `teacher` spec resolved on its own (its folder
+    config, its timm defaults, or `teacher_model_args`; never the student's --model-args or --random-init)."""
     if teacher is None:
         return copy.deepcopy(student.model)
-    t = resolve_model(teacher, weights=teacher_weights, random_init=random_init, model_args=model_args)
+    t = resolve_model(teacher, weights=teacher_weights, model_args=teacher_model_args)
     if tuple(t.data_config["input_size"]) != tuple(student.data_config["input_size"]) or t.data_config.get("num_classes", num_classes) != num_classes:
         raise RecipeError(f"teacher {teacher!r} takes {t.data_config['input_size']} with {t.data_config.get('num_classes')} classes, "
                           f"the student {student.data_config['input_size']} with {num_classes}; use stored soft labels (`vitqtool softlabels`)")
@@ -237,7 +260,7 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
     check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
     target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = loaded.model.to(target)
-    used: Any = dataset if limit is None else torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    used: Any = stratified_sample(dataset, limit)
     start = time.perf_counter()
     generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
                          seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
@@ -261,10 +284,8 @@ def train_fp(model: str, out: Path, *, data: str = "builtin:mnist5k", model_args
     """Train MODEL in FP on `data` (hard labels) and save it as a model folder `out` (a MODEL spec for `quantize`)."""
     torch.manual_seed(seed)
     loaded = resolve_model(model, weights=weights, random_init=random_init and weights is None, model_args=model_args)
-    train_ds, val_ds = load_dataset(data, "train"), load_dataset(data, "validation")
+    train_ds, val_ds, _ = _train_and_validation(data, limit_train, None, None, None)
     check_num_classes(train_ds, loaded.data_config.get("num_classes", train_ds.num_classes))
-    if limit_train is not None:
-        train_ds = torch.utils.data.Subset(train_ds, range(min(limit_train, len(train_ds))))
     return train_fp_module(loaded, train_ds, val_ds, out, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, warmup_epochs=warmup_epochs, scale=scale, ratio=ratio, hflip=hflip,
                            seed=seed, show_progress=show_progress)

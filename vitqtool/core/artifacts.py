@@ -163,6 +163,8 @@ class RunInfo(Artifact, format_name="vitqtool-run", version=1, error=RunError):
     source_format: str = "timm"              # or "transformers": a converted transformers checkpoint
     source_config: dict | None = None        # transformers: the source's config.json (`export --format hf` needs it)
     preprocessor_config: dict | None = None  # transformers: its preprocessor_config.json, when present
+    validation: str = ""                     # which images validated the run (a split, or a held-out slice)
+    mixed_precision: str = "no"              # the precision accelerate trained in (flag, or the launcher's)
 
     def source_info(self) -> dict[str, Any]:
         """The source-format fields an export records (none for a timm source)."""
@@ -204,6 +206,7 @@ class SoftLabelManifest(Artifact, format_name="vitqtool-softlabels", version=1, 
     encoding: dict
     shards: list
     seconds: float = 0.0
+    indices: list | None = None  # the labelled images' indices in the split; None: its first `dataset.images`
 
 
 @dataclass

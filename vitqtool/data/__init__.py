@@ -1,5 +1,6 @@
 """Datasets (built-in MNIST subset, Hugging Face datasets, image folders) and timm-consistent transforms."""
 
+from vitqtool.data.sampling import holdout_split, stratified_sample
 from vitqtool.data.sources import (
     ArrayImageDataset,
     HFImageDataset,
@@ -29,9 +30,11 @@ __all__ = [
     "apply_crop",
     "check_num_classes",
     "eval_transform",
+    "holdout_split",
     "list_splits",
     "load_dataset",
     "make_eval_loader",
     "sample_crop_box",
+    "stratified_sample",
     "train_transform",
 ]

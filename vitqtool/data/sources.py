@@ -94,21 +94,19 @@ class ArrayImageDataset(ImageDataset):
 class HFImageDataset(ImageDataset):
     """A split of a Hugging Face `datasets.Dataset` with an image column and a class-label column."""
 
-    def __init__(self, hf_dataset: Any, spec: str, split: str) -> None:
+    def __init__(self, hf_dataset: Any, spec: str, split: str, image_column: str | None = None,
+                 label_column: str | None = None) -> None:
         import datasets
 
-        image_col = _find_column(hf_dataset, IMAGE_COLUMNS, datasets.Image)
-        label_col = _find_column(hf_dataset, LABEL_COLUMNS, datasets.ClassLabel)
+        where = f"dataset '{spec}' [{split}]"
+        image_col = _find_column(hf_dataset, IMAGE_COLUMNS, datasets.Image, image_column, where, "--image-column")
+        label_col = _find_column(hf_dataset, LABEL_COLUMNS, datasets.ClassLabel, label_column, where, "--label-column")
         if image_col is None:
-            raise DataError(
-                f"dataset '{spec}' [{split}] has no image column (columns: {', '.join(hf_dataset.column_names)}); "
-                "expected 'image' or 'img'"
-            )
+            raise DataError(f"{where} has no image column (columns: {', '.join(hf_dataset.column_names)}); "
+                            "expected 'image' or 'img', or name it with --image-column")
         if label_col is None:
-            raise DataError(
-                f"dataset '{spec}' [{split}] has no label column (columns: {', '.join(hf_dataset.column_names)}); "
-                "expected 'label' or 'labels'"
-            )
+            raise DataError(f"{where} has no label column (columns: {', '.join(hf_dataset.column_names)}); "
+                            "expected 'label' or 'labels' or a ClassLabel column, or name it with --label-column")
         ds = hf_dataset.select_columns([image_col, label_col])
         if isinstance(ds.features[image_col], datasets.Image):
             ds = ds.cast_column(image_col, datasets.Image(decode=False))
@@ -191,8 +189,14 @@ def pil_to_uint8_tensor(img: Any) -> Tensor:
 # --------------------------------------------------------------------------- public entry points
 
 
-def load_dataset(spec: str, split: str = "validation") -> ImageDataset:
-    """Resolve a dataset spec (builtin:mnist5k, HF name or path, image folder) and return one split."""
+def load_dataset(spec: str, split: str = "validation", image_column: str | None = None,
+                 label_column: str | None = None) -> ImageDataset:
+    """Resolve a dataset spec (builtin:mnist5k, HF name or path, image folder) and return one split.
+
+    The returned dataset's `split` is the split actually used (e.g. `train` when the dataset has only
+    that one and `validation` was asked for). A local path wins over a `datasets` builder of the same
+    name. `image_column`/`label_column` name the columns when the conventional ones are absent or ambiguous.
+    """
     spec = str(spec).strip()
     if not spec:
         raise DataError("empty dataset spec; pass builtin:mnist5k, an image folder, or a Hugging Face dataset name")
@@ -200,7 +204,7 @@ def load_dataset(spec: str, split: str = "validation") -> ImageDataset:
         return _load_builtin(spec, split)
     splits = _load_hf_splits(spec)
     name = _pick_split(spec, split, list(splits))
-    ds = HFImageDataset(splits[name], spec, name)
+    ds = HFImageDataset(splits[name], spec, name, image_column, label_column)
     if len(ds) == 0:
         raise DataError(f"split '{name}' of dataset '{spec}' is empty; pass another --split or dataset")
     return ds
@@ -353,11 +357,11 @@ def _load_local_splits(path: Path, spec: str) -> dict[str, Any]:
         raise DataError(f"dataset path '{path}' is a file; pass a folder (image folder or saved dataset)")
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
+            loaded = datasets.load_from_disk(str(path.resolve()))
         elif _has_images(path):
-            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-        elif any(p.is_file() for p in path.rglob("*")):
-            loaded = datasets.load_dataset(str(path))
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path.resolve()))
+        elif any(p.is_file() for p in path.rglob("*")):  # absolute: a relative "parquet" would name the builder
+            loaded = datasets.load_dataset(str(path.resolve()))
         else:
             raise DataError(
                 f"dataset folder '{path}' contains no images; expected one subfolder per class holding image files"
@@ -401,14 +405,22 @@ def _pick_split(spec: str, split: str, available: list[str]) -> str:
     raise DataError(f"dataset '{spec}' has no split '{split}'; available splits: {', '.join(available)}")
 
 
-def _find_column(ds: Any, names: tuple[str, ...], feature_type: type) -> str | None:
+def _find_column(ds: Any, names: tuple[str, ...], feature_type: type, chosen: str | None, where: str, flag: str) -> str | None:
+    """The column `chosen` (checked), else a conventional name, else the one column of `feature_type`.
+
+    Two columns of that type and no conventional name is an error asking for `flag`, not a silent pick.
+    """
+    if chosen is not None:
+        if chosen not in ds.column_names:
+            raise DataError(f"{where} has no column '{chosen}' ({flag}); columns: {', '.join(ds.column_names)}")
+        return chosen
     for name in names:
         if name in ds.column_names:
             return name
-    for name, feature in ds.features.items():
-        if isinstance(feature, feature_type):
-            return name
-    return None
+    typed = [name for name, feature in ds.features.items() if isinstance(feature, feature_type)]
+    if len(typed) > 1:
+        raise DataError(f"{where} has several {feature_type.__name__} columns ({', '.join(typed)}); choose one with {flag}")
+    return typed[0] if typed else None
 
 
 def _datasets_offline() -> bool:

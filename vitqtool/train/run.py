@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -65,14 +66,16 @@ class RunSession:
 
 @contextlib.contextmanager
 def open_run(out: Path, identity: dict, *, resume: bool = False, overwrite: bool = False,
-             mixed_precision: str = "no") -> Iterator[RunSession]:
+             mixed_precision: str | None = None) -> Iterator[RunSession]:
     """Start the accelerator, lock the run folder (main process) and check it; `identity` gets the process count.
 
     A second writer on the same folder is refused naming the holder's PID. When the block fails before
-    anything but the lock was written, the folder this call created is removed again.
+    anything but the lock was written, the folder this call created is removed again. `mixed_precision`
+    None keeps what `accelerate launch --mixed_precision` (or the accelerate config) set, else "no".
     """
     from accelerate import Accelerator
 
+    _check_launch()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     out = Path(out)
     identity = {**identity, "processes": acc.num_processes}
@@ -86,6 +89,20 @@ def open_run(out: Path, identity: dict, *, resume: bool = False, overwrite: bool
             if acc.is_main_process and created and _contents(out) == []:
                 shutil.rmtree(out, ignore_errors=True)
             raise
+
+
+def _check_launch() -> None:
+    """Refuse launches that would silently run something else than asked (RunError naming the setting)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not torch.cuda.is_available():
+        raise RunError("FSDP shards over CUDA devices and has no CPU path here; on CPU launch data parallel instead: "
+                       "accelerate launch --multi_gpu --num_processes N -m vitqtool quantize ... (no GPU: N CPU processes)")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and not torch.cuda.is_available():
+        raise RunError("DeepSpeed needs GPUs; on CPU launch without --use_deepspeed")
+    # accelerate's simple launcher (no --multi_gpu) starts ONE process but still sets MASTER_PORT for N > 1
+    if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env:
+        raise RunError("accelerate launch --num_processes N without --multi_gpu starts a single process; use "
+                       "--multi_gpu (without --cpu: on a machine without GPUs it starts N CPU processes)")
 
 
 def _contents(folder: Path) -> list[Path]:
@@ -203,7 +220,7 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
         info = replace(read_run_info(out), status="running", versions=info.versions, fused_quantizers=fuse_quantizers)
     else:
         info = replace(info, identity=session.identity, status="running", epochs_done=0, fused_quantizers=fuse_quantizers,
-                       epochs=rt.epochs if rt.enabled else 0)
+                       epochs=rt.epochs if rt.enabled else 0, mixed_precision=str(acc.mixed_precision))
 
     def record(state: TrainState, status: str = "running") -> None:
         nonlocal info

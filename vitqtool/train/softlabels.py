@@ -76,18 +76,15 @@ def recover_label(indices: Tensor, probs: Tensor, num_classes: int) -> Tensor:
     return torch.where(renorm, out / out.sum(-1, keepdim=True), out)
 
 
-def _dataset_identity(dataset: Any) -> tuple[ImageDataset, int]:
-    """(underlying ImageDataset, number of leading images used): unwraps prefix `Subset`s (e.g. from --limit)."""
-    used = len(dataset)
+def _dataset_identity(dataset: Any) -> tuple[ImageDataset, list[int]]:
+    """(underlying ImageDataset, the index in it of every item of `dataset`): unwraps `Subset`s (e.g. from --limit)."""
+    indices = list(range(len(dataset)))
     while isinstance(dataset, torch.utils.data.Subset):
-        indices = list(dataset.indices)
-        if indices != list(range(len(indices))):
-            raise DataError("soft labels need the dataset in its stored order (a leading subset at most); "
-                            "pass the dataset itself, not a shuffled or strided subset")
+        indices = [int(dataset.indices[i]) for i in indices]
         dataset = dataset.dataset
     if not isinstance(dataset, ImageDataset):
         raise DataError(f"soft labels need a vitqtool dataset (from vitqtool.data.load_dataset), got {type(dataset).__name__}")
-    return dataset, used
+    return dataset, indices
 
 
 @torch.no_grad()
@@ -115,7 +112,8 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
         DataError for a teacher/dataset class mismatch or bad parameters; RunError when `out` is taken.
     """
     out = Path(out)
-    base, n = _dataset_identity(dataset)
+    base, base_indices = _dataset_identity(dataset)
+    n = len(base_indices)
     num_classes = int(base.num_classes)
     if crops < 1 or batch_size < 1:
         raise DataError(f"crops and batch size must be >= 1, got crops={crops}, batch_size={batch_size}")
@@ -148,7 +146,7 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
 
             for shard_no, first in enumerate(range(0, n, per_shard)):
                 count = min(per_shard, n - first)
-                jobs = _CropJobs(dataset, transform, first, count, crops, batch_size, seed)
+                jobs = _CropJobs(dataset, base_indices, transform, first, count, crops, batch_size, seed)
                 tensors = _label_shard(teacher, jobs, first, count, topk, batch_size, num_classes, num_workers, device,
                                        on_image)
                 name = f"shard-{shard_no:05d}.safetensors"
@@ -164,7 +162,8 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
             seed=seed, bytes_per_crop=bpc,
             encoding={"boxes": "uint16 [N, K, 4] x0,y0,w,h as value/65535", "flips": "uint8 [N, K]",
                       "indices": "int16 [N, K, k]", "probs": "float16 [N, K, k]"},
-            shards=shards, seconds=round(seconds, 3))
+            shards=shards, seconds=round(seconds, 3),
+            indices=None if base_indices == list(range(n)) else base_indices)
         write_json(tmp / MANIFEST, manifest.to_dict())
         _move_into_place(tmp, out)
     except BaseException:
@@ -179,12 +178,15 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
 class _CropJobs(torch.utils.data.Dataset):
     """Item j: up to `chunk` consecutive crops of one image, drawn and replayed (runs in DataLoader workers).
 
-    The crops of image i come from one generator seeded by (seed, i), so a chunk re-draws the crops
-    before it and the result does not depend on chunking or on the number of workers.
+    The crops of an image come from one generator seeded by (seed, its index in the full split), so a
+    chunk re-draws the crops before it and the result depends neither on chunking, on the number of
+    workers, nor on which subset (`--limit`) of the split is labelled.
     """
 
-    def __init__(self, dataset: Any, transform: Any, first: int, count: int, crops: int, chunk: int, seed: int) -> None:
+    def __init__(self, dataset: Any, base_indices: list[int], transform: Any, first: int, count: int, crops: int,
+                 chunk: int, seed: int) -> None:
         self.dataset, self.transform, self.crops, self.chunk, self.seed = dataset, transform, crops, chunk, seed
+        self.base_indices = base_indices
         self.jobs = [(i, c0) for i in range(first, first + count) for c0 in range(0, crops, chunk)]
 
     def __len__(self) -> int:
@@ -193,7 +195,7 @@ class _CropJobs(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple[int, int, Tensor, Tensor, Tensor]:
         index, c0 = self.jobs[j]
         img, _ = self.dataset[index]
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, index))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.base_indices[index]))
         boxes, flips, crops = [], [], []
         for c in range(min(c0 + self.chunk, self.crops)):
             box, flip = self.transform.sample(img, generator)
@@ -273,6 +275,18 @@ class SoftLabelStore:
         self._shards = manifest.shards
         self._per_shard = self._shards[0]["count"]
         self._handles: dict[int, Any] = {}
+        labelled = manifest.indices if manifest.indices is not None else range(len(self))
+        self._rows = {int(image): row for row, image in enumerate(labelled)}  # index in the split -> store row
+
+    def rows_for(self, dataset: Any) -> list[int]:
+        """The store row of every item of `dataset` (a split or a `Subset` of it); DataError if one is not labelled."""
+        _, indices = _dataset_identity(dataset)
+        missing = [i for i in indices if i not in self._rows]
+        if missing:
+            raise DataError(f"soft-label store '{self.path}' covers {len(indices) - len(missing)} of the {len(indices)} "
+                            "images in use (made with another --limit); regenerate it for these images or train on the "
+                            "images it labels (the same --limit-train)")
+        return [self._rows[i] for i in indices]
 
     @classmethod
     def open(cls, path: str | Path) -> "SoftLabelStore":
@@ -311,25 +325,24 @@ class SoftLabelStore:
 
     def check(self, dataset: Any, num_classes: int) -> None:
         """Refuse (DataError) a dataset or model the store was not made for: fingerprint, image count, classes."""
-        base, n = _dataset_identity(dataset)
+        base, _ = _dataset_identity(dataset)
         info = self.manifest.dataset
         where = f"soft-label store '{self.path}'"
         if base.fingerprint != info["fingerprint"]:
             raise DataError(f"{where} was made for dataset {info['id']} (fingerprint {info['fingerprint']}), not "
                             f"'{base.spec}' [{base.split}] (fingerprint {base.fingerprint}); regenerate it for this "
                             "dataset with `vitqtool softlabels`")
-        if n > len(self):
-            raise DataError(f"{where} covers {len(self)} of the {n} images in use (made with --limit); "
-                            "regenerate it without --limit or train on the same number of images")
+        self.rows_for(dataset)
         if int(num_classes) != self.num_classes or int(base.num_classes) != self.num_classes:
             raise DataError(f"{where} holds labels over {self.num_classes} classes but the model has {num_classes} "
                             f"and the dataset {base.num_classes}; use a store made for this model's classes")
 
-    def crops(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Image `index`: boxes [K, 4] float32 fractions, flips [K] bool, indices [K, k] long, probs [K, k] float32."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"image {index} is outside the store's {len(self)} images")
-        shard_no, row = divmod(index, self._per_shard)
+    def crops(self, row: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Store row `row` (see `rows_for`): boxes [K, 4] float32 fractions, flips [K] bool, indices [K, k] long,
+        probs [K, k] float32."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} is outside the store's {len(self)} images")
+        shard_no, row = divmod(row, self._per_shard)
         handle = self._handle(shard_no)
         boxes = decode_box(handle.get_slice("boxes")[row])
         flips = handle.get_slice("flips")[row].bool()
@@ -365,6 +378,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
                             f"image, got {crops_per_image}")
         self.dataset = dataset
         self.store = store
+        self.rows = store.rows_for(dataset)
         self.transform = train_transform(data_config)
         self.crops_per_image = crops_per_image
         self.seed = seed
@@ -384,7 +398,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         img, _ = self.dataset[index]
-        boxes, flips, indices, probs = self.store.crops(index)
+        boxes, flips, indices, probs = self.store.crops(self.rows[index])
         chosen = self.pick(index)
         crops = torch.stack([self.transform.replay(img, boxes[j].tolist(), bool(flips[j])) for j in chosen.tolist()])
         return crops, recover_label(indices[chosen], probs[chosen], self.store.num_classes)
