@@ -155,8 +155,7 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     if limit_train is not None:
         train_ds = torch.utils.data.Subset(train_ds, range(min(limit_train, len(train_ds))))
     if limit_val is not None:
-        n_val = min(limit_val, len(val_ds))  # evenly spaced: a split may be sorted by class
-        val_ds = torch.utils.data.Subset(val_ds, [i * len(val_ds) // n_val for i in range(n_val)])
+        val_ds = evenly_spaced(val_ds, limit_val)
     teacher_model = None
     if kd_mode == "online":
         teacher_model = _resolve_teacher(teacher, teacher_weights, random_init, model_args, loaded, num_classes)
@@ -167,6 +166,12 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
                             teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
                             fuse_quantizers=fuse_quantizers, show_progress=show_progress)
+
+
+def evenly_spaced(dataset: Any, n: int) -> Any:
+    """`n` evenly spaced samples of `dataset` (all when it has fewer): a split may be sorted by class."""
+    n = min(n, len(dataset))
+    return torch.utils.data.Subset(dataset, [i * len(dataset) // n for i in range(n)])
 
 
 def _resolve_teacher(teacher: str | None, teacher_weights: str | Path | None, random_init: bool, model_args: dict | None,
@@ -293,7 +298,8 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
 
     Args:
         model: MODEL spec (timm name, hf-hub:..., local folder) of the FP model.
-        data, split: analysis data; step sizes are calibrated on the dataset's "train" split first.
+        data, split: analysis data (`batches x batch_size` evenly spaced images of `split`); step sizes are calibrated
+            on as many evenly spaced "train" images as the recipe's calibration batches hold, first.
         bits: weight/activation bits inside blocks (edge layers keep the recipe's edge bits).
         what, method, budget_bits, keep, out, plots: as `analysis.analyze_model`.
         batches, batch_size: analysis images = batches x batch_size.
@@ -312,9 +318,9 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
         raise ModelError(f"analyze takes an FP model, '{model}' is already quantized; pass the FP model and the run folder as --run")
     rec = load_recipe(recipe, set_fields={"quant.bits": bits})
     cfg = loaded.data_config
-    calibration = itertools.islice(make_eval_loader(load_dataset(data, "train"), cfg, batch_size), rec.calibration.batches)
+    calibration = make_eval_loader(evenly_spaced(load_dataset(data, "train"), rec.calibration.batches * batch_size), cfg, batch_size)
     dataset = load_dataset(data, split)
-    batch_list = list(itertools.islice(make_eval_loader(dataset, cfg, batch_size), batches))
+    batch_list = list(make_eval_loader(evenly_spaced(dataset, batches * batch_size), cfg, batch_size))
     model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
     labels_valid = model_classes == dataset.num_classes
     if not labels_valid:
