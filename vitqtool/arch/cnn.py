@@ -23,7 +23,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from ..quant import QuantSpec
-from .base import GELU_CLASSES, Adapter, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_adapter, require
+from .base import GELU_CLASSES, QuantPolicy, SegmentedAdapter, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_adapter, require
 
 COMMON_LEAVES = frozenset({
     "torch.nn.modules.conv.Conv2d", "torch.nn.modules.linear.Linear", "torch.nn.modules.linear.Identity",
@@ -39,7 +39,7 @@ def input_spec(policy: QuantPolicy, kind: str, edge: bool) -> QuantSpec:
     return dataclasses.replace(policy.act(edge), signed=kind == "signed")
 
 
-class CNNAdapter(Adapter):
+class CNNAdapter(SegmentedAdapter):
     """A CNN family as stem -> segments (residual blocks) -> tail; subclasses give the allow-list and input kinds."""
 
     leaves: ClassVar[frozenset[str]]  # "module.QualName" of every leaf layer type the family may contain
@@ -66,34 +66,6 @@ class CNNAdapter(Adapter):
             swap = quantize_linear if type(getattr(parent, attr)) is nn.Linear else quantize_conv
             swap(parent, attr, policy.weight(edge), input_spec(policy, kind, edge))
         return model
-
-    @abc.abstractmethod
-    def segments(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """(name, module) of every segment in execution order."""
-
-    @abc.abstractmethod
-    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
-        """The input of the first segment."""
-
-    @abc.abstractmethod
-    def tail(self, model: nn.Module, hidden: Tensor) -> Tensor:
-        """Logits from the output of the last segment."""
-
-    def block_names(self, model: nn.Module) -> list[str]:
-        return [name for name, _ in self.segments(model)]
-
-    def block_inputs(self, model: nn.Module, images: Tensor) -> list[Tensor]:
-        x = self.stem(model, images)
-        hidden = []
-        for _, segment in self.segments(model):
-            hidden.append(x)
-            x = segment(x)
-        return hidden + [x]
-
-    def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
-        for _, segment in self.segments(model)[index:]:
-            hidden = segment(hidden)
-        return self.tail(model, hidden)
 
 
 def _layers(model: nn.Module, rule: Callable[[str], tuple[str, bool]]) -> dict[str, tuple[str, bool]]:
@@ -157,17 +129,3 @@ class ConvNeXtAdapter(CNNAdapter):
     def layer_inputs(self, model: nn.Module) -> dict[str, tuple[str, bool]]:
         # stem conv: the image; conv_dw: the residual stream; fc1, downsampling and head: a norm's output; fc2: GELU's
         return _layers(model, lambda n: ("gelu" if n.endswith("mlp.fc2") else "signed", n.startswith("stem.") or n == "head.fc"))
-
-    def segments(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        out: list[tuple[str, nn.Module]] = []
-        for s, stage in enumerate(model.stages):
-            if not is_identity(stage.downsample):
-                out.append((f"stages.{s}.downsample", stage.downsample))
-            out += [(f"stages.{s}.blocks.{i}", block) for i, block in enumerate(stage.blocks)]
-        return out
-
-    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
-        return model.stem(images)
-
-    def tail(self, model: nn.Module, hidden: Tensor) -> Tensor:
-        return model.forward_head(model.norm_pre(hidden))
