@@ -311,7 +311,7 @@ def quantize_cmd(
 
 @app.command("analyze")
 def analyze_cmd(
-    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help="MODEL spec of the FP model (timm name, hf-hub:..., model folder); several with --compare.")],
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="MODEL spec of the FP model (timm name, hf-hub:..., model folder); several with --compare.")],
     compare: Annotated[bool, typer.Option("--compare", help="Analyze every MODEL on the same images and bits and compare their variation side by side (table, comparison.json/.csv, overlaid plots, index.html).")] = False,
     data: DataOpt = "builtin:mnist5k",
     split: Annotated[str, typer.Option("--split", help="Analysis split (step sizes are calibrated on 'train' first).")] = "validation",

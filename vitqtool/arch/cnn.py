@@ -89,7 +89,6 @@ class ResNetAdapter(CNNAdapter):
         for name, block in self.segments(model):
             require(class_name(block) in ("timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck"), name,
                     f"block type {type(block).__name__} (only timm BasicBlock/Bottleneck)")
-            require(block.se is None, f"{name}.se", f"attention layer {type(block.se).__name__} (attn_layer)")
 
     def layer_inputs(self, model: nn.Module) -> dict[str, tuple[str, bool]]:
         # after the first conv every layer input is a ReLU output (or an average of ReLU outputs); stem convs and fc are edge
