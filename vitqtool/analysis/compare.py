@@ -70,10 +70,12 @@ def _spread(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _group(rows: list[dict[str, Any]], kind: str, stat: str) -> float | None:
+    """Mean over `rows` of one group statistic (e.g. per_channel range_ratio), skipping rows without it."""
     return finite_mean([r.get(kind, {}).get(stat) for r in rows])
 
 
 def _kl_quartiles(kls: list[float]) -> dict[str, float | None]:
+    """Min, quartiles (inclusive method), max, max/min and q3/q1 of per-layer KLs (None where undefined)."""
     if not kls:
         return dict.fromkeys(("kl_min", "kl_q1", "kl_median", "kl_q3", "kl_max", "kl_max_min", "kl_q3_q1"))
     q1, median, q3 = quantiles(kls, n=4, method="inclusive") if len(kls) > 1 else (kls[0],) * 3
