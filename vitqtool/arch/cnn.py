@@ -46,7 +46,7 @@ class CNNAdapter(SegmentedAdapter):
 
     def check(self, model: nn.Module) -> None:
         for name, mod in model.named_modules():
-            if not any(True for _ in mod.children()):
+            if next(mod.children(), None) is None:  # a leaf layer
                 require(class_name(mod) in self.leaves, name,
                         f"layer type {type(mod).__name__} (no quantization rule for it in the {self.family} layout)")
         self.check_family(model)
