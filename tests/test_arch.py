@@ -95,7 +95,7 @@ def test_bit_overrides_by_glob():
 
 def test_unsupported_family_and_block_named():
     with pytest.raises(ModelError, match="not a supported family"):
-        core.prepare(timm.create_model("resnet18", pretrained=False, num_classes=10), "vaq")
+        core.prepare(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10), "vaq")
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
                           num_heads=2, num_classes=10, qk_norm=True)
     with pytest.raises(ModelError, match=r"blocks\.0\.attn: qk_norm"):

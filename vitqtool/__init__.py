@@ -24,6 +24,7 @@ _API = {
     "load": "vitqtool.commands",
     "inspect": "vitqtool.commands",
     "analyze": "vitqtool.commands",
+    "compare": "vitqtool.commands",
     "load_recipe": "vitqtool.recipe",
     "load_dataset": "vitqtool.data",
 }

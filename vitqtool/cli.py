@@ -386,7 +386,8 @@ def quantize_cmd(
 @app.command("analyze")
 def analyze_cmd(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="MODEL spec of the FP model (timm name, hf-hub:..., model folder).")],
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="MODEL spec of the FP model (timm name, hf-hub:..., model folder); several with --compare.")],
+    compare: Annotated[bool, typer.Option("--compare", help="Analyze every MODEL on the same images and bits and compare their variation side by side (table, comparison.json/.csv, overlaid plots, index.html).")] = False,
     data: DataOpt = "builtin:mnist5k",
     split: Annotated[str, typer.Option("--split", help="Analysis split (step sizes are calibrated on 'train' first).")] = "validation",
     bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside blocks (2..8).")] = 2,
@@ -394,29 +395,40 @@ def analyze_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder: analysis.json, CSVs, PNGs, index.html, overrides.toml.")] = Path("report"),
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
-    model_args: ModelArgsOpt = None,
+    model_args: Annotated[Optional[list[str]], typer.Option("--model-args", help='Extra timm.create_model arguments as JSON; with --compare once for every MODEL or once per MODEL, in order.')] = None,
     recipe: RecipeOpt = None,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Analysis batches.")] = 4,
     batch_size: BatchOpt = 32,
-    run: Annotated[Optional[Path], typer.Option("--run", help="A `quantize` run folder: report weight oscillation from its checkpoint.")] = None,
+    run: Annotated[Optional[list[str]], typer.Option("--run", help="A `quantize` run folder: report weight oscillation from its checkpoint; with --compare MODEL=RUN_FOLDER, once per model.")] = None,
     budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (cached block inputs) or naive (full forward per module).")] = "fast",
     as_json: JsonOpt = False,
 ) -> None:
-    """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion."""
-    from .commands import analyze
-
+    """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion (--compare: several models side by side)."""
     if what not in ("weights", "acts", "both"):
         raise typer.BadParameter("must be weights, acts or both", param_hint="--what")
     if method not in ("fast", "naive"):
         raise typer.BadParameter("must be fast or naive", param_hint="--method")
     if budget_bits is not None and keep is not None:
         raise typer.BadParameter("pass only one of --budget-bits and --keep", param_hint="--keep")
-    report = analyze(model, data=data, split=split, bits=bits, what=what, out=out, weights=weights, random_init=random_init,
-                     model_args=parse_model_args(model_args), recipe=recipe or "vaq", batches=batches, batch_size=batch_size,
-                     run=run, budget_bits=budget_bits, keep=keep, plots=not no_plots, method=method, show_progress=_show_progress(ctx, as_json))
+    if compare:
+        _compare(models, data=data, split=split, bits=bits, what=what, out=out, weights=weights, random_init=random_init,
+                 model_args=model_args or [], recipe=recipe or "vaq", batches=batches, batch_size=batch_size, run=run or [],
+                 allocation=budget_bits is not None or keep is not None, plots=not no_plots, method=method, as_json=as_json,
+                 show_progress=_show_progress(ctx, as_json))
+        return
+    from .commands import analyze
+
+    if len(models) > 1:
+        raise typer.BadParameter(f"{len(models)} models given; pass --compare to compare them side by side", param_hint="MODEL")
+    if len(model_args or []) > 1 or len(run or []) > 1:
+        raise typer.BadParameter("pass it once (several only with --compare)", param_hint="--model-args/--run")
+    report = analyze(models[0], data=data, split=split, bits=bits, what=what, out=out, weights=weights, random_init=random_init,
+                     model_args=parse_model_args(model_args[0] if model_args else None), recipe=recipe or "vaq", batches=batches,
+                     batch_size=batch_size, run=Path(run[0]) if run else None, budget_bits=budget_bits, keep=keep, plots=not no_plots,
+                     method=method, show_progress=_show_progress(ctx, as_json))
     summary = report["summary"]
     if as_json:
         emit_json(summary)
@@ -438,6 +450,38 @@ def analyze_cmd(
         render_table("oscillation", [summary["oscillation"]])
     if summary.get("files"):
         _stderr_console().print(f"report written to {out} ({len(summary['files'])} files; open {out}/index.html)", highlight=False)
+
+
+def _compare(models: list[str], *, model_args: list[str], run: list[str], weights: Optional[Path], allocation: bool,
+             as_json: bool, show_progress: bool, out: Optional[Path], **kwargs: Any) -> None:
+    """`analyze --compare`: pair --model-args and --run with the models, compare, render the one table."""
+    from .analysis import table_rows
+    from .commands import compare
+
+    if weights is not None or allocation:
+        raise typer.BadParameter("--weights, --budget-bits and --keep are per model; compare model folders "
+                                 "(config.json + weights) and allocate bits with analyze on one model", param_hint="--compare")
+    if len(model_args) not in (0, 1, len(models)):
+        raise typer.BadParameter(f"pass it once for every model or once per model ({len(models)}), got {len(model_args)}",
+                                 param_hint="--model-args")
+    parsed = [parse_model_args(text) for text in model_args]
+    runs = {}
+    for value in run:
+        spec = next((m for m in models if value.startswith(m + "=")), None)
+        if spec is None:
+            raise typer.BadParameter(f"{value!r}: with --compare pass MODEL=RUN_FOLDER, MODEL one of the compared models",
+                                     param_hint="--run")
+        runs[spec] = Path(value[len(spec) + 1:])
+    comparison = compare(models, model_args=parsed * len(models) if len(parsed) == 1 else parsed or None, runs=runs, out=out,
+                         show_progress=show_progress, **kwargs)
+    if as_json:
+        emit_json(comparison)
+        return
+    labels = [m["label"] for m in comparison["models"]]
+    render_table(f"variation compared at W{comparison['bits']}A{comparison['bits']} on {comparison['images']} images "
+                 f"of {comparison['data']} [{comparison['split']}]", table_rows(comparison), ["measure", *labels])
+    if comparison.get("files"):
+        _stderr_console().print(f"comparison written to {out} (open {out}/index.html; each model's report in its subfolder)")
 
 
 @app.command("demo")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .analysis import analyze_model, oscillation_rows
+from .analysis import analyze_model, compare_reports, oscillation_rows, slug, write_comparison
 from .core.artifacts import RunInfo
 from .core.models import resolve_model
 from .core.prepare import calibrate, evaluate_model, prepare
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("safetensors", "onnx", "compressed-tensors", "hf")
 
-__all__ = ["ResolvedModel", "analyze", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
+__all__ = ["ResolvedModel", "analyze", "compare", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
            "train_fp"]
 
 
@@ -427,7 +427,8 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
 
     Args:
         model: MODEL spec (timm name, hf-hub:..., local folder) of the FP model.
-        data, split: analysis data; step sizes are calibrated on the dataset's "train" split first.
+        data, split: analysis data (`batches x batch_size` evenly spaced images of `split`); step sizes are calibrated
+            on as many evenly spaced "train" images as the recipe's calibration batches hold, first.
         bits: weight/activation bits inside blocks (edge layers keep the recipe's edge bits).
         what, method, budget_bits, keep, out, plots: as `analysis.analyze_model`.
         batches, batch_size: analysis images = batches x batch_size.
@@ -448,9 +449,9 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
         raise ModelError(f"analyze takes an FP model, '{model}' is already quantized; pass the FP model and the run folder as --run")
     rec = load_recipe(recipe, set_fields={"quant.bits": bits})
     cfg = loaded.data_config
-    calibration = itertools.islice(make_eval_loader(load_dataset(data, "train"), cfg, batch_size), rec.calibration.batches)
+    calibration = make_eval_loader(stratified_sample(load_dataset(data, "train"), rec.calibration.batches * batch_size), cfg, batch_size)
     dataset = load_dataset(data, split)
-    batch_list = list(itertools.islice(make_eval_loader(dataset, cfg, batch_size), batches))
+    batch_list = list(make_eval_loader(stratified_sample(dataset, batches * batch_size), cfg, batch_size))
     model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
     labels_valid = model_classes == dataset.num_classes
     if not labels_valid:
@@ -468,3 +469,48 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
                            plots=plots, show_progress=show_progress)
     report["seconds"]["load_calibrate"] += load_seconds
     return report
+
+
+def compare(models: list[str], *, labels: list[str] | None = None, data: str = "builtin:mnist5k", split: str = "validation",
+            bits: int = 2, what: str = "both", out: Path | str | None = None, random_init: bool = False,
+            model_args: list[dict | None] | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
+            runs: dict[str, Path | str] | None = None, plots: bool = True, method: str = "fast",
+            show_progress: bool = False) -> dict[str, Any]:
+    """`analyze` several FP models on the same images and bits and put the paper's variation measures side by side.
+
+    Args:
+        models: MODEL specs (ViTs, Swin, ResNets, ConvNeXts; at least two).
+        labels: names in the table and plots (default: the specs as given; must be distinct).
+        model_args: `timm.create_model` arguments per model (same order as `models`).
+        runs: label -> `quantize` run folder of that model, for its oscillating-weight share.
+        out: comparison folder (comparison.json/.csv, PNGs, index.html) with each model's own report in a subfolder.
+        data, split, bits, what, random_init, recipe, batches, batch_size, plots, method: as `analyze`, for every model.
+    Returns:
+        The comparison (schema `vitqtool.compare/1`: settings, `measures`, one row per model in `models`).
+    Raises:
+        ModelError for fewer than two models, repeated labels, or a run or model_args that fits no model; as `analyze`.
+
+    Example:
+        >>> compare(["runs/vit_fp", "runs/resnet_fp"], labels=["ViT", "ResNet"], bits=4, out="compare")
+    """
+    labels = list(labels or models)
+    per_model_args = list(model_args or [None] * len(models))
+    runs = dict(runs or {})
+    if len(models) < 2:
+        raise ModelError(f"comparing needs at least two models, got {len(models)}")
+    if len(labels) != len(models) or len(set(labels)) != len(labels):
+        raise ModelError(f"compared models need one distinct name each, got {labels}")
+    if len(per_model_args) != len(models):
+        raise ModelError(f"got {len(per_model_args)} model-args for {len(models)} models; pass one, or one per model in order")
+    stray = sorted(set(runs) - set(labels))
+    if stray:
+        raise RunError(f"--run for {', '.join(stray)}, which is not a compared model ({', '.join(labels)})")
+    folders = [slug(i, label) if out is not None else None for i, label in enumerate(labels, 1)]
+    reports = [analyze(spec, data=data, split=split, bits=bits, what=what, out=Path(out, folder) if folder else None,
+                       random_init=random_init, model_args=args, recipe=recipe, batches=batches, batch_size=batch_size,
+                       run=runs.get(label), plots=plots, method=method, show_progress=show_progress)
+               for spec, label, args, folder in zip(models, labels, per_model_args, folders)]
+    comparison = compare_reports(labels, reports, folders)
+    if out is not None:
+        write_comparison(comparison, reports, Path(out), plots=plots)
+    return comparison

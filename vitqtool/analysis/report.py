@@ -29,7 +29,8 @@ GROUP_KINDS = ("per_channel", "per_token", "per_head")
 SENS_FIELDS = ("rank", "name", "type", "block", "kl", "delta_loss", "delta_top1", "top1_agreement")
 
 
-def _mean(values: list[Any]) -> float | None:
+def finite_mean(values: list[Any]) -> float | None:
+    """Mean of the finite numbers in `values` (None when there are none)."""
     clean = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return fmean(clean) if clean else None
 
@@ -47,10 +48,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         ws = [w for w in report["weights"] if w["block"] is not None and w["type"] == row["name"]]
         by_type.append({
             "type": row["name"], "modules": sum(1 for m in sens["modules"] if m["block"] is not None and m["type"] == row["name"]),
-            "kl": row["kl"], "weight_sqnr_db": _mean([w.get("sqnr_db") for w in ws]),
-            "act_sqnr_db": _mean([a.get("sqnr_db") for a in acts]), "act_kurtosis": _mean([a["kurtosis"] for a in acts]),
-            "act_outlier_ratio": _mean([a.get("outlier_ratio") for a in acts]),
-            "head_range_ratio": _mean([a.get("per_head", {}).get("range_ratio") for a in acts]),
+            "kl": row["kl"], "weight_sqnr_db": finite_mean([w.get("sqnr_db") for w in ws]),
+            "act_sqnr_db": finite_mean([a.get("sqnr_db") for a in acts]), "act_kurtosis": finite_mean([a["kurtosis"] for a in acts]),
+            "act_outlier_ratio": finite_mean([a.get("outlier_ratio") for a in acts]),
+            "head_range_ratio": finite_mean([a.get("per_head", {}).get("range_ratio") for a in acts]),
         })
     block_kl = {row["name"]: row["kl"] for row in sens["blocks"]}
     by_block = []
@@ -58,10 +59,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         acts = [a for a in report["activations"] if a["block"] == block]
         ws = [w for w in report["weights"] if w["block"] == block]
         by_block.append({
-            "block": block, "kl": block_kl.get(block), "weight_sqnr_db": _mean([w.get("sqnr_db") for w in ws]),
-            "act_sqnr_db": _mean([a.get("sqnr_db") for a in acts]),
-            "head_range_cv": _mean([a.get("per_head", {}).get("range_cv") for a in acts]),
-            "channel_range_ratio": _mean([a.get("per_channel", {}).get("range_ratio") for a in acts]),
+            "block": block, "kl": block_kl.get(block), "weight_sqnr_db": finite_mean([w.get("sqnr_db") for w in ws]),
+            "act_sqnr_db": finite_mean([a.get("sqnr_db") for a in acts]),
+            "head_range_cv": finite_mean([a.get("per_head", {}).get("range_cv") for a in acts]),
+            "channel_range_ratio": finite_mean([a.get("per_channel", {}).get("range_ratio") for a in acts]),
         })
     osc = report.get("oscillation")
     return {
@@ -71,8 +72,8 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "by_type": by_type, "by_block": by_block,
         "oscillation": None if osc is None else {
             "run": osc["run"], "tracked": osc["tracked"],
-            "mean_oscillating_share": _mean([m["oscillating_share"] for m in osc["modules"]]),
-            "mean_boundary_share": _mean([m["boundary_share"] for m in osc["modules"]])},
+            "mean_oscillating_share": finite_mean([m["oscillating_share"] for m in osc["modules"]]),
+            "mean_boundary_share": finite_mean([m["boundary_share"] for m in osc["modules"]])},
         "allocation": report.get("allocation"), "seconds": report["seconds"],
     }
 
@@ -96,7 +97,8 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
+def csv_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """CSV text of `rows` (flattened by `flat_row`; columns in first-seen order)."""
     flat = [flat_row(r) for r in rows]
     columns = list(dict.fromkeys(k for r in flat for k in r))
     buf = io.StringIO()
@@ -124,7 +126,7 @@ def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> dict[
         if report.get("oscillation"):
             tables["oscillation.csv"] = report["oscillation"]["modules"]
         for name, rows in tables.items():
-            put(name, _csv_bytes(rows))
+            put(name, csv_bytes(rows))
         if report.get("allocation"):
             alloc = report["allocation"]
             what = f"--budget-bits {alloc['budget_bits']}" if alloc["mode"] == "budget" else f"--keep {alloc['keep']}"
@@ -148,8 +150,8 @@ def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> dict[
 # ------------------------------------------------------------------------------------------ plots
 
 
-def render_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
-    """PNG plots into `out`; {} with a warning when matplotlib is not installed."""
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend; None, with one warning, when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -157,14 +159,27 @@ def render_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed: skipping plots (pip install 'vitqtool[plots]')")
+        return None
+    return plt
+
+
+def save_png(plt: Any, fig: Any, path: Path) -> None:
+    """Write `fig` as a PNG to `path` (atomically) and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def render_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
+    """PNG plots into `out`; {} with a warning when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
         return {}
     made: dict[str, str] = {}
 
     def save(fig: Any, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write(out / name, buf.getvalue())
+        save_png(plt, fig, out / name)
         made[name] = str(out / name)
 
     mods = report["sensitivity"]["modules"]
@@ -239,7 +254,8 @@ def _histogram_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 # ------------------------------------------------------------------------------------------ html
 
 
-def _html_table(rows: list[dict[str, Any]]) -> str:
+def html_table(rows: list[dict[str, Any]]) -> str:
+    """An HTML table of `rows` (columns of the first row; cells escaped)."""
     if not rows:
         return "<p>(none)</p>"
     cols = list(rows[0])
@@ -263,15 +279,20 @@ def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
     parts = [f"<h1>vitqtool analyze: {html.escape(str(report['model']))}</h1>",
              f"<p>{html.escape(str(report['data']))} [{html.escape(report['split'])}], {report['images']} images, "
              f"W{report['bits']}/A{report['bits']} recipe {html.escape(report['recipe'])}, sensitivity of {s['what']} ({s['method']})</p>",
-             "<h2>Most sensitive modules</h2>", _html_table(s["top_sensitive"]),
-             "<h2>Variation by module type</h2>", _html_table(s["by_type"]),
-             "<h2>Variation by block</h2>", _html_table(s["by_block"])]
+             "<h2>Most sensitive modules</h2>", html_table(s["top_sensitive"]),
+             "<h2>Variation by module type</h2>", html_table(s["by_type"]),
+             "<h2>Variation by block</h2>", html_table(s["by_block"])]
     if s.get("allocation"):
         alloc = s["allocation"]
         parts += ["<h2>Bit allocation (overrides.toml)</h2>",
                   f"<p>average weight bits {alloc['base_average_bits']:.3f} &rarr; {alloc['average_bits']:.3f}</p>",
-                  _html_table([{"module": k, **v} for k, v in alloc["overrides"].items()])]
+                  html_table([{"module": k, **v} for k, v in alloc["overrides"].items()])]
     for key, name in images.items():
         parts.append(f"<h2>{html.escape(key.removesuffix('.png'))}</h2><img src=\"{html.escape(name)}\" style=\"max-width:100%\">")
+    return html_page("vitqtool analysis", parts)
+
+
+def html_page(title: str, parts: list[str]) -> str:
+    """A self-contained HTML page from body fragments (already escaped)."""
     style = "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style>"
-    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>vitqtool analysis</title>{style}</head><body>{''.join(parts)}</body></html>\n"
+    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>{style}</head><body>{''.join(parts)}</body></html>\n"

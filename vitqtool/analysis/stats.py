@@ -98,6 +98,11 @@ def head_groups(head_dim: int) -> Grouper:
     return lambda x: x.reshape(-1, x.shape[-1] // head_dim, head_dim).transpose(0, 1).reshape(x.shape[-1] // head_dim, -1)
 
 
+def token_groups() -> Grouper:
+    """Token positions of a channels-last tensor: [B, N, C] or [B, H, W, C] (every dim between batch and channels)."""
+    return lambda x: x.flatten(1, -2).transpose(0, 1).reshape(x[0, ..., 0].numel(), -1)
+
+
 def spatial_groups() -> Grouper:
     """Spatial positions of a [B, C, H, W] tensor (the tokens of a patch-embedding input)."""
     return lambda x: x.flatten(2).movedim(2, 0).reshape(x.shape[2] * x.shape[3], -1)

@@ -2,7 +2,7 @@
 
 An activation quantizer's input IS the activation that gets quantized, so hooking the quantizers is
 model-agnostic. The grouping of each activation follows its role: channels last (dim -1) and tokens
-(dim 1) for [B, N, C] tensors; channels (dim 1) and spatial positions for a conv input; heads
+(dims 1..-2) for [B, N, C] and [B, H, W, C] tensors; channels (dim 1) and spatial positions for a conv input; heads
 (`QuantAttention.num_heads`) for the Q/K/V and attn@V tensors and the softmax output.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QUANT_LAYERS, QConv2d, Quantizer, QuantAttention, iter_quantizers
-from .stats import Grouper, RunningStats, boundary_share, channel_groups, fake_quant, head_groups, spatial_groups
+from .stats import Grouper, RunningStats, boundary_share, channel_groups, fake_quant, head_groups, spatial_groups, token_groups
 
 HEAD_SPLIT = ("q_quant", "k_quant", "v_quant", "qkv_quant", "proj.a_quant")  # [.., heads * head_dim] tensors
 
@@ -27,11 +27,18 @@ def block_of(name: str, blocks: list[str]) -> str | None:
 
 
 def module_type(name: str, block: str | None) -> str:
-    """Module type from its name: the last component inside a block (`v`, `fc2.a_quant`), the full name outside."""
+    """Module type from its name: the last component inside a block (`v`, `fc2.a_quant`), the full name outside.
+
+    A numbered component (a Sequential's index) keeps the name before it: `downsample.0`, `downsample.1.a_quant`.
+    """
     if block is None:
         return name
-    parts = name[len(block) + 1:].split(".")
-    return ".".join(parts[-2:]) if parts[-1] == "a_quant" and len(parts) > 1 else parts[-1]
+    components = name.split(".")
+    parts = components[block.count(".") + 1:]
+    size = 2 if parts[-1] == "a_quant" and len(parts) > 1 else 1
+    if components[-size].isdigit():
+        size += 1
+    return ".".join(components[-size:])
 
 
 def _attention_role(name: str, named: dict[str, nn.Module]) -> tuple[QuantAttention, str] | None:
@@ -51,7 +58,7 @@ def _groupers(x: Tensor, is_conv_input: bool, attention: tuple[QuantAttention, s
         return {"per_head": channel_groups(1), "per_token": channel_groups(2)}
     groups: dict[str, Grouper] = {"per_channel": channel_groups(-1)}
     if x.dim() >= 3:
-        groups["per_token"] = channel_groups(1)
+        groups["per_token"] = token_groups()
     if attention is not None and attention[1] in HEAD_SPLIT and x.shape[-1] % attention[0].head_dim == 0:
         groups["per_head"] = head_groups(attention[0].head_dim)
     return groups

@@ -5,7 +5,7 @@ Importing this package registers every adapter; `get_adapter(model)` finds a mod
 
 from __future__ import annotations
 
-from . import swin, vit  # noqa: F401  (registration)
+from . import cnn, swin, vit  # noqa: F401  (registration)
 from .base import ADAPTERS, Adapter, QuantPolicy, get_adapter, quantize_model_, register_adapter
 
 __all__ = ["ADAPTERS", "Adapter", "QuantPolicy", "get_adapter", "quantize_model_", "register_adapter"]

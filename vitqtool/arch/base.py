@@ -78,6 +78,57 @@ class Adapter(abc.ABC):
         """Logits from the input of segment `index` (`len(block_names)` = the tail)."""
 
 
+def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
+    """Each stage's downsampling layer (when present) and then its blocks: `attr.i.downsample`, `attr.i.blocks.j`."""
+    out: list[tuple[str, nn.Module]] = []
+    for si, stage in enumerate(getattr(model, attr)):
+        if not is_identity(stage.downsample):
+            out.append((f"{attr}.{si}.downsample", stage.downsample))
+        out += [(f"{attr}.{si}.blocks.{bi}", block) for bi, block in enumerate(stage.blocks)]
+    return out
+
+
+class SegmentedAdapter(Adapter):
+    """A family that runs as stem -> segments in sequence -> tail (Swin, CNNs): block-by-block execution from those three.
+
+    By default the timm stage layout: `stem_attr` module, then each stage of `stages_attr` (its downsampling
+    layer, then its blocks), then `pre_head_attr` module and `forward_head`; a family with another layout
+    overrides `segments`, `stem` and `tail`.
+    """
+
+    stem_attr: ClassVar[str] = "stem"
+    stages_attr: ClassVar[str] = "stages"
+    pre_head_attr: ClassVar[str] = "norm_pre"
+
+    def segments(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every segment, in execution order."""
+        return stage_segments(model, self.stages_attr)
+
+    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+        """The input of the first segment."""
+        return getattr(model, self.stem_attr)(images)
+
+    def tail(self, model: nn.Module, hidden: Tensor) -> Tensor:
+        """Logits from the output of the last segment."""
+        return model.forward_head(getattr(model, self.pre_head_attr)(hidden))
+
+    def block_names(self, model: nn.Module) -> list[str]:
+        return [name for name, _ in self.segments(model)]
+
+    def block_inputs(self, model: nn.Module, images: Tensor) -> list[Tensor]:
+        x = self.stem(model, images)
+        hidden = []
+        for _, segment in self.segments(model):
+            hidden.append(x)
+            x = segment(x)
+        return hidden + [x]
+
+    def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
+        for _, segment in self.segments(model)[index:]:
+            hidden = segment(hidden)
+        return self.tail(model, hidden)
+
+
 def register_adapter(*model_classes: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator: the adapter handles models whose class is exactly one of `model_classes` ("module.QualName")."""
     def add(cls: type[Adapter]) -> type[Adapter]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..quant import QuantAttention
-from .base import Adapter, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_adapter, require
+from .base import QuantPolicy, SegmentedAdapter, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_adapter, require
 
 
 class SwinQuantWindowAttention(nn.Module):
@@ -43,11 +43,12 @@ class SwinQuantWindowAttention(nn.Module):
 
 
 @register_adapter("timm.models.swin_transformer.SwinTransformer")
-class SwinAdapter(Adapter):
+class SwinAdapter(SegmentedAdapter):
     """timm SwinTransformer V1: window attention with relative-position bias, GELU MLPs, patch merging."""
 
     family = "swin"
     patterns = ("swin_*",)
+    stem_attr, stages_attr, pre_head_attr = "patch_embed", "layers", "norm"  # segments: patch merging, then blocks, per stage
 
     def check(self, model: nn.Module) -> None:
         require(type(model.patch_embed.proj) is nn.Conv2d, "patch_embed.proj", f"patch embedding {type(model.patch_embed.proj).__name__}")
@@ -74,29 +75,3 @@ class SwinAdapter(Adapter):
         if isinstance(model.head.fc, nn.Linear):
             quantize_linear(model.head, "fc", policy.weight(edge=True), policy.act(edge=True))
         return model
-
-    @staticmethod
-    def _segments(model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """Patch merging of each stage (when present) and its blocks, in execution order."""
-        out: list[tuple[str, nn.Module]] = []
-        for si, stage in enumerate(model.layers):
-            if not is_identity(stage.downsample):
-                out.append((f"layers.{si}.downsample", stage.downsample))
-            out += [(f"layers.{si}.blocks.{bi}", block) for bi, block in enumerate(stage.blocks)]
-        return out
-
-    def block_names(self, model: nn.Module) -> list[str]:
-        return [name for name, _ in self._segments(model)]
-
-    def block_inputs(self, model: nn.Module, images: Tensor) -> list[Tensor]:
-        x = model.patch_embed(images)
-        hidden = []
-        for _, segment in self._segments(model):
-            hidden.append(x)
-            x = segment(x)
-        return hidden + [x]
-
-    def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
-        for _, segment in self._segments(model)[index:]:
-            hidden = segment(hidden)
-        return model.forward_head(model.norm(hidden))
