@@ -233,6 +233,9 @@ def _pipeline(spec: str, tmp_path, family: str) -> None:
     res = runner.invoke(app, ["evaluate", str(out), "--limit", "16", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["kind"] == "quantized"
+    res = runner.invoke(app, ["inspect", str(out), "--json"])  # the folder is checked as `load` checks it
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["format"] == "hf"
 
     # the default single-file export keeps the source config, so it can be re-exported in the transformers layout
     single = tmp_path / "model.safetensors"
