@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = "python " + " ".join([str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:]))
     sched = ", ".join(f"W{b}A{b} {e} epoch(s)" for b, e in zip(cfg.qat_bits, cfg.qat_epochs))
-    lines = [f"`vitqtool demo` pipeline per seed: FP {cfg.fp_epochs} epochs, QAT ({cfg.recipe}, stored soft labels) {sched}, "
-             f"lr {cfg.qat_lr}, batch {cfg.qat_batch_size}, {cfg.qat_crops_per_image} crops/image, {cfg.threads} torch "
-             f"thread(s). Top-1 (%) on the 1,000 held-out validation digits.", "",
+    lines = [(f"`vitqtool demo` pipeline per seed: FP {cfg.fp_epochs} epochs, QAT ({cfg.recipe}, stored soft labels) {sched}, "
+              f"lr {cfg.qat_lr}, batch {cfg.qat_batch_size}, {cfg.qat_crops_per_image} crops/image, {cfg.threads} torch "
+              f"thread(s). Top-1 (%) on the 1,000 held-out validation digits."), "",
              "| seed | " + " | ".join(names) + " | W4A4 >= W2A2 | demo wall s | FP trained here |",
              "|---|" + "---|" * (len(names) + 3)]
     for s, top1, secs, cached, _ in rows:
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                      + f" | {'yes' if ok else 'NO'} | {secs:.0f} | {'no (reused)' if cached else 'yes'} |")
     lines += ["", "Per-step seconds: " + "; ".join(
         f"seed {s}: " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items()) for s, _, _, _, steps in rows)]
-    lines += ["", f"Command: `{cmd}` — wall time {wall / 60:.1f} min in all on {os.cpu_count()} CPU cores "
-                  f"({platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__})."]
+    lines += ["", (f"Command: `{cmd}` — wall time {wall / 60:.1f} min in all on {os.cpu_count()} CPU cores "
+                   f"({platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}).")]
     md = "\n".join(lines) + "\n"
     print("\n" + md, flush=True)
     if a.md:

@@ -88,7 +88,7 @@ def patch(variant: str) -> None:
         LSQQuantizer.init_from_statistic = init_from_statistic
         return
     if variant == "ref-seq-calib":
-        import vitqtool.quant as quant
+        from vitqtool import quant
         from vitqtool.quant.calibrate import init_weight_steps, iter_quantizers
 
         @torch.no_grad()
@@ -234,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     by = {v: [r["top1"] for r in sorted(records, key=lambda r: r["seed"]) if r["variant"] == v] for v in variants}
     cmd = "python " + " ".join([str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:]))
-    lines = [f"W{a.bits}A{a.bits} top-1 (%) on the 1,000 held-out validation digits, seeds {seeds} (per seed, then mean ± std); "
-             f"QAT `vaq`, {a.epochs} epoch(s) of 4,000 images, batch {DEMO.qat_batch_size}, lr {DEMO.qat_lr}, "
-             f"{DEMO.qat_crops_per_image} stored crops/image, {DEMO.calib_batches} calibration batches; FP model "
-             f"`{a.fp}`; last checkpoint reported.", "",
+    lines = [(f"W{a.bits}A{a.bits} top-1 (%) on the 1,000 held-out validation digits, seeds {seeds} (per seed, then mean ± std); "
+              f"QAT `vaq`, {a.epochs} epoch(s) of 4,000 images, batch {DEMO.qat_batch_size}, lr {DEMO.qat_lr}, "
+              f"{DEMO.qat_crops_per_image} stored crops/image, {DEMO.calib_batches} calibration batches; FP model "
+              f"`{a.fp}`; last checkpoint reported."), "",
              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | vs vaq (mean) |",
              "|---|" + "---|" * (len(seeds) + 2)]
     base = statistics.fmean(by["vaq"]) if by.get("vaq") else None
@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         vals = by[v]
         diff = f"{statistics.fmean(vals) - base:+.2f}" if base is not None and vals and v != "vaq" else "–"
         lines.append(f"| {LABELS[v]} | " + " | ".join(f"{x:.2f}" for x in vals) + f" | {fmt(vals)} | {diff} |")
-    lines += ["", f"Command: `{cmd}` — wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores "
-                  f"(Python {platform.python_version()}, torch {torch.__version__}, {a.jobs} job(s), 1 thread each)."]
+    lines += ["", (f"Command: `{cmd}` — wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores "
+                   f"(Python {platform.python_version()}, torch {torch.__version__}, {a.jobs} job(s), 1 thread each).")]
     md = "\n".join(lines) + "\n"
     print("\n" + md, flush=True)
     if a.md:
