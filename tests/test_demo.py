@@ -37,7 +37,7 @@ def test_demo_quick_end_to_end_then_reuses_the_fp_model(tmp_path):
     assert list(models) == ["FP", "W4A4", "W2A2"]
     for m in models.values():
         assert 0 <= m["top1"] <= 100 and m["n"] == 1000
-    assert models["FP"]["top1"] > 12  # learned something (chance: 10%) even on the quick schedule (measured 20.2)
+    assert models["FP"]["top1"] > 30  # every class is trained on even in --quick (measured 46.8; chance: 10%)
     for name, bits in (("W4A4", 4), ("W2A2", 2)):
         path = out / f"w{bits}.safetensors"
         assert models[name]["file"] == str(path) and path.is_file()
@@ -53,5 +53,4 @@ def test_demo_quick_end_to_end_then_reuses_the_fp_model(tmp_path):
 
     again = run_demo(out)  # same settings: the FP model is reused, not retrained
     assert again["fp_cached"] is True and again["steps"][0]["cached"] is True
-    assert again["steps"][0]["seconds"] < steps["train FP model"]["seconds"]
     assert again["models"][0]["top1"] == models["FP"]["top1"]
