@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report_md import publish  # noqa: E402
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -78,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         f"seed {s}: " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items()) for s, _, _, _, steps in rows)]
     lines += ["", (f"Command: `{cmd}` — wall time {wall / 60:.1f} min in all on {os.cpu_count()} CPU cores "
                    f"({platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}).")]
-    md = "\n".join(lines) + "\n"
-    print("\n" + md, flush=True)
-    if a.md:
-        a.md.parent.mkdir(parents=True, exist_ok=True)
-        a.md.write_text(md)
+    publish(lines, a.md)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import logging
 import math
 import multiprocessing as mp
@@ -42,6 +41,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report_md import publish  # noqa: E402
 
 VARIANTS = ("vaq", "ref-drop-path", "ref-unsigned-qp", "ref-seq-calib", "ref-obr-gscale")
 LABELS = {
@@ -247,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {LABELS[v]} | " + " | ".join(f"{x:.2f}" for x in vals) + f" | {fmt(vals)} | {diff} |")
     lines += ["", (f"Command: `{cmd}` — wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores "
                    f"(Python {platform.python_version()}, torch {torch.__version__}, {a.jobs} job(s), 1 thread each).")]
-    md = "\n".join(lines) + "\n"
-    print("\n" + md, flush=True)
-    if a.md:
-        a.md.parent.mkdir(parents=True, exist_ok=True)
-        a.md.write_text(md)
-        a.md.with_suffix(".json").write_text(json.dumps({"runs": records, "wall_seconds": round(wall, 1)}, indent=1))
+    publish(lines, a.md, {"runs": records, "wall_seconds": round(wall, 1)})
     return 0
 
 
