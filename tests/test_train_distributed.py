@@ -50,6 +50,7 @@ WORKER = textwrap.dedent(f"""
     g = torch.Generator().manual_seed(100 + rank)  # a different calibration batch on each rank
     calibrate(qmodel, [torch.randn(4, 3, 32, 32, generator=g) * (1 + rank)])
     torch.save({{n: q.step.detach().clone() for n, q in iter_quantizers(qmodel)}}, out / f"steps{{rank}}.pt")
+    dist.destroy_process_group()  # a clean exit: gloo's threads must not outlive the interpreter
 """)
 
 

@@ -360,6 +360,7 @@ def quantize_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize MODEL: calibrate step sizes, then QAT with KD + OBR (vaq) on accelerate; checkpoints and exact --resume."""
+    from .commands import end_processes
     from .commands import quantize as run_quantize
 
     if mixed_precision not in (None, "no", "fp16", "bf16"):
@@ -372,6 +373,7 @@ def quantize_cmd(
                            mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
                            teacher_model_args=parse_model_args(teacher_model_args), image_column=image_column, label_column=label_column,
                            show_progress=_show_progress(ctx, as_json))
+    end_processes()  # under accelerate launch: leave the process group before exiting, or gloo's threads abort the exit
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
         return
     summary = {"run": str(out), "model": info.source_model, "recipe": info.recipe, "bits": info.bits,

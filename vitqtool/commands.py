@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("safetensors", "onnx", "compressed-tensors", "hf")
 
-__all__ = ["ResolvedModel", "analyze", "compare", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
+__all__ = ["ResolvedModel", "analyze", "compare", "end_processes", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
            "train_fp"]
 
 
@@ -197,6 +197,17 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
         return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
                                 teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
                                 fuse_quantizers=fuse_quantizers, show_progress=show_progress)
+
+
+def end_processes() -> None:
+    """Leave the torch.distributed process group, if one is open (after the last collective of a launched run).
+
+    A process that exits with the group still open can abort in gloo's thread teardown (SIGABRT,
+    "terminate called without an active exception"), which turns a finished run into a failed launch.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _train_and_validation(data: str, limit_train: int | None, limit_val: int | None, image_column: str | None,
