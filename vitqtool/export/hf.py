@@ -45,7 +45,7 @@ from ..fileio import file_mode, json_default, library_versions, save_safetensors
 from ..quant import QConv2d, QLinear, Quantizer
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
-from .layout import META_QCONFIG, META_VITQ, module_table
+from .layout import META_QCONFIG, META_VITQ, module_table, require_calibrated
 from .reader import ExportedModel, apply_table_bits, read_header
 from .writer import random_inputs, verify_export
 
@@ -213,7 +213,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
     """
     out = Path(out)
     spec = _spec(source_config, architecture, model_args)
-    _check_calibrated(model)
+    require_calibrated(model)
     slots, schemes = plan(model, spec)
     tensors, kept = _tensors(model, slots)
     layers, acts = module_table(model)
@@ -247,16 +247,6 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
                 (out / name).unlink()
     log.info("wrote %s (%d tensors, %d config groups)", out, len(tensors), len(config[META_QCONFIG]["config_groups"]))
     return {**summary(out), "verify": checked}
-
-
-def _check_calibrated(model: nn.Module) -> None:
-    """Refuse a model without quantized layers or with a quantizer that was never calibrated."""
-    if not any(isinstance(m, (QLinear, QConv2d)) for m in model.modules()):
-        raise ExportFormatError("the model has no quantized layers; prepare and calibrate it first (vitqtool.prepare, vitqtool.calibrate)")
-    uninit = [name for name, m in model.named_modules() if isinstance(m, Quantizer) and not m.is_initialized]
-    if uninit:
-        raise ExportFormatError(f"quantizers were never calibrated ({', '.join(uninit[:3])}, {len(uninit)} in all); "
-                                "run vitqtool.calibrate(model, batches) before exporting")
 
 
 def _spec(source_config: dict | None, architecture: str, model_args: dict) -> Any:

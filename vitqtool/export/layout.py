@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..core.artifacts import ExportHeader
-from ..quant import QUANT_LAYERS, Quantizer
+from ..errors import ExportFormatError
+from ..quant import QUANT_LAYERS, Quantizer, iter_quantizers
 
 FORMAT_VERSION = ExportHeader.VERSION
 QUANT_METHOD = "vitqtool"
@@ -80,3 +81,16 @@ def module_table(model: nn.Module) -> tuple[dict[str, dict], dict[str, dict]]:
                    "signed": q.spec.signed, "offset": q.spec.learned_offset}
             for name, q in iter_standalone_quantizers(model, set(layers))}
     return layers, acts
+
+
+def require_calibrated(model: nn.Module, enabled_only: bool = False) -> None:
+    """Refuse (ExportFormatError) a model without quantized layers or with a quantizer never calibrated.
+
+    `enabled_only` skips disabled quantizers (the ONNX export writes those as FP).
+    """
+    if not any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
+        raise ExportFormatError("the model has no quantized layers; prepare and calibrate it first (vitqtool.prepare, vitqtool.calibrate)")
+    uninit = [name for name, q in iter_quantizers(model) if (q.enabled or not enabled_only) and not q.is_initialized]
+    if uninit:
+        raise ExportFormatError(f"quantizers were never calibrated ({', '.join(uninit[:3])}, {len(uninit)} in all); "
+                                "run vitqtool.calibrate(model, batches) before exporting")

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, library_versions
-from ..quant import QUANT_LAYERS, iter_quantizers
-from .layout import state_map
+from ..quant import QUANT_LAYERS
+from .layout import require_calibrated, state_map
 from .onnx_graph import OPSET, build_vit_graph
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
     _require_onnx()
     import onnx
 
-    uninit = [name for name, q in iter_quantizers(model) if q.enabled and not q.is_initialized]
-    if uninit:
-        raise ExportFormatError(f"quantizers were never calibrated ({', '.join(uninit[:3])}, {len(uninit)} in all); "
-                                "run vitqtool.calibrate(model, batches) before exporting")
+    require_calibrated(model, enabled_only=True)
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()
     was_training = model.training

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from ..core.artifacts import ExportHeader
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, json_default, library_versions, save_safetensors
-from ..quant import QUANT_LAYERS, Quantizer
 from ..recipe import Recipe
-from .layout import FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table, state_map
+from .layout import (FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table,
+                     require_calibrated, state_map)
 from .packed_layout import file_scale, pack_weight
 from .reader import read_export, summarize_export
 
@@ -84,13 +84,7 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
 
 def export_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The file's tensors for a quantized model (see `layout.state_map`); refuses uncalibrated quantizers."""
-    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer)]
-    if not any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
-        raise ExportFormatError("the model has no quantized layers; prepare and calibrate it first (vitqtool.prepare, vitqtool.calibrate)")
-    uninit = [name for name, q in quantizers if not q.is_initialized]
-    if uninit:
-        raise ExportFormatError(f"quantizers were never calibrated ({', '.join(uninit[:3])}, {len(uninit)} in all); "
-                                "run vitqtool.calibrate(model, batches) before exporting")
+    require_calibrated(model)
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     with torch.no_grad():

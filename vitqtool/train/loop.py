@@ -36,7 +36,7 @@ from ..data import make_eval_loader
 from ..errors import RunError
 from ..fileio import state_dict_for_safetensors
 from ..progress import progress_bar
-from ..quant import iter_quantizers, obr_lambda, obr_loss, project_quantizers_
+from ..quant import iter_quantizers, obr_lambda, obr_loss
 from ..recipe import Recipe
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
 from .losses import kd_loss, soft_cross_entropy
@@ -216,7 +216,8 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
     log_every = max(1, tr.recipe.oscillation.log_every)
     show = tr.show_progress and acc.is_main_process
     act_factor = (acc.num_processes * accum) ** -0.5
-    act_params = [p for _, q in iter_quantizers(tr.raw) if q.kind == "act" for p in q.parameters()]
+    quantizers = [q for _, q in iter_quantizers(tr.raw)]  # listed once: the step loop projects them after each update
+    act_params = [p for q in quantizers if q.kind == "act" for p in q.parameters()]
     columns = ("loss {task.fields[loss]:.4f}", "lr {task.fields[lr]:.2e}", "{task.fields[ips]:.0f} img/s")
     with _stop_flag() as interrupted, progress_bar(show, *columns) as bar:
         task = bar.add_task("quantize", total=total, completed=state.step, loss=float("nan"), lr=0.0, ips=0.0) if bar else None
@@ -265,7 +266,8 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                     if rt.grad_clip > 0:
                         acc.clip_grad_norm_(tr.model.parameters(), rt.grad_clip)
                     tr.optimizer.step()
-                    project_quantizers_(tr.raw)
+                    for q in quantizers:
+                        q.project_()
                     if tr.tracker is not None:
                         tr.tracker.update()
                 tr.optimizer.zero_grad(set_to_none=True)
