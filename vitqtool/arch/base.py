@@ -56,6 +56,9 @@ class Adapter(abc.ABC):
 
     family: ClassVar[str]
     patterns: ClassVar[tuple[str, ...]]  # model-name globs of the family, for messages
+    # ONNX export: it traces the model's own forward, so a family needs nothing for it; a family that cannot be
+    # exported yet says why here, in one line (`export --format onnx` refuses it with that reason)
+    onnx_refusal: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def check(self, model: nn.Module) -> None:

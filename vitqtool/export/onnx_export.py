@@ -1,9 +1,11 @@
 """`export --format onnx`: write the QDQ ONNX graph of a quantized model, verify it in onnxruntime, load, inspect.
 
-The graph is built by `onnx_graph.build_vit_graph`; the file carries a `vitqtool` metadata property
-(architecture, model args, data config, recipe, per-layer bits) so that `vitqtool evaluate model.onnx`
-and `vitqtool inspect model.onnx` need nothing else. onnx and onnxruntime are imported lazily (the
-`onnx` extra).
+The graph is the model's own forward traced by torch.onnx with each quantizer as a marker
+(`onnx_trace`), lowered to QDQ for onnxruntime's integer kernels (`onnx_graph`); one mechanism for
+every family, at the model's configured input size (batch dynamic). The file carries a `vitqtool`
+metadata property (architecture, model args, data config, recipe, per-layer bits and kernels) so that
+`vitqtool evaluate model.onnx` and `vitqtool inspect model.onnx` need nothing else. onnx and
+onnxruntime are imported lazily (the `onnx` extra).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..arch import get_adapter
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, library_versions
 from ..quant import QUANT_LAYERS
 from .layout import require_calibrated, state_map
-from .onnx_graph import OPSET, build_vit_graph
+from .onnx_graph import OPSET, build_graph
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ VERIFY_BATCH_SIZE = 32
 MIN_AGREEMENT = 99.0  # percent top-1 agreement with the torch model below which --verify fails
 INTEGER_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
                    "QLinearConv", "ConvInteger")
+STAYS_FLOAT = ("float32 in the graph: norms, softmax, GELU, residual adds, biases and embeddings (vitqtool computes them in "
+               "float), the input of a layer without an input quantizer (its weights stay integer), and grouped convs whose "
+               "output is float (onnxruntime's integer grouped conv is slower than its float one; the codes are dequantized exactly)")
 
 
 def _require_onnx() -> None:
@@ -57,6 +63,9 @@ def onnx_session(path: str | Path, threads: int | None = None, optimized_path: s
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # a float-input layer with quantized weights (a patch merging) becomes MatMulNBits, which by default
+    # quantizes its float input to int8 on the fly (accuracy level 4); vitqtool computes that input in float
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
@@ -78,16 +87,20 @@ def _fp32_params(model: nn.Module) -> int:
 def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, model_args: dict, data_config: dict,
                       recipe: Any = None, source: str = "", data: str | None = None, metrics: dict | None = None,
                       verify_batches: Iterable[tuple[Tensor, Tensor]] | None = None) -> dict[str, Any]:
-    """Write `model` (a prepared, calibrated vitqtool ViT/DeiT; disabled quantizers are FP) as a QDQ ONNX file.
+    """Write `model` (a prepared, calibrated vitqtool model of any supported family; disabled quantizers are FP) as QDQ ONNX.
 
-    With `verify_batches` ((images, labels) of validation images) the written file runs in onnxruntime
-    against `model` and the export fails below `MIN_AGREEMENT` % top-1 agreement (then nothing is
-    written). Returns the `inspect_onnx` summary plus `verify` results.
-    Raises ExportFormatError for a model the graph does not implement or a failed verify.
+    The input is `[batch, *data_config["input_size"]]`: the model's configured size (also for a model built
+    with a dynamic image size). With `verify_batches` ((images, labels) of validation images) the written
+    file runs in onnxruntime against `model` and the export fails below `MIN_AGREEMENT` % top-1 agreement
+    (then nothing is written). Returns the `inspect_onnx` summary plus `verify` results.
+    Raises ExportFormatError for a family whose plugin refuses ONNX, a model torch.onnx cannot trace, or a failed verify.
     """
     _require_onnx()
     import onnx
 
+    refusal = get_adapter(model).onnx_refusal
+    if refusal:
+        raise ExportFormatError(f"the ONNX export does not support {type(model).__name__}: {refusal}")
     require_calibrated(model, enabled_only=True)
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()
@@ -100,15 +113,8 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}, "source": source,
         "data": data, "quantized": quantized, "opset": OPSET, "metrics": metrics, "fp32_params": _fp32_params(model),
         "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
-        "versions": library_versions("onnx", "onnxruntime", "numpy"),
+        "versions": library_versions("torch", "onnx", "onnxruntime", "numpy"),
     }
-    proto, tables = build_vit_graph(model, input_size)
-    meta.update(layers=tables.layers, activations=tables.activations)
-    try:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(meta)
-    except TypeError as exc:
-        raise ExportFormatError(f"model_args/data_config/metrics must be JSON-serialisable ({exc})") from None
     out = Path(out)
     checked = None
 
@@ -123,6 +129,13 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
                                         "the file was not written")
 
     try:
+        proto, tables = build_graph(model, input_size)
+        meta.update(layers=tables.layers, activations=tables.activations)
+        try:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = META_KEY, json.dumps(meta)
+        except TypeError as exc:
+            raise ExportFormatError(f"model_args/data_config/metrics must be JSON-serialisable ({exc})") from None
         atomic_write(out, write)
     finally:
         model.train(was_training)
@@ -151,7 +164,8 @@ def verify_onnx(model: nn.Module, path: str | Path, batches: Iterable[tuple[Tens
     if n == 0:
         raise ExportFormatError("verify got no images")
     return {"images": n, "top1_agreement": 100.0 * agree / n, "max_abs_diff": diff,
-            "top1_torch": 100.0 * hits_torch / n, "top1_onnx": 100.0 * hits_onnx / n}
+            "top1_torch": 100.0 * hits_torch / n, "top1_onnx": 100.0 * hits_onnx / n,
+            "integer_kernels": integer_matmuls(optimized_op_counts(path))}
 
 
 class OnnxModel(nn.Module):
@@ -219,7 +233,8 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         stored = sum(b for k, b in sizes.items() if k.startswith(name + ".") and k[len(name) + 1:].startswith(("weight", "bias")))
         rows.append({"name": name, "type": row["type"], "weight_bits": row["weight_bits"], "act_bits": row["act_bits"],
                      "granularity": "channel" if row.get("per_channel") else "tensor", "shape": row["shape"],
-                     "params": params, "bytes": stored, "fp32_bytes": 4 * params, "ratio": 4 * params / stored if stored else None})
+                     "params": params, "bytes": stored, "fp32_bytes": 4 * params, "ratio": 4 * params / stored if stored else None,
+                     "kernel": row.get("kernel")})
     recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
     quant = recipe.get("quant", {})
     file_bytes = path.stat().st_size
@@ -232,6 +247,8 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "versions": meta.get("versions"), "quantized": meta.get("quantized"), "opset": meta.get("opset"),
         "quantized_layers": sum(1 for r in rows if r["weight_bits"]), "activation_quantizers": len(meta["activations"]),
         "file_bytes": file_bytes, "fp32_bytes": fp32_bytes, "compression_ratio": fp32_bytes / file_bytes if file_bytes else None,
+        "input_size": meta["data_config"].get("input_size"), "kernels": dict(collections.Counter(r["kernel"] for r in rows)),
+        "stays_float": STAYS_FLOAT if meta.get("quantized") else "everything (no quantizer was enabled)",
         "layers": rows,
     }
 

@@ -1,427 +1,706 @@
-"""Build the ONNX graph (standard opset 21, written with `onnx.helper`) of a vitqtool-quantized timm ViT/DeiT.
+"""Lower the traced marker graph (`onnx_trace`) into a standard QDQ ONNX graph that onnxruntime runs on integer kernels.
 
-Every enabled LSQ quantizer becomes QuantizeLinear -> (Clip) -> DequantizeLinear with its step as the
-scale, placed so that onnxruntime's QDQ fusion turns every quantized matmul into an integer one
-(MatMulIntegerToFloat, QLinearMatMul): each matmul input is its own DequantizeLinear, and reshapes and
-transposes run on the 8-bit tensors between the Q and the DQ (a per-tensor quantizer commutes with them).
+One set of graph rules for every model family; the rules look at ops and tensors, never at module names.
 
-- Codes: b-bit signed codes `c` in `[-2^(b-1), 2^(b-1) - 1]` are stored offset-binary in uint8 with zero
-  point `2^(b-1)` (u8 activations x s8 weights is the fast integer kernel on x86); the operands on
-  the right of the attention matmuls (K, V) are int8 with zero point 0; unsigned codes (softmax, GELU
-  output) are uint8 with zero point 0. Below 8 bits an integer Clip after the QuantizeLinear narrows
-  the saturation to the b-bit range: `round(clamp(x/s))` = `clamp(round(x/s))` for integer bounds,
-  so the codes are exactly vitqtool's.
-- Weights are integer initializers: 8-bit (and 5-7-bit) codes as int8 `[in, out]`; 3/4-bit codes two
-  per byte and 2-bit codes four per byte in a uint8 initializer, unpacked to int8 by a small constant
-  subgraph (BitShift, BitwiseAnd, Cast, Sub on int8: onnxruntime >= 1.21) that onnxruntime folds once at
-  session start.
-  Per-tensor steps are scalar scales, per-channel steps are per-column (`axis=1`).
-- The GELU output quantizer (unsigned with a learned offset beta): `x - beta` (Sub) before the
-  QuantizeLinear, as vitqtool computes it; the `+ beta` after the DequantizeLinear is folded into fc2's
-  bias (`bias + beta * sum_i W_hat[:, i]`), so fc2 still takes a plain DequantizeLinear and stays an
-  integer matmul. Exact in real arithmetic; the cost is one elementwise Sub over the hidden tensor.
-- Fused `qkv`: the q, k and v weights (split or not) are one `[dim, 3*dim]` integer matmul with a
-  per-column scale (each part's step repeated), then Split; the attention scale `head_dim^-0.5` is
-  folded into the scale of Q's DequantizeLinear.
-- The patch-embedding convolution (kernel = stride, no padding) is the same arithmetic as a matmul over
-  patches: reshape/transpose the (quantized) image into `[B, patches, C*p*p]` and matmul, so it runs as
-  an integer matmul too.
-- Disabled quantizers are identities: with every quantizer disabled the builder writes the FP graph.
+- **Weights** (`vitqtool::Weight`): integer codes as initializers, DequantizeLinear with the step (one per
+  tensor, or one per output channel). A Linear's weight transpose is folded into the codes (`[in, out]`,
+  per-column scale), and a 2-D Gemm (a classifier on pooled features) becomes a 3-D MatMul + Add:
+  onnxruntime turns a 2-D MatMul + Add into a float Gemm before its QDQ fusion. 3/4-bit codes are stored
+  two per byte, 2-bit codes four per byte, in a uint8 initializer unpacked by a small constant subgraph
+  (BitShift, BitwiseAnd, Cast, Sub) that onnxruntime folds once at session start.
+- **Activations** (`vitqtool::Act`): QuantizeLinear, plus an integer Clip below 8 bits
+  (`round(clamp(x/s))` = `clamp(round(x/s))` for integer bounds, so the codes are vitqtool's). Signed
+  codes are uint8 with zero point `2^(b-1)` (u8 x s8 is the fast integer kernel on x86) or int8 with zero
+  point 0 when they are the right operand of an activation x activation MatMul (K, V); unsigned codes
+  are uint8 with zero point 0. The DequantizeLinear moves forward through data movement (Reshape,
+  Transpose, Slice, Gather, Split, ..., MaxPool) onto the 8-bit tensor, a multiplication by a positive
+  constant scalar (the attention scale) is folded into its scale, and every consumer gets its own
+  DequantizeLinear: each matmul/conv input is then a DequantizeLinear of integer codes, the pattern
+  onnxruntime fuses into an integer kernel. A learned offset `beta` (the GELU output) is a Sub before the
+  QuantizeLinear; the `+ beta` after it is folded into the consumer's bias (`bias + beta * sum_i W_hat[:, i]`).
+- **Convolutions**: a BatchNormalization after a quantized conv is folded into its per-output-channel
+  weight scale and bias (exact in real arithmetic). When the conv's output (after that BatchNorm and a
+  ReLU) is read only by one quantizer, the group DQ -> Conv -> (Relu) -> Q is left for onnxruntime's
+  QLinearConv (the requantization is the quantizer vitqtool applies there anyway; an unsigned quantizer's
+  saturation at 0 is the ReLU). Any other quantized conv, whose output vitqtool keeps in float, becomes
+  ConvInteger (uint8 codes, int32 accumulation, exact) followed by one float rescale.
+- What stays float is what vitqtool computes in float: norms, softmax, GELU, residual adds, biases,
+  position embeddings, and the input of a layer without an input quantizer (a Swin patch merging's
+  reduction, as in the reference): such a layer multiplies float activations by its dequantized weights.
+
 Differences from vitqtool's logits come from float summation order (integer accumulation is exact) and
-the folded scales, which can move a value across a rounding boundary of a later quantizer.
+the folded scales and BatchNorms, which can move a value across a rounding boundary of a later quantizer.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import ExportFormatError
-from ..quant import QConv2d, QLinear, QuantAttention, Quantizer
+from .onnx_trace import DOMAIN, INPUT_NAME, OUTPUT_NAME, ActInfo, QuantTables, WeightInfo, trace_model
 
-OPSET = 21
+OPSET = 20
 IR_VERSION = 10
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-
-
-@dataclass
-class QTensor:
-    """An integer tensor in the graph with the parameters that dequantize it."""
-
-    name: str
-    scale: float
-    zero_point: int
-    dtype: str  # "uint8" or "int8"
-    offset: float | None = None  # learned offset subtracted before quantizing (added back by the consumer)
+# ops that only move or select elements: they run on the 8-bit codes as well as on floats (data input 0)
+MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Split", "Expand", "MaxPool"})
+INT_ONNX = {"uint8": 2, "int8": 3}
 
 
 @dataclass
 class GraphTables:
-    """What the builder recorded: quantized matmul layers and activation quantizers (for inspect and tests)."""
+    """What the lowering recorded: quantized layers and activation quantizers (for inspect, tests and the summary)."""
 
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     activations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _np_dtype(name: str) -> Any:
-    return {"uint8": np.uint8, "int8": np.int8}[name]
+@dataclass
+class _QDQ:
+    """A DequantizeLinear the lowering created for an activation quantizer's codes."""
+
+    act: str
+    info: ActInfo
+    scale: float
+    zero_point: int
+    dtype: str
+    offset: float | None
 
 
-def _enabled(q: Quantizer | None) -> bool:
-    return q is not None and q.enabled
+class Graph:
+    """A mutable ONNX graph: nodes, numpy initializers, producer and consumer maps kept up to date."""
 
+    def __init__(self, proto: Any) -> None:
+        from onnx import numpy_helper
 
-def _step(q: Quantizer) -> np.ndarray:
-    """The effective float32 scale(s) of a quantizer."""
-    return q.scale_values().float().cpu().numpy().astype(np.float32)
+        g = proto.graph
+        self.proto = proto
+        self.inits: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.nodes: dict[int, Any] = {}
+        self.producer: dict[str, Any] = {}
+        self.consumers: dict[str, list[Any]] = collections.defaultdict(list)
+        self.outputs = [o.name for o in g.output]
+        self.used: set[str] = set(self.inits) | {i.name for i in g.input} | set(self.outputs)
+        self.dq: dict[int, _QDQ] = {}  # id(DequantizeLinear node) of an activation -> what it dequantizes
+        self.weights: dict[str, dict[str, Any]] = {}  # code initializer -> {"layer", "bits", "offset_binary"}
+        self.kernels: dict[str, tuple[str, int]] = {}  # layer -> (onnxruntime kernel, input bits) decided by _lower_convs
+        for node in g.node:
+            self.add(node)
 
-
-class Builder:
-    """Accumulates nodes and initializers; names are unique and readable (`blocks.0.attn.q_quant/q`)."""
-
-    def __init__(self) -> None:
-        from onnx import helper
-
-        self.helper = helper
-        self.nodes: list[Any] = []
-        self.initializers: list[Any] = []
-        self.used: set[str] = set()
-        self.tables = GraphTables()
+    # ------------------------------------------------------------------ bookkeeping
 
     def fresh(self, base: str) -> str:
-        """A new unique tensor name starting with `base`."""
+        """A new unique tensor/node name starting with `base`."""
         name, i = base, 1
         while name in self.used:
             name, i = f"{base}_{i}", i + 1
         self.used.add(name)
         return name
 
-    def const(self, base: str, value: np.ndarray | float | int | list, dtype: Any = None) -> str:
-        """An initializer (numpy value, dtype as given) and its name."""
-        from onnx import numpy_helper
+    def add(self, node: Any) -> Any:
+        """Insert a node (order does not matter: `to_model` sorts)."""
+        self.nodes[id(node)] = node
+        self.used.update(node.output)
+        self.used.add(node.name)
+        for o in node.output:
+            self.producer[o] = node
+        for i in node.input:
+            if i:
+                self.consumers[i].append(node)
+        return node
 
-        arr = np.asarray(value, dtype=dtype)
+    def remove(self, node: Any) -> None:
+        """Delete a node (its outputs must be unused or re-produced)."""
+        del self.nodes[id(node)]
+        self.dq.pop(id(node), None)
+        for o in node.output:
+            if self.producer.get(o) is node:
+                del self.producer[o]
+        for i in node.input:
+            if i and node in self.consumers[i]:
+                self.consumers[i].remove(node)
+
+    def set_input(self, node: Any, index: int, name: str) -> None:
+        """Point input `index` of `node` at tensor `name`."""
+        old = node.input[index]
+        if old and node in self.consumers[old]:
+            self.consumers[old].remove(node)
+        node.input[index] = name
+        if name:
+            self.consumers[name].append(node)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Every reader of `old` reads `new` instead (graph outputs keep their name through an Identity)."""
+        for node in list(self.consumers[old]):
+            for k, name in enumerate(node.input):
+                if name == old:
+                    self.set_input(node, k, new)
+        if old in self.outputs:
+            self.op("Identity", [new], old, name_out=old)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer (None for a computed tensor)."""
+        return self.inits.get(name)
+
+    def add_const(self, base: str, value: Any, dtype: Any = None) -> str:
+        """A new initializer and its name."""
         name = self.fresh(base)
-        self.initializers.append(numpy_helper.from_array(arr, name))
+        self.inits[name] = np.asarray(value, dtype=dtype)
         return name
 
-    def op(self, op_type: str, inputs: list[str], base: str, outputs: int = 1, **attrs: Any) -> Any:
-        """Append one node; returns its output name (or the list of names when `outputs` > 1)."""
-        outs = [self.fresh(base if outputs == 1 else f"{base}_{i}") for i in range(outputs)]
-        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=self.fresh(f"{base}/{op_type}"), **attrs))
+    def op(self, op_type: str, inputs: list[str], base: str, outputs: int = 1, name_out: str | None = None, **attrs: Any) -> Any:
+        """Append one node; returns its output name (a list when `outputs` > 1)."""
+        from onnx import helper
+
+        outs = [name_out] if name_out else [self.fresh(base if outputs == 1 else f"{base}_{i}") for i in range(outputs)]
+        self.add(helper.make_node(op_type, inputs, outs, name=self.fresh(f"{base}/{op_type}"), **attrs))
         return outs[0] if outputs == 1 else outs
 
-    # ------------------------------------------------------------------ quantizers
+    def rename_output(self, node: Any, index: int, name: str) -> None:
+        """Make `node` write output `index` under a new tensor name (readers of the old name are not moved)."""
+        old = node.output[index]
+        if self.producer.get(old) is node:
+            del self.producer[old]
+        node.output[index] = name
+        self.producer[name] = node
 
-    def quantize(self, x: str, q: Quantizer, name: str, right_operand: bool = False) -> QTensor:
-        """QuantizeLinear (+ Clip below 8 bits) of float `x` with quantizer `q` (enabled, per tensor).
+    def readers(self, name: str) -> list[Any]:
+        """The nodes reading tensor `name`."""
+        return list(self.consumers.get(name, []))
 
-        Signed codes are uint8 with zero point 2^(b-1), or int8 with zero point 0 when `right_operand`
-        (the K and V of the attention matmuls); unsigned codes are uint8 with zero point 0. A learned
-        offset is subtracted first and recorded in the result.
-        """
-        spec = q.spec
-        if q.scale_values().numel() != 1:
-            raise ExportFormatError(f"'{name}': per-channel activation steps are not supported by the ONNX export")
-        scale = float(_step(q).reshape(-1)[0])
-        offset = q.offset_value()
-        if offset is not None:
-            x = self.op("Sub", [x, self.const(f"{name}.offset", np.float32(offset))], f"{name}/shifted")
-        if spec.signed and right_operand:
-            dtype, zp, lo, hi = "int8", 0, spec.qn, spec.qp
-        elif spec.signed:
-            dtype, zp, lo, hi = "uint8", -spec.qn, 0, spec.qp - spec.qn
+    def only_reader(self, name: str) -> Any | None:
+        """The single node reading `name` (None when it has several readers or is a graph output)."""
+        readers = self.readers(name)
+        return readers[0] if len(readers) == 1 and name not in self.outputs else None
+
+    def attr(self, node: Any, name: str, default: Any = None) -> Any:
+        """A node attribute's value."""
+        from onnx import helper
+
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def set_attr(self, node: Any, name: str, value: Any) -> None:
+        """Set (or add) a node attribute."""
+        from onnx import helper
+
+        for k, a in enumerate(node.attribute):
+            if a.name == name:
+                del node.attribute[k]
+                break
+        node.attribute.append(helper.make_attribute(name, value))
+
+    def prune(self) -> None:
+        """Drop nodes whose outputs nobody reads, and unread initializers."""
+        changed = True
+        while changed:
+            changed = False
+            for node in list(self.nodes.values()):
+                if not any(self.consumers.get(o) or o in self.outputs for o in node.output):
+                    self.remove(node)
+                    changed = True
+        for name in [n for n in self.inits if not self.consumers.get(n)]:
+            del self.inits[name]
+
+    def to_model(self) -> Any:
+        """The ModelProto: nodes in topological order, opset `OPSET` (no private domain left)."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        self.prune()
+        ready = set(self.inits) | {i.name for i in self.proto.graph.input} | {""}
+        pending = list(self.nodes.values())
+        ordered = []
+        waiting: dict[str, list[Any]] = collections.defaultdict(list)
+        missing = {id(n): sum(1 for i in n.input if i not in ready) for n in pending}
+        queue = collections.deque(n for n in pending if missing[id(n)] == 0)
+        for n in pending:
+            for i in n.input:
+                if i not in ready:
+                    waiting[i].append(n)
+        while queue:
+            node = queue.popleft()
+            ordered.append(node)
+            for o in node.output:
+                for reader in waiting.pop(o, []):
+                    missing[id(reader)] -= list(reader.input).count(o)
+                    if missing[id(reader)] == 0:
+                        queue.append(reader)
+        if len(ordered) != len(pending):
+            raise ExportFormatError("internal error: the lowered ONNX graph has a cycle or an unproduced input")
+        g = self.proto.graph
+        graph = helper.make_graph(ordered, "vitqtool", list(g.input), list(g.output),
+                                  [numpy_helper.from_array(v, k) for k, v in self.inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="vitqtool")
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model)
+        return model
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def build_graph(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[Any, GraphTables]:
+    """The QDQ ONNX ModelProto of a prepared, calibrated vitqtool model (eval, CPU) and its layer/quantizer tables.
+
+    Input `[batch, *input_size]` (batch dynamic, image size fixed). Raises ExportFormatError when the model
+    cannot be traced.
+    """
+    proto, tables = trace_model(model, input_size)
+    g = Graph(proto)
+    _drop_identities(g)
+    _lower_weights(g, tables)
+    _lower_acts(g, tables)
+    _fold_batchnorms(g)
+    _lower_convs(g)
+    out = GraphTables()
+    _describe(g, tables, out)
+    _pack_weights(g)
+    return g.to_model(), out
+
+
+# ---------------------------------------------------------------------- passes
+
+
+def _drop_identities(g: Graph) -> None:
+    """Identity nodes (the exporter's aliases of shared parameters) read through."""
+    for node in [n for n in g.nodes.values() if n.op_type == "Identity" and n.output[0] not in g.outputs]:
+        g.remove(node)
+        g.replace_uses(node.output[0], node.input[0])
+    for node in [n for n in g.nodes.values() if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"]:
+        from onnx import numpy_helper
+
+        g.remove(node)
+        g.inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+
+def _marker_name(g: Graph, node: Any) -> str:
+    return g.attr(node, "name").decode()
+
+
+def _weight_dq(g: Graph, w: WeightInfo, codes: np.ndarray, scale: np.ndarray, axis: int) -> str:
+    """DequantizeLinear of int8 `codes` (an initializer `{layer}.weight_codes`) with per-tensor or per-`axis` scale."""
+    codes_name = g.add_const(f"{w.layer}.weight_codes", codes.astype(np.int8))
+    g.weights[codes_name] = {"layer": w.layer, "bits": w.bits, "offset_binary": False}
+    scale_name = g.add_const(f"{w.layer}.weight_scale", scale.reshape(()) if scale.size == 1 else scale.astype(np.float32))
+    attrs = {"axis": axis} if scale.size > 1 else {}
+    return g.op("DequantizeLinear", [codes_name, scale_name], f"{w.layer}/weight_dq", **attrs)
+
+
+def _lower_weights(g: Graph, tables: QuantTables) -> None:
+    """`vitqtool::Weight` -> DequantizeLinear of integer codes; Transpose and Gemm of a Linear's weight folded into the codes."""
+    for node in [n for n in g.nodes.values() if n.domain == DOMAIN and n.op_type == "Weight"]:
+        w = tables.weights[_marker_name(g, node)]
+        g.remove(node)
+        readers = g.readers(node.output[0])
+        for reader in readers:
+            if reader.op_type == "Transpose" and list(g.attr(reader, "perm", [1, 0])) == [1, 0] and w.codes.ndim == 2:
+                g.remove(reader)
+                g.replace_uses(reader.output[0], _weight_dq(g, w, w.codes.T, w.scale, 1))
+            elif reader.op_type == "Gemm" and reader.input[1] == node.output[0] and w.codes.ndim == 2:
+                _gemm_as_matmul(g, reader, w)
+            else:
+                for k, name in enumerate(reader.input):
+                    if name == node.output[0]:
+                        g.set_input(reader, k, _weight_dq(g, w, w.codes, w.scale, 0))
+        if node.output[0] in g.outputs:
+            raise ExportFormatError(f"'{w.layer}': a weight is a graph output")
+
+
+def _gemm_as_matmul(g: Graph, gemm: Any, w: WeightInfo) -> None:
+    """Gemm(x [B, K], W, b) of a quantized Linear -> Squeeze(MatMul(Unsqueeze(x) [B, 1, K], W^T) + b)."""
+    if g.attr(gemm, "transA", 0) or g.attr(gemm, "alpha", 1.0) != 1.0 or g.attr(gemm, "beta", 1.0) != 1.0:
+        raise ExportFormatError(f"'{w.layer}': a Gemm with transA/alpha/beta is not supported by the ONNX export")
+    codes = w.codes.T if g.attr(gemm, "transB", 0) else w.codes  # [K, N]
+    axis = 1
+    g.remove(gemm)
+    row = g.op("Unsqueeze", [gemm.input[0], g.add_const(f"{w.layer}.row_axis", [1], np.int64)], f"{w.layer}/row")
+    y = g.op("MatMul", [row, _weight_dq(g, w, codes, w.scale, axis)], f"{w.layer}/matmul")
+    if len(gemm.input) > 2 and gemm.input[2]:
+        y = g.op("Add", [y, gemm.input[2]], f"{w.layer}/out")
+    y = g.op("Squeeze", [y, g.add_const(f"{w.layer}.row_axis", [1], np.int64)], f"{w.layer}/squeeze")
+    g.replace_uses(gemm.output[0], y)
+
+
+def _lower_acts(g: Graph, tables: QuantTables) -> None:
+    """`vitqtool::Act` -> [Sub beta] -> QuantizeLinear -> [Clip] on the input; DequantizeLinear per consumer, moved forward."""
+    for node in [n for n in g.nodes.values() if n.domain == DOMAIN and n.op_type == "Act"]:
+        name, y = _marker_name(g, node), node.output[0]
+        info = tables.acts[name]
+        g.remove(node)
+        groups: dict[str, list] = collections.defaultdict(list)
+        for use in _terminal_uses(g, y, 1.0):
+            groups[_code_type(info, use)].append(use)
+        x = node.input[0]
+        if info.offset is not None:
+            x = g.op("Sub", [x, g.add_const(f"{name}.offset", np.float32(info.offset))], f"{name}/shifted")
+        codes = {dtype: _quantize(g, x, name, info, dtype) for dtype in groups}
+        for dtype, group in groups.items():
+            _emit_uses(g, codes[dtype], group, name, info, dtype)
+        if codes:
+            _rewire_shapes(g, y, next(iter(codes.values())))
+        _prune_float_path(g, y)
+        if g.readers(y) or y in g.outputs:  # a reader no rule covers: the float tensor, dequantized once
+            dtype = next(iter(codes), "uint8")
+            t = codes[dtype] if codes else _quantize(g, x, name, info, dtype)
+            _dequantize(g, t, name, info, dtype, 1.0, name_out=y)
+
+
+def _zero_point(info: ActInfo, dtype: str) -> int:
+    """Offset-binary zero point `2^(b-1)` for signed codes stored as uint8, else 0."""
+    return -info.qn if dtype == "uint8" and info.signed else 0
+
+
+def _quantize(g: Graph, x: str, name: str, info: ActInfo, dtype: str) -> str:
+    """QuantizeLinear of `x` into `dtype`, plus a Clip to the b-bit range below 8 bits; the integer tensor."""
+    zp = _zero_point(info, dtype)
+    npd = np.uint8 if dtype == "uint8" else np.int8
+    t = g.op("QuantizeLinear", [x, g.add_const(f"{name}.scale", np.float32(info.scale)), g.add_const(f"{name}.zero_point", zp, npd)],
+             f"{name}/q")
+    if info.bits < 8:
+        t = g.op("Clip", [t, g.add_const(f"{name}.min", info.qn + zp, npd), g.add_const(f"{name}.max", info.qp + zp, npd)], f"{name}/clip")
+    return t
+
+
+def _dequantize(g: Graph, codes: str, name: str, info: ActInfo, dtype: str, mult: float, name_out: str | None = None,
+                with_offset: bool = True) -> str:
+    """DequantizeLinear of `codes` with the step times `mult` (+ the offset times `mult` unless `with_offset` is False)."""
+    zp = _zero_point(info, dtype)
+    offset = None if info.offset is None else info.offset * mult
+    scale = g.add_const(f"{name}.dq_scale", np.float32(info.scale * mult))
+    zp_name = g.add_const(f"{name}.dq_zero_point", zp, np.uint8 if dtype == "uint8" else np.int8)
+    last = offset is None or not with_offset
+    dq = g.op("DequantizeLinear", [codes, scale, zp_name], f"{name}/dq", name_out=name_out if last else None)
+    g.dq[id(g.producer[dq])] = _QDQ(name, info, info.scale * mult, zp, dtype, offset)
+    if not last:
+        dq = g.op("Add", [dq, g.add_const(f"{name}.offset", np.float32(offset))], f"{name}/unshifted", name_out=name_out)
+    return dq
+
+
+def _rewire_shapes(g: Graph, tensor: str, codes: str) -> None:
+    """Shape readers of a float tensor read its integer twin (same shape)."""
+    for reader in g.readers(tensor):
+        if reader.op_type == "Shape":
+            g.set_input(reader, 0, codes)
+
+
+def _prune_float_path(g: Graph, tensor: str) -> None:
+    """Remove the float data-movement nodes below an activation marker that nothing reads any more."""
+    for reader in g.readers(tensor):
+        if reader.op_type in MOVEMENT or reader.op_type in ("Mul", "Div"):
+            for o in reader.output:
+                _prune_float_path(g, o)
+            if not any(g.readers(o) or o in g.outputs for o in reader.output):
+                g.remove(reader)
+
+
+def _terminal_uses(g: Graph, tensor: str, mult: float, path: tuple = ()) -> list[tuple]:
+    """Every path `((node, input index, multiplier)...)` from an activation marker's output to a reader that computes with it.
+
+    Paths go through data movement (input 0) and multiplications by a positive scalar constant.
+    """
+    out = []
+    for reader in g.readers(tensor):
+        for k, inp in enumerate(reader.input):
+            if inp != tensor or reader.op_type == "Shape":
+                continue
+            step = path + ((reader, k, mult),)
+            scalar = _positive_scalar(g, reader, k)
+            if reader.op_type in MOVEMENT and k == 0:
+                for o in reader.output:
+                    out += _terminal_uses(g, o, mult, step)
+            elif scalar is not None:
+                out += _terminal_uses(g, reader.output[0], mult * scalar, step)
+            else:
+                out.append(step)
+    if tensor in g.outputs:
+        raise ExportFormatError("a quantized activation is a graph output")
+    return out
+
+
+def _positive_scalar(g: Graph, node: Any, k: int) -> float | None:
+    """The constant factor when `node` multiplies input `k` by a positive constant scalar (Mul, or Div by one)."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2 or (node.op_type == "Div" and k != 0):
+        return None
+    c = g.const(node.input[1 - k])
+    if c is None or c.size != 1 or not np.issubdtype(c.dtype, np.floating) or not float(c.reshape(-1)[0]) > 0:
+        return None
+    v = float(c.reshape(-1)[0])
+    return v if node.op_type == "Mul" else 1.0 / v
+
+
+def _code_type(info: ActInfo, path: tuple) -> str:
+    """int8 for the right operand of a MatMul of two activations (K, V), uint8 otherwise."""
+    node, k, _ = path[-1]
+    return "int8" if info.signed and node.op_type == "MatMul" and k == 1 else "uint8"
+
+
+def _emit_uses(g: Graph, codes: str, paths: list[tuple], name: str, info: ActInfo, dtype: str) -> None:
+    """Re-create the data-movement tree of `paths` on the integer tensor `codes`; a DequantizeLinear at each end.
+
+    The `+ offset` is folded into the reader's bias where that is exact (a quantized MatMul or unpadded Conv).
+    """
+    by_node: dict[int, list[tuple]] = collections.defaultdict(list)
+    for p in paths:
+        by_node[id(p[0][0])].append(p)
+    for group in by_node.values():
+        node, _, mult = group[0][0]
+        if len(group[0]) == 1:  # a reader that computes: its own DequantizeLinear
+            for (reader, k, m), in group:
+                fold = info.offset is not None and _fold_offset(g, reader, k, info.offset * m)
+                g.set_input(reader, k, _dequantize(g, codes, name, info, dtype, m, with_offset=not fold))
+        elif node.op_type in MOVEMENT:
+            clone = g.op(node.op_type, [codes, *node.input[1:]], f"{name}/{node.op_type.lower()}", outputs=len(node.output),
+                         **{a.name: g.attr(node, a.name) for a in node.attribute})
+            for out_name, int_name in zip(node.output, clone if isinstance(clone, list) else [clone]):
+                _rewire_shapes(g, out_name, int_name)
+                sub = [p[1:] for p in group if p[1][0] in g.readers(out_name)]
+                if sub:
+                    _emit_uses(g, int_name, sub, name, info, dtype)
+        else:  # a positive scalar Mul/Div: folded into the scale
+            _emit_uses(g, codes, [p[1:] for p in group], name, info, dtype)
+
+
+def _weight_of(g: Graph, node: Any) -> tuple[np.ndarray, str, Any] | None:
+    """(dequantized float64 weight, code initializer, DequantizeLinear node) of a matmul/conv's weight input 1."""
+    if len(node.input) < 2:
+        return None
+    dq = g.producer.get(node.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.weights:
+        return None
+    codes = g.const(dq.input[0]).astype(np.float64)
+    scale = g.const(dq.input[1]).astype(np.float64)
+    axis = g.attr(dq, "axis", 1)
+    if scale.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return codes * scale, dq.input[0], dq
+
+
+def _fold_offset(g: Graph, reader: Any, k: int, offset: float) -> bool:
+    """Fold `+ offset` on input `k` of a quantized MatMul (or unpadded Conv) into its bias: `offset * sum_i W_hat[:, i]`."""
+    weight = _weight_of(g, reader) if k == 0 else None
+    if weight is None:
+        return False
+    w_hat, codes, _ = weight
+    layer = g.weights[codes]["layer"]
+    if reader.op_type == "MatMul" and w_hat.ndim == 2:
+        fold = (offset * w_hat.sum(axis=0)).astype(np.float32)  # [out]
+        add = g.only_reader(reader.output[0])
+        if add is not None and add.op_type == "Add":
+            j = 1 if add.input[0] == reader.output[0] else 0
+            bias = g.const(add.input[j])
+            if bias is not None and bias.shape == fold.shape:
+                g.set_input(add, j, g.add_const(f"{layer}.bias", bias + fold))
+                return True
+        g.op("Add", [_detach_output(g, reader), g.add_const(f"{layer}.bias", fold)], f"{layer}/out", name_out=reader.output[0])
+        return True
+    pads = g.attr(reader, "pads", [0])
+    if reader.op_type == "Conv" and not any(pads) and g.attr(reader, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"):
+        fold = (offset * w_hat.reshape(w_hat.shape[0], -1).sum(axis=1)).astype(np.float32)
+        old = g.const(reader.input[2]) if len(reader.input) > 2 and reader.input[2] else np.zeros_like(fold)
+        if old is None:
+            return False
+        bias = g.add_const(f"{layer}.bias", old + fold)
+        if len(reader.input) > 2:
+            g.set_input(reader, 2, bias)
         else:
-            dtype, zp, lo, hi = "uint8", 0, spec.qn, spec.qp
-        npd = _np_dtype(dtype)
-        scale_name = self.const(f"{name}.scale", np.float32(scale))
-        zp_name = self.const(f"{name}.zero_point", zp, npd)
-        out = self.op("QuantizeLinear", [x, scale_name, zp_name], f"{name}/q")
-        if spec.bits < 8:
-            out = self.op("Clip", [out, self.const(f"{name}.min", lo, npd), self.const(f"{name}.max", hi, npd)], f"{name}/clip")
-        self.tables.activations[name] = {"bits": spec.bits, "signed": spec.signed, "offset": offset, "scale": scale,
-                                         "dtype": dtype, "zero_point": zp}
-        return QTensor(out, scale, zp, dtype, offset)
+            reader.input.append(bias)
+            g.consumers[bias].append(reader)
+        return True
+    return False
 
-    def dequantize(self, t: QTensor, base: str, extra_scale: float = 1.0) -> str:
-        """DequantizeLinear of `t` (its own node: one per consumer, as the QDQ fusion wants)."""
-        scale = self.const(f"{base}.dq_scale", np.float32(t.scale * extra_scale) if extra_scale != 1.0 else np.float32(t.scale))
-        zp = self.const(f"{base}.dq_zero_point", t.zero_point, _np_dtype(t.dtype))
-        return self.op("DequantizeLinear", [t.name, scale, zp], f"{base}/dq")
 
-    def shape_op(self, x: str | QTensor, op_type: str, inputs: list[str], base: str, **attrs: Any) -> str | QTensor:
-        """Apply a data-movement op (Reshape, Transpose, Gather...) to a float or an integer tensor."""
-        if isinstance(x, QTensor):
-            return QTensor(self.op(op_type, [x.name, *inputs], base, **attrs), x.scale, x.zero_point, x.dtype, x.offset)
-        return self.op(op_type, [x, *inputs], base, **attrs)
+def _detach_output(g: Graph, node: Any) -> str:
+    """Give `node` a fresh output name and return it, so that a new node can produce the old name (insert after)."""
+    new = g.fresh(node.output[0])
+    g.rename_output(node, 0, new)
+    return new
 
-    # ------------------------------------------------------------------ weights and linear layers
 
-    def weight(self, name: str, layers: list[QLinear | QConv2d]) -> tuple[str, dict[str, Any]]:
-        """The `[in, out]` weight of one or more stacked layers: DequantizeLinear of integer codes, or a float initializer.
+def _fold_batchnorms(g: Graph) -> None:
+    """Conv (quantized weight) -> BatchNormalization: the norm folded into the per-output-channel weight scale and the bias."""
+    for conv in [n for n in g.nodes.values() if n.op_type == "Conv"]:
+        weight = _weight_of(g, conv)
+        bn = g.only_reader(conv.output[0])
+        if weight is None or bn is None or bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        params = [g.const(i) for i in bn.input[1:5]]
+        if any(p is None for p in params) or g.attr(bn, "training_mode", 0):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        k = gamma / np.sqrt(var + float(g.attr(bn, "epsilon", 1e-5)))
+        _, codes, dq = weight
+        layer = g.weights[codes]["layer"]
+        scale = np.broadcast_to(g.const(dq.input[1]).astype(np.float64).reshape(-1), k.shape)
+        g.set_input(dq, 1, g.add_const(f"{layer}.weight_scale", (scale * k).astype(np.float32)))
+        g.set_attr(dq, "axis", 0)
+        bias = g.const(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros_like(k)
+        new_bias = g.add_const(f"{layer}.bias", ((bias - mean) * k + beta).astype(np.float32))
+        if len(conv.input) > 2:
+            g.set_input(conv, 2, new_bias)
+        else:
+            conv.input.append(new_bias)
+            g.consumers[new_bias].append(conv)
+        g.remove(bn)
+        g.replace_uses(bn.output[0], conv.output[0])
 
-        All layers quantized: integer codes (packed below 5 bits) + per-tensor or per-column scale. Otherwise
-        the effective float weights (fake-quantized where the quantizer is on).
-        """
-        mats = [layer.weight.detach().float().cpu().reshape(layer.weight.shape[0], -1) for layer in layers]
-        if not all(_enabled(layer.w_quant) for layer in layers):
-            with torch.no_grad():
-                eff = torch.cat([layer.w_quant(layer.weight).detach().float().cpu().reshape(m.shape) for layer, m in zip(layers, mats)])
-            return self.const(f"{name}.weight", eff.t().contiguous().numpy()), {"weight_bits": None}
-        with torch.no_grad():
-            codes = torch.cat([layer.w_quant.codes(layer.weight).cpu().reshape(m.shape) for layer, m in zip(layers, mats)])
-        bits = max(layer.w_quant.spec.bits for layer in layers)
-        steps = [_step(layer.w_quant).reshape(-1) for layer in layers]
-        per_tensor = len(layers) == 1 and steps[0].size == 1
-        scale = steps[0].reshape(()) if per_tensor else np.concatenate(
-            [np.broadcast_to(s, (m.shape[0],)) for s, m in zip(steps, mats)]).astype(np.float32)
-        codes_t = codes.t().contiguous().numpy()  # [in, out]
-        w_int = self.int_weight(name, codes_t, bits)
-        scale_name = self.const(f"{name}.weight_scale", scale)
-        attrs = {} if per_tensor else {"axis": 1}
-        wd = self.op("DequantizeLinear", [w_int, scale_name], f"{name}/weight_dq", **attrs)
-        return wd, {"weight_bits": bits, "per_channel": not per_tensor}
 
-    def int_weight(self, name: str, codes: np.ndarray, bits: int) -> str:
-        """int8 codes `[in, out]` as an initializer; below 5 bits packed into uint8 and unpacked by a folded subgraph."""
-        if bits > 4:
-            return self.const(f"{name}.weight_codes", codes.astype(np.int8))
+def _requantized(g: Graph, conv: Any) -> bool:
+    """Whether the conv's output (through an optional ReLU) is read only by one QuantizeLinear (onnxruntime's QLinearConv)."""
+    reader = g.only_reader(conv.output[0])
+    relu = reader is not None and reader.op_type == "Relu"
+    if relu:
+        reader = g.only_reader(reader.output[0])
+    if reader is None or reader.op_type != "QuantizeLinear":
+        return False
+    zp = g.const(reader.input[2])
+    return zp is not None and zp.dtype == np.uint8 and (not relu or int(zp) == 0)
+
+
+def _refine_bias_grid(g: Graph, codes: str, wdq: Any, act_bits: int) -> None:
+    """Weight codes times 2^k and the weight scale divided by 2^k, the largest k that keeps codes int8 and u8 x s8 pairs in int16.
+
+    onnxruntime's QLinearConv adds the bias on the int32 accumulator's grid (`x_scale * w_scale`), rounding it
+    by up to half a step; each halving of that grid halves the chance that the rounding moves an output across
+    a rounding boundary of the requantization. The products are unchanged. The int16 bound keeps the pairwise
+    sums of x86's u8 x s8 instructions from saturating on processors without VNNI.
+    """
+    meta = g.weights[codes]
+    top = 1 << (meta["bits"] - 1)  # largest |code|
+    k = 0
+    while top << (k + 1) <= 128 and 2 * ((1 << act_bits) - 1) * (top << (k + 1)) <= 32767:
+        k += 1
+    if k:
+        meta["multiplier"] = 1 << k
+        g.set_input(wdq, 1, g.add_const(f"{meta['layer']}.weight_scale", g.const(wdq.input[1]) / np.float32(1 << k)))
+
+
+def _lower_convs(g: Graph) -> None:
+    """A quantized conv of quantized codes: left for QLinearConv when requantized, else ConvInteger + one float rescale."""
+    for conv in [n for n in g.nodes.values() if n.op_type == "Conv"]:
+        weight = _weight_of(g, conv)
+        dq = g.producer.get(conv.input[0])
+        if weight is None or dq is None or id(dq) not in g.dq:
+            continue
+        _, codes_name, wdq = weight
+        meta = g.weights[codes_name]
+        layer, bits = meta["layer"], meta["bits"]
+        act = g.dq[id(dq)]
+        if _requantized(g, conv):
+            _refine_bias_grid(g, codes_name, wdq, act.info.bits)
+            g.kernels[layer] = ("QLinearConv", act.info.bits)
+            continue
+        if int(g.attr(conv, "group", 1)) > 1:
+            _float_grouped_conv(g, conv, wdq, layer)
+            g.kernels[layer] = ("Conv (float, grouped)", act.info.bits)
+            continue
+        codes = g.const(codes_name).astype(np.int16)
+        w_zp = 1 << (bits - 1)
+        w_u8 = g.add_const(f"{layer}.weight_codes", (codes + w_zp).astype(np.uint8))
+        g.weights[w_u8] = {"layer": layer, "bits": bits, "offset_binary": True}
+        w_scale = g.const(wdq.input[1]).astype(np.float64).reshape(-1)
+        out_ch = codes.shape[0]
+        rescale = np.broadcast_to(act.scale * w_scale, (out_ch,)).astype(np.float32)
+        attrs = {a.name: g.attr(conv, a.name) for a in conv.attribute}
+        acc = g.op("ConvInteger", [dq.input[0], w_u8, dq.input[2], g.add_const(f"{layer}.weight_zero_point", w_zp, np.uint8)],
+                   f"{layer}/conv_integer", **attrs)
+        out = conv.output[0]
+        has_bias = len(conv.input) > 2 and conv.input[2]
+        g.remove(conv)
+        # the int32 accumulator times x_scale * w_scale[c]: one DequantizeLinear (per output channel, axis 1)
+        y = g.op("DequantizeLinear", [acc, g.add_const(f"{layer}.weight_rescale", rescale)], f"{layer}/rescaled",
+                 name_out=None if has_bias else out, axis=1)
+        if has_bias:
+            bias = g.const(conv.input[2])
+            g.op("Add", [y, g.add_const(f"{layer}.bias", bias.reshape(1, out_ch, 1, 1))], f"{layer}/out", name_out=out)
+        g.kernels[layer] = ("ConvInteger", act.info.bits)
+
+
+def _float_grouped_conv(g: Graph, conv: Any, wdq: Any, layer: str) -> None:
+    """A grouped (depthwise) conv with a float output: float Conv over the dequantized input codes.
+
+    onnxruntime has no fast integer grouped conv with a float output (ConvInteger runs depthwise convs
+    about 9x slower than its float conv; `docs/deploy-onnx.md`), so the weight codes are dequantized by
+    Cast and Mul, which onnxruntime folds into a float initializer at session start (a DequantizeLinear
+    would stay in the graph and keep the conv off its fast path).
+    """
+    codes, scale = wdq.input[0], g.const(wdq.input[1]).astype(np.float32)
+    shape = [-1] + [1] * (g.const(codes).ndim - 1)
+    w = g.op("Cast", [codes], f"{layer}/weight_float", to=1)
+    w = g.op("Mul", [w, g.add_const(f"{layer}.weight_scale", scale.reshape(shape) if scale.size > 1 else scale.reshape(()))],
+             f"{layer}/weight")
+    g.set_input(conv, 1, w)
+
+
+def _describe(g: Graph, tables: QuantTables, out: GraphTables) -> None:
+    """Per-layer and per-quantizer rows: bits, shapes and which onnxruntime kernel computes each layer."""
+    kernels = dict(g.kernels)
+    for node in g.nodes.values():
+        weight = _weight_of(g, node) if node.op_type in ("MatMul", "Conv") else None
+        if weight is None:
+            continue
+        layer = g.weights[weight[1]]["layer"]
+        dq = g.producer.get(node.input[0])
+        if dq is not None and id(dq) in g.dq:
+            kernels[layer] = ("MatMulIntegerToFloat" if node.op_type == "MatMul" else "QLinearConv", g.dq[id(dq)].info.bits)
+        else:
+            kernels.setdefault(layer, (f"{node.op_type} (float input)", None))
+    for w in tables.weights.values():
+        kernel, act_bits = kernels.get(w.layer, ("?", None))
+        out.layers[w.layer] = {"type": w.layer_type, "shape": [int(w.codes.shape[0]), int(math.prod(w.codes.shape[1:]))],
+                               "weight_bits": w.bits, "per_channel": w.per_channel, "act_bits": act_bits, "kernel": kernel}
+    for name, info in tables.acts.items():
+        out.activations[name] = {"bits": info.bits, "signed": info.signed, "offset": info.offset, "scale": info.scale}
+
+
+def _pack_weights(g: Graph) -> None:
+    """Codes of at most 4 bits: two (3/4-bit) or four (2-bit) per byte in a uint8 initializer, unpacked by a folded subgraph.
+
+    The unpacking (BitShift, BitwiseAnd, then int32 Sub of the offset and Mul by a code multiplier, Cast to
+    int8) runs once at session start: onnxruntime folds constant subgraphs. Wider codes are stored as they are.
+    """
+    for name, meta in list(g.weights.items()):
+        if name not in g.inits:
+            continue
+        mult = meta.get("multiplier", 1)
+        if meta["bits"] > 4:
+            if mult > 1:
+                g.inits[name] = (g.inits[name].astype(np.int16) * mult).astype(np.int8)
+            continue
+        codes = g.inits.pop(name)
+        bits, layer = meta["bits"], meta["layer"]
         width = 2 if bits <= 2 else 4
         per_byte = 8 // width
         offset = 1 << (bits - 1)
-        flat = (codes.reshape(-1).astype(np.int16) + offset).astype(np.uint8)
+        flat = (codes.reshape(-1).astype(np.int16) + (0 if meta["offset_binary"] else offset)).astype(np.uint8)
         n = flat.size
         flat = np.pad(flat, (0, (-n) % per_byte)).reshape(-1, per_byte)
         packed = np.zeros(flat.shape[0], dtype=np.uint8)
         for j in range(per_byte):
             packed |= (flat[:, j] << (j * width)).astype(np.uint8)
-        p = self.const(f"{name}.weight_packed{width}", packed)
-        col = self.op("Reshape", [p, self.const(f"{name}.unpack_col", [-1, 1], np.int64)], f"{name}/unpack")
-        shifted = self.op("BitShift", [col, self.const(f"{name}.unpack_shifts", [j * width for j in range(per_byte)], np.uint8)],
-                          f"{name}/unpack", direction="RIGHT")
-        masked = self.op("BitwiseAnd", [shifted, self.const(f"{name}.unpack_mask", (1 << width) - 1, np.uint8)], f"{name}/unpack")
-        flat_u = self.op("Reshape", [masked, self.const(f"{name}.unpack_flat", [-1], np.int64)], f"{name}/unpack")
+        p = g.add_const(f"{layer}.weight_packed{width}", packed)
+        col = g.op("Reshape", [p, g.add_const(f"{layer}.unpack_col", [-1, 1], np.int64)], f"{layer}/unpack")
+        shifted = g.op("BitShift", [col, g.add_const(f"{layer}.unpack_shifts", [j * width for j in range(per_byte)], np.uint8)],
+                       f"{layer}/unpack", direction="RIGHT")
+        masked = g.op("BitwiseAnd", [shifted, g.add_const(f"{layer}.unpack_mask", (1 << width) - 1, np.uint8)], f"{layer}/unpack")
+        flat_u = g.op("Reshape", [masked, g.add_const(f"{layer}.unpack_flat", [-1], np.int64)], f"{layer}/unpack")
         if flat.size != n:
-            flat_u = self.op("Slice", [flat_u, self.const(f"{name}.unpack_start", [0], np.int64),
-                                       self.const(f"{name}.unpack_end", [n], np.int64)], f"{name}/unpack")
-        narrow = self.op("Cast", [flat_u], f"{name}/unpack", to=3)  # INT8: every u < 16 fits
-        signed = self.op("Sub", [narrow, self.const(f"{name}.unpack_offset", offset, np.int8)], f"{name}/unpack")
-        return self.op("Reshape", [signed, self.const(f"{name}.weight_shape", list(codes.shape), np.int64)], f"{name}/weight_codes")
-
-    def linear(self, x: str | QTensor, name: str, layers: list[QLinear | QConv2d], biases: list[torch.Tensor | None],
-               act_bits: int | None = None) -> str:
-        """`x @ W^T + b` for one or more stacked layers; `x` already quantized (QTensor, `act_bits` wide) or float."""
-        wd, info = self.weight(name, layers)
-        xd = self.dequantize(x, f"{name}.input") if isinstance(x, QTensor) else x
-        y = self.op("MatMul", [xd, wd], f"{name}/matmul")
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b.detach().double().cpu() if b is not None else torch.zeros(l.weight.shape[0], dtype=torch.float64)
-                              for b, l in zip(biases, layers)])
-        if isinstance(x, QTensor) and x.offset is not None:  # + beta after the DQ, folded: W_hat @ (beta * 1)
-            with torch.no_grad():
-                w_hat = torch.cat([layer.w_quant(layer.weight).detach().double().cpu().reshape(layer.weight.shape[0], -1) for layer in layers])
-            fold = x.offset * w_hat.sum(dim=1)
-            bias = fold if bias is None else bias + fold
-        if bias is not None:
-            y = self.op("Add", [y, self.const(f"{name}.bias", bias.float().numpy())], f"{name}/out")
-        shape = [sum(layer.weight.shape[0] for layer in layers), math.prod(layers[0].weight.shape[1:])]
-        self.tables.layers[name] = {**info, "type": type(layers[0]).__name__, "shape": shape,
-                                    "act_bits": act_bits if isinstance(x, QTensor) else None, "parts": len(layers)}
-        return y
-
-    def qlinear(self, x: str | QTensor, name: str, layer: QLinear) -> str:
-        """A QLinear: its own input quantizer (when enabled and `x` is float), then `linear`."""
-        if not isinstance(x, QTensor) and _enabled(layer.a_quant):
-            x = self.quantize(x, layer.a_quant, f"{name}.input")
-        return self.linear(x, name, [layer], [layer.bias], layer.a_quant.spec.bits if layer.a_quant is not None else None)
-
-    def layer_norm(self, x: str, norm: nn.Module, name: str) -> str:
-        """LayerNormalization over the last axis (Identity passes through)."""
-        if isinstance(norm, nn.Identity):
-            return x
-        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-            raise ExportFormatError(f"'{name}': {type(norm).__name__} is not supported by the ONNX export (only LayerNorm over the last axis)")
-        dim = norm.normalized_shape[0]
-        w = norm.weight.detach().float().cpu().numpy() if norm.weight is not None else np.ones(dim, np.float32)
-        b = norm.bias.detach().float().cpu().numpy() if norm.bias is not None else np.zeros(dim, np.float32)
-        return self.op("LayerNormalization", [x, self.const(f"{name}.weight", w), self.const(f"{name}.bias", b)], name,
-                       axis=-1, epsilon=float(norm.eps))
-
-
-def build_vit_graph(model: nn.Module, input_size: tuple[int, int, int]):
-    """The ONNX ModelProto of a (quantized or FP) vitqtool timm VisionTransformer, input `[batch, *input_size]`.
-
-    Raises ExportFormatError naming the module for anything the graph does not implement.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise ExportFormatError(f"the ONNX export supports timm VisionTransformer models (ViT, DeiT); got {type(model).__name__}")
-    g = Builder()
-    g.used.update({INPUT_NAME, OUTPUT_NAME})
-    x = _patch_embed(g, model, INPUT_NAME, input_size)
-    x = _prefix_and_pos(g, model, x)
-    x = g.layer_norm(x, model.norm_pre, "norm_pre")
-    for i, block in enumerate(model.blocks):
-        x = _block(g, block, x, f"blocks.{i}")
-    logits = _head(g, model, x)
-    g.nodes.append(helper.make_node("Identity", [logits], [OUTPUT_NAME], name="output"))
-    graph = helper.make_graph(
-        g.nodes, "vitqtool", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *input_size])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", int(model.num_classes)])], g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="vitqtool")
-    proto.ir_version = IR_VERSION
-    onnx.checker.check_model(proto)
-    return proto, g.tables
-
-
-def _patch_embed(g: Builder, model: nn.Module, x: str, input_size: tuple[int, int, int]) -> str:
-    pe = model.patch_embed
-    conv = pe.proj
-    c, h, w = input_size
-    if not isinstance(conv, nn.Conv2d):
-        raise ExportFormatError(f"patch_embed.proj: {type(conv).__name__} is not supported by the ONNX export")
-    kh, kw = conv.kernel_size
-    unpadded = not isinstance(conv.padding, str) and not any(conv.padding)
-    patches = unpadded and tuple(conv.stride) == (kh, kw) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
-    if not patches or h % kh or w % kw or getattr(pe, "dynamic_img_pad", False) or not getattr(pe, "flatten", True):
-        raise ExportFormatError("patch_embed: only a stride = kernel, unpadded patch convolution over an image divisible "
-                                "into patches is supported by the ONNX export")
-    gh, gw = h // kh, w // kw
-    src: str | QTensor = x
-    if isinstance(conv, QConv2d) and _enabled(conv.a_quant):
-        src = g.quantize(x, conv.a_quant, "patch_embed.proj.input")
-    src = g.shape_op(src, "Reshape", [g.const("patch_embed.grid", [0, c, gh, kh, gw, kw], np.int64)], "patch_embed/grid")
-    src = g.shape_op(src, "Transpose", [], "patch_embed/patches", perm=[0, 2, 4, 1, 3, 5])
-    src = g.shape_op(src, "Reshape", [g.const("patch_embed.rows", [0, gh * gw, c * kh * kw], np.int64)], "patch_embed/rows")
-    if isinstance(conv, QConv2d):
-        out = g.linear(src, "patch_embed.proj", [conv], [conv.bias], conv.a_quant.spec.bits if conv.a_quant is not None else None)
-    else:
-        out = g.op("MatMul", [src, g.const("patch_embed.proj.weight", conv.weight.detach().float().reshape(conv.out_channels, -1).t().contiguous().numpy())], "patch_embed/matmul")
-        if conv.bias is not None:
-            out = g.op("Add", [out, g.const("patch_embed.proj.bias", conv.bias.detach().float().numpy())], "patch_embed/out")
-    return g.layer_norm(out, pe.norm, "patch_embed.norm")
-
-
-def _prefix_and_pos(g: Builder, model: nn.Module, x: str) -> str:
-    if getattr(model, "dynamic_img_size", False) or getattr(model, "reg_token", None) is not None:
-        raise ExportFormatError("dynamic image size and register tokens are not supported by the ONNX export")
-    prefix = [t for t in (getattr(model, "cls_token", None), getattr(model, "dist_token", None)) if t is not None]
-    pos = model.pos_embed
-    if model.no_embed_class and pos is not None:
-        x = g.op("Add", [x, g.const("pos_embed", pos.detach().float().numpy())], "pos_embed")
-    if prefix:
-        batch = g.op("Shape", [INPUT_NAME], "batch", start=0, end=1)
-        dim = prefix[0].shape[-1]
-        shape = g.op("Concat", [batch, g.const("prefix.shape", [1, dim], np.int64)], "prefix_shape", axis=0)
-        tokens = [g.op("Expand", [g.const(n, t.detach().float().numpy()), shape], f"{n}/expand")
-                  for n, t in zip(("cls_token", "dist_token"), prefix)]
-        x = g.op("Concat", [*tokens, x], "tokens", axis=1)
-    if not model.no_embed_class and pos is not None:
-        x = g.op("Add", [x, g.const("pos_embed", pos.detach().float().numpy())], "pos_embed")
-    return x
-
-
-def _layer_scale(g: Builder, x: str, ls: nn.Module, name: str) -> str:
-    if isinstance(ls, nn.Identity):
-        return x
-    gamma = getattr(ls, "gamma", None)
-    if gamma is None:
-        raise ExportFormatError(f"'{name}': {type(ls).__name__} is not supported by the ONNX export")
-    return g.op("Mul", [x, g.const(f"{name}.gamma", gamma.detach().float().numpy())], name)
-
-
-def _block(g: Builder, block: nn.Module, x: str, name: str) -> str:
-    attn = block.attn
-    if not isinstance(attn, QuantAttention):
-        raise ExportFormatError(f"'{name}.attn': {type(attn).__name__} is not supported by the ONNX export (prepare the model first)")
-    h = g.layer_norm(x, block.norm1, f"{name}.norm1")
-    h = _attention(g, attn, h, f"{name}.attn")
-    x = g.op("Add", [x, _layer_scale(g, h, block.ls1, f"{name}.ls1")], f"{name}/residual1")
-    mlp = block.mlp
-    act = getattr(mlp, "act", None)
-    if not isinstance(act, nn.GELU) or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-        raise ExportFormatError(f"'{name}.mlp': only fc1 -> GELU -> fc2 MLPs are supported by the ONNX export")
-    h = g.layer_norm(x, block.norm2, f"{name}.norm2")
-    h = g.qlinear(h, f"{name}.mlp.fc1", mlp.fc1)
-    h = g.op("Gelu", [h], f"{name}.mlp.act", approximate=act.approximate)
-    h = g.qlinear(h, f"{name}.mlp.fc2", mlp.fc2)
-    return g.op("Add", [x, _layer_scale(g, h, block.ls2, f"{name}.ls2")], f"{name}/residual2")
-
-
-def _attention(g: Builder, attn: QuantAttention, x: str, name: str) -> str:
-    heads, hd = attn.num_heads, attn.head_dim
-    dim = heads * hd
-    src: str | QTensor = g.quantize(x, attn.input_quant, f"{name}.input") if _enabled(attn.input_quant) else x
-    parts = [attn.q, attn.k, attn.v] if attn.split else [attn.qkv]
-    qkv = g.linear(src, f"{name}.qkv", parts, [p.bias for p in parts], attn.input_quant.spec.bits)
-    q, k, v = g.op("Split", [qkv, g.const(f"{name}.split", [dim, dim, dim], np.int64)], f"{name}/qkv", outputs=3, axis=-1)
-    quantizers = [attn.q_quant, attn.k_quant, attn.v_quant] if attn.split else [attn.qkv_quant] * 3
-    heads_shape = g.const(f"{name}.heads", [0, 0, heads, hd], np.int64)
-
-    def operand(t: str, quantizer: Quantizer, role: str, right: bool, perm: list[int]) -> str:
-        src_t: str | QTensor = g.quantize(t, quantizer, f"{name}.{role}_quant", right_operand=right) if _enabled(quantizer) else t
-        src_t = g.shape_op(src_t, "Reshape", [heads_shape], f"{name}/{role}_heads")
-        src_t = g.shape_op(src_t, "Transpose", [], f"{name}/{role}_t", perm=perm)
-        if isinstance(src_t, QTensor):
-            return g.dequantize(src_t, f"{name}.{role}", extra_scale=attn.scale if role == "q" else 1.0)
-        if role == "q":
-            return g.op("Mul", [src_t, g.const(f"{name}.scale", np.float32(attn.scale))], f"{name}/q_scaled")
-        return src_t
-
-    qd = operand(q, quantizers[0], "q", False, [0, 2, 1, 3])
-    kd = operand(k, quantizers[1], "k", True, [0, 2, 3, 1])
-    vd = operand(v, quantizers[2], "v", True, [0, 2, 1, 3])
-    logits = g.op("MatMul", [qd, kd], f"{name}/logits")
-    probs = g.op("Softmax", [logits], f"{name}/softmax", axis=-1)
-    if _enabled(attn.softmax_quant):
-        probs = g.dequantize(g.quantize(probs, attn.softmax_quant, f"{name}.softmax_quant"), f"{name}.softmax")
-    out = g.op("MatMul", [probs, vd], f"{name}/context")
-    proj = attn.proj
-    ctx: str | QTensor = g.quantize(out, proj.a_quant, f"{name}.proj.input") if _enabled(proj.a_quant) else out
-    ctx = g.shape_op(ctx, "Transpose", [], f"{name}/context_t", perm=[0, 2, 1, 3])
-    ctx = g.shape_op(ctx, "Reshape", [g.const(f"{name}.merge", [0, 0, dim], np.int64)], f"{name}/context_merged")
-    return g.qlinear(ctx, f"{name}.proj", proj)
-
-
-def _head(g: Builder, model: nn.Module, x: str) -> str:
-    pool = model.global_pool
-    distilled = getattr(model, "head_dist", None) is not None
-    if getattr(model, "attn_pool", None) is not None or pool not in ("token", "avg"):
-        raise ExportFormatError(f"global_pool={pool!r} is not supported by the ONNX export (token or avg)")
-    # tokens stay [B, 1, D] until the end: onnxruntime turns a 2-D MatMul + Add into a float Gemm before its QDQ fusion
-    if pool == "token" or distilled:  # the final norm is per token: normalise only the tokens the head reads
-        tokens = [g.op("Slice", [x, g.const(f"token{i}.start", [i], np.int64), g.const(f"token{i}.end", [i + 1], np.int64),
-                                 g.const(f"token{i}.axis", [1], np.int64)], f"token{i}") for i in ((0, 1) if distilled else (0,))]
-        tokens = [g.layer_norm(t, model.norm, "norm") for t in tokens]
-    else:
-        x = g.layer_norm(x, model.norm, "norm")
-        start = model.num_prefix_tokens if not getattr(model, "pool_include_prefix", False) else 0
-        x = g.op("Slice", [x, g.const("pool.start", [start], np.int64), g.const("pool.end", [2**62], np.int64),
-                           g.const("pool.axis", [1], np.int64)], "pool/tokens")
-        tokens = [g.op("ReduceMean", [x, g.const("pool.axes", [1], np.int64)], "pool", keepdims=1)]
-    tokens = [g.layer_norm(t, model.fc_norm, "fc_norm") for t in tokens]
-    out = _head_linear(g, model.head, tokens[0], "head")
-    if distilled:
-        out = g.op("Add", [out, _head_linear(g, model.head_dist, tokens[1], "head_dist")], "heads")
-        out = g.op("Div", [out, g.const("two", np.float32(2.0))], "heads_mean")
-    return g.op("Squeeze", [out, g.const("token_axis", [1], np.int64)], "head_out")
-
-
-def _head_linear(g: Builder, head: nn.Module, x: str, name: str) -> str:
-    if isinstance(head, QLinear):
-        return g.qlinear(x, name, head)
-    if isinstance(head, nn.Linear):
-        y = g.op("MatMul", [x, g.const(f"{name}.weight", head.weight.detach().float().t().contiguous().numpy())], f"{name}/matmul")
-        return g.op("Add", [y, g.const(f"{name}.bias", head.bias.detach().float().numpy())], name) if head.bias is not None else y
-    raise ExportFormatError(f"'{name}': {type(head).__name__} is not supported by the ONNX export")
+            flat_u = g.op("Slice", [flat_u, g.add_const(f"{layer}.unpack_start", [0], np.int64),
+                                    g.add_const(f"{layer}.unpack_end", [n], np.int64)], f"{layer}/unpack")
+        if not meta["offset_binary"]:  # signed codes: (u - 2^(b-1)) * multiplier as int8
+            wide = g.op("Cast", [flat_u], f"{layer}/unpack", to=6)  # INT32
+            wide = g.op("Sub", [wide, g.add_const(f"{layer}.unpack_offset", offset, np.int32)], f"{layer}/unpack")
+            if mult > 1:
+                wide = g.op("Mul", [wide, g.add_const(f"{layer}.unpack_multiplier", mult, np.int32)], f"{layer}/unpack")
+            flat_u = g.op("Cast", [wide], f"{layer}/unpack", to=3)  # INT8
+        out = g.op("Reshape", [flat_u, g.add_const(f"{layer}.weight_shape", list(codes.shape), np.int64)], f"{layer}/weight_codes")
+        g.replace_uses(name, out)

@@ -123,22 +123,23 @@ class QuantAttention(nn.Module):
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None) -> Tensor:
         """Attend over all tokens of `x`; outputs only the first `num_queries` tokens when given.
 
-        Every quantizer is elementwise, so computing a subset of the queries gives exactly those rows.
+        Every quantizer is elementwise, so computing a subset of the queries gives exactly those rows. Without
+        `num_queries` nothing is sliced (a traced graph then has no copy of the tokens).
         """
         b, n, _ = x.shape
         nq = n if num_queries is None else num_queries
         x = self.input_quant(x)
         if self.split:
-            q = self._heads(self.q_quant(self.q(x[:, :nq])))
+            q = self._heads(self.q_quant(self.q(x if num_queries is None else x[:, :nq])))
             k = self._heads(self.k_quant(self.k(x)))
             v = self._heads(self.v_quant(self.v(x)))
         else:
             qkv = self.qkv_quant(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
-            q = q[:, :, :nq]
+            q = q if num_queries is None else q[:, :, :nq]
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if attn_bias is not None:
-            attn = attn + attn_bias[..., :nq, :]
+            attn = attn + (attn_bias if num_queries is None else attn_bias[..., :nq, :])
         attn = self.softmax_quant(attn.softmax(dim=-1))
         attn = self.attn_drop(attn)
         out = (attn @ v).transpose(1, 2).reshape(b, nq, -1)
