@@ -1,12 +1,12 @@
 """Benchmark: inference latency, file size and peak memory of exported models on the CPU.
 
-Contenders, per model: the FP32 ONNX graph (vitqtool's builder with every quantizer off: the stock
-model's arithmetic) and the W8A8 / W4A4 / W2A2 QDQ ONNX graphs (`export --format onnx`) in
-onnxruntime, and `vitqtool.load` of the W4A4 safetensors export in torch (fake quantization in
-float32: its cost does not depend on the bit width). Models are random-init timm models at 224 px
-(1000 classes), calibrated on 16 builtin:mnist5k images; only speed and size are measured here (the
-tests measure agreement on a trained model), plus the largest logit difference of each ONNX graph
-against `vitqtool.load` on those images as a sanity check.
+Contenders, per model: the FP32 ONNX baseline a user would compare against (the stock timm model
+exported by `torch.onnx.export`, TorchScript exporter, opset 20, dynamic batch) and the W8A8 / W4A4 /
+W2A2 QDQ ONNX graphs (`export --format onnx`) in onnxruntime, and `vitqtool.load` of the W4A4
+safetensors export in torch (fake quantization in float32: its cost does not depend on the bit
+width). Models are random-init timm models at 224 px (1000 classes), calibrated on 16 builtin:mnist5k
+images; only speed and size are measured here (the tests measure agreement on trained models), plus
+the largest logit difference of each graph against its torch model on those images as a sanity check.
 
 Timing: for each model and thread count all contenders live in one process and take turns, one run
 each (order rotated every turn), so load from other processes hits all alike; the table gives the
@@ -15,8 +15,8 @@ resident set, interpreter and imports included). Goals: quantized ONNX >= 1.5x f
 ONNX at batch 32, W2A2 ONNX file >= 8x smaller than FP32 ONNX; where the speed goal is missed (or
 with --profile) the onnxruntime per-operator profile of both graphs is printed.
 
-    python benchmarks/inference.py --out benchmarks/results/inference.md      # full run, ~10 min on 2 cores
-    python benchmarks/inference.py --models deit_tiny_patch16_224 --batches 32 --threads 1 --reps 2
+    python benchmarks/inference.py --profile --out benchmarks/results/inference.md   # full run, ~40 min on 2 shared cores
+    python benchmarks/inference.py --models resnet50 --batches 32 --threads 1 --reps 2 --bits 4
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-SPEED_GOAL = 1.5
+SPEED_FLOOR = 1.5  # quantized ONNX vs the FP32 ONNX baseline at the largest batch
+SPEED_GOAL = 2.5
 SIZE_GOAL = 8.0
 
 
@@ -78,8 +79,20 @@ def peak_memory(kind: str, path: Path, batch: int, size: int) -> float | None:
         return None
 
 
+def fp32_baseline(model, path: Path, input_size) -> None:
+    """The stock model as `torch.onnx.export` writes it (TorchScript exporter, opset 20, dynamic batch)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(model.eval(), (torch.zeros(1, *input_size),), str(path), dynamo=False, opset_version=20,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
 def build(model_name: str, bits_list: list[int], folder: Path) -> dict:
-    """Random-init model, calibrated; FP32 ONNX, per-bit QDQ ONNX and safetensors exports; sanity logit diffs."""
+    """Random-init model, calibrated; the torch.onnx FP32 baseline, per-bit QDQ ONNX and safetensors exports; sanity logit diffs."""
     import torch
 
     from vitqtool import core
@@ -87,7 +100,6 @@ def build(model_name: str, bits_list: list[int], folder: Path) -> dict:
     from vitqtool.export import export_model, export_onnx_model
     from vitqtool.export.onnx_export import verify_onnx
     from vitqtool.core.models import resolve_model
-    from vitqtool.quant import quantizers_disabled
     from vitqtool.recipe import load_recipe
 
     torch.manual_seed(0)
@@ -95,21 +107,19 @@ def build(model_name: str, bits_list: list[int], folder: Path) -> dict:
     cfg = loaded.data_config
     images = next(iter(make_eval_loader(load_dataset("builtin:mnist5k", "train"), cfg, 16)))[0]
     kw = dict(architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg)
-    files: dict[str, dict] = {}
-    fp_layout = core.prepare(loaded.model, "vaq")  # every quantizer off below: the stock model's arithmetic, no calibration
-    with quantizers_disabled(fp_layout):
-        export_onnx_model(fp_layout, folder / "fp32.onnx", **kw)
-    files["fp32"] = {"onnx": folder / "fp32.onnx"}
+    fp32_baseline(loaded.model, folder / "fp32.onnx", cfg["input_size"])
+    files: dict[str, dict] = {"fp32": {"onnx": folder / "fp32.onnx",
+                                       "max_abs_diff": verify_onnx(loaded.model, folder / "fp32.onnx", [images[:8]])["max_abs_diff"]}}
     for bits in bits_list:
         recipe = load_recipe("vaq", set_fields={"quant.bits": bits})
         model = core.prepare(loaded.model, recipe)
         core.calibrate(model, [images])
         st, ox = folder / f"w{bits}.safetensors", folder / f"w{bits}.onnx"
         export_model(model, st, recipe=recipe, **kw)
-        export_onnx_model(model, ox, recipe=recipe, **kw)
+        summary = export_onnx_model(model, ox, recipe=recipe, **kw)
         with torch.no_grad():
             diff = verify_onnx(model, ox, [images[:8]])["max_abs_diff"]
-        files[f"w{bits}"] = {"onnx": ox, "safetensors": st, "max_abs_diff": diff}
+        files[f"w{bits}"] = {"onnx": ox, "safetensors": st, "max_abs_diff": diff, "kernels": summary["kernels"]}
     return {"files": files, "input_size": cfg["input_size"]}
 
 
@@ -175,14 +185,14 @@ def op_profile(path: Path, x, threads: int) -> tuple[dict[str, float], float]:
 def main() -> None:
     """Parse flags, build the exports, race and measure, print the tables (and write --out)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224", "deit_small_patch16_224"])
+    p.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "resnet50"])
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--reps", type=int, default=3, help="timed runs per contender at the largest batch (10x more at batch 1)")
     p.add_argument("--torch-bits", type=int, default=4, help="bit width of the vitqtool.load (torch) contender")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    p.add_argument("--profile", action="store_true", help="print the per-operator profile even where the goal is met")
+    p.add_argument("--profile", action="store_true", help="print the per-operator profile of the --torch-bits graph even where the floor is met")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the exported files here (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None, help="also write the report (markdown) to this file")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
@@ -204,8 +214,10 @@ def main() -> None:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     say(f"# Inference benchmark (`benchmarks/inference.py`)\n\n`python {shlex.join(['benchmarks/inference.py', *sys.argv[1:]])}`\n")
-    say(f"CPU: {cpu}, {os.cpu_count()} cores (shared); onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; "
-        f"median of {args.reps} rotated runs at batch {max(args.batches)} ({10 * args.reps} at smaller batches), 1 warm-up each.\n")
+    say(f"CPU: {cpu}, {os.cpu_count()} cores, shared with other jobs while this ran (load average at start "
+        f"{os.getloadavg()[0]:.1f}); onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; median of {args.reps} "
+        f"rotated runs at batch {max(args.batches)} ({10 * args.reps} at smaller batches), 1 warm-up each; contenders take turns, "
+        "so load from other processes hits all alike, but absolute times are noisy.\n")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vitq-bench-"))
     goals = []
     for model_name in args.models:
@@ -221,14 +233,16 @@ def main() -> None:
         torch_name = f"w{args.torch_bits} torch"
         torch_file = built["files"].get(f"w{args.torch_bits}", {}).get("safetensors")
         say(f"## {model_name} ({size} px, random init; exports built in {time.time() - t0:.0f} s)\n")
-        say("| contender | file MB | size vs FP32 ONNX | max logit diff vs vitqtool.load |")
-        say("|---|---|---|---|")
+        say("| contender | file MB | size vs FP32 ONNX | max logit diff vs its torch model | kernels of the quantized layers |")
+        say("|---|---|---|---|---|")
         for name, f in built["files"].items():
             diff = f.get("max_abs_diff")
-            say(f"| {name} ONNX | {sizes[name] / 1e6:.2f} | {sizes['fp32'] / sizes[name]:.1f}x | {'-' if diff is None else f'{diff:.2g}'} |")
+            kernels = ", ".join(f"{k} {v}" for k, v in f.get("kernels", {}).items()) or "-"
+            say(f"| {name} ONNX | {sizes[name] / 1e6:.2f} | {sizes['fp32'] / sizes[name]:.1f}x | {'-' if diff is None else f'{diff:.2g}'} | "
+                f"{kernels} |")
         if torch_file:
             say(f"| {torch_name} (`vitqtool.load`, .safetensors) | {torch_file.stat().st_size / 1e6:.2f} | "
-                f"{sizes['fp32'] / torch_file.stat().st_size:.1f}x | - |")
+                f"{sizes['fp32'] / torch_file.stat().st_size:.1f}x | - | - |")
         if "w2" in sizes:
             goals.append((f"{model_name}: W2A2 ONNX file {sizes['fp32'] / sizes['w2']:.1f}x smaller than FP32 ONNX", sizes["fp32"] / sizes["w2"] >= SIZE_GOAL, SIZE_GOAL))
         say()
@@ -254,10 +268,11 @@ def main() -> None:
                     say(f"| {threads} | {batch} | {name} | {ms:.1f} | {batch / ms * 1e3:.1f} | {bold}{fp_ms / ms:.2f}x{bold} | "
                         f"{'-' if peak is None else f'{peak:.0f}'} |")
                     if batch == max(args.batches) and name.endswith("onnx") and name != "fp32 onnx":
-                        ok = fp_ms / ms >= SPEED_GOAL
+                        ok = fp_ms / ms >= SPEED_FLOOR
                         goals.append((f"{model_name}, batch {batch}, {threads} thread(s): {name.split()[0].upper()} ONNX "
-                                      f"{fp_ms / ms:.2f}x faster than FP32 ONNX", ok, SPEED_GOAL))
-                        if not ok or args.profile:
+                                      f"{fp_ms / ms:.2f}x faster than FP32 ONNX (goal {SPEED_GOAL:g}x "
+                                      f"{'met' if fp_ms / ms >= SPEED_GOAL else 'not met'})", ok, SPEED_FLOOR))
+                        if not ok or (args.profile and threads == min(args.threads) and name.startswith(f"w{args.torch_bits} ")):
                             missed.append((threads, name))
             del runs
         say()
@@ -274,9 +289,9 @@ def main() -> None:
                 a, b = prof_fp.get(op, 0.0), prof_q.get(op, 0.0)
                 say(f"| {op} | {a:.1f} | {100 * a / tot_fp:.1f} | {b:.1f} | {100 * b / tot_q:.1f} |")
             say()
-    say("## Goals\n")
+    say("## Floors\n")
     for text, ok, goal in goals:
-        say(f"- {'met' if ok else 'MISSED'}: {text} (goal >= {goal:g}x)")
+        say(f"- {'met' if ok else 'MISSED'}: {text} (floor >= {goal:g}x)")
     say(f"\nTotal wall time {time.time() - started:.0f} s.")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

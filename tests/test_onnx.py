@@ -26,7 +26,7 @@ from vitqtool.export.onnx_export import integer_matmuls, onnx_session, optimized
 from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.quant import QUANT_LAYERS, QConv2d, QuantAttention, iter_quantizers, quantizers_disabled  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
-from tests.test_cnn import CONVNEXT, RESNET  # noqa: E402
+from tests.test_cnn import CONVNEXT, DEEP_RESNET, RESNET  # noqa: E402
 
 # the demo's model: timm vit_tiny layout at 28x28 input, 7x7 patches, 96-dim, 3 blocks, 10 classes
 DEMO = ("vit_tiny_patch16_224", {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 3, "num_heads": 3, "num_classes": 10})
@@ -211,6 +211,26 @@ def test_vit_variants_fp_exact_and_quantized_close(tmp_path, variant):
     assert info["input_size"] == [3, 32, 32] and integer_matmuls(optimized_op_counts(q_path)) == expected_integer_kernels(model)
 
 
+@pytest.mark.parametrize("name,args", [DEEP_RESNET, (CONVNEXT[0], {**CONVNEXT[1], "conv_mlp": False})],
+                         ids=["resnet-bottleneck-deep-stem-avg-down", "convnext-linear-mlp"])
+def test_cnn_variants_fp_exact_and_integer(tmp_path, name, args):
+    """Bottleneck blocks, a 3-conv stem and AvgPool shortcuts; ConvNeXt with Linear MLPs on channels-last tensors."""
+    loaded = resolve_model(name, random_init=True, model_args={**args, "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}})
+    model = core.prepare(loaded.model, load_recipe("vaq", set_fields={"quant.bits": 4, "quant.per_channel": True}))
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    core.calibrate(model, [x])
+    fp_path, q_path = tmp_path / "fp.onnx", tmp_path / "q.onnx"
+    kw = dict(architecture=loaded.architecture, model_args=loaded.model_args, data_config=loaded.data_config)
+    with quantizers_disabled(model):
+        export_onnx_model(model, fp_path, **kw)
+    summary = export_onnx_model(model, q_path, **kw)
+    assert verify_onnx(loaded.model, fp_path, [x], threads=1)["max_abs_diff"] <= 1e-4
+    checked = verify_onnx(model, q_path, [x], threads=1)
+    assert checked["top1_agreement"] == 100.0 and checked["integer_kernels"] == expected_integer_kernels(model)
+    assert set(summary["kernels"]) <= {"QLinearConv", "ConvInteger", "MatMulIntegerToFloat", "Conv (float, grouped)"}
+    assert_integer_weights(q_path)
+
+
 def test_failed_verify_writes_nothing(tmp_path, trained, monkeypatch):
     from vitqtool.export import onnx_export
 
@@ -333,6 +353,7 @@ def test_every_family_exports_integer_onnx_that_agrees_with_vitqtool_load(tmp_pa
     checked = summary["verify"]
     loaded_back = vitqtool.load(st)
     assert checked["images"] == 256 and checked["top1_torch"] >= 30.0, "the model did not learn (chance is 10%)"
+    assert summary["input_size"] == [3, 32, 32] and summary["stays_float"].startswith("float32 in the graph")
     assert checked["top1_agreement"] >= 99.0
     assert checked["integer_kernels"] == expected_integer_kernels(loaded_back)
     grouped = sum(1 for m in loaded_back.modules() if isinstance(m, QConv2d) and m.groups > 1)

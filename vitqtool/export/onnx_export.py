@@ -34,15 +34,15 @@ log = logging.getLogger(__name__)
 
 META_KEY = "vitqtool"
 ONNX_FORMAT = "vitqtool-onnx-qdq"
-ONNX_FORMAT_VERSION = "1.0"
+ONNX_FORMAT_VERSION = "1.1"  # 1.1: one row per quantized layer (q, k, v apart) with its onnxruntime kernel
 VERIFY_IMAGES = 256
 VERIFY_BATCH_SIZE = 32
 MIN_AGREEMENT = 99.0  # percent top-1 agreement with the torch model below which --verify fails
 INTEGER_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
                    "QLinearConv", "ConvInteger")
 STAYS_FLOAT = ("float32 in the graph: norms, softmax, GELU, residual adds, biases and embeddings (vitqtool computes them in "
-               "float), the input of a layer without an input quantizer (its weights stay integer), and grouped convs whose "
-               "output is float (onnxruntime's integer grouped conv is slower than its float one; the codes are dequantized exactly)")
+               "float); layers without an input quantizer and grouped convs with a float output multiply float values by "
+               "weights dequantized once at session start (onnxruntime has no faster integer kernel for them)")
 
 
 def _require_onnx() -> None:
@@ -63,9 +63,6 @@ def onnx_session(path: str | Path, threads: int | None = None, optimized_path: s
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    # a float-input layer with quantized weights (a patch merging) becomes MatMulNBits, which by default
-    # quantizes its float input to int8 on the fly (accuracy level 4); vitqtool computes that input in float
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

@@ -22,14 +22,20 @@ One set of graph rules for every model family; the rules look at ops and tensors
   weight scale and bias (exact in real arithmetic). When the conv's output (after that BatchNorm and a
   ReLU) is read only by one quantizer, the group DQ -> Conv -> (Relu) -> Q is left for onnxruntime's
   QLinearConv (the requantization is the quantizer vitqtool applies there anyway; an unsigned quantizer's
-  saturation at 0 is the ReLU). Any other quantized conv, whose output vitqtool keeps in float, becomes
-  ConvInteger (uint8 codes, int32 accumulation, exact) followed by one float rescale.
-- What stays float is what vitqtool computes in float: norms, softmax, GELU, residual adds, biases,
-  position embeddings, and the input of a layer without an input quantizer (a Swin patch merging's
-  reduction, as in the reference): such a layer multiplies float activations by its dequantized weights.
+  saturation at 0 is the ReLU); its weight codes are scaled by 2^k (and the scale by 2^-k) so that the
+  bias, which QLinearConv rounds to the accumulator's grid, is rounded 2^k times finer. Any other dense
+  quantized conv, whose output vitqtool keeps in float, becomes ConvInteger (uint8 codes, int32
+  accumulation, exact) and one DequantizeLinear of the accumulator (x_scale * w_scale per channel).
+- **Float layers**: a quantized layer whose input is float (no input quantizer, as a patch merging's
+  reduction) and a grouped conv with a float output (onnxruntime's ConvInteger runs depthwise convs
+  about 9x slower than its float conv) multiply float values by their weights dequantized by Cast and
+  Mul, folded once at session start; the file still stores the integer codes.
+- What stays float is what vitqtool computes in float: norms, softmax, GELU, residual adds, biases and
+  position embeddings (`onnx_export.STAYS_FLOAT` says it in one line).
 
-Differences from vitqtool's logits come from float summation order (integer accumulation is exact) and
-the folded scales and BatchNorms, which can move a value across a rounding boundary of a later quantizer.
+Differences from vitqtool's logits come from float summation order (integer accumulation is exact), the
+folded scales and BatchNorms and QLinearConv's bias rounding, which can move a value across a rounding
+boundary of a later quantizer (a one-step change of that code).
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ OPSET = 20
 IR_VERSION = 10
 # ops that only move or select elements: they run on the 8-bit codes as well as on floats (data input 0)
 MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Split", "Expand", "MaxPool"})
-INT_ONNX = {"uint8": 2, "int8": 3}
 
 
 @dataclass
@@ -60,16 +65,12 @@ class GraphTables:
     activations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _QDQ:
-    """A DequantizeLinear the lowering created for an activation quantizer's codes."""
+    """A DequantizeLinear the lowering created for an activation quantizer's codes: the quantizer and the scale it applies."""
 
-    act: str
     info: ActInfo
     scale: float
-    zero_point: int
-    dtype: str
-    offset: float | None
 
 
 class Graph:
@@ -259,6 +260,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[Any
     _lower_weights(g, tables)
     _lower_acts(g, tables)
     _fold_batchnorms(g)
+    _float_layers(g)
     _lower_convs(g)
     out = GraphTables()
     _describe(g, tables, out)
@@ -321,11 +323,11 @@ def _gemm_as_matmul(g: Graph, gemm: Any, w: WeightInfo) -> None:
     codes = w.codes.T if g.attr(gemm, "transB", 0) else w.codes  # [K, N]
     axis = 1
     g.remove(gemm)
-    row = g.op("Unsqueeze", [gemm.input[0], g.add_const(f"{w.layer}.row_axis", [1], np.int64)], f"{w.layer}/row")
+    row = g.op("Unsqueeze", [gemm.input[0], g.add_const(f"{w.layer}.row_axis", [0], np.int64)], f"{w.layer}/row")
     y = g.op("MatMul", [row, _weight_dq(g, w, codes, w.scale, axis)], f"{w.layer}/matmul")
     if len(gemm.input) > 2 and gemm.input[2]:
         y = g.op("Add", [y, gemm.input[2]], f"{w.layer}/out")
-    y = g.op("Squeeze", [y, g.add_const(f"{w.layer}.row_axis", [1], np.int64)], f"{w.layer}/squeeze")
+    y = g.op("Squeeze", [y, g.add_const(f"{w.layer}.row_axis", [0], np.int64)], f"{w.layer}/squeeze")
     g.replace_uses(gemm.output[0], y)
 
 
@@ -378,7 +380,7 @@ def _dequantize(g: Graph, codes: str, name: str, info: ActInfo, dtype: str, mult
     zp_name = g.add_const(f"{name}.dq_zero_point", zp, np.uint8 if dtype == "uint8" else np.int8)
     last = offset is None or not with_offset
     dq = g.op("DequantizeLinear", [codes, scale, zp_name], f"{name}/dq", name_out=name_out if last else None)
-    g.dq[id(g.producer[dq])] = _QDQ(name, info, info.scale * mult, zp, dtype, offset)
+    g.dq[id(g.producer[dq])] = _QDQ(info, info.scale * mult)
     if not last:
         dq = g.op("Add", [dq, g.add_const(f"{name}.offset", np.float32(offset))], f"{name}/unshifted", name_out=name_out)
     return dq
@@ -600,7 +602,9 @@ def _lower_convs(g: Graph) -> None:
             g.kernels[layer] = ("QLinearConv", act.info.bits)
             continue
         if int(g.attr(conv, "group", 1)) > 1:
-            _float_grouped_conv(g, conv, wdq, layer)
+            # onnxruntime has no fast integer grouped conv with a float output: ConvInteger runs depthwise convs
+            # about 9x slower than its float conv (docs/deploy-onnx.md); the float conv reads the dequantized codes
+            _dequantize_at_load(g, conv, wdq, layer)
             g.kernels[layer] = ("Conv (float, grouped)", act.info.bits)
             continue
         codes = g.const(codes_name).astype(np.int16)
@@ -625,20 +629,33 @@ def _lower_convs(g: Graph) -> None:
         g.kernels[layer] = ("ConvInteger", act.info.bits)
 
 
-def _float_grouped_conv(g: Graph, conv: Any, wdq: Any, layer: str) -> None:
-    """A grouped (depthwise) conv with a float output: float Conv over the dequantized input codes.
+def _dequantize_at_load(g: Graph, node: Any, wdq: Any, layer: str) -> None:
+    """Input 1 of `node` becomes its integer weight codes dequantized by Cast and Mul, which onnxruntime folds once at session start.
 
-    onnxruntime has no fast integer grouped conv with a float output (ConvInteger runs depthwise convs
-    about 9x slower than its float conv; `docs/deploy-onnx.md`), so the weight codes are dequantized by
-    Cast and Mul, which onnxruntime folds into a float initializer at session start (a DequantizeLinear
-    would stay in the graph and keep the conv off its fast path).
+    For a layer that multiplies float inputs: a DequantizeLinear would stay in the graph (onnxruntime keeps
+    them for its QDQ fusions), dequantizing the weight at every run and keeping the layer off its fast float
+    kernel (or turning a MatMul into MatMulNBits, which by default quantizes the float input to int8).
     """
     codes, scale = wdq.input[0], g.const(wdq.input[1]).astype(np.float32)
-    shape = [-1] + [1] * (g.const(codes).ndim - 1)
+    shape = [1] * g.const(codes).ndim
+    if scale.size > 1:
+        shape[int(g.attr(wdq, "axis", 1))] = -1
     w = g.op("Cast", [codes], f"{layer}/weight_float", to=1)
     w = g.op("Mul", [w, g.add_const(f"{layer}.weight_scale", scale.reshape(shape) if scale.size > 1 else scale.reshape(()))],
              f"{layer}/weight")
-    g.set_input(conv, 1, w)
+    g.set_input(node, 1, w)
+    g.remove(wdq)
+
+
+def _float_layers(g: Graph) -> None:
+    """A quantized MatMul/Conv whose input is float (no input quantizer): float kernel over weights dequantized at load."""
+    for node in [n for n in g.nodes.values() if n.op_type in ("MatMul", "Conv")]:
+        weight = _weight_of(g, node)
+        dq = g.producer.get(node.input[0])
+        if weight is not None and (dq is None or id(dq) not in g.dq):
+            layer = g.weights[weight[1]]["layer"]
+            _dequantize_at_load(g, node, weight[2], layer)
+            g.kernels[layer] = (f"{node.op_type} (float input)", None)
 
 
 def _describe(g: Graph, tables: QuantTables, out: GraphTables) -> None:
@@ -652,8 +669,6 @@ def _describe(g: Graph, tables: QuantTables, out: GraphTables) -> None:
         dq = g.producer.get(node.input[0])
         if dq is not None and id(dq) in g.dq:
             kernels[layer] = ("MatMulIntegerToFloat" if node.op_type == "MatMul" else "QLinearConv", g.dq[id(dq)].info.bits)
-        else:
-            kernels.setdefault(layer, (f"{node.op_type} (float input)", None))
     for w in tables.weights.values():
         kernel, act_bits = kernels.get(w.layer, ("?", None))
         out.layers[w.layer] = {"type": w.layer_type, "shape": [int(w.codes.shape[0]), int(math.prod(w.codes.shape[1:]))],
