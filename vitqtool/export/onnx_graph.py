@@ -7,7 +7,7 @@ One set of graph rules for every model family; the rules look at ops and tensors
   per-column scale), and a 2-D Gemm (a classifier on pooled features) becomes a 3-D MatMul + Add:
   onnxruntime turns a 2-D MatMul + Add into a float Gemm before its QDQ fusion. 3/4-bit codes are stored
   two per byte, 2-bit codes four per byte, in a uint8 initializer unpacked by a small constant subgraph
-  (BitShift, BitwiseAnd, Cast, Sub) that onnxruntime folds once at session start.
+  (BitShift, BitwiseAnd, Cast, Sub on int8) that onnxruntime folds once at session start.
 - **Activations** (`vitqtool::Act`): QuantizeLinear, plus an integer Clip below 8 bits
   (`round(clamp(x/s))` = `clamp(round(x/s))` for integer bounds, so the codes are vitqtool's). Signed
   codes are uint8 with zero point `2^(b-1)` (u8 x s8 is the fast integer kernel on x86) or int8 with zero
@@ -680,8 +680,8 @@ def _describe(g: Graph, tables: QuantTables, out: GraphTables) -> None:
 def _pack_weights(g: Graph) -> None:
     """Codes of at most 4 bits: two (3/4-bit) or four (2-bit) per byte in a uint8 initializer, unpacked by a folded subgraph.
 
-    The unpacking (BitShift, BitwiseAnd, then int32 Sub of the offset and Mul by a code multiplier, Cast to
-    int8) runs once at session start: onnxruntime folds constant subgraphs. Wider codes are stored as they are.
+    The unpacking (BitShift, BitwiseAnd, Cast to int8, Sub of the offset, Mul by the code multiplier) runs
+    once at session start: onnxruntime folds constant subgraphs. Wider codes are stored as they are.
     """
     for name, meta in list(g.weights.items()):
         if name not in g.inits:
@@ -711,11 +711,10 @@ def _pack_weights(g: Graph) -> None:
         if flat.size != n:
             flat_u = g.op("Slice", [flat_u, g.add_const(f"{layer}.unpack_start", [0], np.int64),
                                     g.add_const(f"{layer}.unpack_end", [n], np.int64)], f"{layer}/unpack")
-        if not meta["offset_binary"]:  # signed codes: (u - 2^(b-1)) * multiplier as int8
-            wide = g.op("Cast", [flat_u], f"{layer}/unpack", to=6)  # INT32
-            wide = g.op("Sub", [wide, g.add_const(f"{layer}.unpack_offset", offset, np.int32)], f"{layer}/unpack")
+        if not meta["offset_binary"]:  # signed codes: (u - 2^(b-1)) * multiplier, in int8 (every value fits)
+            flat_u = g.op("Cast", [flat_u], f"{layer}/unpack", to=3)  # INT8: every u < 16 fits
+            flat_u = g.op("Sub", [flat_u, g.add_const(f"{layer}.unpack_offset", offset, np.int8)], f"{layer}/unpack")
             if mult > 1:
-                wide = g.op("Mul", [wide, g.add_const(f"{layer}.unpack_multiplier", mult, np.int32)], f"{layer}/unpack")
-            flat_u = g.op("Cast", [wide], f"{layer}/unpack", to=3)  # INT8
+                flat_u = g.op("Mul", [flat_u, g.add_const(f"{layer}.unpack_multiplier", mult, np.int8)], f"{layer}/unpack")
         out = g.op("Reshape", [flat_u, g.add_const(f"{layer}.weight_shape", list(codes.shape), np.int64)], f"{layer}/weight_codes")
         g.replace_uses(name, out)
