@@ -15,7 +15,7 @@ resident set, interpreter and imports included). Goals: quantized ONNX >= 1.5x f
 ONNX at batch 32, W2A2 ONNX file >= 8x smaller than FP32 ONNX; where the speed goal is missed (or
 with --profile) the onnxruntime per-operator profile of both graphs is printed.
 
-    python benchmarks/inference.py --profile --out benchmarks/results/inference.md   # full run, ~40 min on 2 shared cores
+    python benchmarks/inference.py --threads 1 --batches 1 32 --profile --out benchmarks/results/inference.md   # ~21 min on 2 shared cores
     python benchmarks/inference.py --models resnet50 --batches 32 --threads 1 --reps 2 --bits 4
 """
 

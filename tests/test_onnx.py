@@ -291,6 +291,23 @@ def test_refusals_are_one_line_errors(tmp_path, trained, capsys, monkeypatch):
     assert main(["evaluate", str(garbage)]) == 1 and "not a readable ONNX file" in capsys.readouterr().err
 
 
+def test_format_1_0_files_still_read_and_a_newer_major_is_refused(tmp_path, trained):
+    """A 1.0 file (layer rows without a kernel, as the earlier hand-built graph wrote them) inspects and runs."""
+    path = _any_onnx(tmp_path, trained)
+    proto = onnx.load(str(path))
+    meta = json.loads(proto.metadata_props[0].value)
+    for row in meta["layers"].values():
+        row.pop("kernel")
+    for version, name in (("1.0", "old.onnx"), ("2.0", "new.onnx")):
+        proto.metadata_props[0].value = json.dumps({**meta, "format_version": version})
+        onnx.save(proto, str(tmp_path / name))
+    info = inspect_onnx(tmp_path / "old.onnx")
+    assert info["format_version"] == "1.0" and info["kernels"] == {None: info["quantized_layers"]}
+    assert commands.evaluate(str(tmp_path / "old.onnx"), DATA, limit=64)["n"] == 64
+    with pytest.raises(ExportFormatError, match="newer than this vitqtool reads"):
+        inspect_onnx(tmp_path / "new.onnx")
+
+
 def _any_onnx(tmp_path, trained):
     path = tmp_path / "any.onnx"
     commands.export(trained[4], path, format="onnx")
@@ -315,8 +332,8 @@ def test_learned_offset_is_folded_exactly(tmp_path, trained):
 
 # one tiny model per family, 32 px, 10 classes; Swin: two blocks per stage (the second shifted), patch merging,
 # relative position bias; ResNet-18-shaped (BasicBlock, BatchNorm) and ConvNeXt-atto-shaped (depthwise convs, 1x1 MLP convs)
+# (the trained demo ViT above covers timm ViT: 1,000-image agreement, `--verify`, `evaluate`)
 FAMILIES = {
-    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}),
     "deit-distilled": VARIANTS["deit-distilled"],
     "deit-transformers": None,  # a transformers DeiTForImageClassification folder: timm ViT with one register token
     "swin": ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 4, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
@@ -346,9 +363,12 @@ def test_every_family_exports_integer_onnx_that_agrees_with_vitqtool_load(tmp_pa
     model = core.prepare(fp, recipe)
     core.calibrate(model, [images[i:i + 64] for i in range(0, 256, 64)])
     _train(model, images, labels, steps=10, lr=1e-4)
-    st, out = tmp_path / "w4.safetensors", tmp_path / "w4.onnx"
+    st, out, fp_path = tmp_path / "w4.safetensors", tmp_path / "w4.onnx", tmp_path / "fp.onnx"
     export_model(model, st, architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg, recipe=recipe,
                  source="test", metrics={"data": DATA})
+    with quantizers_disabled(model):  # every quantizer off: the graph is the FP model's
+        export_onnx_model(model, fp_path, architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg)
+    assert verify_onnx(fp, fp_path, [images[:32]], threads=1)["max_abs_diff"] <= 1e-4
     summary = commands.export(st, out, format="onnx", verify=True)
     checked = summary["verify"]
     loaded_back = vitqtool.load(st)

@@ -244,7 +244,8 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "versions": meta.get("versions"), "quantized": meta.get("quantized"), "opset": meta.get("opset"),
         "quantized_layers": sum(1 for r in rows if r["weight_bits"]), "activation_quantizers": len(meta["activations"]),
         "file_bytes": file_bytes, "fp32_bytes": fp32_bytes, "compression_ratio": fp32_bytes / file_bytes if file_bytes else None,
-        "input_size": meta["data_config"].get("input_size"), "kernels": dict(collections.Counter(r["kernel"] for r in rows)),
+        "input_size": meta["data_config"].get("input_size"), "data_config": meta["data_config"],
+        "kernels": dict(collections.Counter(r["kernel"] for r in rows)),
         "stays_float": STAYS_FLOAT if meta.get("quantized") else "everything (no quantizer was enabled)",
         "layers": rows,
     }

@@ -27,9 +27,9 @@ One set of graph rules for every model family; the rules look at ops and tensors
   quantized conv, whose output vitqtool keeps in float, becomes ConvInteger (uint8 codes, int32
   accumulation, exact) and one DequantizeLinear of the accumulator (x_scale * w_scale per channel).
 - **Float layers**: a quantized layer whose input is float (no input quantizer, as a patch merging's
-  reduction) and a grouped conv with a float output (onnxruntime's ConvInteger runs depthwise convs
-  about 9x slower than its float conv) multiply float values by their weights dequantized by Cast and
-  Mul, folded once at session start; the file still stores the integer codes.
+  reduction) and a grouped conv with a float output (onnxruntime's ConvInteger runs a depthwise conv at
+  0.04x the speed of its float conv: `benchmarks/onnx_conv_kernels.py`) multiply float values by their
+  weights dequantized by Cast and Mul, folded once at session start; the file still stores integer codes.
 - What stays float is what vitqtool computes in float: norms, softmax, GELU, residual adds, biases and
   position embeddings (`onnx_export.STAYS_FLOAT` says it in one line).
 
@@ -49,7 +49,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ExportFormatError
-from .onnx_trace import DOMAIN, INPUT_NAME, OUTPUT_NAME, ActInfo, QuantTables, WeightInfo, trace_model
+from .onnx_trace import DOMAIN, ActInfo, QuantTables, WeightInfo, trace_model
 
 OPSET = 20
 IR_VERSION = 10
@@ -453,7 +453,7 @@ def _emit_uses(g: Graph, codes: str, paths: list[tuple], name: str, info: ActInf
     for p in paths:
         by_node[id(p[0][0])].append(p)
     for group in by_node.values():
-        node, _, mult = group[0][0]
+        node = group[0][0][0]
         if len(group[0]) == 1:  # a reader that computes: its own DequantizeLinear
             for (reader, k, m), in group:
                 fold = info.offset is not None and _fold_offset(g, reader, k, info.offset * m)
@@ -602,8 +602,8 @@ def _lower_convs(g: Graph) -> None:
             g.kernels[layer] = ("QLinearConv", act.info.bits)
             continue
         if int(g.attr(conv, "group", 1)) > 1:
-            # onnxruntime has no fast integer grouped conv with a float output: ConvInteger runs depthwise convs
-            # about 9x slower than its float conv (docs/deploy-onnx.md); the float conv reads the dequantized codes
+            # onnxruntime has no fast integer grouped conv with a float output: ConvInteger runs a depthwise conv at
+            # 0.04x the speed of its float conv (benchmarks/onnx_conv_kernels.py); the float conv reads the dequantized codes
             _dequantize_at_load(g, conv, wdq, layer)
             g.kernels[layer] = ("Conv (float, grouped)", act.info.bits)
             continue

@@ -18,6 +18,7 @@ torch but present in the pinned 2.14.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
 from collections.abc import Iterator
@@ -104,12 +105,12 @@ class _ActMarker(torch.autograd.Function):
     """Fake quantization in the forward; `vitqtool::Act(x)` in the traced graph."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, name: str, info: ActInfo) -> Tensor:  # noqa: ARG004
+    def forward(ctx: Any, x: Tensor, name: str, info: ActInfo) -> Tensor:
         offset = info.offset or 0.0
         return ((x - offset) / info.scale).clamp(info.qn, info.qp).round() * info.scale + offset
 
     @staticmethod
-    def symbolic(g: Any, x: Any, name: str, info: ActInfo) -> Any:  # noqa: ARG004
+    def symbolic(g: Any, x: Any, name: str, info: ActInfo) -> Any:
         out = g.op(f"{DOMAIN}::Act", x, name_s=name)
         out.setType(x.type())
         return out
@@ -119,14 +120,24 @@ class _WeightMarker(torch.autograd.Function):
     """The dequantized weight in the forward; `vitqtool::Weight(w)` in the traced graph."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, name: str, dequantized: Tensor) -> Tensor:  # noqa: ARG004
+    def forward(ctx: Any, w: Tensor, name: str, dequantized: Tensor) -> Tensor:
         return dequantized
 
     @staticmethod
-    def symbolic(g: Any, w: Any, name: str, dequantized: Any) -> Any:  # noqa: ARG004
+    def symbolic(g: Any, w: Any, name: str, dequantized: Any) -> Any:
         out = g.op(f"{DOMAIN}::Weight", w, name_s=name)
         out.setType(w.type())
         return out
+
+
+def _act_marker(x: Tensor, *, name: str, info: ActInfo) -> Tensor:
+    """An activation quantizer's forward while tracing."""
+    return _ActMarker.apply(x, name, info)
+
+
+def _weight_marker(w: Tensor, *, name: str, dequantized: Tensor) -> Tensor:
+    """A weight quantizer's forward while tracing."""
+    return _WeightMarker.apply(w, name, dequantized.to(w.dtype))
 
 
 @contextlib.contextmanager
@@ -136,12 +147,12 @@ def _markers(model: nn.Module, tables: QuantTables) -> Iterator[None]:
     try:
         for name, q in iter_quantizers(model):
             if name in tables.acts:
-                q.forward = (lambda n, i: lambda x: _ActMarker.apply(x, n, i))(name, tables.acts[name])
+                q.forward = functools.partial(_act_marker, name=name, info=tables.acts[name])
             elif name in tables.weights:
                 w = tables.weights[name]
                 shape = (-1,) + (1,) * (w.codes.ndim - 1)
                 deq = torch.from_numpy(w.codes.astype(np.float32) * w.scale.reshape(shape))
-                q.forward = (lambda n, d: lambda x: _WeightMarker.apply(x, n, d.to(x.dtype)))(name, deq)
+                q.forward = functools.partial(_weight_marker, name=name, dequantized=deq)
             else:
                 continue
             patched.append(q)
