@@ -361,14 +361,14 @@ def test_every_family_exports_integer_onnx_that_agrees_with_vitqtool_load(tmp_pa
     fp = _train(loaded.model, images, labels, steps=100, lr=2e-3)
     recipe = load_recipe("vaq", set_fields={"quant.bits": 4})
     model = core.prepare(fp, recipe)
+    with quantizers_disabled(model):  # every quantizer off: the graph computes the trained timm model
+        export_onnx_model(model, tmp_path / "fp.onnx", architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg)
+    assert verify_onnx(fp, tmp_path / "fp.onnx", [images[:32]], threads=1)["max_abs_diff"] <= 1e-4
     core.calibrate(model, [images[i:i + 64] for i in range(0, 256, 64)])
     _train(model, images, labels, steps=10, lr=1e-4)
-    st, out, fp_path = tmp_path / "w4.safetensors", tmp_path / "w4.onnx", tmp_path / "fp.onnx"
+    st, out = tmp_path / "w4.safetensors", tmp_path / "w4.onnx"
     export_model(model, st, architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg, recipe=recipe,
                  source="test", metrics={"data": DATA})
-    with quantizers_disabled(model):  # every quantizer off: the graph is the FP model's
-        export_onnx_model(model, fp_path, architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg)
-    assert verify_onnx(fp, fp_path, [images[:32]], threads=1)["max_abs_diff"] <= 1e-4
     summary = commands.export(st, out, format="onnx", verify=True)
     checked = summary["verify"]
     loaded_back = vitqtool.load(st)

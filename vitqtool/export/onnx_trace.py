@@ -174,7 +174,7 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[Any
         try:
             torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=TRACE_OPSET, input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              custom_opsets={DOMAIN: 1}, do_constant_folding=True)
+                              custom_opsets={DOMAIN: 1} if tables.acts or tables.weights else None, do_constant_folding=True)
         except Exception as exc:  # torch.onnx raises many types; name the first line
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ExportFormatError(f"torch.onnx cannot trace {type(model).__name__} ({first})") from None
