@@ -16,7 +16,7 @@ from vitqtool import commands, core, quant
 from vitqtool.analysis import analyze_model
 from vitqtool.analysis.compare import model_measures
 from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units
-from vitqtool.arch import get_adapter
+from vitqtool.families import get_family
 from vitqtool.cli import app, main
 from vitqtool.errors import ModelError
 from vitqtool.quant import OscillationTracker
@@ -52,7 +52,7 @@ def test_layout_is_fp_exact_and_fast_sensitivity_equals_naive(name: str, args: d
         assert inner and not any(m.a_quant.spec.signed for m in inner) and not head.a_quant.spec.signed
     else:  # ConvNeXt: only fc2 reads GELU (unsigned + offset); conv_dw, fc1 and downsampling read signed tensors
         assert {n.rsplit(".", 1)[-1] for n, m in layers.items() if m.a_quant.spec.learned_offset} == {"fc2"}
-    adapter = get_adapter(q)
+    adapter = get_family(q)
     batches = [(images, torch.arange(4))]
     units = build_units(q, "both", adapter.block_names(q))
     units += group_units(units, "block")

@@ -19,6 +19,7 @@ from vitqtool import core  # noqa: E402
 from vitqtool.cli import main  # noqa: E402
 from vitqtool.errors import ExportFormatError  # noqa: E402
 from vitqtool.export import export_hf_model, read_hf_export  # noqa: E402
+from vitqtool.families import get_family  # noqa: E402
 from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.quant import QLinear, iter_quantizers  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
@@ -59,10 +60,8 @@ def _dequantized_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_module(timm_name: str, names) -> str:
-    from vitqtool.export.hf import _fp_module
-
-    fp, index = _fp_module(timm_name)
+def _hf_module(timm_name: str, names, family) -> str:
+    fp, index = family.stock_name(timm_name)
     return names[fp].hf[index if index is not None else 0]
 
 
@@ -78,7 +77,7 @@ def test_export_decompresses_bit_exact_and_loads_in_transformers(tmp_path, famil
     from compressed_tensors.utils.match import match_name
     from transformers import AutoModelForImageClassification
 
-    from vitqtool.core.hf_convert import table, timm_spec
+    from vitqtool.families.hf_map import table, timm_spec
 
     hf_fp = build(family, seed=7)
     loaded, rec, qmodel = _quantized(save(hf_fp, tmp_path / "src"), recipe, bits, per_channel)
@@ -99,7 +98,7 @@ def test_export_decompresses_bit_exact_and_loads_in_transformers(tmp_path, famil
     ct = QuantizationConfig.model_validate(qc)
     tensors = load_file(str(out / "model.safetensors"))
     names = table(timm_spec({k: v for k, v in config.items() if k != "quantization_config"}))
-    vitq = {_hf_module(n, names): w for n, w in _dequantized_weights(qmodel).items()}
+    vitq = {_hf_module(n, names, get_family(qmodel)): w for n, w in _dequantized_weights(qmodel).items()}
     packed = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
     assert packed == sorted(vitq) and len(packed) == (2 if family == "deit_distilled" else 1) + (
         6 * 2 if family != "swin" else 6 * 4 + 1)

@@ -37,10 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.hf_convert import TRAINING_ARGS, module_names, table, timm_spec
 from ..core.models import load_strict, resolve_model
 from ..core.prepare import prepare
 from ..errors import ExportFormatError, RecipeError, VitqError
+from ..families import Family, get_family
+from ..families.base import QKV_PARTS
+from ..families.hf_map import TRAINING_ARGS, HFSpec, module_names, table, timm_spec
 from ..fileio import file_mode, json_default, library_versions, save_safetensors, staging_dir, translate_write_errors
 from ..quant import QConv2d, QLinear, Quantizer
 from ..quant.packing import pack_codes, packed_length, unpack_codes
@@ -56,8 +58,6 @@ LAYOUT = "transformers"
 CT_METHOD = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
 FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-_QKV = ("q", "k", "v")
-_PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 @dataclass
@@ -84,25 +84,13 @@ class Scheme:
     modules: list[str] = field(default_factory=list)
 
 
-def _fp_module(path: str) -> tuple[str, int | None]:
-    """A quantized-layout module path -> (FP timm module path, q/k/v index or None): attn.core.q -> attn.qkv, 0."""
-    parts = [p for i, p in enumerate(path.split(".")) if not (p == "core" and i and path.split(".")[i - 1] == "attn")]
-    if len(parts) >= 2 and parts[-2] == "attn" and parts[-1] in _QKV:
-        return ".".join(parts[:-1] + ["qkv"]), _QKV.index(parts[-1])
-    return ".".join(parts), None
-
-
-def _attn_path(quantizer_owner: str) -> str:
-    """The FP attention module path of an attention quantizer's parent (strips Swin's `.core`)."""
-    return _fp_module(quantizer_owner)[0]
-
-
-def plan(model: nn.Module, spec: Any) -> tuple[list[Slot], dict[str, Scheme]]:
+def plan(model: nn.Module, spec: HFSpec) -> tuple[list[Slot], dict[str, Scheme]]:
     """Every state key of a prepared (quantized) timm model -> its Slot; plus the scheme of each transformers Linear."""
     names = table(spec)
+    family = get_family(model)
 
     def hf_modules(path: str) -> tuple[tuple[str, ...], bool]:
-        fp, index = _fp_module(path)
+        fp, index = family.stock_name(path)
         if fp not in names:
             raise ExportFormatError(f"module '{path}' has no transformers counterpart in the {spec.hf_class} key map")
         hf = names[fp].hf
@@ -119,7 +107,7 @@ def plan(model: nn.Module, spec: Any) -> tuple[list[Slot], dict[str, Scheme]]:
         owner, _, leaf = key.rpartition(".")
         mod = model.get_submodule(owner)
         if isinstance(mod, Quantizer):
-            slots.append(_quantizer_slot(model, key, owner, leaf, mod, hf_modules, schemes, names))
+            slots.append(_quantizer_slot(model, family, key, owner, leaf, mod, hf_modules, schemes, names))
         elif isinstance(mod, QLinear) and leaf == "weight":
             mods, split = hf_modules(owner)
             slots.append(Slot(key, "weight", mods, split=split))
@@ -127,19 +115,19 @@ def plan(model: nn.Module, spec: Any) -> tuple[list[Slot], dict[str, Scheme]]:
             mods, _ = hf_modules(owner)
             slots.append(Slot(key, "conv_weight", (f"{mods[0]}.weight",)))
         else:
-            slots.append(_fp_slot(key, owner, leaf, names, hf_modules))
+            slots.append(_fp_slot(family, key, owner, leaf, names, hf_modules))
     return slots, schemes
 
 
-def _fp_slot(key: str, owner: str, leaf: str, names: dict, hf_modules) -> Slot:
-    fp_key = _fp_module(key)[0]  # Swin: attn.relative_position_bias_table is a parameter row of the key map
+def _fp_slot(family: Family, key: str, owner: str, leaf: str, names: dict, hf_modules) -> Slot:
+    fp_key = family.stock_name(key)[0]  # a parameter row of the key map (e.g. a position-bias table)
     if fp_key in names:
         return Slot(key, "fp", names[fp_key].hf)
     mods, split = hf_modules(owner)
     return Slot(key, "fp", tuple(f"{m}.{leaf}" for m in mods), split=split)
 
 
-def _quantizer_slot(model: nn.Module, key: str, owner: str, leaf: str, q: Quantizer, hf_modules,
+def _quantizer_slot(model: nn.Module, family: Family, key: str, owner: str, leaf: str, q: Quantizer, hf_modules,
                     schemes: dict[str, Scheme], names: dict) -> Slot:
     parent, _, role = owner.rpartition(".")
     layer = model.get_submodule(parent) if parent else None
@@ -157,14 +145,14 @@ def _quantizer_slot(model: nn.Module, key: str, owner: str, leaf: str, q: Quanti
         for m in mods:
             schemes[m].input_bits = bits
         return Slot(key, "scale", tuple(f"{m}.input_scale" for m in mods))
-    attn_qkv = names.get(_attn_path(parent) + ".qkv")
-    if role_of_state == "scale" and symmetric and attn_qkv is not None and role in ("input_quant", "qkv_quant", *(f"{n}_quant" for n in _QKV)):
+    attn_qkv = names.get(family.stock_name(parent)[0] + ".qkv")
+    if role_of_state == "scale" and symmetric and attn_qkv is not None and role in ("input_quant", "qkv_quant", *(f"{n}_quant" for n in QKV_PARTS)):
         if role == "input_quant":
             mods, suffix = attn_qkv.hf, "input_scale"
         elif role == "qkv_quant":
             mods, suffix = attn_qkv.hf, "output_scale"
         else:
-            mods, suffix = (attn_qkv.hf[_QKV.index(role[0])],), "output_scale"
+            mods, suffix = (attn_qkv.hf[QKV_PARTS.index(role[0])],), "output_scale"
         for m in mods:
             if suffix == "input_scale":
                 schemes[m].input_bits = bits
@@ -208,8 +196,8 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
         ExportFormatError for an uncalibrated model, a source config that does not describe this
         model, an existing folder that is not an export, or a failed verify (nothing is written then).
     Example:
-        >>> export_hf_model(qmodel, "vit-w4-hf", architecture=..., model_args=..., data_config=cfg,
-        ...                 recipe=rec, source="google/vit-base-patch16-224", source_config=loaded.source_config)
+        >>> export_hf_model(qmodel, "model-w4-hf", architecture=..., model_args=..., data_config=cfg,
+        ...                 recipe=rec, source="org/checkpoint", source_config=loaded.source_config)
     """
     out = Path(out)
     spec = _spec(source_config, architecture, model_args)
@@ -225,7 +213,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
     config = {k: v for k, v in copy.deepcopy(source_config).items() if k != "torch_dtype"}
     config["dtype"] = "float32"
     config[META_QCONFIG] = {**compressed_tensors_config(schemes, spec), META_VITQ: vq}
-    preprocessor = preprocessor_config if preprocessor_config is not None else _preprocessor(data_config)
+    preprocessor = preprocessor_config if preprocessor_config is not None else spec.map.processor_config(data_config)
     texts = {"config.json": _dumps(config)}
     if preprocessor is not None:
         texts["preprocessor_config.json"] = _dumps(preprocessor)
@@ -249,7 +237,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
     return {**summary(out), "verify": checked}
 
 
-def _spec(source_config: dict | None, architecture: str, model_args: dict) -> Any:
+def _spec(source_config: dict | None, architecture: str, model_args: dict) -> HFSpec:
     """The key-map spec of the source config, checked against the model being exported."""
     if not isinstance(source_config, dict):
         raise ExportFormatError("--format hf needs the source's transformers config.json, and this model was not "
@@ -324,7 +312,7 @@ def _extra_rows(model: nn.Module, slots: list[Slot]) -> list[dict[str, Any]]:
     return rows
 
 
-def compressed_tensors_config(schemes: dict[str, Scheme], spec: Any) -> dict[str, Any]:
+def compressed_tensors_config(schemes: dict[str, Scheme], spec: HFSpec) -> dict[str, Any]:
     """compressed-tensors `quantization_config`: one config group per distinct Linear scheme, targets by name."""
     runtime = {h: r for row in module_names(spec) for h, r in zip(row.hf, row.runtime_names)}
     groups: dict[tuple, list[str]] = {}
@@ -350,25 +338,6 @@ def compressed_tensors_config(schemes: dict[str, Scheme], spec: Any) -> dict[str
         }
     return {"quant_method": CT_METHOD, "format": CT_FORMAT, "quantization_status": "compressed",
             "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None}
-
-
-def _preprocessor(data_config: dict) -> dict[str, Any] | None:
-    """A ViT/DeiT image-processor config equivalent to a squash-mode data config (None for other modes)."""
-    if str(data_config.get("crop_mode") or "center") != "squash":
-        log.info("no preprocessor_config.json written: crop_mode %r has no ViT/DeiT image-processor equivalent",
-                 data_config.get("crop_mode"))
-        return None
-    _, h, w = (int(v) for v in data_config["input_size"])
-    pct = float(data_config.get("crop_pct") or 1.0)
-    size = {"height": math.floor(h / pct), "width": math.floor(w / pct)}
-    crop = size != {"height": h, "width": w}
-    out = {"image_processor_type": "DeiTImageProcessor" if crop else "ViTImageProcessor", "do_resize": True,
-           "size": size, "resample": _PIL_CODES.get(str(data_config.get("interpolation") or "bilinear"), 2),
-           "do_center_crop": crop, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-           "image_mean": [float(v) for v in data_config["mean"]], "image_std": [float(v) for v in data_config["std"]]}
-    if crop:
-        out["crop_size"] = {"height": h, "width": w}
-    return out
 
 
 def _check_target(out: Path) -> None:

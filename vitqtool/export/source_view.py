@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..core.models import load_strict, resolve_model
 from ..errors import ExportFormatError
+from ..families import get_family
 from ..fileio import atomic_write, save_safetensors
 from ..quant import QUANT_LAYERS, QuantAttention, Quantizer, iter_quantizers
 from .layout import FP_DTYPES, PACK_FORMAT, iter_standalone_quantizers, state_map
@@ -54,30 +55,6 @@ def _ct_input(q: Quantizer | None) -> bool:
     return q is not None and q.enabled and q.spec.signed and not q.spec.learned_offset
 
 
-def _stock_prefix(name: str, stock_keys: set[str]) -> str:
-    """The stock module holding the fused `qkv` a QuantAttention at `name` replaced: itself or its parent."""
-    parent = name.rpartition(".")[0]
-    for prefix in (name, parent):
-        if f"{prefix + '.' if prefix else ''}qkv.weight" in stock_keys:
-            return prefix
-    raise ExportFormatError(f"cannot find the stock fused qkv projection of '{name}' in the source model; "
-                            "the source-name view supports timm models whose attention has one `qkv` Linear")
-
-
-def _renamer(renames: dict[str, str]):
-    """Map a rewritten-model name to the stock name by its longest renamed attention prefix."""
-    ordered = sorted(renames, key=len, reverse=True)
-
-    def rename(name: str) -> str:
-        for old in ordered:
-            if name == old or name.startswith(old + "."):
-                new = renames[old]
-                rest = name[len(old):].lstrip(".")
-                return f"{new}.{rest}" if new and rest else (new or rest)
-        return name
-    return rename
-
-
 def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
                         fp_dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """(tensors, compressed-tensors `quantization_config`, activation table) of the source-name view of `model`.
@@ -86,9 +63,12 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
     """
     file = export_tensors(model, fp_dtype)  # vitqtool names, 2.x layout; refuses uncalibrated models
     stock_state = resolve_model(architecture, random_init=True, model_args=model_args or None).model.state_dict()
-    stock_keys = set(stock_state)
+    family = get_family(model)
+
+    def rename(name: str) -> str:
+        return family.stock_name(name)[0]
+
     attentions = {n: m for n, m in model.named_modules() if isinstance(m, QuantAttention)}
-    rename = _renamer({n: _stock_prefix(n, stock_keys) for n in attentions})
     tensors: dict[str, Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}  # stock layer -> scheme row
     done: set[str] = set()  # rewritten-model layers already written
@@ -117,7 +97,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
             bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
             if bias is None and any(b is not None for b in biases):
                 raise ExportFormatError(f"'{name}': q, k and v disagree on having a bias; they cannot be fused into qkv")
-            put_layer(rename(f"{name}.qkv"), codes, bits, steps, bias, attn.input_quant, per_channel)
+            put_layer(rename(f"{name}.{'q' if attn.split else 'qkv'}"), codes, bits, steps, bias, attn.input_quant, per_channel)
             done.update(f"{name}.{p}" for p in (("q", "k", "v") if attn.split else ("qkv",)))
         for name, layer in model.named_modules():
             if isinstance(layer, QUANT_LAYERS) and name not in done:

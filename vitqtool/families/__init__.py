@@ -1,11 +1,12 @@
-"""Model-family adapters: all knowledge of where a family keeps its blocks, qkv, heads and embeddings.
+"""Model families, one plugin module each: all knowledge of a family's layout, transformers classes and stock names.
 
-Importing this package registers every adapter; `get_adapter(model)` finds a model's.
+Importing this package registers every family (`base.register_family`); shared code asks `get_family(model)`
+or `hf_map.timm_spec(config)` and names no family. A new family is one module here plus its import below.
 """
 
 from __future__ import annotations
 
-from . import cnn, swin, vit  # noqa: F401  (registration)
-from .base import ADAPTERS, Adapter, QuantPolicy, get_adapter, quantize_model_, register_adapter
+from . import convnext, resnet, swin, vit  # noqa: F401  (registration)
+from .base import FAMILIES, Family, QuantPolicy, get_family, quantize_model_, register_family
 
-__all__ = ["ADAPTERS", "Adapter", "QuantPolicy", "get_adapter", "quantize_model_", "register_adapter"]
+__all__ = ["FAMILIES", "Family", "QuantPolicy", "get_family", "quantize_model_", "register_family"]

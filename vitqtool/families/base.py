@@ -1,9 +1,12 @@
-"""The adapter protocol every model family implements, its registry, the quantization policy and swap helpers.
+"""The plugin every model family implements, its registry, the quantization policy and swap helpers.
 
-An adapter knows one family's layout: where the blocks, attention, MLPs, patch embedding and heads
-are, which features of the family the quantized layout covers (`check` refuses the rest, naming the
-module and the feature), how to rewrite a model in place, and how to run it block by block (fast
-sensitivity). Adapters register with the dotted names of the model classes they accept.
+A family plugin holds everything vitqtool knows of one family: where the blocks, attention, MLPs, patch
+embedding and heads are; which features the quantized layout covers (`check` refuses the rest, naming
+the module and the feature); how to rewrite a model in place; how to run it block by block (fast
+sensitivity); which stock module a quantized module came from (the weight views and the transformers
+export); its transformers classes (config and key maps, `hf_map.TransformersMap`), if any. Families
+register with the dotted names of the timm model classes they accept; shared code asks the registry
+and names no family.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QConv2d, QLinear, QuantSpec
+from .hf_map import TransformersMap, register_transformers
 
-ADAPTERS: dict[str, type["Adapter"]] = {}  # "module.QualName" of an accepted model class -> adapter, filled by @register_adapter
+FAMILIES: dict[str, type["Family"]] = {}  # "module.QualName" of an accepted timm model class -> family, filled by @register_family
+QKV_PARTS = ("q", "k", "v")  # the projections a fused qkv Linear is split into (method.md §4)
 GELU_CLASSES = ("torch.nn.modules.activation.GELU", "timm.layers.activations.GELU", "timm.layers.activations.GELUTanh")
 
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Layout-level choices an adapter applies (per-module bits are recipe overrides, applied after)."""
+    """Layout-level choices a family applies (per-module bits are recipe overrides, applied after)."""
 
     bits: int                  # weight and activation bits inside the transformer blocks
     split_qkv: bool = True     # module-dependent Q/K/V (method.md §4); False = one fused qkv step
@@ -51,11 +56,12 @@ class QuantPolicy:
         return QuantSpec(self.bits, signed=False, learned_offset=True, method=self.method)
 
 
-class Adapter(abc.ABC):
-    """One model family: its allow-list, its quantized rewrite and its block-by-block execution."""
+class Family(abc.ABC):
+    """One model family: its allow-list, quantized rewrite, block-by-block execution and stock names."""
 
-    family: ClassVar[str]
-    patterns: ClassVar[tuple[str, ...]]  # model-name globs of the family, for messages
+    name: ClassVar[str]
+    patterns: ClassVar[tuple[str, ...]]  # timm model-name globs of the family, for messages
+    transformers: ClassVar[tuple[TransformersMap, ...]] = ()  # its transformers classes (none: not loadable from one)
 
     @abc.abstractmethod
     def check(self, model: nn.Module) -> None:
@@ -77,6 +83,17 @@ class Adapter(abc.ABC):
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         """Logits from the input of segment `index` (`len(block_names)` = the tail)."""
 
+    def stock_name(self, path: str) -> tuple[str, int | None]:
+        """The stock (FP timm) name of a quantized-layout module or state key, and which third of it (q, k, v) or None.
+
+        The default covers rewrites that keep module paths and split a fused `qkv` Linear into `q`, `k`, `v`
+        siblings; a family whose rewrite nests modules differently overrides it.
+        """
+        head, _, leaf = path.rpartition(".")
+        if leaf in QKV_PARTS:
+            return f"{head}.qkv" if head else "qkv", QKV_PARTS.index(leaf)
+        return path, None
+
 
 def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
     """Each stage's downsampling layer (when present) and then its blocks: `attr.i.downsample`, `attr.i.blocks.j`."""
@@ -88,7 +105,7 @@ def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
     return out
 
 
-class SegmentedAdapter(Adapter):
+class SegmentedFamily(Family):
     """A family that runs as stem -> segments in sequence -> tail (Swin, CNNs): block-by-block execution from those three.
 
     By default the timm stage layout: `stem_attr` module, then each stage of `stages_attr` (its downsampling
@@ -129,34 +146,39 @@ class SegmentedAdapter(Adapter):
         return self.tail(model, hidden)
 
 
-def register_adapter(*model_classes: str) -> Callable[[type[Adapter]], type[Adapter]]:
-    """Class decorator: the adapter handles models whose class is exactly one of `model_classes` ("module.QualName")."""
-    def add(cls: type[Adapter]) -> type[Adapter]:
+def register_family(*model_classes: str) -> Callable[[type[Family]], type[Family]]:
+    """Class decorator: the family handles timm models whose class is exactly one of `model_classes` ("module.QualName").
+
+    Its transformers classes (`Family.transformers`) become loadable at the same time.
+    """
+    def add(cls: type[Family]) -> type[Family]:
         for name in model_classes:
-            ADAPTERS[name] = cls
+            FAMILIES[name] = cls
+        for hf in cls.transformers:
+            register_transformers(hf)
         return cls
     return add
 
 
 def class_name(obj: object) -> str:
-    """`module.QualName` of an object's class, the key adapters register under."""
+    """`module.QualName` of an object's class, the key families register under."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter registered for `model`'s class; ModelError listing the supported families otherwise."""
-    adapter = ADAPTERS.get(class_name(model))
-    if adapter is None:
-        supported = ", ".join(dict.fromkeys(p for a in ADAPTERS.values() for p in a.patterns))
+def get_family(model: nn.Module) -> Family:
+    """The family registered for `model`'s class; ModelError listing the supported families otherwise."""
+    family = FAMILIES.get(class_name(model))
+    if family is None:
+        supported = ", ".join(dict.fromkeys(p for f in FAMILIES.values() for p in f.patterns))
         raise ModelError(f"model class {type(model).__name__} is not a supported family (supported timm architectures: {supported})")
-    return adapter()
+    return family()
 
 
 def quantize_model_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
     """Check `model` against its family's allow-list, then rewrite it in place into the quantized layout."""
-    adapter = get_adapter(model)
-    adapter.check(model)
-    adapter.quantize_(model, policy)
+    family = get_family(model)
+    family.check(model)
+    family.quantize_(model, policy)
     check_fully_quantized(model)
     return model
 
@@ -181,7 +203,7 @@ def check_fully_quantized(model: nn.Module) -> None:
     """Fail loudly, naming the module, if any float Linear/Conv2d was left behind by a rewrite."""
     left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     if left:
-        raise ModelError(f"these layers have no quantization rule in the adapter and would stay float: {', '.join(left[:8])}")
+        raise ModelError(f"these layers have no quantization rule in the family and would stay float: {', '.join(left[:8])}")
 
 
 def require(condition: bool, where: str, feature: str) -> None:

@@ -1,16 +1,125 @@
-"""Adapter for timm `VisionTransformer` (ViT, DeiT) and `VisionTransformerDistilled`: method.md §3 layout.
+"""The ViT family: timm `VisionTransformer` (ViT, DeiT) and `VisionTransformerDistilled`, method.md §3 layout.
 
 Per block: the fused `qkv` Attention becomes a `QuantAttention` (split q/k/v with their own steps,
 quantized Q/K/V, softmax output and attn@V); MLP fc1/fc2 become QLinear with fc2's input (the GELU
 output) unsigned with a learned offset. Patch embedding and classifier heads are 8-bit.
+
+transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
+- ViT/DeiT LayerNorms use `layer_norm_eps` (1e-12 by default; timm's ViT default is 1e-6), so the
+  eps travels as the plain field `layer_norm_eps` in model_args and `hf_map.timm_kwargs` rebuilds the norm.
+- `DeiTForImageClassification` runs the distillation token through the encoder but reads only the
+  class token: that is a timm ViT with one register token (`reg_tokens=1`, pooled on the class token).
+  `DeiTForImageClassificationWithTeacher` averages both heads: timm's `deit_*_distilled` in eval mode.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Mapping
+
 from torch import Tensor, nn
 
+from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import Adapter, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_adapter, require
+from .base import Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
+from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
+                     squash_processor_config)
+
+PROCESSOR_TYPES = frozenset({"ViTImageProcessor", "ViTImageProcessorFast", "ViTImageProcessorPil", "ViTFeatureExtractor",
+                             "DeiTImageProcessor", "DeiTImageProcessorFast", "DeiTImageProcessorPil", "DeiTFeatureExtractor"})
+
+
+class ViTMap(TransformersMap):
+    """`ViTForImageClassification`: a timm ViT pooled on the class token."""
+
+    hf_class, model_type, prefix = "ViTForImageClassification", "vit", "vit"
+    fields = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                        "hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "image_size", "patch_size",
+                        "num_channels", "qkv_bias", "head_dim"})
+    ignored = frozenset({"encoder_stride", "pooler_output_size", "pooler_act"})
+    processor_types = PROCESSOR_TYPES
+    timm_names: ClassVar[tuple[tuple[str, tuple[Any, ...]], ...]] = (
+        ("vit_tiny_patch16_224", (192, 12, 3, 16)), ("vit_small_patch16_224", (384, 12, 6, 16)),
+        ("vit_small_patch32_224", (384, 12, 6, 32)), ("vit_base_patch16_224", (768, 12, 12, 16)),
+        ("vit_base_patch32_224", (768, 12, 12, 32)), ("vit_large_patch16_224", (1024, 24, 16, 16)),
+        ("vit_large_patch32_224", (1024, 24, 16, 32)), ("vit_huge_patch14_224", (1280, 32, 16, 14)))
+    distillation_token: ClassVar[str | None] = None  # timm parameter holding the transformers distillation token
+    heads: ClassVar[tuple[tuple[str, str], ...]] = (("head", "classifier"),)
+
+    def model_args(self, config: Mapping[str, Any], where: str) -> dict[str, Any]:
+        check_field(config, "hidden_act", "gelu", where, "only exact GELU (nn.GELU) is mapped to timm")
+        dim = int_field(config, "hidden_size", where, 768)
+        heads = int_field(config, "num_attention_heads", where, 12)
+        if dim % heads:
+            raise ModelError(f"{where}: field 'num_attention_heads' ({heads}) does not divide hidden_size ({dim})")
+        check_field(config, "head_dim", dim // heads, where, "timm ViT heads are hidden_size / num_attention_heads wide")
+        hidden = int_field(config, "intermediate_size", where, 3072)
+        mlp_ratio = hidden / dim
+        if int(dim * mlp_ratio) != hidden:
+            raise ModelError(f"{where}: field 'intermediate_size' ({hidden}) is not int(hidden_size * ratio) for any float ratio")
+        eps = config.get("layer_norm_eps", 1e-12)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ModelError(f"{where}: field 'layer_norm_eps' must be a small positive number, found {eps!r}")
+        hidden_drop = prob_field(config, "hidden_dropout_prob", where)
+        return {
+            "img_size": pair_field(config, "image_size", where, 224), "patch_size": pair_field(config, "patch_size", where, 16),
+            "in_chans": int_field(config, "num_channels", where, 3), "embed_dim": dim,
+            "depth": int_field(config, "num_hidden_layers", where, 12), "num_heads": heads, "mlp_ratio": mlp_ratio,
+            "qkv_bias": bool_field(config, "qkv_bias", where, True), NORM_EPS_ARG: float(eps), "global_pool": "token",
+            "class_token": True,
+            # training only (eval is dropout-free); timm also drops after the GELU, transformers does not
+            "pos_drop_rate": hidden_drop, "proj_drop_rate": hidden_drop,
+            "attn_drop_rate": prob_field(config, "attention_probs_dropout_prob", where),
+        }
+
+    def signature(self, model_args: Mapping[str, Any]) -> tuple[Any, ...]:
+        patch = model_args["patch_size"]
+        return (model_args["embed_dim"], model_args["depth"], model_args["num_heads"], patch if isinstance(patch, int) else patch[0])
+
+    def key_map(self, model_args: Mapping[str, Any]) -> list[Names]:
+        p = self.prefix
+        rows = [Names("cls_token", (f"{p}.embeddings.cls_token",)),
+                Names("pos_embed", (f"{p}.embeddings.position_embeddings",)),
+                Names("patch_embed.proj", (f"{p}.embeddings.patch_embeddings.projection",))]
+        if self.distillation_token:
+            rows.append(Names(self.distillation_token, (f"{p}.embeddings.distillation_token",)))
+        for i in range(model_args["depth"]):
+            hf, rt = f"{p}.encoder.layer.{i}", f"{p}.layers.{i}"
+            rows += [
+                Names(f"blocks.{i}.norm1", (f"{hf}.layernorm_before",)),
+                Names(f"blocks.{i}.attn.qkv", tuple(f"{hf}.attention.attention.{n}" for n in ("query", "key", "value")),
+                      tuple(f"{rt}.attention.{n}_proj" for n in "qkv")),
+                Names(f"blocks.{i}.attn.proj", (f"{hf}.attention.output.dense",), (f"{rt}.attention.o_proj",)),
+                Names(f"blocks.{i}.norm2", (f"{hf}.layernorm_after",)),
+                Names(f"blocks.{i}.mlp.fc1", (f"{hf}.intermediate.dense",), (f"{rt}.mlp.fc1",)),
+                Names(f"blocks.{i}.mlp.fc2", (f"{hf}.output.dense",), (f"{rt}.mlp.fc2",)),
+            ]
+        rows.append(Names("norm", (f"{p}.layernorm",)))
+        return rows + [Names(timm, (hf,)) for timm, hf in self.heads]
+
+    def processor_config(self, data_config: Mapping[str, Any]) -> dict[str, Any] | None:
+        return squash_processor_config(data_config, "ViTImageProcessor", "DeiTImageProcessor")
+
+
+class DeiTMap(ViTMap):
+    """`DeiTForImageClassification`: the distillation token runs through the encoder, no head reads it (a register token)."""
+
+    hf_class, model_type, prefix = "DeiTForImageClassification", "deit", "deit"
+    timm_names = (("deit_tiny_patch16_224", (192, 12, 3, 16)), ("deit_small_patch16_224", (384, 12, 6, 16)),
+                  ("deit_base_patch16_224", (768, 12, 12, 16)))
+    distillation_token = "reg_token"
+
+    def model_args(self, config: Mapping[str, Any], where: str) -> dict[str, Any]:
+        return {**super().model_args(config, where), "reg_tokens": 1}
+
+
+class DeiTDistilledMap(ViTMap):
+    """`DeiTForImageClassificationWithTeacher`: class and distillation heads averaged (timm's distilled DeiT in eval)."""
+
+    hf_class, model_type, prefix = "DeiTForImageClassificationWithTeacher", "deit", "deit"
+    timm_names = (("deit_tiny_distilled_patch16_224", (192, 12, 3, 16)), ("deit_small_distilled_patch16_224", (384, 12, 6, 16)),
+                  ("deit_base_distilled_patch16_224", (768, 12, 12, 16)))
+    distillation_token = "dist_token"
+    heads = (("head", "cls_classifier"), ("head_dist", "distillation_classifier"))
 
 
 class ViTQuantAttention(QuantAttention):
@@ -23,12 +132,13 @@ class ViTQuantAttention(QuantAttention):
         return super().forward(x, num_queries=num_queries)
 
 
-@register_adapter("timm.models.vision_transformer.VisionTransformer", "timm.models.deit.VisionTransformerDistilled")
-class ViTAdapter(Adapter):
+@register_family("timm.models.vision_transformer.VisionTransformer", "timm.models.deit.VisionTransformerDistilled")
+class ViTFamily(Family):
     """timm VisionTransformer with plain pre-norm blocks, fused-qkv attention and a GELU MLP."""
 
-    family = "vit"
+    name = "vit"
     patterns = ("vit_*", "deit_*", "deit3_*")
+    transformers = (ViTMap(), DeiTMap(), DeiTDistilledMap())
 
     def check(self, model: nn.Module) -> None:
         require(getattr(model, "attn_pool", None) is None, "attn_pool", "attention pooling (global_pool='map')")
