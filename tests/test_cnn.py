@@ -201,6 +201,6 @@ def test_quantize_and_export_a_resnet(tmp_path) -> None:
                              batch_size=32, limit_train=64, limit_val=32)
     assert info.status == "done" and info.epochs_done == 1
     result = commands.export(tmp_path / "run", tmp_path / "r.safetensors", verify=True)
-    assert result["verify"]["max_abs_diff"] <= 1e-5 and result["quantized_layers"] == 14
+    assert result.verify["max_abs_diff"] <= 1e-5 and result.quantized_layers == 14
     reloaded = commands.load(tmp_path / "r.safetensors")
     assert isinstance(reloaded.layer1[0].conv1, quant.QConv2d) and isinstance(reloaded.layer1[0].bn1, nn.BatchNorm2d)

@@ -57,7 +57,7 @@ def resolve_model(
     """Resolve a MODEL spec (timm name/alias, hf-hub:..., local folder) to an FP model in eval mode."""
     spec = str(spec).strip()
     if not spec:
-        raise ModelError("empty MODEL; pass a timm name (e.g. deit_tiny_patch16_224), hf-hub:timm/..., or a folder")
+        raise ModelError("empty MODEL; pass a timm model name, hf-hub:timm/..., or a folder")
     extra = dict(model_args or {})
     if num_classes is not None:
         extra["num_classes"] = int(num_classes)
@@ -199,7 +199,7 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
         if not (folder / "config.json").is_file():
             raise ModelError(
                 f"'{path}' is a weights file without a config.json next to it; pass the architecture as MODEL "
-                f"and the file as weights (e.g. deit_tiny_patch16_224 --weights {path})"
+                f"and the file as weights (MODEL --weights {path})"
             )
         if path.name != "config.json":
             weights_file = path

@@ -47,13 +47,17 @@ from ..fileio import file_mode, json_default, library_versions, save_safetensors
 from ..quant import QConv2d, QLinear, Quantizer
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
+from .digest import DIGEST_KEY, content_digest
+from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
+from .digest import check_digest as digest_check
 from .layout import META_QCONFIG, META_VITQ, module_table, require_calibrated
 from .reader import ExportedModel, apply_table_bits, read_header
-from .writer import random_inputs, verify_export
+from .writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs, verify_export
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: content digest
+DIGEST_SINCE = "1.1"
 LAYOUT = "transformers"
 CT_METHOD = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
@@ -213,6 +217,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
     config = {k: v for k, v in copy.deepcopy(source_config).items() if k != "torch_dtype"}
     config["dtype"] = "float32"
     config[META_QCONFIG] = {**compressed_tensors_config(schemes, spec), META_VITQ: vq}
+    vq[DIGEST_KEY] = content_digest(tensors, _digested_metadata(config[META_QCONFIG]))
     preprocessor = preprocessor_config if preprocessor_config is not None else spec.map.processor_config(data_config)
     texts = {"config.json": _dumps(config)}
     if preprocessor is not None:
@@ -391,15 +396,22 @@ def read_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, vq
 
 
-def read_hf_export(folder: str | Path) -> ExportedModel:
+def _digested_metadata(qconfig: dict[str, Any]) -> dict[str, str]:
+    """The metadata the content digest covers: the whole quantization_config but the digest, as canonical JSON."""
+    section = {k: v for k, v in qconfig[META_VITQ].items() if k != DIGEST_KEY}
+    return {META_QCONFIG: json.dumps({**qconfig, META_VITQ: section}, sort_keys=True, default=json_default)}
+
+
+def read_hf_export(folder: str | Path, check_digest: bool = True) -> ExportedModel:
     """Rebuild vitqtool's quantized model from a transformers-layout export folder alone.
 
     Returns:
         `reader.ExportedModel` (model in eval mode, data config, recipe, metadata with the
         compressed-tensors config and the vitqtool section).
     Raises:
-        ExportFormatError for a folder that is not such an export, a newer format, or tensors that
-        contradict the config (missing, leftover, mis-shaped, disagreeing copies).
+        ExportFormatError for a folder that is not such an export, a newer format, a content digest that
+        does not match (unless `check_digest` is False), or tensors that contradict the config (missing,
+        leftover, mis-shaped, disagreeing copies).
     """
     from safetensors.torch import load_file
 
@@ -423,6 +435,9 @@ def read_hf_export(folder: str | Path) -> ExportedModel:
         load_strict(model, state, f"export '{folder}'")
     except VitqError as exc:
         raise ExportFormatError(str(exc)) from None
+    # last: the structural checks above name what is wrong; the digest catches what passes them
+    digest_check(folder, vq.get(DIGEST_KEY), tensors, _digested_metadata(config[META_QCONFIG]), str(vq["format_version"]),
+                 DIGEST_SINCE, check=check_digest)
     model.eval()
     data_config = {k: tuple(v) if isinstance(v, list) and k != "labels" else v for k, v in vq["data_config"].items()}
     qc = {k: v for k, v in config[META_QCONFIG].items() if k != META_VITQ}
@@ -508,4 +523,40 @@ def summary(folder: str | Path) -> dict[str, Any]:
             "source": vq.get("source", ""), "source_format": vq.get("source_format"), "recipe": vq["recipe"].get("name"),
             "bits": quant.get("bits"), "fp_dtype": vq.get("fp_dtype", "float32"), "quantized_layers": len(layers),
             "config_groups": len(config[META_QCONFIG]["config_groups"]), "files": [n for n in FILES if (folder / n).is_file()],
-            "file_bytes": file_bytes, "fp32_bytes": fp32_bytes, "compression_ratio": fp32_bytes / file_bytes}
+            "file_bytes": file_bytes, "fp32_bytes": fp32_bytes, "compression_ratio": fp32_bytes / file_bytes,
+            "digest": vq.get(DIGEST_KEY)}
+
+
+class TransformersFolderFormat(ExportFormat):
+    """The transformers layout of a model quantized from a transformers checkpoint: a folder transformers loads."""
+
+    name = "hf"
+    writes_folder = True
+
+    def write(self, source: ExportSource, out: Path, *, dtype: str = "float32", verify: bool = False) -> ExportSummary:
+        inputs = source.verify_images(VERIFY_BATCHES * VERIFY_BATCH_SIZE, VERIFY_BATCH_SIZE) if verify else []
+        written = export_hf_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                                  data_config=source.data_config, recipe=source.recipe, source=source.source,
+                                  source_config=source.source_info.get("source_config"),
+                                  preprocessor_config=source.source_info.get("preprocessor_config"),
+                                  metrics=source.metrics, verify=verify, verify_inputs=inputs or None)
+        return ExportSummary.from_dict(written, self.name)
+
+    def recognise(self, path: Path) -> bool:
+        return path.is_dir() and is_hf_export(path)
+
+    def load(self, path: Path) -> LoadedExport:
+        exported = read_hf_export(path)
+        vq = exported.metadata[META_VITQ]
+        config = read_config(path)[0]
+        preprocessor = path / "preprocessor_config.json"
+        info = {"source_format": "transformers", "source_config": {k: v for k, v in config.items() if k != META_QCONFIG},
+                "preprocessor_config": json.loads(preprocessor.read_text()) if preprocessor.is_file() else None}
+        return LoadedExport(exported.model, exported.data_config, "quantized", exported.recipe, ExportSource(
+            exported.model, exported.data_config, exported.recipe, vq["architecture"], vq["model_args"],
+            vq.get("source", str(path)), vq.get("metrics"), {k: v for k, v in info.items() if v is not None},
+            (vq.get("metrics") or {}).get("data")))
+
+    def inspect(self, path: Path, check_digest: bool = True) -> ExportSummary:
+        read_hf_export(path, check_digest=check_digest)
+        return ExportSummary.from_dict(summary(path), self.name)

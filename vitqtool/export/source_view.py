@@ -36,12 +36,16 @@ from ..families import get_family
 from ..fileio import atomic_write, save_safetensors
 from ..quant import QUANT_LAYERS, QuantAttention, Quantizer, iter_quantizers
 from .layout import FP_DTYPES, PACK_FORMAT, iter_standalone_quantizers, state_map
+from .digest import DIGEST_KEY, content_digest
+from .digest import check_digest as digest_check
+from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
 from .packed_layout import file_scale, pack_weight
 from .reader import read_header
-from .writer import export_tensors
+from .writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, export_tensors, random_inputs
 
 VIEW_KIND = "source-names"
-VIEW_VERSION = "1.0"
+VIEW_VERSION = "1.1"  # 1.1: content digest
+DIGEST_SINCE = "1.1"
 CT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "input_scale")
 
 
@@ -162,10 +166,13 @@ def _activation_table(model: nn.Module, attentions: dict[str, QuantAttention]) -
 
 
 def write_source_view(model: nn.Module, out: str | Path, *, architecture: str, model_args: dict, data_config: dict,
-                      source: str = "", dtype: str = "float32") -> dict[str, Any]:
+                      source: str = "", dtype: str = "float32", verify_inputs: list[Tensor] | None = None) -> dict[str, Any]:
     """Write the source-name compressed-tensors view of a calibrated quantized model to `out` (atomically).
 
-    Returns a summary: path, architecture, quantized layers, file bytes and the float32 size of the stock model.
+    With `verify_inputs`, the written view is loaded into the stock model and checked against `model` first
+    (`verify_source_view`); nothing is written when that fails.
+    Returns a summary: path, architecture, quantized layers, file bytes, the float32 size of the stock model,
+    the digest and the verify results.
     """
     if dtype not in FP_DTYPES:
         raise ExportFormatError(f"unsupported export dtype {dtype!r}; use one of {', '.join(FP_DTYPES)}")
@@ -177,13 +184,35 @@ def write_source_view(model: nn.Module, out: str | Path, *, architecture: str, m
         metadata = {"format": "pt", "quantization_config": json.dumps(qconfig), "vitqtool": json.dumps(meta, default=list)}
     except TypeError as exc:
         raise ExportFormatError(f"model_args/data_config must be JSON-serialisable ({exc})") from None
+    metadata[DIGEST_KEY] = content_digest(tensors, metadata)
+    checked = None
+
+    def write(tmp: Path) -> None:
+        nonlocal checked
+        save_safetensors(tmp, tensors, metadata)
+        if verify_inputs is not None:
+            checked = verify_source_view(model, tmp, verify_inputs)
+
     out = Path(out)
-    atomic_write(out, lambda tmp: save_safetensors(tmp, tensors, metadata))
-    n_params = sum(math.prod(tensors[k].tolist()) for k in tensors if k.endswith(".weight_shape"))
-    fp_params = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[2] not in CT_PARAMS and t.is_floating_point())
-    return {"path": str(out), "format": "compressed-tensors", "architecture": architecture, "quantized_layers": len(qconfig_targets(qconfig)),
-            "file_bytes": out.stat().st_size, "fp32_bytes": 4 * (n_params + fp_params),
-            "compression_ratio": 4 * (n_params + fp_params) / out.stat().st_size}
+    atomic_write(out, write)
+    return {**view_summary(out), "verify": checked}
+
+
+def view_summary(path: str | Path) -> dict[str, Any]:
+    """Path, architecture, quantized layers, file bytes, float32 size of the stock model and digest of a view."""
+    from safetensors import safe_open
+
+    qconfig, meta = read_view_metadata(path)
+    header, raw = read_header(path)
+    with safe_open(str(path), "pt") as fh:
+        n_params = sum(math.prod(fh.get_tensor(k).tolist()) for k in header if k.endswith(".weight_shape"))
+    fp_params = sum(math.prod(info["shape"]) for k, info in header.items()
+                    if k.rpartition(".")[2] not in CT_PARAMS and info["dtype"] in ("F64", "F32", "F16", "BF16"))
+    file_bytes = Path(path).stat().st_size
+    return {"path": str(path), "format": "compressed-tensors", "format_version": str(meta.get("format_version", "")),
+            "architecture": meta["architecture"], "source": meta.get("source", ""),
+            "quantized_layers": len(qconfig_targets(qconfig)), "file_bytes": file_bytes, "fp32_bytes": 4 * (n_params + fp_params),
+            "compression_ratio": 4 * (n_params + fp_params) / file_bytes, "digest": raw.get(DIGEST_KEY)}
 
 
 def qconfig_targets(qconfig: dict[str, Any]) -> list[str]:
@@ -203,10 +232,11 @@ def read_view_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
     return qc, meta
 
 
-def source_state_dict(path: str | Path) -> dict[str, Tensor]:
+def source_state_dict(path: str | Path, check_digest: bool = True) -> dict[str, Tensor]:
     """Decompress a source-name view with compressed-tensors into the state dict the stock timm model loads strictly.
 
-    Raises ExportFormatError when compressed-tensors is not installed or the file is not such a view.
+    Raises ExportFormatError when compressed-tensors is not installed, the file is not such a view, or its content
+    digest does not match (unless `check_digest` is False).
     """
     from safetensors.torch import load_file
 
@@ -216,9 +246,11 @@ def source_state_dict(path: str | Path) -> dict[str, Tensor]:
     except ImportError:
         raise ExportFormatError("reading a compressed-tensors view needs the compressed-tensors package: "
                                 "pip install compressed-tensors") from None
-    qc, _ = read_view_metadata(path)
+    qc, meta = read_view_metadata(path)
     config = QuantizationConfig.model_validate(qc)
     tensors = load_file(str(path), device="cpu")
+    raw = read_header(path)[1]
+    digest_check(path, raw.get(DIGEST_KEY), tensors, raw, str(meta.get("format_version", "")), DIGEST_SINCE, check=check_digest)
     state: dict[str, Tensor] = {}
     for scheme in config.config_groups.values():
         for target in scheme.targets:
@@ -229,11 +261,11 @@ def source_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_source_model(path: str | Path) -> nn.Module:
+def load_source_model(path: str | Path, check_digest: bool = True) -> nn.Module:
     """The stock timm model (eval mode) with a source-name view's weights, decompressed and loaded strictly."""
     _, meta = read_view_metadata(path)
     model = resolve_model(meta["architecture"], random_init=True, model_args=meta["model_args"] or None).model
-    load_strict(model, source_state_dict(path), f"source-name view '{path}'")
+    load_strict(model, source_state_dict(path, check_digest), f"source-name view '{path}'")
     return model.eval()
 
 
@@ -258,3 +290,34 @@ def verify_source_view(model: nn.Module, path: str | Path, inputs: list[Tensor],
         raise ExportFormatError(f"verify failed: the stock model with the view's weights differs by {diff:.3g} (> {atol:g}) "
                                 "from the weight-quantized model")
     return {"max_abs_diff": diff, "atol": atol, "inputs": n}
+
+
+class CompressedTensorsFormat(ExportFormat):
+    """The weights under the stock timm names, packed as compressed-tensors stores them (a weight-only view)."""
+
+    name = "compressed-tensors"
+    dtypes = tuple(FP_DTYPES)
+
+    def write(self, source: ExportSource, out: Path, *, dtype: str = "float32", verify: bool = False) -> ExportSummary:
+        inputs = None
+        if verify:
+            inputs = source.verify_images(VERIFY_BATCHES * VERIFY_BATCH_SIZE, VERIFY_BATCH_SIZE) or random_inputs(source.data_config)
+        written = write_source_view(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                                    data_config=source.data_config, source=source.source, dtype=dtype, verify_inputs=inputs)
+        return ExportSummary.from_dict(written, self.name)
+
+    def recognise(self, path: Path) -> bool:
+        try:
+            read_view_metadata(path)
+        except ExportFormatError:
+            return False
+        return True
+
+    def load(self, path: Path) -> LoadedExport:
+        _, meta = read_view_metadata(path)
+        data_config = {k: tuple(v) if isinstance(v, list) and k != "labels" else v for k, v in meta["data_config"].items()}
+        return LoadedExport(load_source_model(path), data_config, "weight-quantized")
+
+    def inspect(self, path: Path, check_digest: bool = True) -> ExportSummary:
+        source_state_dict(path, check_digest)
+        return ExportSummary.from_dict(view_summary(path), self.name)
