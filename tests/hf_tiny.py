@@ -1,4 +1,4 @@
-"""Tiny random transformers ViT / DeiT / Swin checkpoints saved with save_pretrained, for the transformers tests."""
+"""Tiny random transformers ViT / DeiT / Swin / SigLIP checkpoints saved with save_pretrained, for the transformers tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ import torch
 LABELS = [f"digit_{i}" for i in range(10)]
 VIT_KW = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
 SWIN_KW = dict(image_size=32, patch_size=2, window_size=4, depths=[2, 2], num_heads=[3, 6], embed_dim=24)
-FAMILIES = ("vit", "deit", "deit_distilled", "swin")
+SIGLIP_KW = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
+FAMILIES = ("vit", "deit", "deit_distilled", "swin", "siglip")
+
+
+def _siglip_config(id2label: dict, label2id: dict, **vision):
+    """A SiglipConfig whose vision tower is `vision` (the classification model builds no text tower)."""
+    import transformers as tf
+
+    return tf.SiglipConfig(vision_config=vision, id2label=id2label, label2id=label2id)
 
 
 def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -23,6 +31,7 @@ def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         "deit": (tf.DeiTForImageClassification, tf.DeiTConfig, VIT_KW),
         "deit_distilled": (tf.DeiTForImageClassificationWithTeacher, tf.DeiTConfig, VIT_KW),
         "swin": (tf.SwinForImageClassification, tf.SwinConfig, SWIN_KW),
+        "siglip": (tf.SiglipForImageClassification, _siglip_config, SIGLIP_KW),  # overrides go to the vision tower
     }[family]
     config = config_cls(**{**kw, **overrides}, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
     torch.manual_seed(seed)

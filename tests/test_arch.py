@@ -109,9 +109,9 @@ VIT_SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_
     ("vit_tiny_patch16_224", {"scale_mlp_norm": True}, r"blocks\.0\.mlp\.norm", "norm inside the MLP"),
     ("vit_tiny_patch16_224", {"act_layer": "silu"}, r"blocks\.0\.mlp\.act", "activation SiLU"),
     ("vit_tiny_patch16_224", {"qk_norm": True}, r"blocks\.0\.attn", "qk_norm"),
-    ("vit_tiny_patch16_224", {"global_pool": "map"}, "attn_pool", "attention pooling"),
+    ("vit_tiny_patch16_224", {"global_pool": "prr"}, "attn_pool", "attention pooling AttentionPoolPrr"),
     ("swin_tiny_patch4_window7_224", {}, r"layers\.1\.blocks\.0\.mlp\.act", "SiLU"),
-], ids=["scale_mlp_norm", "silu", "qk_norm", "map_pool", "swin_silu"])
+], ids=["scale_mlp_norm", "silu", "qk_norm", "prr_pool", "swin_silu"])
 def test_allow_list_refuses_features_the_rewrite_does_not_implement(name, extra, where, feature):
     if name.startswith("vit"):
         model = timm.create_model(name, pretrained=False, **VIT_SMALL, **extra)

@@ -75,6 +75,7 @@ class Slot:
     column: bool = False               # scale stored as [n, 1] (compressed-tensors channel scales)
     in_json: bool = False              # kept in quantization_config.vitqtool.tensors (no compressed-tensors slot)
     applies_to: str = ""               # for in_json quantizers: the transformers module and tensor it quantizes
+    squeeze: bool = False              # fp: the transformers tensor lacks the timm one's leading size-1 dim
 
 
 @dataclass
@@ -126,7 +127,7 @@ def plan(model: nn.Module, spec: HFSpec) -> tuple[list[Slot], dict[str, Scheme]]
 def _fp_slot(family: Family, key: str, owner: str, leaf: str, names: dict, hf_modules) -> Slot:
     fp_key = family.stock_name(key)[0]  # a parameter row of the key map (e.g. a position-bias table)
     if fp_key in names:
-        return Slot(key, "fp", names[fp_key].hf)
+        return Slot(key, "fp", names[fp_key].hf, squeeze=names[fp_key].squeeze)
     mods, split = hf_modules(owner)
     return Slot(key, "fp", tuple(f"{m}.{leaf}" for m in mods), split=split)
 
@@ -216,6 +217,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
           "versions": library_versions("safetensors")}
     config = {k: v for k, v in copy.deepcopy(source_config).items() if k != "torch_dtype"}
     config["dtype"] = "float32"
+    config = spec.map.export_config(config)
     config[META_QCONFIG] = {**compressed_tensors_config(schemes, spec), META_VITQ: vq}
     vq[DIGEST_KEY] = content_digest(tensors, _digested_metadata(config[META_QCONFIG]))
     preprocessor = preprocessor_config if preprocessor_config is not None else spec.map.processor_config(data_config)
@@ -300,6 +302,7 @@ def _tensors(model: nn.Module, slots: list[Slot]) -> tuple[dict[str, Tensor], di
                 for k, part in zip(slot.hf, parts):
                     tensors[k] = part.reshape(-1, 1).contiguous().clone() if slot.column else part.reshape(-1).contiguous().clone()
             else:
+                value = value.squeeze(0) if slot.squeeze else value
                 put(slot.hf, value.float() if value.is_floating_point() else value, slot.split)
     return tensors, kept
 
@@ -479,7 +482,7 @@ def _assemble(folder: Path, model: nn.Module, slots: list[Slot], tensors: dict[s
         elif slot.kind == "scale":
             out[slot.state_key] = gather(slot, lambda t: t.reshape(-1)).to(target.dtype).reshape(target.shape)
         elif slot.kind in ("fp", "conv_weight"):
-            out[slot.state_key] = gather(slot).to(target.dtype)
+            out[slot.state_key] = gather(slot, (lambda t: t.unsqueeze(0)) if slot.squeeze else None).to(target.dtype)
     for slot in slots:  # weights last: they need their layer's step
         if slot.kind != "weight":
             continue

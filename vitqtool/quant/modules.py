@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import QuantSpec, make_quantizer
+from .base import Quantizer, QuantSpec, make_quantizer
+
+QKV = ("q", "k", "v")  # the parts a fused qkv Linear is split into (method.md §4)
+KV = ("k", "v")        # the parts a fused kv Linear (attention pooling) is split into
 
 
 def _attach_quantizers(layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None, out_channels: int,
@@ -104,7 +107,7 @@ class QuantAttention(nn.Module):
         aspec = QuantSpec(bits, signed=True, method=method)
         self.input_quant = make_quantizer(aspec, "act")
         if split:
-            for i, name in enumerate(("q", "k", "v")):
+            for i, name in enumerate(QKV):
                 part = _slice_linear(qkv, i)
                 setattr(self, name, QLinear.from_float(part, wspec, None))
                 setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
@@ -136,18 +139,90 @@ class QuantAttention(nn.Module):
             qkv = self.qkv_quant(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q = q[:, :, :nq]
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if attn_bias is not None:
-            attn = attn + attn_bias[..., :nq, :]
-        attn = self.softmax_quant(attn.softmax(dim=-1))
-        attn = self.attn_drop(attn)
-        out = (attn @ v).transpose(1, 2).reshape(b, nq, -1)
+        bias = attn_bias[..., :nq, :] if attn_bias is not None else None
+        out = attend(q, k, v, self.scale, self.softmax_quant, self.attn_drop, bias).transpose(1, 2).reshape(b, nq, -1)
         return self.proj_drop(self.proj(out))
 
+    def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
+        """The child projections that make up the stock fused `qkv` Linear, in order, and their shared input quantizer."""
+        return (QKV if self.split else ("qkv",)), self.input_quant
 
-def _slice_linear(fused: nn.Linear, index: int) -> nn.Linear:
-    """The `index`-th third of a fused qkv Linear as its own Linear (exact copy of the rows)."""
-    out = fused.out_features // 3
+
+class QuantAttentionPool(nn.Module):
+    """Multi-head attention of learned latent queries over the tokens (attention pooling), quantized as `QuantAttention`.
+
+    Layout (method.md §3 with the queries taken from a learned latent instead of the tokens): the latent (an FP
+    parameter, like a class token) is the input of a b-bit `q` projection through its own signed input quantizer;
+    the tokens feed the `k` and `v` projections (split from the fused `kv` Linear with their own weight steps, or
+    one fused `kv` with one step when `split=False`) through one shared signed `input_quant`; Q, K and V are
+    quantized signed, the softmax output unsigned, and `attn @ V` as the input of the b-bit `proj`.
+    Returns `[batch, latents, dim]` after `proj` (the caller adds the MLP and the pooling over latents).
+    """
+
+    def __init__(self, latent: nn.Parameter, q: nn.Linear, kv: nn.Linear, proj: nn.Linear, num_heads: int, scale: float,
+                 bits: int, split: bool = True, per_channel: bool = False, proj_drop: float = 0.0, method: str = "lsq") -> None:
+        super().__init__()
+        if kv.out_features != 2 * q.out_features:
+            raise ValueError(f"kv projection has {kv.out_features} outputs, not twice the query width {q.out_features}")
+        self.num_heads = num_heads
+        self.head_dim = q.out_features // num_heads
+        self.scale = scale
+        self.split = split
+        self.latent = latent
+        wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
+        aspec = QuantSpec(bits, signed=True, method=method)
+        self.q = QLinear.from_float(q, wspec, aspec)  # q.a_quant quantizes the latent
+        self.q_quant = make_quantizer(aspec, "act")
+        self.input_quant = make_quantizer(aspec, "act")
+        if split:
+            for i, name in enumerate(KV):
+                setattr(self, name, QLinear.from_float(_slice_linear(kv, i, len(KV)), wspec, None))
+                setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
+        else:
+            self.kv = QLinear.from_float(kv, wspec, None)
+            self.kv_quant = make_quantizer(aspec, "act")
+        self.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
+        self.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self._heads(self.q_quant(self.q(self.latent.expand(b, -1, -1))))
+        x = self.input_quant(x)
+        if self.split:
+            k, v = self._heads(self.k_quant(self.k(x))), self._heads(self.v_quant(self.v(x)))
+        else:
+            k, v = self.kv_quant(self.kv(x)).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attend(q, k, v, self.scale, self.softmax_quant).transpose(1, 2).reshape(b, q.shape[2], -1)
+        return self.proj_drop(self.proj(out))
+
+    def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
+        """The child projections that make up the stock fused `kv` Linear, in order, and their shared input quantizer."""
+        return (KV if self.split else ("kv",)), self.input_quant
+
+
+FUSED_PROJECTIONS = (QuantAttention, QuantAttentionPool)  # modules whose split projections come from one stock Linear
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, softmax_quant: Quantizer, attn_drop: nn.Module | None = None,
+           attn_bias: Tensor | None = None) -> Tensor:
+    """`softmax(Q K^T * scale + bias)`, quantized unsigned, times V (heads first: `[batch, heads, tokens, head_dim]`)."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if attn_bias is not None:
+        attn = attn + attn_bias
+    attn = softmax_quant(attn.softmax(dim=-1))
+    if attn_drop is not None:
+        attn = attn_drop(attn)
+    return attn @ v
+
+
+def _slice_linear(fused: nn.Linear, index: int, parts: int = 3) -> nn.Linear:
+    """The `index`-th of `parts` equal row blocks of a fused Linear (qkv, kv) as its own Linear (exact copy of the rows)."""
+    out = fused.out_features // parts
     part = nn.Linear(fused.in_features, out, bias=fused.bias is not None, device=fused.weight.device, dtype=fused.weight.dtype)
     with torch.no_grad():
         part.weight.copy_(fused.weight[index * out:(index + 1) * out])

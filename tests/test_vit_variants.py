@@ -1,0 +1,304 @@
+"""ViT family variants: SigLIP's attention-pool head, QuickGELU (OpenAI CLIP), parallel blocks; SigLIP and DINOv2 from transformers."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import vitqtool  # noqa: E402
+from tests.conftest import calibrate_off_init  # noqa: E402
+from tests.hf_tiny import build, save  # noqa: E402
+from vitqtool import commands, core  # noqa: E402
+from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units  # noqa: E402
+from vitqtool.cli import main  # noqa: E402
+from vitqtool.core.models import resolve_model  # noqa: E402
+from vitqtool.core.runs import load_run_model  # noqa: E402
+from vitqtool.errors import ModelError, WeightsError  # noqa: E402
+from vitqtool.export import load_source_model, source_state_dict  # noqa: E402
+from vitqtool.families import get_family  # noqa: E402
+from vitqtool.quant import QLinear, QuantAttention, QuantAttentionPool, iter_quantizers, quantizers_disabled  # noqa: E402
+
+SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
+VARIANTS = {
+    "siglip_map": ("vit_base_patch16_siglip_224", SMALL),
+    "siglip_map_prefix": ("vit_base_patch16_siglip_224", {**SMALL, "class_token": True, "reg_tokens": 1}),  # pool skips prefix tokens
+    "clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224", SMALL),
+    "parallel": ("vit_small_patch16_18x2_224", SMALL),
+}
+
+
+def _x(n: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _spread_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter off timm's init (which makes logits ~1e-2), so a wrong layout shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def _model(variant: str) -> torch.nn.Module:
+    name, args = VARIANTS[variant]
+    return _spread_(timm.create_model(name, pretrained=False, **args)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("recipe", ["vaq", "lsq"])
+def test_fp_exact_after_prepare_and_quantizers_are_real(variant, recipe):
+    stock = _model(variant)
+    x = _x()
+    with torch.no_grad():
+        ref = stock(x)
+        assert ref.abs().max() > 0.5
+        q = core.prepare(stock, recipe, bits=4).eval()
+        with quantizers_disabled(q):
+            assert (q(x) - ref).abs().max().item() <= 1e-5
+        core.calibrate(q, [_x(4, seed=2)])
+        assert (q(x) - ref).abs().max().item() > 1e-3
+
+
+def test_attention_pool_layout_follows_the_block_rule():
+    stock = _model("siglip_map")
+    q = core.prepare(stock, "vaq", bits=3)
+    pool = q.attn_pool
+    assert isinstance(pool, QuantAttentionPool) and pool.split and torch.equal(pool.latent, stock.attn_pool.latent)
+    assert pool.q.a_quant.spec.bits == 3 and pool.q.a_quant.spec.signed  # the latent, input of the query projection
+    kv = stock.attn_pool.kv.weight
+    for i, part in enumerate("kv"):  # the fused kv split into k and v, each with its own weight step
+        lin = getattr(pool, part)
+        assert isinstance(lin, QLinear) and lin.a_quant is None and lin.w_quant.spec.bits == 3
+        assert torch.equal(lin.weight, kv[i * 64:(i + 1) * 64])
+        assert getattr(pool, f"{part}_quant").spec.signed
+    assert pool.q_quant.spec.signed and pool.input_quant.spec.signed and not pool.softmax_quant.spec.signed
+    assert pool.proj.a_quant.spec.bits == 3  # attn @ V
+    assert pool.mlp.fc1.a_quant.spec.signed and pool.mlp.fc2.a_quant.spec.learned_offset and not pool.mlp.fc2.a_quant.spec.signed
+    assert q.head.w_quant.spec.bits == 8 and q.head.a_quant.spec.bits == 8
+    fused = core.prepare(stock, "lsq", bits=3).attn_pool  # the plain LSQ baseline keeps one kv projection and step
+    assert isinstance(fused.kv, QLinear) and not hasattr(fused, "k")
+    raised = core.prepare(stock, "vaq", bits=2, overrides={"attn_pool.*": {"weight_bits": 8}}).attn_pool  # an 8-bit head by recipe
+    assert raised.k.w_quant.spec.bits == 8 and raised.mlp.fc2.w_quant.spec.bits == 8
+
+
+def test_quickgelu_output_is_quantized_unsigned_with_an_offset():
+    q = core.prepare(_model("clip_quickgelu"), "vaq", bits=2)
+    act = q.blocks[0].mlp.act
+    assert type(act).__name__ == "QuickGELU"
+    fc2 = q.blocks[0].mlp.fc2.a_quant
+    assert not fc2.spec.signed and fc2.spec.learned_offset
+    # QuickGELU, x * sigmoid(1.702 x), is bounded below like GELU: its dip (-0.164) is what the learned offset covers
+    grid = torch.linspace(-8, 8, 160001, dtype=torch.float64)
+    assert act(grid).min().item() == pytest.approx(-0.1636, abs=1e-4)
+    assert torch.nn.functional.gelu(grid).min().item() == pytest.approx(-0.1700, abs=1e-4)
+
+
+def test_parallel_blocks_quantize_every_branch():
+    stock = _model("parallel")
+    q = core.prepare(stock, "vaq", bits=4)
+    block = q.blocks[1]
+    assert len(block.attns) == 2
+    for attn, ffn in zip(block.attns, block.ffns):
+        assert isinstance(attn.attn, QuantAttention) and attn.attn.split
+        assert ffn.mlp.fc1.w_quant.spec.bits == 4 and ffn.mlp.fc2.a_quant.spec.learned_offset
+
+
+@pytest.mark.parametrize("variant", ["siglip_map", "siglip_map_prefix", "parallel"])
+def test_fast_sensitivity_equals_naive(variant):
+    q = core.prepare(_model(variant), "vaq", bits=2)
+    core.calibrate(q, [_x(8, seed=3)])
+    family = get_family(q)
+    batches = [(_x(4), torch.arange(4))]
+    units = build_units(q, "both", family.block_names(q))
+    units += group_units(units, "block")
+    fast, naive = SensitivityProbe(q, family, batches, "fast"), SensitivityProbe(q, family, batches, "naive")
+    kl_fast = [fast.measure(u)["kl"] for u in units]
+    assert kl_fast == pytest.approx([naive.measure(u)["kl"] for u in units], rel=1e-4, abs=1e-9)
+    assert max(kl_fast) > 0
+
+
+def test_attention_pool_trains_every_parameter():
+    q = core.prepare(_model("siglip_map"), "vaq", bits=4)
+    core.calibrate(q, [_x(4)])
+    q.train()
+    q(_x(4)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in q.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert [n for n in missing if not n.endswith("offset")] == []  # offsets get gradient only from clipped values
+    assert q.attn_pool.latent.grad.abs().sum() > 0 and q.attn_pool.q.a_quant.step.grad is not None
+
+
+@pytest.mark.parametrize("variant", ["siglip_map", "clip_quickgelu", "parallel"])
+def test_quantize_export_reload_and_stock_view(tmp_path, variant):
+    name, args = VARIANTS[variant]
+    info = commands.quantize(name, bits=3, recipe="ptq", out=tmp_path / "run", random_init=True, model_args=args,
+                             calib_batches=1, batch_size=8, limit_train=16, limit_val=16)
+    assert info.status == "done"
+    summary = commands.export(tmp_path / "run", tmp_path / "m.safetensors", verify=True)
+    assert summary.verify["max_abs_diff"] == 0.0
+    model = load_run_model(tmp_path / "run").model.eval()
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(vitqtool.load(tmp_path / "m.safetensors")(x), model(x))
+    view = commands.export(tmp_path / "run", tmp_path / "view.safetensors", verify=True, format="compressed-tensors")
+    assert view.verify["max_abs_diff"] <= 1e-4
+    state = source_state_dict(tmp_path / "view.safetensors")  # decompressed by compressed-tensors
+    stock = timm.create_model(name, pretrained=False, **args)
+    stock.load_state_dict(state, strict=True)
+    if variant == "siglip_map":  # k and v, quantized with their own steps, are the stock kv rows again
+        pool = model.attn_pool
+        with torch.no_grad():
+            assert torch.equal(state["attn_pool.kv.weight"], torch.cat([pool.k.w_quant(pool.k.weight), pool.v.w_quant(pool.v.weight)]))
+            assert torch.equal(state["attn_pool.q.weight"], pool.q.w_quant(pool.q.weight))
+    assert isinstance(load_source_model(tmp_path / "view.safetensors"), type(stock))
+
+
+@pytest.mark.parametrize("extra,where,feature", [
+    ({"global_pool": "prr"}, "attn_pool", "attention pooling AttentionPoolPrr"),
+    ({"act_layer": "silu"}, r"attn_pool\.mlp\.act", "activation SiLU"),  # the pool's MLP is checked too
+], ids=["prr_pool", "silu"])
+def test_refused_variants_name_module_and_feature(extra, where, feature):
+    model = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, **{**SMALL, **extra})
+    with pytest.raises(ModelError, match=f"^{where}: {feature}.*not supported") as err:
+        core.prepare(model, "vaq")
+    assert "\n" not in str(err.value)
+
+
+def test_parallel_scaling_blocks_are_refused_in_one_line():
+    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, **SMALL)
+    with pytest.raises(ModelError, match=r"^blocks\.0: block type ParallelScalingBlock") as err:
+        core.prepare(model, "vaq")
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+@pytest.fixture(scope="module")
+def siglip(tmp_path_factory):
+    """(transformers model, folder) of a tiny SiglipForImageClassification with and without the tower's attention-pool head."""
+    root = tmp_path_factory.mktemp("siglip")
+    return {head: (m := build("siglip", seed=4, vision_use_head=head), save(m, root / f"head_{head}")) for head in (True, False)}
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["with_head", "no_head"])
+def test_siglip_logits_match_transformers(siglip, head, caplog):
+    hf_model, folder = siglip[head]
+    x = _x()
+    with torch.no_grad():
+        expected = hf_model(pixel_values=x).logits
+    assert expected.abs().max() > 0.5
+    with caplog.at_level(logging.INFO, logger="vitqtool.families.hf_map"):
+        loaded = resolve_model(str(folder))
+    assert loaded.architecture == "vit_base_patch16_siglip_gap_224"
+    assert loaded.model_args["global_pool"] == "avg" and loaded.model_args["act_layer"] == "gelu_tanh"
+    assert ("never reads" in caplog.text) == head  # the unread head is named in the log, never loaded silently
+    with torch.no_grad():
+        assert (loaded.model(x) - expected).abs().max() <= 1e-5
+        q = vitqtool.prepare(loaded.model, "vaq", bits=4)
+        with vitqtool.quantizers_disabled(q):
+            assert (q(x) - expected).abs().max() <= 1e-5
+
+
+def test_siglip_key_map_is_strict_outside_the_unread_head(siglip, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(siglip[True][1], tmp_path / "s")
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k != "vision_model.post_layernorm.bias"}, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing keys \[vision_model\.post_layernorm\.bias\]"):
+        resolve_model(str(folder))
+    save_file({**state, "vision_model.extra.weight": torch.zeros(2)}, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"unexpected keys \[vision_model\.extra\.weight\]"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"hidden_act": "relu"}, "hidden_act"),
+    ({"model_type": "clip_vision_model"}, "model_type"),
+    ({"foo_bar": 1}, "foo_bar"),
+], ids=["act", "model_type", "unknown"])
+def test_siglip_vision_config_fields_are_refused_by_name(siglip, tmp_path, changes, field):
+    import shutil
+
+    folder = shutil.copytree(siglip[False][1], tmp_path / "s")
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=f"vision_config: field '{field}'") as err:
+        resolve_model(str(folder))
+    assert "\n" not in str(err.value)
+
+
+def test_siglip_hf_export_drops_the_unread_head_and_decompresses_into_transformers(siglip, tmp_path):
+    """The folder rebuilds vitqtool's model exactly; compressed-tensors decompresses it into a state dict that
+    SiglipForImageClassification loads strictly (transformers 5.24 cannot load the packed folder itself: its SigLIP
+    `_init_weights` reads `.weight` of every Linear, which compressed-tensors' packed Linear lacks)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_name
+    from transformers import SiglipForImageClassification
+
+    from vitqtool.export import export_hf_model, read_hf_export
+    from vitqtool.recipe import load_recipe
+
+    loaded = resolve_model(str(siglip[True][1]))
+    rec = load_recipe("vaq", set_fields={"quant.bits": 4})
+    q = core.prepare(loaded.model, rec)
+    calibrate_off_init(q, 0)
+    q.eval()
+    out = tmp_path / "export"
+    export_hf_model(q, out, architecture=loaded.architecture, model_args=loaded.model_args, data_config=loaded.data_config,
+                    recipe=rec, source="tiny", source_config=loaded.source_config, verify=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["vision_use_head"] is False
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(read_hf_export(out).model(x), q(x))
+
+    groups = QuantizationConfig.model_validate(config["quantization_config"]).config_groups.values()
+    tensors = load_file(str(out / "model.safetensors"))
+    state = {k: v for k, v in tensors.items() if not k.endswith(("_scale", "_packed", "_shape"))}
+    packed = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    assert len(packed) == 6 * 2 + 1  # q, k, v, out, fc1, fc2 per layer and the classifier
+    for module in packed:
+        (scheme,) = [g for g in groups if any(match_name(module, t) for t in g.targets)]
+        local = {k.rpartition(".")[2]: tensors[k] for k in tensors if k.rpartition(".")[0] == module}
+        state[f"{module}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    plain = tmp_path / "decompressed"
+    plain.mkdir()
+    save_file(state, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    (plain / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
+    dense, info = SiglipForImageClassification.from_pretrained(plain, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    weights_only = copy.deepcopy(q)
+    for name, quantizer in iter_quantizers(weights_only):
+        quantizer.enabled = name.endswith("w_quant")
+    with torch.no_grad():
+        assert (dense.eval()(pixel_values=x).logits - weights_only(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("registers", [False, True], ids=["dinov2", "dinov2_registers"])
+def test_dinov2_classifier_is_refused_in_one_line(tmp_path, capsys, registers):
+    import transformers as tf
+
+    config_cls, cls = ((tf.Dinov2WithRegistersConfig, tf.Dinov2WithRegistersForImageClassification) if registers
+                       else (tf.Dinov2Config, tf.Dinov2ForImageClassification))
+    model = cls(config_cls(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, num_labels=3))
+    folder = save(model, tmp_path / "dinov2")
+    with pytest.raises(ModelError, match=rf"{cls.__name__} is not converted: .*\[class token, mean of the patch tokens\]"):
+        resolve_model(str(folder))
+    capsys.readouterr()
+    assert main(["evaluate", str(folder), "--limit", "4"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error:") and "vit_*_dinov2" in err[0]
