@@ -72,7 +72,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
     def rename(name: str) -> str:
         return family.stock_name(name)[0]
 
-    fused = {n: m for n, m in model.named_modules() if isinstance(m, FUSED_PROJECTIONS)}
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, FUSED_PROJECTIONS) and m.fused_parts()[0]}
     tensors: dict[str, Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}  # stock layer -> scheme row
     done: set[str] = set()  # rewritten-model layers already written

@@ -90,25 +90,27 @@ class QuantAttention(nn.Module):
     (`split=False`, the plain LSQ baseline); quantizers on Q, K and V (one shared quantizer on the fused
     output when not split); `Q K^T * scale + bias` and softmax in FP; an unsigned quantizer on the
     softmax output; `attn @ V` quantized as the input of `proj`. `attn_bias` (relative position bias,
-    window mask) is added to the logits by the caller's family adapter.
+    window mask) is added to the logits by the caller's family adapter. `qkv` is the stock fused Linear
+    (sliced into q, k, v when split), or the stock model's three separate q, k, v Linears (kept, always split).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv: nn.Linear, proj: nn.Linear, scale: float, bits: int,
-                 split: bool = True, per_channel: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 method: str = "lsq") -> None:
+    def __init__(self, dim: int, num_heads: int, qkv: nn.Linear | tuple[nn.Linear, nn.Linear, nn.Linear], proj: nn.Linear,
+                 scale: float, bits: int, split: bool = True, per_channel: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, method: str = "lsq") -> None:
         super().__init__()
-        if qkv.out_features % 3:
+        self.from_fused = isinstance(qkv, nn.Linear)
+        if self.from_fused and qkv.out_features % 3:
             raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
+        parts = [_slice_linear(qkv, i) for i in range(3)] if self.from_fused and split else None if self.from_fused else list(qkv)
         self.num_heads = num_heads
-        self.head_dim = qkv.out_features // 3 // num_heads
+        self.head_dim = (qkv.out_features // 3 if self.from_fused else parts[0].out_features) // num_heads
         self.scale = scale
-        self.split = split
+        self.split = parts is not None
         wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
         aspec = QuantSpec(bits, signed=True, method=method)
         self.input_quant = make_quantizer(aspec, "act")
-        if split:
-            for i, name in enumerate(QKV):
-                part = _slice_linear(qkv, i)
+        if parts is not None:
+            for name, part in zip(QKV, parts):
                 setattr(self, name, QLinear.from_float(part, wspec, None))
                 setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
         else:
@@ -123,6 +125,16 @@ class QuantAttention(nn.Module):
         b, n, _ = t.shape
         return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def project(self, x: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantized Q (of the first `num_queries` tokens), K and V of `x`, heads first: `[batch, heads, tokens, head_dim]`."""
+        x = self.input_quant(x)
+        if self.split:
+            return (self._heads(self.q_quant(self.q(x[:, :num_queries]))), self._heads(self.k_quant(self.k(x))),
+                    self._heads(self.v_quant(self.v(x))))
+        b, n, _ = x.shape
+        q, k, v = self.qkv_quant(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q[:, :, :num_queries], k, v
+
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None) -> Tensor:
         """Attend over all tokens of `x`; outputs only the first `num_queries` tokens when given.
 
@@ -130,22 +142,15 @@ class QuantAttention(nn.Module):
         """
         b, n, _ = x.shape
         nq = n if num_queries is None else num_queries
-        x = self.input_quant(x)
-        if self.split:
-            q = self._heads(self.q_quant(self.q(x[:, :nq])))
-            k = self._heads(self.k_quant(self.k(x)))
-            v = self._heads(self.v_quant(self.v(x)))
-        else:
-            qkv = self.qkv_quant(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            q = q[:, :, :nq]
+        q, k, v = self.project(x, nq)
         bias = attn_bias[..., :nq, :] if attn_bias is not None else None
         out = attend(q, k, v, self.scale, self.softmax_quant, self.attn_drop, bias).transpose(1, 2).reshape(b, nq, -1)
         return self.proj_drop(self.proj(out))
 
     def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
-        """The child projections that make up the stock fused `qkv` Linear, in order, and their shared input quantizer."""
-        return (QKV if self.split else ("qkv",)), self.input_quant
+        """The child projections that make up one stock fused `qkv` Linear, in order (none when the stock model keeps
+        q, k, v apart), and their shared input quantizer."""
+        return (() if not self.from_fused else QKV if self.split else ("qkv",)), self.input_quant
 
 
 class QuantAttentionPool(nn.Module):
