@@ -63,7 +63,7 @@ class Names:
     timm: str
     hf: tuple[str, ...]
     runtime: tuple[str, ...] | None = None  # transformers >= 5 in-memory module names, for Linear layers
-    squeeze: bool = False  # parameter row: the transformers tensor lacks the timm one's leading size-1 dim ([N, D] vs [1, N, D])
+    hf_view: tuple[int, ...] | None = None  # transformers stores the same elements in this shape (e.g. (1, 1, 1, -1))
 
     @property
     def runtime_names(self) -> tuple[str, ...]:
@@ -111,6 +111,10 @@ class TransformersMap(abc.ABC):
     def export_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The config.json an export writes from the source's (e.g. without the modules of `unread`, which it lacks)."""
         return config
+
+    def generic_processor(self, pp: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+        """`pp` in the fields `data_config_from_preprocessor` reads; a processor with fields of its own translates them."""
+        return pp
 
     def architecture(self, model_args: Mapping[str, Any]) -> str:
         """The timm entry point whose signature agrees most with the converted args (model_args set the rest)."""
@@ -435,6 +439,12 @@ def hf_sources(key: str, names: Mapping[str, Names]) -> tuple[str, ...] | None:
     return None if row is None else tuple(f"{h}.{leaf}" for h in row.hf)
 
 
+def hf_view(key: str, names: Mapping[str, Names]) -> tuple[int, ...] | None:
+    """The shape transformers stores timm state key `key` in, when its row says it differs (None: the same shape)."""
+    row = names.get(key) or names.get(key.rpartition(".")[0])
+    return None if row is None else row.hf_view
+
+
 def to_timm_state(state: Mapping[str, Tensor], spec: HFSpec, model: nn.Module, where: str) -> dict[str, Tensor]:
     """Convert a transformers state dict to `model`'s timm keys, using every tensor exactly once.
 
@@ -458,9 +468,10 @@ def to_timm_state(state: Mapping[str, Tensor], spec: HFSpec, model: nn.Module, w
             continue
         parts = [state[s] for s in sources]
         value = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-        if key in names and names[key].squeeze:
-            value = value.unsqueeze(0)
         used.update(sources)
+        view = hf_view(key, names)
+        if view is not None and value.numel() == target.numel() and tuple(value.shape) == tuple(target.reshape(view).shape):
+            value = value.reshape(target.shape)  # the timm tensor, stored in transformers' shape
         if tuple(value.shape) != tuple(target.shape):
             mismatched.append(f"{'+'.join(sources)} {tuple(value.shape)} vs timm {key} {tuple(target.shape)}")
             continue

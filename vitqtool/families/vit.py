@@ -175,7 +175,7 @@ class SiglipMap(TransformersMap):
 
     def key_map(self, model_args: Mapping[str, Any]) -> list[Names]:
         p = "vision_model"
-        rows = [Names("pos_embed", (f"{p}.embeddings.position_embedding.weight",), squeeze=True),
+        rows = [Names("pos_embed", (f"{p}.embeddings.position_embedding.weight",), hf_view=(-1, model_args["embed_dim"])),
                 Names("patch_embed.proj", (f"{p}.embeddings.patch_embedding",))]
         for i in range(model_args["depth"]):
             hf = f"{p}.encoder.layers.{i}"
