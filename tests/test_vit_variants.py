@@ -33,6 +33,8 @@ VARIANTS = {
     "siglip_map_prefix": ("vit_base_patch16_siglip_224", {**SMALL, "class_token": True, "reg_tokens": 1}),  # pool skips prefix tokens
     "clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224", SMALL),
     "parallel": ("vit_small_patch16_18x2_224", SMALL),
+    "dinov2": ("vit_small_patch14_dinov2", SMALL),             # LayerScale (accepted before; checked with the rest)
+    "dinov2_registers": ("vit_small_patch14_reg4_dinov2", SMALL),
 }
 
 
@@ -41,11 +43,15 @@ def _x(n: int = 3, seed: int = 1) -> torch.Tensor:
 
 
 def _spread_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off timm's init (which makes logits ~1e-2), so a wrong layout shows in the logits."""
+    """Move every parameter off timm's init (which makes logits ~1e-2), so a wrong layout shows in the logits.
+
+    0.1 gives logits of order 1; wider spreads give logits of order 15, where timm's own fused and explicit attention
+    paths already differ by ~1e-5 (float summation order).
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     return model
 
 
@@ -285,6 +291,9 @@ def test_siglip_hf_export_drops_the_unread_head_and_decompresses_into_transforme
         quantizer.enabled = name.endswith("w_quant")
     with torch.no_grad():
         assert (dense.eval()(pixel_values=x).logits - weights_only(x)).abs().max() <= 1e-5
+    # the limitation docs/families.md states; when transformers lifts it, this fails and the docs need updating
+    with pytest.raises(AttributeError, match="has no attribute 'weight'"):
+        SiglipForImageClassification.from_pretrained(out)
 
 
 @pytest.mark.parametrize("registers", [False, True], ids=["dinov2", "dinov2_registers"])
