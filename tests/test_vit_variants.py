@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 
@@ -15,17 +14,14 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import vitqtool  # noqa: E402
-from tests.conftest import calibrate_off_init  # noqa: E402
+from tests.family_checks import check_fast_sensitivity, check_fp_exact, check_quantize_and_export, images, spread_  # noqa: E402
 from tests.hf_tiny import build, save  # noqa: E402
-from vitqtool import commands, core  # noqa: E402
-from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units  # noqa: E402
+from tests.test_hf_export import check_hf_export  # noqa: E402
+from vitqtool import core  # noqa: E402
 from vitqtool.cli import main  # noqa: E402
 from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.core.runs import load_run_model  # noqa: E402
 from vitqtool.errors import ModelError, WeightsError  # noqa: E402
-from vitqtool.export import load_source_model, source_state_dict  # noqa: E402
-from vitqtool.families import get_family  # noqa: E402
-from vitqtool.quant import QLinear, QuantAttention, QuantAttentionPool, iter_quantizers, quantizers_disabled  # noqa: E402
+from vitqtool.quant import QLinear, QuantAttention, QuantAttentionPool  # noqa: E402
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 VARIANTS = {
@@ -38,41 +34,15 @@ VARIANTS = {
 }
 
 
-def _x(n: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _spread_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off timm's init (which makes logits ~1e-2), so a wrong layout shows in the logits.
-
-    0.1 gives logits of order 1; wider spreads give logits of order 15, where timm's own fused and explicit attention
-    paths already differ by ~1e-5 (float summation order).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
 def _model(variant: str) -> torch.nn.Module:
     name, args = VARIANTS[variant]
-    return _spread_(timm.create_model(name, pretrained=False, **args)).eval()
+    return spread_(timm.create_model(name, pretrained=False, **args))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("recipe", ["vaq", "lsq"])
 def test_fp_exact_after_prepare_and_quantizers_are_real(variant, recipe):
-    stock = _model(variant)
-    x = _x()
-    with torch.no_grad():
-        ref = stock(x)
-        assert ref.abs().max() > 0.5
-        q = core.prepare(stock, recipe, bits=4).eval()
-        with quantizers_disabled(q):
-            assert (q(x) - ref).abs().max().item() <= 1e-5
-        core.calibrate(q, [_x(4, seed=2)])
-        assert (q(x) - ref).abs().max().item() > 1e-3
+    check_fp_exact(_model(variant), recipe)
 
 
 def test_attention_pool_layout_follows_the_block_rule():
@@ -121,23 +91,14 @@ def test_parallel_blocks_quantize_every_branch():
 
 @pytest.mark.parametrize("variant", ["siglip_map", "siglip_map_prefix", "parallel"])
 def test_fast_sensitivity_equals_naive(variant):
-    q = core.prepare(_model(variant), "vaq", bits=2)
-    core.calibrate(q, [_x(8, seed=3)])
-    family = get_family(q)
-    batches = [(_x(4), torch.arange(4))]
-    units = build_units(q, "both", family.block_names(q))
-    units += group_units(units, "block")
-    fast, naive = SensitivityProbe(q, family, batches, "fast"), SensitivityProbe(q, family, batches, "naive")
-    kl_fast = [fast.measure(u)["kl"] for u in units]
-    assert kl_fast == pytest.approx([naive.measure(u)["kl"] for u in units], rel=1e-4, abs=1e-9)
-    assert max(kl_fast) > 0
+    check_fast_sensitivity(_model(variant))
 
 
 def test_attention_pool_trains_every_parameter():
     q = core.prepare(_model("siglip_map"), "vaq", bits=4)
-    core.calibrate(q, [_x(4)])
+    core.calibrate(q, [images(4)])
     q.train()
-    q(_x(4)).logsumexp(-1).sum().backward()
+    q(images(4)).logsumexp(-1).sum().backward()
     missing = [n for n, p in q.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
     assert [n for n in missing if not n.endswith("offset")] == []  # offsets get gradient only from clipped values
     assert q.attn_pool.latent.grad.abs().sum() > 0 and q.attn_pool.q.a_quant.step.grad is not None
@@ -145,27 +106,12 @@ def test_attention_pool_trains_every_parameter():
 
 @pytest.mark.parametrize("variant", ["siglip_map", "clip_quickgelu", "parallel"])
 def test_quantize_export_reload_and_stock_view(tmp_path, variant):
-    name, args = VARIANTS[variant]
-    info = commands.quantize(name, bits=3, recipe="ptq", out=tmp_path / "run", random_init=True, model_args=args,
-                             calib_batches=1, batch_size=8, limit_train=16, limit_val=16)
-    assert info.status == "done"
-    summary = commands.export(tmp_path / "run", tmp_path / "m.safetensors", verify=True)
-    assert summary.verify["max_abs_diff"] == 0.0
-    model = load_run_model(tmp_path / "run").model.eval()
-    x = _x()
-    with torch.no_grad():
-        assert torch.equal(vitqtool.load(tmp_path / "m.safetensors")(x), model(x))
-    view = commands.export(tmp_path / "run", tmp_path / "view.safetensors", verify=True, format="compressed-tensors")
-    assert view.verify["max_abs_diff"] <= 1e-4
-    state = source_state_dict(tmp_path / "view.safetensors")  # decompressed by compressed-tensors
-    stock = timm.create_model(name, pretrained=False, **args)
-    stock.load_state_dict(state, strict=True)
+    model, state = check_quantize_and_export(*VARIANTS[variant], tmp_path)
     if variant == "siglip_map":  # k and v, quantized with their own steps, are the stock kv rows again
         pool = model.attn_pool
         with torch.no_grad():
             assert torch.equal(state["attn_pool.kv.weight"], torch.cat([pool.k.w_quant(pool.k.weight), pool.v.w_quant(pool.v.weight)]))
             assert torch.equal(state["attn_pool.q.weight"], pool.q.w_quant(pool.q.weight))
-    assert isinstance(load_source_model(tmp_path / "view.safetensors"), type(stock))
 
 
 @pytest.mark.parametrize("extra,where,feature", [
@@ -199,7 +145,7 @@ def siglip(tmp_path_factory):
 @pytest.mark.parametrize("head", [True, False], ids=["with_head", "no_head"])
 def test_siglip_logits_match_transformers(siglip, head, caplog):
     hf_model, folder = siglip[head]
-    x = _x()
+    x = images()
     with torch.no_grad():
         expected = hf_model(pixel_values=x).logits
     assert expected.abs().max() > 0.5
@@ -245,53 +191,16 @@ def test_siglip_vision_config_fields_are_refused_by_name(siglip, tmp_path, chang
     assert "\n" not in str(err.value)
 
 
-def test_siglip_hf_export_drops_the_unread_head_and_decompresses_into_transformers(siglip, tmp_path):
-    """The folder rebuilds vitqtool's model exactly; compressed-tensors decompresses it into a state dict that
-    SiglipForImageClassification loads strictly (transformers 5.24 cannot load the packed folder itself: its SigLIP
-    `_init_weights` reads `.weight` of every Linear, which compressed-tensors' packed Linear lacks)."""
-    from compressed_tensors.compressors import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.utils.match import match_name
+def test_siglip_hf_export_drops_the_unread_head_and_decompresses_into_transformers(tmp_path):
+    """The folder rebuilds vitqtool's model exactly, compressed-tensors decompresses it bit for bit into a state dict that
+    SiglipForImageClassification loads strictly (no head keys missing); transformers cannot load the packed folder."""
     from transformers import SiglipForImageClassification
 
-    from vitqtool.export import export_hf_model, read_hf_export
-    from vitqtool.recipe import load_recipe
-
-    loaded = resolve_model(str(siglip[True][1]))
-    rec = load_recipe("vaq", set_fields={"quant.bits": 4})
-    q = core.prepare(loaded.model, rec)
-    calibrate_off_init(q, 0)
-    q.eval()
+    check_hf_export(build("siglip", seed=7), tmp_path, "vaq", 4, False, packed_layers=6 * 2 + 1, loads_packed=False)
     out = tmp_path / "export"
-    export_hf_model(q, out, architecture=loaded.architecture, model_args=loaded.model_args, data_config=loaded.data_config,
-                    recipe=rec, source="tiny", source_config=loaded.source_config, verify=True)
-    config = json.loads((out / "config.json").read_text())
-    assert config["vision_config"]["vision_use_head"] is False
-    x = _x()
-    with torch.no_grad():
-        assert torch.equal(read_hf_export(out).model(x), q(x))
-
-    groups = QuantizationConfig.model_validate(config["quantization_config"]).config_groups.values()
-    tensors = load_file(str(out / "model.safetensors"))
-    state = {k: v for k, v in tensors.items() if not k.endswith(("_scale", "_packed", "_shape"))}
-    packed = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
-    assert len(packed) == 6 * 2 + 1  # q, k, v, out, fc1, fc2 per layer and the classifier
-    for module in packed:
-        (scheme,) = [g for g in groups if any(match_name(module, t) for t in g.targets)]
-        local = {k.rpartition(".")[2]: tensors[k] for k in tensors if k.rpartition(".")[0] == module}
-        state[f"{module}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
-    plain = tmp_path / "decompressed"
-    plain.mkdir()
-    save_file(state, str(plain / "model.safetensors"), metadata={"format": "pt"})
-    (plain / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
-    dense, info = SiglipForImageClassification.from_pretrained(plain, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    weights_only = copy.deepcopy(q)
-    for name, quantizer in iter_quantizers(weights_only):
-        quantizer.enabled = name.endswith("w_quant")
-    with torch.no_grad():
-        assert (dense.eval()(pixel_values=x).logits - weights_only(x)).abs().max() <= 1e-5
-    # the limitation docs/families.md states; when transformers lifts it, this fails and the docs need updating
+    assert json.loads((out / "config.json").read_text())["vision_config"]["vision_use_head"] is False
+    # the limitation docs/families.md states (SigLIP's `_init_weights` reads `.weight` of every Linear, which a packed
+    # Linear lacks); when transformers lifts it, this fails and the docs and `loads_packed` need updating
     with pytest.raises(AttributeError, match="has no attribute 'weight'"):
         SiglipForImageClassification.from_pretrained(out)
 

@@ -208,6 +208,12 @@ def quantize_conv(parent: nn.Module, attr: str, wspec: QuantSpec, aspec: QuantSp
     setattr(parent, attr, QConv2d.from_float(conv, wspec, aspec))
 
 
+def quantize_mlp(mlp: nn.Module, policy: QuantPolicy) -> None:
+    """A `check_mlp` MLP: fc1 reads a norm's output or the residual stream (signed), fc2 the GELU's (unsigned + offset)."""
+    quantize_linear(mlp, "fc1", policy.weight(), policy.act())
+    quantize_linear(mlp, "fc2", policy.weight(), policy.gelu_out())
+
+
 def check_fully_quantized(model: nn.Module, keep: frozenset[str] = frozenset()) -> None:
     """Fail loudly, naming the module, if any float Linear/Conv2d outside `keep` was left behind by a rewrite."""
     left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and name not in keep]

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QLinear, QuantAttention, make_quantizer
-from .base import (Family, QuantPolicy, check_mlp, class_name, quantize_conv, quantize_linear, register_family, require)
+from .base import (Family, QuantPolicy, check_mlp, class_name, quantize_conv, quantize_linear, quantize_mlp, register_family,
+                   require)
 
 CAIT = "timm.models.cait"
 
@@ -94,8 +95,7 @@ class CaitFamily(Family):
         for attr, attention in (("blocks", CaitQuantTalkingHeadAttention), ("blocks_token_only", CaitQuantClassAttention)):
             for block in getattr(model, attr):
                 block.attn = attention(block.attn, policy)
-                quantize_linear(block.mlp, "fc1", policy.weight(), policy.act())
-                quantize_linear(block.mlp, "fc2", policy.weight(), policy.gelu_out())
+                quantize_mlp(block.mlp, policy)
         if isinstance(model.head, nn.Linear):
             quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
         return model

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QuantAttention, QuantAttentionPool
-from .base import Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
+from .base import (Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, quantize_mlp,
+                   register_family, require)
 from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
                      squash_processor_config, sub_config)
 
@@ -262,12 +263,6 @@ def quantize_attention(parent: nn.Module, policy: QuantPolicy) -> None:
     parent.attn = ViTQuantAttention(attn.qkv.in_features, attn.num_heads, attn.qkv, attn.proj, attn.scale, policy.bits,
                                     split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=attn.attn_drop.p,
                                     proj_drop=attn.proj_drop.p, method=policy.method)
-
-
-def quantize_mlp(mlp: nn.Module, policy: QuantPolicy) -> None:
-    """fc1 reads a norm's output (signed), fc2 the GELU's (unsigned with a learned offset)."""
-    quantize_linear(mlp, "fc1", policy.weight(), policy.act())
-    quantize_linear(mlp, "fc2", policy.weight(), policy.gelu_out())
 
 
 @register_family("timm.models.vision_transformer.VisionTransformer", "timm.models.deit.VisionTransformerDistilled")

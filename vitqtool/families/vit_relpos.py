@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QuantAttention
-from .base import Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
+from .base import (Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, quantize_mlp,
+                   register_family, require)
 
 RELPOS = "timm.models.vision_transformer_relpos"
 BLOCKS = (f"{RELPOS}.RelPosBlock", f"{RELPOS}.ResPostRelPosBlock")
@@ -68,8 +69,7 @@ class RelPosViTFamily(Family):
         quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
         for block in model.blocks:
             block.attn = RelPosQuantAttention(block.attn, policy)
-            quantize_linear(block.mlp, "fc1", policy.weight(), policy.act())
-            quantize_linear(block.mlp, "fc2", policy.weight(), policy.gelu_out())
+            quantize_mlp(block.mlp, policy)
         if isinstance(model.head, nn.Linear):
             quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
         return model

@@ -103,25 +103,18 @@ class QuantAttention(nn.Module):
                  proj_drop: float = 0.0, method: str = "lsq") -> None:
         super().__init__()
         self.from_fused = isinstance(qkv, nn.Linear)
-        if self.from_fused and qkv.out_features % 3:
-            raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
-        parts = [_slice_linear(qkv, i) for i in range(3)] if self.from_fused and split else None if self.from_fused else list(qkv)
-        self.num_heads = num_heads
-        self.head_dim = (qkv.out_features // 3 if self.from_fused else parts[0].out_features) // num_heads
-        self.scale = scale
-        self.split = parts is not None
-        wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
-        aspec = QuantSpec(bits, signed=True, method=method)
-        self.input_quant = make_quantizer(aspec, "act")
-        if parts is not None:
-            for name, part in zip(QKV, parts):
-                setattr(self, name, QLinear.from_float(part, wspec, None))
-                setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
+        if isinstance(qkv, nn.Linear):
+            if qkv.out_features % 3:
+                raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
+            projections = {n: _slice_linear(qkv, i) for i, n in enumerate(QKV)} if split else {"qkv": qkv}
+            width = qkv.out_features // 3
         else:
-            self.qkv = QLinear.from_float(qkv, wspec, None)
-            self.qkv_quant = make_quantizer(aspec, "act")
-        self.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
-        self.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V
+            projections, width = dict(zip(QKV, qkv)), qkv[0].out_features
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.scale = scale
+        self.split = "q" in projections
+        _attention_layers(self, projections, proj, bits, per_channel, method)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -178,20 +171,10 @@ class QuantAttentionPool(nn.Module):
         self.scale = scale
         self.split = split
         self.latent = latent
-        wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
-        aspec = QuantSpec(bits, signed=True, method=method)
+        kv_parts = {name: _slice_linear(kv, i, len(KV)) for i, name in enumerate(KV)} if split else {"kv": kv}
+        wspec, aspec = _attention_layers(self, kv_parts, proj, bits, per_channel, method)
         self.q = QLinear.from_float(q, wspec, aspec)  # q.a_quant quantizes the latent
         self.q_quant = make_quantizer(aspec, "act")
-        self.input_quant = make_quantizer(aspec, "act")
-        if split:
-            for i, name in enumerate(KV):
-                setattr(self, name, QLinear.from_float(_slice_linear(kv, i, len(KV)), wspec, None))
-                setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
-        else:
-            self.kv = QLinear.from_float(kv, wspec, None)
-            self.kv_quant = make_quantizer(aspec, "act")
-        self.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
-        self.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, t: Tensor) -> Tensor:
@@ -212,6 +195,22 @@ class QuantAttentionPool(nn.Module):
     def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
         """The child projections that make up the stock fused `kv` Linear, in order, and their shared input quantizer."""
         return (KV if self.split else ("kv",)), self.input_quant
+
+
+def _attention_layers(module: nn.Module, projections: dict[str, nn.Linear], proj: nn.Linear, bits: int, per_channel: bool,
+                      method: str) -> tuple[QuantSpec, QuantSpec]:
+    """Give an attention `module` its shared signed `input_quant`, the b-bit `projections` (name -> Linear, input
+    quantized by `input_quant`) each with a signed output quantizer `<name>_quant`, the unsigned `softmax_quant` and
+    the b-bit `proj` whose input (attn @ V) is quantized signed. Returns the (weight, activation) specs."""
+    wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
+    aspec = QuantSpec(bits, signed=True, method=method)
+    module.input_quant = make_quantizer(aspec, "act")
+    for name, linear in projections.items():
+        setattr(module, name, QLinear.from_float(linear, wspec, None))
+        setattr(module, f"{name}_quant", make_quantizer(aspec, "act"))
+    module.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
+    module.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V
+    return wspec, aspec
 
 
 FUSED_PROJECTIONS = (QuantAttention, QuantAttentionPool)  # modules whose split projections come from one stock Linear
