@@ -29,6 +29,7 @@ VARIANTS = {
     "siglip_map_prefix": ("vit_base_patch16_siglip_224", {**SMALL, "class_token": True, "reg_tokens": 1}),  # pool skips prefix tokens
     "clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224", SMALL),
     "parallel": ("vit_small_patch16_18x2_224", SMALL),
+    "parallel_scaling": ("vit_pwee_patch16_reg1_gap_256", SMALL),  # one in_proj for fc1 and q/k/v
     "dinov2": ("vit_small_patch14_dinov2", SMALL),             # LayerScale (accepted before; checked with the rest)
     "dinov2_registers": ("vit_small_patch14_reg4_dinov2", SMALL),
 }
@@ -89,7 +90,22 @@ def test_parallel_blocks_quantize_every_branch():
         assert ffn.mlp.fc1.w_quant.spec.bits == 4 and ffn.mlp.fc2.a_quant.spec.learned_offset
 
 
-@pytest.mark.parametrize("variant", ["siglip_map", "siglip_map_prefix", "parallel"])
+def test_parallel_scaling_block_splits_its_in_projection():
+    stock = _model("parallel_scaling")
+    q = core.prepare(stock, "vaq", bits=3)
+    block, in_proj = q.blocks[0], stock.blocks[0].in_proj.weight
+    hidden = block.in_split[0]
+    assert torch.equal(block.fc1.weight, in_proj[:hidden]) and torch.equal(block.v.weight, in_proj[hidden + 128:])
+    for part in ("fc1", "q", "k", "v"):  # one step each, one shared input quantizer
+        lin = getattr(block, part)
+        assert isinstance(lin, QLinear) and lin.a_quant is None and lin.w_quant.spec.bits == 3
+    assert block.input_quant.spec.signed and block.q_quant.spec.signed and not block.softmax_quant.spec.signed
+    assert block.attn_out_proj.a_quant.spec.signed  # attn @ V
+    assert block.mlp_out_proj.a_quant.spec.learned_offset and not block.mlp_out_proj.a_quant.spec.signed  # GELU output
+    assert isinstance(core.prepare(stock, "lsq", bits=3).blocks[0].in_proj, QLinear)  # split_qkv off: one fused step
+
+
+@pytest.mark.parametrize("variant", ["siglip_map", "siglip_map_prefix", "parallel", "parallel_scaling"])
 def test_fast_sensitivity_equals_naive(variant):
     check_fast_sensitivity(_model(variant))
 
@@ -104,9 +120,14 @@ def test_attention_pool_trains_every_parameter():
     assert q.attn_pool.latent.grad.abs().sum() > 0 and q.attn_pool.q.a_quant.step.grad is not None
 
 
-@pytest.mark.parametrize("variant", ["siglip_map", "clip_quickgelu", "parallel"])
+@pytest.mark.parametrize("variant", ["siglip_map", "clip_quickgelu", "parallel", "parallel_scaling"])
 def test_quantize_export_reload_and_stock_view(tmp_path, variant):
     model, state = check_quantize_and_export(*VARIANTS[variant], tmp_path)
+    if variant == "parallel_scaling":  # fc1, q, k, v, each with its own step, are the stock in_proj rows again
+        block = model.blocks[1]
+        with torch.no_grad():
+            assert torch.equal(state["blocks.1.in_proj.weight"],
+                               torch.cat([p.w_quant(p.weight) for p in (block.fc1, block.q, block.k, block.v)]))
     if variant == "siglip_map":  # k and v, quantized with their own steps, are the stock kv rows again
         pool = model.attn_pool
         with torch.no_grad():
@@ -125,11 +146,16 @@ def test_refused_variants_name_module_and_feature(extra, where, feature):
     assert "\n" not in str(err.value)
 
 
-def test_parallel_scaling_blocks_are_refused_in_one_line():
-    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, **SMALL)
-    with pytest.raises(ModelError, match=r"^blocks\.0: block type ParallelScalingBlock") as err:
-        core.prepare(model, "vaq")
+def test_parallel_scaling_features_outside_the_rewrite_are_refused_in_one_line():
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    with pytest.raises(ModelError, match=r"^blocks\.0: qk_norm") as err:  # the xp models normalise q and k
+        core.prepare(timm.create_model("vit_base_patch16_xp_224", pretrained=False, **SMALL), "vaq")
     assert "\n" not in str(err.value)
+    model = timm.create_model("vit_pwee_patch16_reg1_gap_256", pretrained=False, **SMALL)
+    model.blocks[1] = ParallelScalingBlock(64, 2, mlp_ratio=5, fuse_out_proj=True)
+    with pytest.raises(ModelError, match=r"^blocks\.1\.out_proj: a fused output projection"):
+        core.prepare(model, "vaq")
 
 
 # --------------------------------------------------------------------------- transformers

@@ -34,7 +34,7 @@ from ..core.models import load_strict, resolve_model
 from ..errors import ExportFormatError
 from ..families import get_family
 from ..fileio import atomic_write, save_safetensors
-from ..quant import FUSED_PROJECTIONS, QUANT_LAYERS, Quantizer, iter_quantizers
+from ..quant import QUANT_LAYERS, FusedProjections, Quantizer, iter_quantizers
 from .layout import FP_DTYPES, PACK_FORMAT, iter_standalone_quantizers, state_map
 from .digest import DIGEST_KEY, content_digest
 from .digest import check_digest as digest_check
@@ -72,7 +72,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
     def rename(name: str) -> str:
         return family.stock_name(name)[0]
 
-    fused = {n: m for n, m in model.named_modules() if isinstance(m, FUSED_PROJECTIONS) and m.fused_parts()[0]}
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, FusedProjections) and m.fused_parts()[0]}
     tensors: dict[str, Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}  # stock layer -> scheme row
     done: set[str] = set()  # rewritten-model layers already written
@@ -91,7 +91,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
     with torch.no_grad():
         for name, mod in fused.items():
             part_names, in_quant = mod.fused_parts()
-            parts = [getattr(mod, p) for p in part_names]
+            parts = [mod.get_submodule(p) for p in part_names]
             codes = torch.cat([p.w_quant.codes(p.weight).cpu() for p in parts])
             bits = max(p.w_quant.spec.bits for p in parts)
             if len(parts) == 1 and not parts[0].w_quant.spec.per_channel:

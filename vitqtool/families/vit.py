@@ -5,7 +5,8 @@ quantized Q/K/V, softmax output and attn@V); MLP fc1/fc2 become QLinear with fc2
 GELU-tanh or QuickGELU output) unsigned with a learned offset. Patch embedding and classifier heads
 are 8-bit. SigLIP's attention-pool head (`global_pool='map'`) becomes a `QuantAttentionPool` plus its
 quantized MLP at the block bits (`ViTQuantAttentionPool`); `ParallelThingsBlock`s are quantized branch
-by branch like plain blocks.
+by branch like plain blocks, a `ParallelScalingBlock`'s in-projection is split into fc1/q/k/v
+(`ViTQuantParallelScalingBlock`). The quantized layers live in `vit_layers.py`; docs/families.md says why.
 
 transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
 - ViT/DeiT LayerNorms use `layer_norm_eps` (1e-12 by default; timm's ViT default is 1e-6), so the
@@ -23,16 +24,18 @@ transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Mapping
 
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..quant import QuantAttention, QuantAttentionPool
-from .base import (Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, quantize_mlp,
-                   register_family, require)
+from .base import Family, QuantPolicy, check_mlp, class_name, quantize_conv, quantize_linear, quantize_mlp, register_family, require
 from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
                      squash_processor_config, sub_config)
+from .vit_layers import (BLOCK, PARALLEL_BLOCK, SCALING_BLOCK, SCALING_PARTS, ViTQuantAttention, ViTQuantAttentionPool,
+                         ViTQuantParallelScalingBlock, check_attention, check_attention_pool, check_parallel_scaling,
+                         quantize_attention)
 
 PROCESSOR_TYPES = frozenset({"ViTImageProcessor", "ViTImageProcessorFast", "ViTImageProcessorPil", "ViTFeatureExtractor",
                              "DeiTImageProcessor", "DeiTImageProcessorFast", "DeiTImageProcessorPil", "DeiTFeatureExtractor"})
@@ -204,67 +207,6 @@ DINOV2_POOLING = ("its classifier reads [class token, mean of the patch tokens] 
                   "which no timm VisionTransformer pooling computes; timm's DINOv2 models (vit_*_dinov2) are supported")
 
 
-class ViTQuantAttention(QuantAttention):
-    """QuantAttention with timm's ViT Attention call signature."""
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,  # type: ignore[override]
-                num_queries: int | None = None) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("attention masks are not supported by the quantized ViT attention")
-        return super().forward(x, num_queries=num_queries)
-
-
-class ViTQuantAttentionPool(QuantAttentionPool):
-    """timm's `AttentionPoolLatent` (SigLIP's MAP head): the quantized latent attention, then LayerNorm (FP) and the
-    quantized MLP with a residual, then the pool over the latents, all at the block bits (method.md §3 as a block)."""
-
-    def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
-        super().__init__(stock.latent, stock.q, stock.kv, stock.proj, stock.num_heads, stock.scale, policy.bits,
-                         split=policy.split_qkv, per_channel=policy.per_channel, proj_drop=stock.proj_drop.p,
-                         method=policy.method)
-        self.norm, self.mlp, self.pool = stock.norm, stock.mlp, stock.pool
-        quantize_mlp(self.mlp, policy)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        if attn_mask is not None:
-            raise ValueError("attention masks are not supported by the quantized attention pool")
-        x = super().forward(x)
-        x = x + self.mlp(self.norm(x))
-        return x[:, 0] if self.pool == "token" else x.mean(1) if self.pool == "avg" else x
-
-
-BLOCK = "timm.models.vision_transformer.Block"
-PARALLEL_BLOCK = "timm.models.vision_transformer.ParallelThingsBlock"
-
-
-def check_attention(attn: nn.Module, where: str) -> None:
-    """The attention `ViTQuantAttention` replaces: timm Attention with a fused Linear qkv, no qk/scale norm, no gate."""
-    require(class_name(attn) == "timm.layers.attention.Attention", where, f"attention type {type(attn).__name__} (only timm Attention)")
-    require(is_identity(attn.q_norm) and is_identity(attn.k_norm), where, f"qk_norm ({type(attn.q_norm).__name__})")
-    require(is_identity(attn.norm), where, f"scale_norm ({type(attn.norm).__name__})")
-    require(getattr(attn, "gate", None) is None, where, "gated attention")
-    require(type(attn.qkv) is nn.Linear and type(attn.proj) is nn.Linear, where, "non-Linear qkv/proj")
-
-
-def check_attention_pool(pool: nn.Module) -> None:
-    """SigLIP's MAP head as `ViTQuantAttentionPool` covers it: latent query projection, fused kv, proj and a GELU MLP."""
-    require(class_name(pool) == "timm.layers.attention_pool.AttentionPoolLatent", "attn_pool",
-            f"attention pooling {type(pool).__name__} (only AttentionPoolLatent, global_pool='map')")
-    require(pool.pos_embed is None, "attn_pool", "a position embedding inside the attention pool")
-    require(is_identity(pool.q_norm) and is_identity(pool.k_norm), "attn_pool", f"qk_norm ({type(pool.q_norm).__name__})")
-    require(all(type(getattr(pool, n)) is nn.Linear for n in ("q", "kv", "proj")), "attn_pool",
-            "an attention pool without its query or output projection (q_proj=False, out_features=0)")
-    check_mlp(pool.mlp, "attn_pool")
-
-
-def quantize_attention(parent: nn.Module, policy: QuantPolicy) -> None:
-    """Swap `parent.attn` (a timm Attention) for a `ViTQuantAttention` sharing its weights."""
-    attn = parent.attn
-    parent.attn = ViTQuantAttention(attn.qkv.in_features, attn.num_heads, attn.qkv, attn.proj, attn.scale, policy.bits,
-                                    split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=attn.attn_drop.p,
-                                    proj_drop=attn.proj_drop.p, method=policy.method)
-
-
 @register_family("timm.models.vision_transformer.VisionTransformer", "timm.models.deit.VisionTransformerDistilled")
 class ViTFamily(Family):
     """timm VisionTransformer with pre-norm (or parallel) blocks, fused-qkv attention, a GELU MLP, token/avg/MAP pooling."""
@@ -287,14 +229,20 @@ class ViTFamily(Family):
                     check_attention(attn.attn, f"{where}.attns.{j}.attn")
                     check_mlp(ffn.mlp, f"{where}.ffns.{j}")
                 continue
+            if class_name(block) == SCALING_BLOCK:
+                check_parallel_scaling(block, where)
+                continue
             require(class_name(block) == BLOCK, where,
-                    f"block type {type(block).__name__} (only timm Block and ParallelThingsBlock)")
+                    f"block type {type(block).__name__} (only timm Block, ParallelThingsBlock and ParallelScalingBlock)")
             check_attention(block.attn, f"{where}.attn")
             check_mlp(block.mlp, where)
 
     def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
         quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
-        for block in model.blocks:
+        for i, block in enumerate(model.blocks):
+            if class_name(block) == SCALING_BLOCK:
+                model.blocks[i] = ViTQuantParallelScalingBlock(block, policy)
+                continue
             pairs = zip(block.attns, block.ffns) if class_name(block) == PARALLEL_BLOCK else [(block, block)]
             for attn_parent, mlp_parent in pairs:
                 quantize_attention(attn_parent, policy)
@@ -307,10 +255,13 @@ class ViTFamily(Family):
         return model
 
     def stock_name(self, path: str) -> tuple[str, int | None]:
-        """The attention pool's split `k`/`v` are the halves of its stock `kv`; its `q` is the stock `q` (not a qkv third)."""
+        """The attention pool's split `k`/`v` are the halves of its stock `kv`, its `q` is the stock `q` (not a qkv
+        third); a parallel-scaling block's `fc1`, `q`, `k`, `v` (its direct children) are the row blocks of `in_proj`."""
         head, _, leaf = path.rpartition(".")
         if head == "attn_pool" and leaf in ("q", "k", "v"):
             return ("attn_pool.q", None) if leaf == "q" else ("attn_pool.kv", ("k", "v").index(leaf))
+        if re.fullmatch(r"blocks\.\d+", head) and leaf in SCALING_PARTS:
+            return f"{head}.in_proj", SCALING_PARTS.index(leaf)
         return super().stock_name(path)
 
     def block_names(self, model: nn.Module) -> list[str]:

@@ -7,7 +7,7 @@ quantizer disabled they compute exactly what the float module computes.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +213,13 @@ def _attention_layers(module: nn.Module, projections: dict[str, nn.Linear], proj
     return wspec, aspec
 
 
-FUSED_PROJECTIONS = (QuantAttention, QuantAttentionPool)  # modules whose split projections come from one stock Linear
+@runtime_checkable
+class FusedProjections(Protocol):
+    """A module whose child projections (split for their own weight steps) are one fused Linear in the stock model."""
+
+    def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
+        """The child projections that make up the stock fused Linear, in row order (none: nothing fused), and the
+        quantizer of their shared input."""
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, softmax_quant: Quantizer, attn_drop: nn.Module | None = None,
@@ -231,10 +237,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, softmax_quant: Quantiz
 def _slice_linear(fused: nn.Linear, index: int, parts: int = 3) -> nn.Linear:
     """The `index`-th of `parts` equal row blocks of a fused Linear (qkv, kv) as its own Linear (exact copy of the rows)."""
     out = fused.out_features // parts
-    part = nn.Linear(fused.in_features, out, bias=fused.bias is not None, device=fused.weight.device, dtype=fused.weight.dtype)
-    with torch.no_grad():
-        part.weight.copy_(fused.weight[index * out:(index + 1) * out])
-        if fused.bias is not None:
-            part.bias.copy_(fused.bias[index * out:(index + 1) * out])
-    return part
+    return slice_rows(fused, index * out, (index + 1) * out)
 
+
+def slice_rows(fused: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """Output rows `start:stop` of a fused Linear (one of the projections it fuses) as their own Linear (an exact copy)."""
+    part = nn.Linear(fused.in_features, stop - start, bias=fused.bias is not None, device=fused.weight.device,
+                     dtype=fused.weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(fused.weight[start:stop])
+        if fused.bias is not None:
+            part.bias.copy_(fused.bias[start:stop])
+    return part
