@@ -139,7 +139,7 @@ class SwinV2Family(SwinFamily):
     """timm SwinTransformerV2: post-norm blocks, cosine window attention with continuous position bias, patch merging."""
 
     name = "swinv2"
-    patterns = ("swinv2_*",)
+    patterns = ("swinv2_tiny_*", "swinv2_small_*", "swinv2_base_*", "swinv2_large_*")  # not swinv2_cr_* (another class)
     transformers = (SwinV2Map(),)
     block_type = "timm.models.swin_transformer_v2.SwinTransformerV2Block"
     attention_type = "timm.models.swin_transformer_v2.WindowAttention"
