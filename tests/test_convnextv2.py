@@ -6,8 +6,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import shutil  # noqa: E402
-
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -16,9 +14,10 @@ from torch import nn  # noqa: E402
 
 import vitqtool  # noqa: E402
 from tests.conftest import calibrate_off_init  # noqa: E402
-from tests.hf_tiny import build, edit_config, save  # noqa: E402
+from tests.family_checks import (assert_config_refused, assert_fast_sensitivity_equals_naive,  # noqa: E402
+                                 assert_fp_exact_after_prepare, assert_matches_transformers, images, spread_)
+from tests.hf_tiny import build, save  # noqa: E402
 from vitqtool import commands, core  # noqa: E402
-from vitqtool.analysis.sensitivity import SensitivityProbe, build_units  # noqa: E402
 from vitqtool.errors import ModelError  # noqa: E402
 from vitqtool.export import export_model, load_source_model, source_state_dict  # noqa: E402
 from vitqtool.export.source_view import write_source_view  # noqa: E402
@@ -33,38 +32,18 @@ CONVNEXTV2 = ("convnextv2_atto", {"dims": [8, 16, 24, 32], "depths": [1, 1, 2, 1
 LINEAR_MLP = (CONVNEXTV2[0], {**CONVNEXTV2[1], "conv_mlp": False})
 
 
-def _x(n: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+_x = images
 
 
-def _stock(spec=CONVNEXTV2, seed: int = 0) -> nn.Module:
+def _stock(spec=CONVNEXTV2) -> nn.Module:
     """A tiny ConvNeXt V2 with every parameter moved off its init (GRN's gamma and beta start at 0: an identity)."""
-    model = timm.create_model(spec[0], pretrained=False, **spec[1])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
+    return spread_(timm.create_model(spec[0], pretrained=False, **spec[1]))
 
 
 @pytest.mark.parametrize("spec", [CONVNEXTV2, LINEAR_MLP], ids=["conv_mlp", "linear_mlp"])
 @pytest.mark.parametrize("recipe", ["vaq", "lsq"])
 def test_fp_exact_after_prepare_and_fast_sensitivity_equals_naive(spec, recipe):
-    stock = _stock(spec)
-    x = _x()
-    with torch.no_grad():
-        ref = stock(x)
-        assert ref.abs().max() > 0.5
-        q = core.prepare(stock, recipe, bits=2).eval()
-        with quantizers_disabled(q):
-            assert (q(x) - ref).abs().max().item() <= 1e-5
-    calibrate_off_init(q, 0)
-    family = get_family(q)
-    batches = [(_x(4), torch.arange(4))]
-    units = build_units(q, "both", family.block_names(q))
-    fast, naive = SensitivityProbe(q, family, batches, "fast"), SensitivityProbe(q, family, batches, "naive")
-    kl = [fast.measure(u)["kl"] for u in units]
-    assert kl == pytest.approx([naive.measure(u)["kl"] for u in units], rel=1e-4, abs=1e-9) and max(kl) > 0
+    assert_fast_sensitivity_equals_naive(assert_fp_exact_after_prepare(_stock(spec), recipe, _x()))
 
 
 def test_fc2_quantizer_reads_the_grn_output_unsigned_with_offset():
@@ -156,14 +135,7 @@ def test_logits_match_transformers_fp_and_prepared(tmp_path, eps):
     loaded = resolve_model(str(save(hf_model, tmp_path / "m")))
     assert loaded.architecture == "convnextv2_atto" and loaded.model_args["conv_mlp"] is False
     assert loaded.data_config["input_size"] == (3, 32, 32)
-    x = _x()
-    with torch.no_grad():
-        expected = hf_model(pixel_values=x).logits
-        assert expected.abs().max() > 0.5
-        assert (loaded.model(x) - expected).abs().max() <= 1e-5
-        q = vitqtool.prepare(loaded.model, "vaq", bits=4)
-        with vitqtool.quantizers_disabled(q):
-            assert (q(x) - expected).abs().max() <= 1e-5
+    assert_matches_transformers(hf_model, loaded.model)
 
 
 def test_grn_parameters_keep_the_transformers_shape_on_export(hf_folder, tmp_path):
@@ -189,11 +161,7 @@ def test_grn_parameters_keep_the_transformers_shape_on_export(hf_folder, tmp_pat
     ({"image_size": [32, 48]}, "image_size"),
 ])
 def test_unsupported_config_fields_are_refused_by_name(hf_folder, tmp_path, changes, field):
-    folder = shutil.copytree(hf_folder[1], tmp_path / "m")
-    edit_config(folder, **changes)
-    with pytest.raises(ModelError) as err:
-        resolve_model(str(folder))
-    assert f"'{field}'" in str(err.value) and "\n" not in str(err.value)
+    assert_config_refused(hf_folder[1], tmp_path, changes, field)
 
 
 @pytest.mark.parametrize("processor,expected", [

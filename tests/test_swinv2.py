@@ -6,8 +6,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import shutil  # noqa: E402
-
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -16,9 +14,10 @@ from torch import nn  # noqa: E402
 
 import vitqtool  # noqa: E402
 from tests.conftest import calibrate_off_init  # noqa: E402
-from tests.hf_tiny import build, edit_config, save  # noqa: E402
+from tests.family_checks import (assert_config_refused, assert_fast_sensitivity_equals_naive,  # noqa: E402
+                                 assert_fp_exact_after_prepare, assert_matches_transformers, images, spread_)
+from tests.hf_tiny import build, save  # noqa: E402
 from vitqtool import commands, core  # noqa: E402
-from vitqtool.analysis.sensitivity import SensitivityProbe, build_units  # noqa: E402
 from vitqtool.errors import ModelError  # noqa: E402
 from vitqtool.export import export_model, load_source_model, source_state_dict  # noqa: E402
 from vitqtool.export.source_view import write_source_view  # noqa: E402
@@ -33,37 +32,19 @@ SWINV2 = ("swinv2_tiny_window8_256", {"img_size": 32, "patch_size": 2, "window_s
                                       "num_heads": (2, 4), "num_classes": 10})
 
 
-def _x(n: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _spread(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every parameter off its init: timm zeroes V2's post-norm weights, so a fresh block adds nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
+_x = images
 
 
 def _stock(**extra) -> nn.Module:
-    return _spread(timm.create_model(SWINV2[0], pretrained=False, **{**SWINV2[1], **extra})).eval()
+    """The tiny Swin V2 off its init: timm zeroes V2's post-norm weights, so a fresh block adds nothing."""
+    return spread_(timm.create_model(SWINV2[0], pretrained=False, **{**SWINV2[1], **extra}))
 
 
 @pytest.mark.parametrize("recipe,extra", [("vaq", {}), ("lsq", {}), ("vaq", {"qkv_bias": False}),
                                           ("vaq", {"pretrained_window_sizes": (8, 6)})],
                          ids=["split", "fused", "no_qkv_bias", "pretrained_window"])
 def test_fp_exact_after_prepare(recipe, extra):
-    stock = _stock(**extra)
-    x = _x()
-    with torch.no_grad():
-        ref = stock(x)
-        assert ref.abs().max() > 0.5  # the blocks change the logits: a wrong attention cannot hide
-        q = core.prepare(stock, recipe, bits=2).eval()
-        with quantizers_disabled(q):
-            assert (q(x) - ref).abs().max().item() <= 1e-5
-        core.calibrate(q, [x])
-        assert (q(x) - ref).abs().max().item() > 1e-3  # the quantizers act once enabled
+    assert_fp_exact_after_prepare(_stock(**extra), recipe, _x())
 
 
 def test_layout_quantizes_normalised_q_k_and_keeps_logit_scale_and_cpb_fp():
@@ -98,6 +79,17 @@ def test_layout_quantizes_normalised_q_k_and_keeps_logit_scale_and_cpb_fp():
     assert not torch.allclose(heads["v_quant"], torch.ones(()), atol=1e-2)
 
 
+@pytest.mark.parametrize("recipe", ["vaq", "lsq"])
+def test_every_parameter_gets_a_gradient(recipe):
+    q = core.prepare(_stock(), recipe, bits=4)
+    core.calibrate(q, [_x(4)])
+    q.train()
+    q(_x(4)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in q.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert [n for n in missing if not n.endswith("offset")] == []  # GELU offsets only get gradient from clipped values
+    assert q.layers[0].blocks[0].attn.logit_scale.grad.abs().sum() > 0 and q.layers[0].blocks[0].attn.cpb_mlp[0].weight.grad.abs().sum() > 0
+
+
 def test_unsupported_features_are_refused_by_name():
     model = timm.create_model(SWINV2[0], pretrained=False, **{**SWINV2[1], "act_layer": "silu"})
     with pytest.raises(ModelError, match=r"^layers\.0\.blocks\.0\.mlp\.act: activation SiLU .*not supported") as err:
@@ -106,14 +98,7 @@ def test_unsupported_features_are_refused_by_name():
 
 
 def test_fast_sensitivity_equals_naive():
-    q = core.prepare(_stock(), "vaq", bits=2)
-    calibrate_off_init(q, 0)
-    family = get_family(q)
-    batches = [(_x(4), torch.arange(4))]
-    units = build_units(q, "both", family.block_names(q))
-    fast, naive = SensitivityProbe(q, family, batches, "fast"), SensitivityProbe(q, family, batches, "naive")
-    kl = [fast.measure(u)["kl"] for u in units]
-    assert kl == pytest.approx([naive.measure(u)["kl"] for u in units], rel=1e-4, abs=1e-9) and max(kl) > 0
+    assert_fast_sensitivity_equals_naive(core.prepare(_stock(), "vaq", bits=2))
 
 
 def test_export_reloads_bit_exact_and_source_view_loads_into_the_stock_model(tmp_path):
@@ -168,14 +153,7 @@ def test_logits_match_transformers_fp_and_prepared(tmp_path, overrides):
     hf_model = build("swinv2", seed=5, **overrides)
     loaded = resolve_model(str(save(hf_model, tmp_path / "m")))
     assert loaded.architecture == "swinv2_tiny_window8_256" and loaded.model_args["window_size"] == 4
-    x = _x()
-    with torch.no_grad():
-        expected = hf_model(pixel_values=x).logits
-        assert expected.abs().max() > 0.5
-        assert (loaded.model(x) - expected).abs().max() <= 1e-5
-        q = vitqtool.prepare(loaded.model, "vaq", bits=4)
-        with vitqtool.quantizers_disabled(q):
-            assert (q(x) - expected).abs().max() <= 1e-5
+    assert_matches_transformers(hf_model, loaded.model)
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -186,11 +164,7 @@ def test_logits_match_transformers_fp_and_prepared(tmp_path, overrides):
     ({"hidden_act": "relu"}, "hidden_act"),
 ])
 def test_unsupported_config_fields_are_refused_by_name(hf_folder, tmp_path, changes, field):
-    folder = shutil.copytree(hf_folder[1], tmp_path / "m")
-    edit_config(folder, **changes)
-    with pytest.raises(ModelError) as err:
-        resolve_model(str(folder))
-    assert f"'{field}'" in str(err.value) and "\n" not in str(err.value)
+    assert_config_refused(hf_folder[1], tmp_path, changes, field)
 
 
 @pytest.mark.parametrize("recipe,per_channel", [("vaq", True), ("lsq", False)], ids=["split", "fused"])
