@@ -4,7 +4,7 @@ What changes against Swin V1 and how it is quantized:
 - Cosine attention, `softmax(normalize(Q) normalize(K)^T * exp(min(logit_scale, log 100)) + bias)`: the Q and K
   quantizers sit *after* the normalisation, so the integer matmul multiplies the unit-length rows it computes
   with (every element in [-1, 1], whatever the head). The learned logit scale stays FP and multiplies the
-  matmul's output, as ViT's `1/sqrt(d)` does (method.md §3.4): it is one number per head, so in integer
+  matmul's output, as ViT's `1/sqrt(d)` does (method.md §3, item 4): it is one number per head, so in integer
   arithmetic it joins the output rescale (`step_q * step_k * exp(logit_scale_h)`) at no cost, while folding it
   into Q before quantizing would make one per-tensor step serve heads whose scales differ up to 100x.
   V is quantized as it leaves its projection (plus `v_bias`), softmax output unsigned, `attn @ V` signed.
