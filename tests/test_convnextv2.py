@@ -188,6 +188,16 @@ def test_convnext_image_processor_sets_the_eval_transform(hf_folder, tmp_path, p
     assert exported["size"] == {"shortest_edge": 32} and int(32 / exported["crop_pct"]) == scale
 
 
+@pytest.mark.parametrize("processor,field", [
+    ({"type": "ViTImageProcessor", "size": {"height": 32, "width": 32}}, "image_processor_type"),
+    ({"type": "ConvNextImageProcessor", "size": {"shortest_edge": 32}, "crop_pct": 1.5}, "crop_pct"),
+])
+def test_unmapped_image_processors_are_refused_by_name(hf_folder, tmp_path, processor, field):
+    folder = save(hf_folder[0], tmp_path / "m", preprocessor=dict(processor))
+    with pytest.raises(ModelError, match=f"field '{field}'"):
+        resolve_model(str(folder))
+
+
 def test_hf_export_decompresses_bit_exact_and_loads_in_transformers(hf_folder, tmp_path):
     from tests.test_hf_export import check_hf_export
 

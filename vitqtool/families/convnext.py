@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import ModelError
 from .base import GELU_CLASSES, check_mlp, class_name, is_identity, register_family, require
 from .cnn import COMMON_LEAVES, CNNFamily, layers_by_rule
-from .hf_map import Names, TransformersMap, check_field, int_field, int_list_field, prob_field
+from .hf_map import Names, TransformersMap, check_field, int_field, int_list_field, pil_resample, prob_field
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ class ConvNextV2Map(TransformersMap):
 
     def generic_processor(self, pp: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         """ConvNextImageProcessor: below 384, a resize of the shortest edge to `shortest_edge / crop_pct` and a crop."""
+        kind = pp.get("image_processor_type") or pp.get("feature_extractor_type")
+        if kind is not None and kind not in PROCESSOR_TYPES:
+            return pp  # refused, naming the type, by data_config_from_preprocessor
         size = pp.get("size", {"shortest_edge": WARP_FROM})
         edge = size.get("shortest_edge") if isinstance(size, dict) else None
         if isinstance(edge, bool) or not isinstance(edge, int) or edge <= 0:
@@ -117,9 +120,8 @@ class ConvNextV2Map(TransformersMap):
         if str(data_config.get("crop_mode") or "center") != "center" or h != w or h >= WARP_FROM:
             log.info("no preprocessor_config.json written: %s has no ConvNextImageProcessor equivalent", data_config)
             return None
-        codes = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
         return {"image_processor_type": "ConvNextImageProcessor", "do_resize": True, "size": {"shortest_edge": h},
-                "crop_pct": pct, "resample": codes.get(str(data_config.get("interpolation") or "bicubic"), 3),
+                "crop_pct": pct, "resample": pil_resample(data_config.get("interpolation"), "bicubic"),
                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                 "image_mean": [float(v) for v in data_config["mean"]], "image_std": [float(v) for v in data_config["std"]]}
 
