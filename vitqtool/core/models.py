@@ -288,9 +288,10 @@ def _from_transformers_folder(folder: Path, config: dict[str, Any], source: str,
     data_config = resolve_data_config(model, args)
     if preprocessor is not None:
         size = data_config["input_size"][1:]
+        pp_where = str(folder / hf_models.PREPROCESSOR)
         data_config.update(hf_map.data_config_from_preprocessor(
-            preprocessor, int(args["in_chans"]), (int(size[0]), int(size[1])), spec.map.processor_types,
-            str(folder / hf_models.PREPROCESSOR)))
+            spec.map.generic_processor(preprocessor, pp_where), int(args["in_chans"]), (int(size[0]), int(size[1])),
+            spec.map.processor_types, pp_where))
     else:
         logger.info("'%s' has no %s; using timm's defaults for %s", folder, hf_models.PREPROCESSOR, spec.architecture)
     data_config["labels"] = hf_map.labels_from_config(config, where)

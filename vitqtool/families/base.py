@@ -94,6 +94,10 @@ class Family(abc.ABC):
             return f"{head}.qkv" if head else "qkv", QKV_PARTS.index(leaf)
         return path, None
 
+    def fp_layers(self, model: nn.Module) -> frozenset[str]:
+        """Linear/Conv2d layers the quantized layout keeps in FP on purpose (the family's docs say why); none by default."""
+        return frozenset()
+
 
 def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
     """Each stage's downsampling layer (when present) and then its blocks: `attr.i.downsample`, `attr.i.blocks.j`."""
@@ -179,7 +183,7 @@ def quantize_model_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
     family = get_family(model)
     family.check(model)
     family.quantize_(model, policy)
-    check_fully_quantized(model)
+    check_fully_quantized(model, family.fp_layers(model))
     return model
 
 
@@ -199,9 +203,9 @@ def quantize_conv(parent: nn.Module, attr: str, wspec: QuantSpec, aspec: QuantSp
     setattr(parent, attr, QConv2d.from_float(conv, wspec, aspec))
 
 
-def check_fully_quantized(model: nn.Module) -> None:
-    """Fail loudly, naming the module, if any float Linear/Conv2d was left behind by a rewrite."""
-    left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+def check_fully_quantized(model: nn.Module, keep: frozenset[str] = frozenset()) -> None:
+    """Fail loudly, naming the module, if any float Linear/Conv2d outside `keep` was left behind by a rewrite."""
+    left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and name not in keep]
     if left:
         raise ModelError(f"these layers have no quantization rule in the family and would stay float: {', '.join(left[:8])}")
 
