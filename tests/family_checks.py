@@ -1,32 +1,32 @@
-"""Checks every family's tests run on its tiny models: FP-exactness, fast sensitivity, PTQ -> exports -> stock view."""
+"""Checks every model family's tests make: FP equivalence after prepare, fast sensitivity, transformers logits, config
+refusals, PTQ -> exports -> the stock model's view."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-import timm
+import pytest
 import torch
 from torch import nn
 
 import vitqtool
-from vitqtool import commands, core
-from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units
-from vitqtool.core.runs import load_run_model
-from vitqtool.export import source_state_dict
-from vitqtool.families import get_family
-from vitqtool.quant import quantizers_disabled
+from tests.conftest import calibrate_off_init
+from tests.hf_tiny import edit_config
+from vitqtool import core
+from vitqtool.errors import ModelError
 
 
 def images(n: int = 3, seed: int = 1) -> torch.Tensor:
-    """`n` random 32x32 images."""
+    """A seeded batch of 32x32 RGB inputs."""
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def spread_(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
-    """Move every parameter off timm's init (which makes logits ~1e-2), so that a wrong layout shows in the logits.
+def spread_(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
+    """Move every parameter off its init (zero-initialised norms, GRN or gates would hide a wrong rewrite); eval mode.
 
-    0.1 gives logits of order 1; much wider spreads give logits of order 15, where timm's own fused and explicit
-    attention paths already differ by ~1e-5 (float summation order).
+    Where 0.2 gives logits of order 15 (SigLIP's attention pool), timm's own fused and explicit attention paths
+    already differ by ~1e-5 (float summation order): such models take `scale=0.1` (logits of order 1).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,38 +35,66 @@ def spread_(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
     return model.eval()
 
 
-def check_fp_exact(stock: nn.Module, recipe: str) -> None:
-    """Prepared with `recipe`, the model computes the stock logits (quantizers off) within 1e-5, and others once calibrated."""
-    x = images()
+def assert_fp_exact_after_prepare(stock: nn.Module, recipe: str, x: torch.Tensor) -> nn.Module:
+    """Prepared (2-bit) `stock` equals it within 1e-5 with quantizers off and differs once calibrated; returns it."""
     with torch.no_grad():
         ref = stock(x)
-        assert ref.abs().max() > 0.5  # a wrong mapping cannot hide under the tolerance
-        q = core.prepare(stock, recipe, bits=4).eval()
-        with quantizers_disabled(q):
+        assert ref.abs().max() > 0.5  # the blocks change the logits: a wrong rewrite cannot hide under the tolerance
+        q = core.prepare(stock, recipe, bits=2).eval()
+        with vitqtool.quantizers_disabled(q):
             assert (q(x) - ref).abs().max().item() <= 1e-5
-        core.calibrate(q, [images(4, seed=2)])
-        assert (q(x) - ref).abs().max().item() > 1e-3
+        core.calibrate(q, [x])
+        assert (q(x) - ref).abs().max().item() > 1e-3  # the quantizers act once enabled
+    return q
 
 
-def check_fast_sensitivity(model: nn.Module) -> None:
-    """Per-unit sensitivity from the family's block-by-block execution equals the naive whole-model one."""
-    q = core.prepare(model, "vaq", bits=2)
-    core.calibrate(q, [images(8, seed=3)])
+def assert_fast_sensitivity_equals_naive(q: nn.Module) -> None:
+    """Block-by-block (fast) sensitivity gives the naive method's KL for every unit of a prepared model."""
+    from vitqtool.analysis.sensitivity import SensitivityProbe, build_units
+    from vitqtool.families import get_family
+
+    calibrate_off_init(q, 0)
     family = get_family(q)
     batches = [(images(4), torch.arange(4))]
     units = build_units(q, "both", family.block_names(q))
-    units += group_units(units, "block")
     fast, naive = SensitivityProbe(q, family, batches, "fast"), SensitivityProbe(q, family, batches, "naive")
-    kl_fast = [fast.measure(u)["kl"] for u in units]
-    kl_naive = [naive.measure(u)["kl"] for u in units]
-    assert all(abs(a - b) <= 1e-4 * abs(b) + 1e-9 for a, b in zip(kl_fast, kl_naive)), (kl_fast, kl_naive)
-    assert max(kl_fast) > 0
+    kl = [fast.measure(u)["kl"] for u in units]
+    assert kl == pytest.approx([naive.measure(u)["kl"] for u in units], rel=1e-4, abs=1e-9) and max(kl) > 0
 
 
-def check_quantize_and_export(name: str, args: dict, tmp_path: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def assert_matches_transformers(hf_model: nn.Module, loaded: nn.Module, atol: float = 1e-5) -> None:
+    """The converted timm model's logits equal transformers', in FP and prepared with every quantizer off."""
+    x = images()
+    with torch.no_grad():
+        expected = hf_model(pixel_values=x).logits
+        assert expected.abs().max() > 0.5
+        assert (loaded(x) - expected).abs().max() <= atol
+        q = vitqtool.prepare(loaded, "vaq", bits=4)
+        with vitqtool.quantizers_disabled(q):
+            assert (q(x) - expected).abs().max() <= atol
+
+
+def assert_config_refused(folder: Path, tmp_path: Path, changes: dict, field: str) -> None:
+    """A copy of transformers folder `folder` with `changes` in config.json is refused in one line naming `field`."""
+    from vitqtool.core.models import resolve_model
+
+    copy = shutil.copytree(folder, tmp_path / "edited")
+    edit_config(copy, **changes)
+    with pytest.raises(ModelError) as err:
+        resolve_model(str(copy))
+    assert f"'{field}'" in str(err.value) and "\n" not in str(err.value)
+
+
+def assert_quantize_and_export(name: str, args: dict, tmp_path: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """PTQ run -> safetensors export (verify: max |diff| 0; `vitqtool.load` bit-exact) -> compressed-tensors view
     (verify) that decompresses into a state dict the stock timm model loads strictly. Returns the run's quantized
     model and that state dict."""
+    import timm
+
+    from vitqtool import commands
+    from vitqtool.core.runs import load_run_model
+    from vitqtool.export import source_state_dict
+
     info = commands.quantize(name, bits=3, recipe="ptq", out=tmp_path / "run", random_init=True, model_args=args,
                              calib_batches=1, batch_size=8, limit_train=16, limit_val=16)
     assert info.status == "done"

@@ -4,7 +4,8 @@ import pytest
 import timm
 import torch
 
-from tests.family_checks import check_fast_sensitivity, check_fp_exact, check_quantize_and_export, spread_
+from tests.family_checks import (assert_fast_sensitivity_equals_naive, assert_fp_exact_after_prepare, assert_quantize_and_export,
+                                 images, spread_)
 from vitqtool import core
 from vitqtool.errors import ModelError
 from vitqtool.families import get_family
@@ -22,7 +23,7 @@ def _model(**extra) -> torch.nn.Module:
 @pytest.mark.parametrize("pool", ["token", "avg"])
 @pytest.mark.parametrize("recipe", ["vaq", "lsq"])
 def test_fp_exact_after_prepare_and_quantizers_are_real(pool, recipe):
-    check_fp_exact(_model(global_pool=pool), recipe)
+    assert_fp_exact_after_prepare(_model(global_pool=pool), recipe, images())
 
 
 def test_layout_of_talking_heads_and_class_attention():
@@ -48,11 +49,11 @@ def test_layout_of_talking_heads_and_class_attention():
 
 def test_fast_sensitivity_equals_naive():
     assert get_family(_model()).block_names(_model()) == ["blocks.0", "blocks.1", "blocks_token_only.0", "blocks_token_only.1"]
-    check_fast_sensitivity(_model())
+    assert_fast_sensitivity_equals_naive(core.prepare(_model(), "vaq", bits=2))
 
 
 def test_quantize_export_reload_and_stock_view(tmp_path):
-    model, state = check_quantize_and_export(NAME, ARGS, tmp_path)
+    model, state = assert_quantize_and_export(NAME, ARGS, tmp_path)
     talk, cls = model.blocks[0].attn, model.blocks_token_only[0].attn
     with torch.no_grad():  # talking-heads q/k/v are the stock qkv again; class attention keeps its q, k, v
         assert torch.equal(state["blocks.0.attn.qkv.weight"], torch.cat([p.w_quant(p.weight) for p in (talk.q, talk.k, talk.v)]))

@@ -5,7 +5,8 @@ import timm
 import torch
 from torch import nn
 
-from tests.family_checks import check_fast_sensitivity, check_fp_exact, check_quantize_and_export, spread_
+from tests.family_checks import (assert_fast_sensitivity_equals_naive, assert_fp_exact_after_prepare, assert_quantize_and_export,
+                                 images, spread_)
 from vitqtool import core
 from vitqtool.errors import ModelError
 from vitqtool.families import get_family
@@ -28,7 +29,7 @@ def _model(variant: str) -> nn.Module:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("recipe", ["vaq", "lsq"])
 def test_fp_exact_after_prepare_and_quantizers_are_real(variant, recipe):
-    check_fp_exact(_model(variant), recipe)
+    assert_fp_exact_after_prepare(_model(variant), recipe, images())
 
 
 @pytest.mark.parametrize("variant", ["mlp", "shared_mlp"])
@@ -46,12 +47,12 @@ def test_layout_keeps_the_bias_mlp_fp_and_quantizes_the_attention(variant):
 
 @pytest.mark.parametrize("variant", ["shared_mlp", "table_cls"])
 def test_fast_sensitivity_equals_naive(variant):
-    check_fast_sensitivity(_model(variant))
+    assert_fast_sensitivity_equals_naive(core.prepare(_model(variant), "vaq", bits=2))
 
 
 def test_quantize_export_reload_and_stock_view(tmp_path):
     name, extra = VARIANTS["res_post"]
-    model, state = check_quantize_and_export(name, {**SMALL, **extra}, tmp_path)
+    model, state = assert_quantize_and_export(name, {**SMALL, **extra}, tmp_path)
     rel = model.blocks[0].attn.rel_pos.mlp.fc1
     assert torch.equal(state["blocks.0.attn.rel_pos.mlp.fc1.weight"], rel.weight)  # stored FP, as it is
 

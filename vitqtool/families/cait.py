@@ -3,7 +3,7 @@
 Self-attention blocks (`blocks`, talking-heads attention): the fused `qkv` is split into `q`, `k`, `v`
 with their own steps, Q/K/V quantized signed, as in ViT. Talking heads add two head-mixing Linears
 (heads x heads, applied at every query-key position): `proj_l` mixes the logits before the softmax and
-`proj_w` the probabilities after it. The logits stay FP (method.md §3.4: `Q K^T * scale` and softmax
+`proj_w` the probabilities after it. The logits stay FP (method.md §3 item 4: `Q K^T * scale` and softmax
 run in FP), so `proj_l` quantizes only its weights; the softmax output is quantized unsigned as
 `proj_w`'s input; `proj_w`'s output, the left operand of `attn @ V`, can be negative (mixed
 probabilities) and is quantized signed (`mixed_quant`). Both mixing matrices have 8-bit weights: they

@@ -398,6 +398,11 @@ def _stats(pp: Mapping[str, Any], name: str, channels: int, where: str) -> tuple
 _PIL_CODES = {name: code for code, name in _PIL_RESAMPLE.items()}
 
 
+def pil_resample(interpolation: str | None, default: str = "bilinear") -> int:
+    """The PIL resampling code an image processor stores for a timm interpolation name."""
+    return _PIL_CODES.get(str(interpolation or default), _PIL_CODES[default])
+
+
 def squash_processor_config(data_config: Mapping[str, Any], plain_type: str, crop_type: str) -> dict[str, Any] | None:
     """An image-processor config (`plain_type`, or `crop_type` when it center-crops) equivalent to a squash-mode
     data config; None for other crop modes, which these processors cannot express."""

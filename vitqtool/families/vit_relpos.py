@@ -4,7 +4,7 @@ Blocks are ViT blocks (pre-norm `RelPosBlock`, or post-norm `ResPostRelPosBlock`
 the residual stream: their signed input quantizers sit there) whose attention adds a relative-position bias
 to the logits. The fused `qkv` is split into `q`, `k`, `v` with their own steps, Q/K/V quantized signed, the
 softmax output unsigned and `attn @ V` signed, as in ViT; the bias is added to `Q K^T * scale` in FP (method.md
-§3.4, like Swin's table). It comes from a table (`RelPosBias`) or from a small MLP over the constant log-spaced
+§3 item 4, like Swin's table). It comes from a table (`RelPosBias`) or from a small MLP over the constant log-spaced
 relative coordinates (`RelPosMlp`, per block or shared by all blocks): that MLP reads no activation, so at
 inference its output is a constant `[heads, N, N]` table, and its two Linear layers stay FP (`fp_layers`),
 the same rule as Swin V2's continuous position bias. MLPs as in ViT, patch embedding and head 8-bit; LayerNorms,
