@@ -83,6 +83,12 @@ class Family(abc.ABC):
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         """Logits from the input of segment `index` (`len(block_names)` = the tail)."""
 
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "Family":
+        """The family instance for `model` (stock or rewritten); a family whose stock names depend on the model's
+        configuration reads it here."""
+        return cls()
+
     def stock_name(self, path: str) -> tuple[str, int | None]:
         """The stock (FP timm) name of a quantized-layout module or state key, and which third of it (q, k, v) or None.
 
@@ -171,7 +177,7 @@ def get_family(model: nn.Module) -> Family:
     if family is None:
         supported = ", ".join(dict.fromkeys(p for f in FAMILIES.values() for p in f.patterns))
         raise ModelError(f"model class {type(model).__name__} is not a supported family (supported timm architectures: {supported})")
-    return family()
+    return family.for_model(model)
 
 
 def quantize_model_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
