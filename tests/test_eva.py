@@ -10,17 +10,12 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import nn
 
-import vitqtool
-from tests.conftest import calibrate_off_init
+from tests.conftest import (assert_exports_round_trip, assert_fast_sensitivity_equals_naive, assert_prepare_is_fp_exact,
+                            ptq_run_and_export, quantized_random, spread_model)
 from vitqtool import commands, core
-from vitqtool.analysis.sensitivity import SensitivityProbe, build_units
 from vitqtool.errors import ModelError
-from vitqtool.export import export_model, load_source_model, source_state_dict
-from vitqtool.export.source_view import write_source_view
 from vitqtool.families import get_family
-from vitqtool.core.models import resolve_model
-from vitqtool.quant import QLinear, QuantGLU, iter_quantizers, quantizers_disabled
-from vitqtool.recipe import load_recipe
+from vitqtool.quant import QLinear, QuantGLU, quantizers_disabled
 
 SMALL = {"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 10}
 ROPE = {**SMALL, "ref_feat_shape": (8, 8)}
@@ -39,17 +34,6 @@ MODELS = [
 IDS = ["eva02_tiny", "eva02_base", "eva02_clip", "qk_norm", "rope_mixed", "rope_reg", "dinov3", "eva_giant", "post_norm"]
 
 
-def _model(name: str, args: dict, seed: int = 0) -> nn.Module:
-    """A stock model with every parameter moved far from init (LayerScale 1e-5 and zero biases would hide a wrong rewrite)."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **args).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
-
-
 def _x(n: int = 3) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -57,20 +41,12 @@ def _x(n: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("name,args", MODELS, ids=IDS)
 @pytest.mark.parametrize("recipe", ["vaq", "lsq"])
 def test_fp_equivalence_with_stock_timm(name, args, recipe):
-    stock = _model(name, args)
-    x = _x()
+    stock = spread_model(name, args)
     if recipe == "lsq" and stock.blocks[0].attn.qkv is None:  # separate q_proj/k_proj/v_proj have no fused-qkv layout
         with pytest.raises(ModelError, match=r"fused-qkv layout .* separate q_proj/k_proj/v_proj .* split_qkv = true"):
             core.prepare(stock, recipe, bits=2)
         return
-    with torch.no_grad():
-        ref = stock(x)
-        q = core.prepare(stock, recipe, bits=2).eval()
-        with quantizers_disabled(q):
-            assert (q(x) - ref).abs().max().item() <= 1e-5
-        assert (q(x) - ref).abs().max().item() > 1e-3  # the quantizers are really in the forward (uncalibrated steps)
-    assert ref.abs().max() > 0.3
-    assert not any(isinstance(m, QLinear) for m in stock.modules())  # prepare worked on a copy
+    assert_prepare_is_fp_exact(stock, recipe, _x())
 
 
 def _capture(module: nn.Module, store: dict, key: str):
@@ -80,7 +56,7 @@ def _capture(module: nn.Module, store: dict, key: str):
 @pytest.mark.parametrize("spec", [EVA02_TINY, ("vit_small_patch16_dinov3", SMALL)], ids=["interleaved", "rotate_half"])
 def test_q_and_k_quantizers_see_the_rotated_values(spec):
     """Rotary Q/K are quantized after rope: the Q/K quantizers' inputs are timm's rotated Q/K, not the projections."""
-    stock = _model(*spec)
+    stock = spread_model(*spec)
     q = core.prepare(stock, "vaq", bits=4).eval()
     seen: dict = {}
     attn = q.blocks[0].attn
@@ -95,7 +71,7 @@ def test_q_and_k_quantizers_see_the_rotated_values(spec):
     b, n, c = h.shape
     bias = torch.cat((sa.q_bias, sa.k_bias, sa.v_bias)) if getattr(sa, "q_bias", None) is not None else sa.qkv.bias
     q_raw, k_raw, v_raw = F.linear(h, sa.qkv.weight, bias).chunk(3, -1)
-    heads = lambda t: t.reshape(b, n, 3, c // 3).transpose(1, 2)  # noqa: E731
+    heads = lambda t: t.reshape(b, n, 3, c // 3).transpose(1, 2)
     rope = stock.rope.get_embed(shape=stock.patch_embed.grid_size)
     npt, half = stock.num_prefix_tokens, sa.rotate_half
     for key, raw in (("q", q_raw), ("k", k_raw)):
@@ -110,7 +86,7 @@ def test_q_and_k_quantizers_see_the_rotated_values(spec):
 def test_swiglu_layout_and_gate_placement():
     """Packed (GluMlp) and split (SwiGLU + inner norm): signed input, unsigned-with-offset gate after SiLU, signed fc2 input."""
     for spec, packed in ((EVA02_TINY, True), (EVA02_BASE, False)):
-        stock = _model(*spec)
+        stock = spread_model(*spec)
         q = core.prepare(stock, "vaq", bits=3).eval()
         mlp, smlp = q.blocks[1].mlp, stock.blocks[1].mlp
         assert isinstance(mlp, QuantGLU) and mlp.packed is packed
@@ -167,41 +143,14 @@ def test_plain_mlp_needs_gelu_unless_a_norm_follows_it():
     assert q.blocks[1].mlp.fc2.a_quant.spec.signed and q.blocks[0].mlp.fc2.a_quant.spec.learned_offset
 
 
-def _quantized(spec, recipe: str = "vaq", bits: int = 3, per_channel: bool = False):
-    name, args = spec
-    loaded = resolve_model(name, random_init=True, model_args=args)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
-    rec = load_recipe(recipe, set_fields={"quant.bits": bits, "quant.per_channel": per_channel})
-    model = core.prepare(loaded.model, rec)
-    calibrate_off_init(model, 0)
-    return loaded, rec, model.eval()
-
-
 @pytest.mark.parametrize("spec,recipe,bits,per_channel", [
     (EVA02_TINY, "vaq", 2, False), (EVA02_TINY, "lsq", 4, True), (EVA02_CLIP, "vaq", 3, True),
     (MODELS[4], "vaq", 4, False),
 ], ids=["tiny-w2", "tiny-fused-w4-channel", "clip-w3-channel", "rope_mixed-w4"])
 def test_export_reloads_bit_exact_and_the_source_view_loads_into_stock_timm(tmp_path, spec, recipe, bits, per_channel):
-    loaded, rec, model = _quantized(spec, recipe, bits, per_channel)
-    path = tmp_path / "m.safetensors"
-    summary = export_model(model, path, architecture=loaded.architecture, model_args=loaded.model_args,
-                           data_config=loaded.data_config, recipe=rec, verify=True, verify_inputs=[_x(2)])
-    assert summary["verify"]["max_abs_diff"] == 0.0
-    reloaded = vitqtool.load(path)
-    x = _x()
-    with torch.no_grad():
-        assert torch.equal(reloaded(x), model(x))
-    assert core.quant_summary(reloaded) == core.quant_summary(model)
-    # the compressed-tensors view: the stock model's own keys (q_proj/k_proj/v_proj or qkv + q_bias/v_bias), loaded strictly
-    view = tmp_path / "view.safetensors"
-    write_source_view(model, view, architecture=loaded.architecture, model_args=loaded.model_args,
-                      data_config=loaded.data_config, verify_inputs=[_x(2)])
-    state = source_state_dict(view)
-    stock = resolve_model(spec[0], random_init=True, model_args=spec[1]).model
-    stock.load_state_dict(state, strict=True)
-    attn = model.blocks[0].attn
+    loaded, rec, model = quantized_random(spec, recipe, bits, per_channel)
+    state = assert_exports_round_trip(tmp_path, loaded, rec, model, _x())
+    attn = model.blocks[0].attn  # the view keeps the stock names: q_proj/k_proj/v_proj, or the fused qkv
     with torch.no_grad():
         if spec is EVA02_CLIP:
             for part in "qkv":
@@ -210,19 +159,11 @@ def test_export_reloads_bit_exact_and_the_source_view_loads_into_stock_timm(tmp_
         else:
             parts = [attn.q, attn.k, attn.v] if attn.split else [attn.qkv]
             assert torch.equal(state["blocks.0.attn.qkv.weight"], torch.cat([p.w_quant(p.weight) for p in parts]))
-        for name, q in iter_quantizers(model):  # the view is the weight-quantized network
-            q.enabled = q.kind == "weight"
-        assert (load_source_model(view)(x) - model(x)).abs().max() <= 1e-4
 
 
 def test_ptq_run_and_export(tmp_path):
-    name, args = EVA02_BASE
-    run = tmp_path / "run"
-    info = commands.quantize(name, recipe="ptq", bits=4, calib_batches=1, random_init=True, model_args=args, batch_size=8,
-                             limit_train=16, limit_val=16, out=run)
-    assert info.status == "done" and info.last_top1 is not None
-    result = commands.export(run, tmp_path / "m.safetensors", verify=True)
-    assert result.verify["max_abs_diff"] <= 1e-5 and result.quantized_layers == 1 + 2 * (3 + 1 + 3) + 1
+    # patch embedding, per block q/k/v/proj + fc1_g/fc1_x/fc2, head
+    assert ptq_run_and_export(tmp_path, EVA02_BASE).quantized_layers == 1 + 2 * (3 + 1 + 3) + 1
 
 
 def test_qat_epoch_trains_every_quantizer(tmp_path):
@@ -231,7 +172,7 @@ def test_qat_epoch_trains_every_quantizer(tmp_path):
     info = commands.quantize(name, recipe="vaq", bits=3, epochs=1, random_init=True, model_args=args, batch_size=16,
                              limit_train=32, limit_val=16, out=tmp_path / "run")
     assert info.status == "done" and info.epochs_done == 1
-    q = core.prepare(_model(*EVA02_TINY), "vaq", bits=3)
+    q = core.prepare(spread_model(*EVA02_TINY), "vaq", bits=3)
     core.calibrate(q, [_x(4)])
     q.train()
     q(_x(4)).logsumexp(-1).sum().backward()
@@ -241,12 +182,4 @@ def test_qat_epoch_trains_every_quantizer(tmp_path):
 
 @pytest.mark.parametrize("spec", [MODELS[4], ("vit_small_patch16_dinov3", SMALL), EVA02_BASE], ids=["rope_mixed", "dinov3", "eva02_base"])
 def test_fast_sensitivity_equals_naive(spec):
-    q = core.prepare(_model(*spec), "vaq", bits=2)
-    core.calibrate(q, [_x(4)])
-    family = get_family(q)
-    batches = [(_x(4), torch.arange(4))]
-    units = build_units(q, "both", family.block_names(q))
-    fast, naive = SensitivityProbe(q, family, batches, "fast"), SensitivityProbe(q, family, batches, "naive")
-    kl_fast = [fast.measure(u)["kl"] for u in units]
-    assert kl_fast == pytest.approx([naive.measure(u)["kl"] for u in units], rel=1e-4, abs=1e-9)
-    assert max(kl_fast) > 0
+    assert_fast_sensitivity_equals_naive(core.prepare(spread_model(*spec), "vaq", bits=2), _x(4))

@@ -109,13 +109,25 @@ def test_sharded_checkpoint_loads_and_its_index_is_checked(tiny, tmp_path):
         resolve_model(str(folder))
 
 
-def test_swin_stored_relative_position_index_is_checked(tiny, tmp_path):
-    """Older transformers saved Swin's relative_position_index: it must equal what timm computes, then it is dropped."""
-    folder = shutil.copytree(tiny["swin"][1], tmp_path / "swin")
+# family -> (the timm buffer that holds the index, the keys older transformers checkpoints stored it under)
+STORED_INDEX = {
+    "swin": ("layers.0.blocks.0.attn.relative_position_index",
+             [f"swin.encoder.layers.{s}.blocks.{b}.attention.self.relative_position_index" for s in range(2) for b in range(2)]),
+    "beit": ("blocks.0.attn.relative_position_index",
+             [f"beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_index" for i in range(2)]),
+    "data2vec_vision": ("rel_pos_bias.relative_position_index",
+                        ["data2vec_vision.encoder.relative_position_bias.relative_position_index"]),
+}
+
+
+@pytest.mark.parametrize("family", list(STORED_INDEX))
+def test_stored_relative_position_index_is_checked(tiny, tmp_path, family):
+    """Older transformers saved relative_position_index: it must equal what timm computes, then it is dropped."""
+    folder = shutil.copytree(tiny[family][1], tmp_path / family)
     ref = resolve_model(str(folder))
     state = load_file(str(folder / "model.safetensors"))
-    index = ref.model.layers[0].blocks[0].attn.relative_position_index
-    keys = [f"swin.encoder.layers.{s}.blocks.{b}.attention.self.relative_position_index" for s in range(2) for b in range(2)]
+    buffer, keys = STORED_INDEX[family]
+    index = ref.model.get_buffer(buffer)
     save_file({**state, **{k: index.clone() for k in keys}}, str(folder / "model.safetensors"))
     with torch.no_grad():
         assert torch.equal(resolve_model(str(folder)).model(_x()), ref.model(_x()))

@@ -4,7 +4,7 @@ Per block, the attention becomes `BeitQuantAttention`, a QuantAttention (split q
 quantized Q/K/V, softmax output and attn@V) whose logits get the relative position bias, the block's own
 table and/or the model's shared one, in FP (like Swin's bias table, method.md §3). BEiT's outside biases
 (`q_bias`, `v_bias`; the k projection has none) are added before the Q and V quantizers. The MLP is
-`families.mlp`'s (GELU Mlp, with or without an inner norm, or SwiGLU). FP: LayerScale (`gamma_1`,
+`families.blocks`'s (GELU Mlp, with or without an inner norm, or SwiGLU). FP: LayerScale (`gamma_1`,
 `gamma_2`), norms, class token, absolute position embedding, bias tables, pooling. 8-bit: patch
 embedding and head.
 
@@ -19,6 +19,7 @@ transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -26,25 +27,27 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import Family, QuantPolicy, class_name, quantize_conv, quantize_linear, register_family, require
-from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
-                     squash_processor_config)
-from .mlp import check_block_mlp, quantize_block_mlp
+from .base import Family, QuantPolicy, class_name, register_family, require
+from .blocks import check_block_mlp, quantize_blocks_
+from .hf_map import Names, bool_field, check_field, prob_field, squash_processor_config
+from .vit import ViTMap
 
 PROCESSOR_TYPES = frozenset({"BeitImageProcessor", "BeitImageProcessorFast", "BeitImageProcessorPil", "BeitFeatureExtractor"})
 RELPOS = "attention.attention.relative_position_bias"
 
 
-class BeitMap(TransformersMap):
-    """`BeitForImageClassification`: a timm Beit (relative position bias, LayerScale, q/v biases)."""
+class BeitMap(ViTMap):
+    """`BeitForImageClassification`: a timm Beit (relative position bias, LayerScale, q/v biases).
+
+    The encoder's sizes, activation, eps and dropouts are ViT's fields (`ViTMap.model_args`); the rest is BEiT's.
+    """
 
     hf_class, model_type, prefix = "BeitForImageClassification", "beit", "beit"
     renamed_in_memory: ClassVar[bool] = True  # transformers >= 5 renames the Linears (layers.i.attention.q_proj, ...)
-    fields = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-                        "hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "image_size", "patch_size",
-                        "num_channels", "head_dim", "use_mask_token", "use_absolute_position_embeddings",
-                        "use_relative_position_bias", "use_shared_relative_position_bias", "layer_scale_init_value",
-                        "drop_path_rate", "use_mean_pooling"})
+    # no qkv_bias: BEiT always has query and value biases and no key bias
+    fields = (ViTMap.fields - {"qkv_bias"}) | {"use_mask_token", "use_absolute_position_embeddings", "use_relative_position_bias",
+                                               "use_shared_relative_position_bias", "layer_scale_init_value", "drop_path_rate",
+                                               "use_mean_pooling"}
     # read only by masked image modeling, segmentation and backbone heads
     ignored = frozenset({"vocab_size", "pool_scales", "use_auxiliary_head", "auxiliary_loss_weight", "auxiliary_channels",
                          "auxiliary_num_convs", "auxiliary_concat_input", "semantic_loss_ignore_index", "out_features",
@@ -53,47 +56,25 @@ class BeitMap(TransformersMap):
     timm_names = (("beit_base_patch16_224", (768, 12, 12, 16)), ("beit_large_patch16_224", (1024, 24, 16, 16)))
 
     def model_args(self, config: Mapping[str, Any], where: str) -> dict[str, Any]:
-        check_field(config, "hidden_act", "gelu", where, "only exact GELU (nn.GELU) is mapped to timm")
         check_field(config, "use_mask_token", False, where, "the mask token is for masked image modeling, not classification")
-        dim = int_field(config, "hidden_size", where, 768)
-        heads = int_field(config, "num_attention_heads", where, 12)
-        if dim % heads:
-            raise ModelError(f"{where}: field 'num_attention_heads' ({heads}) does not divide hidden_size ({dim})")
-        check_field(config, "head_dim", dim // heads, where, "timm BEiT heads are hidden_size / num_attention_heads wide")
-        hidden = int_field(config, "intermediate_size", where, 3072)
-        if int(dim * (hidden / dim)) != hidden:
-            raise ModelError(f"{where}: field 'intermediate_size' ({hidden}) is not int(hidden_size * ratio) for any float ratio")
-        eps = config.get("layer_norm_eps", 1e-12)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ModelError(f"{where}: field 'layer_norm_eps' must be a small positive number, found {eps!r}")
+        args = super().model_args(config, where)
+        if isinstance(args["img_size"], tuple):
+            raise ModelError(f"{where}: field 'image_size' = {list(args['img_size'])} is not supported for BEiT (square images "
+                             "only: transformers resamples its position tables when height and width differ)")
         scale = config.get("layer_scale_init_value", 0.1)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
             raise ModelError(f"{where}: field 'layer_scale_init_value' must be a number >= 0, found {scale!r}")
-        img = pair_field(config, "image_size", where, 224)
-        if isinstance(img, tuple):
-            raise ModelError(f"{where}: field 'image_size' = {list(img)} is not supported for BEiT (square images only: "
-                             "transformers resamples its position tables when height and width differ)")
-        hidden_drop = prob_field(config, "hidden_dropout_prob", where)
+        del args["class_token"]  # timm's Beit always has one
         return {
-            "img_size": img, "patch_size": pair_field(config, "patch_size", where, 16),
-            "in_chans": int_field(config, "num_channels", where, 3), "embed_dim": dim,
-            "depth": int_field(config, "num_hidden_layers", where, 12), "num_heads": heads, "mlp_ratio": hidden / dim,
-            "qkv_bias": True, NORM_EPS_ARG: float(eps),
+            **args,
             # 0.0, not None: timm drops None kwargs and the entry point's default would return
             "init_values": float(scale),
             "use_abs_pos_emb": bool_field(config, "use_absolute_position_embeddings", where, False),
             "use_rel_pos_bias": bool_field(config, "use_relative_position_bias", where, False),
             "use_shared_rel_pos_bias": bool_field(config, "use_shared_relative_position_bias", where, False),
             "global_pool": "avg" if bool_field(config, "use_mean_pooling", where, True) else "token",
-            # training only (eval is dropout-free)
-            "pos_drop_rate": hidden_drop, "proj_drop_rate": hidden_drop,
-            "attn_drop_rate": prob_field(config, "attention_probs_dropout_prob", where),
-            "drop_path_rate": prob_field(config, "drop_path_rate", where),
+            "drop_path_rate": prob_field(config, "drop_path_rate", where),  # training only
         }
-
-    def signature(self, model_args: Mapping[str, Any]) -> tuple[Any, ...]:
-        patch = model_args["patch_size"]
-        return (model_args["embed_dim"], model_args["depth"], model_args["num_heads"], patch if isinstance(patch, int) else patch[0])
 
     def key_map(self, model_args: Mapping[str, Any]) -> list[Names]:
         p = self.prefix
@@ -105,10 +86,7 @@ class BeitMap(TransformersMap):
             rows.append(Names("rel_pos_bias.relative_position_bias_table", (f"{p}.encoder.relative_position_bias.relative_position_bias_table",)))
         for i in range(model_args["depth"]):
             hf, rt = f"{p}.encoder.layer.{i}", f"{p}.layers.{i}"
-
-            def runtime(*names: str) -> tuple[str, ...] | None:
-                return tuple(f"{rt}.{n}" for n in names) if self.renamed_in_memory else None
-
+            runtime = functools.partial(self._runtime, rt)
             rows += [
                 Names(f"blocks.{i}.norm1", (f"{hf}.layernorm_before",)),
                 Names(f"blocks.{i}.attn.qkv", tuple(f"{hf}.attention.attention.{n}" for n in ("query", "key", "value")),
@@ -127,6 +105,10 @@ class BeitMap(TransformersMap):
         rows.append(Names("fc_norm", (f"{p}.pooler.layernorm",)) if model_args["global_pool"] == "avg"
                     else Names("norm", (f"{p}.layernorm",)))
         return rows + [Names("head", ("classifier",))]
+
+    def _runtime(self, layer: str, *names: str) -> tuple[str, ...] | None:
+        """transformers >= 5 in-memory names of a layer's Linears, where they differ from the saved ones."""
+        return tuple(f"{layer}.{n}" for n in names) if self.renamed_in_memory else None
 
     def recomputed_buffers(self, model_args: Mapping[str, Any]) -> list[tuple[str, str]]:
         p, out = self.prefix, []
@@ -190,13 +172,7 @@ class BeitFamily(Family):
             check_block_mlp(block.mlp, where)
 
     def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
-        quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
-        for block in model.blocks:
-            block.attn = BeitQuantAttention(block.attn, policy)
-            quantize_block_mlp(block, policy)
-        if isinstance(model.head, nn.Linear):
-            quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
-        return model
+        return quantize_blocks_(model, policy, BeitQuantAttention)
 
     def block_names(self, model: nn.Module) -> list[str]:
         return [f"blocks.{i}" for i in range(len(model.blocks))]

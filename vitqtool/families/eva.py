@@ -10,7 +10,7 @@ Per block, the attention (`EvaAttention`, or `AttentionRope` of the rope ViTs) b
   layout: the fused-qkv baseline (`split_qkv = false`) is refused for them.
 - the attention's inner norm (`scale_attn_inner`, EVA-CLIP's sub-LN) runs in FP before proj, whose input
   quantizer sees its output.
-The MLP is `families.mlp`'s: a GELU Mlp (with or without an inner norm) or SwiGLU (packed `GluMlp` or split
+The MLP is `families.blocks`'s: a GELU Mlp (with or without an inner norm) or SwiGLU (packed `GluMlp` or split
 `SwiGLU`): gate unsigned with a learned offset, fc2's input signed. FP: LayerScale (`gamma_1`, `gamma_2`),
 norms, position embeddings, rotary tables, class and register tokens, pooling. 8-bit: patch embedding and head.
 
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import Family, QuantPolicy, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
-from .mlp import check_block_mlp, quantize_block_mlp
+from .base import Family, QuantPolicy, class_name, is_identity, register_family, require
+from .blocks import check_block_mlp, quantize_blocks_
 
 BLOCKS = ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm")
 ATTENTIONS = ("timm.models.eva.EvaAttention", "timm.layers.attention.AttentionRope")
@@ -119,13 +119,7 @@ class EvaFamily(Family):
         if self.separate_projections and not policy.split_qkv:
             raise ModelError("blocks.0.attn: the fused-qkv layout (recipe split_qkv = false) is not supported for separate "
                              "q_proj/k_proj/v_proj projections; use a recipe with split_qkv = true (vaq, ptq)")
-        quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
-        for block in model.blocks:
-            block.attn = EvaQuantAttention(block.attn, policy)
-            quantize_block_mlp(block, policy)
-        if isinstance(model.head, nn.Linear):
-            quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
-        return model
+        return quantize_blocks_(model, policy, EvaQuantAttention)
 
     def stock_name(self, path: str) -> tuple[str, int | None]:
         """`attn.q` -> `attn.q_proj` when the stock model has separate projections; else the default (thirds of `qkv`)."""

@@ -1,5 +1,8 @@
-"""The MLPs of timm's ViT-like blocks beyond the plain GELU `Mlp`, for the families that have them (EVA, BEiT).
+"""What the token-block families EVA and BEiT share: the rewrite around their attention, and their MLPs' rules.
 
+`quantize_blocks_` rewrites a timm model of `patch_embed`, `blocks` (each with `attn` and `mlp`) and `head`:
+the patch embedding and the head at the edge bits, each block's attention by the family's own constructor,
+each MLP by `quantize_block_mlp`. The MLPs beyond the plain GELU `Mlp`:
 - timm `Mlp` (fc1 -> act -> [norm] -> fc2): fc1's input is signed (method.md §3). Without a norm inside the
   MLP, fc2 reads the GELU output: unsigned with a learned offset (method.md §2), so only GELU is accepted.
   With a norm inside (NormFormer's sub-LN, timm's `scale_mlp`), fc2 reads the norm's output, which is
@@ -12,10 +15,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from ..quant import QuantGLU
-from .base import GELU_CLASSES, QuantPolicy, class_name, is_identity, quantize_linear, require
+from .base import GELU_CLASSES, QuantPolicy, class_name, is_identity, quantize_conv, quantize_linear, require
 
 MLP = "timm.layers.mlp.Mlp"
 GLU_MLPS = ("timm.layers.mlp.GluMlp", "timm.layers.mlp.SwiGLU")
@@ -50,3 +55,14 @@ def quantize_block_mlp(block: nn.Module, policy: QuantPolicy) -> None:
     fc1 = (mlp.fc1_g, mlp.fc1_x) if hasattr(mlp, "fc1_g") else mlp.fc1
     block.mlp = QuantGLU(fc1, mlp.fc2, mlp.act, policy.weight(), policy.act(), policy.gelu_out(), norm=norm,
                          gate_last=getattr(mlp, "gate_last", False), drop=(mlp.drop1.p, mlp.drop2.p))
+
+
+def quantize_blocks_(model: nn.Module, policy: QuantPolicy, attention: Callable[[nn.Module, QuantPolicy], nn.Module]) -> nn.Module:
+    """Rewrite patch embedding and head (edge bits), every block's attention (`attention(stock, policy)`) and MLP."""
+    quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
+    for block in model.blocks:
+        block.attn = attention(block.attn, policy)
+        quantize_block_mlp(block, policy)
+    if isinstance(model.head, nn.Linear):
+        quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
+    return model
