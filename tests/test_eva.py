@@ -133,6 +133,12 @@ def test_refused_features_are_named_in_one_line(extra, edit, where, feature):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_attention_masks_are_refused_at_run_time():
+    q = core.prepare(spread_model(*EVA02_TINY), "vaq")
+    with pytest.raises(ValueError, match="attention masks are not supported"):
+        q(_x(), is_causal=True)
+
+
 def test_plain_mlp_needs_gelu_unless_a_norm_follows_it():
     model = timm.create_model("eva_giant_patch14_224", pretrained=False, **SMALL, mlp_ratio=2)
     model.blocks[1].mlp.act = nn.SiLU()
