@@ -10,6 +10,8 @@ file that compressed-tensors decompresses (`PackedQuantizationCompressor`) into 
 - split q/k/v projections become the stock fused `qkv`: codes stacked row-wise, packed at the widest of
   the three bit widths (a narrower code is exact there too), a per-output-channel scale `[3*dim, 1]`
   that repeats each of the q, k and v steps (exact: the decompressed rows are the q, k, v weights);
+  where the stock model has separate q, k, v projections (`Family.stock_name` of `q` is a whole layer),
+  each keeps its own layer and the attention's shared input quantizer is the input scale of each;
 - signed, offset-free Linear inputs become compressed-tensors' static `input_scale` (the shared
   attention-input quantizer is `qkv.input_scale`); activation quantizers without a compressed-tensors
   slot (Q, K, V outputs, softmax, the GELU output with its learned offset) are listed, with their
@@ -72,7 +74,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
     def rename(name: str) -> str:
         return family.stock_name(name)[0]
 
-    fused = {n: m for n, m in model.named_modules() if isinstance(m, FusedProjections) and m.fused_parts()[0]}
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, FusedProjections)}
     tensors: dict[str, Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}  # stock layer -> scheme row
     done: set[str] = set()  # rewritten-model layers already written
@@ -92,6 +94,14 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
         for name, mod in fused.items():
             part_names, in_quant = mod.fused_parts()
             parts = [mod.get_submodule(p) for p in part_names]
+            if len(parts) > 1 and family.stock_name(f"{name}.{part_names[0]}")[1] is None:
+                # the stock model keeps these projections apart (e.g. separate q, k, v): each is written as its own
+                # layer, with the shared input quantizer as its input scale
+                for part, layer in zip(part_names, parts):
+                    put_layer(rename(f"{name}.{part}"), layer.w_quant.codes(layer.weight).cpu(), layer.w_quant.spec.bits,
+                              _step(layer.w_quant), layer.bias, in_quant, layer.w_quant.spec.per_channel)
+                    done.add(f"{name}.{part}")
+                continue
             codes = torch.cat([p.w_quant.codes(p.weight).cpu() for p in parts])
             bits = max(p.w_quant.spec.bits for p in parts)
             if len(parts) == 1 and not parts[0].w_quant.spec.per_channel:
@@ -150,7 +160,7 @@ def _quantization_config(layers: dict[str, dict], stock_state: dict[str, Tensor]
 
 def _activation_table(model: nn.Module, fused: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
     """Activation quantizers compressed-tensors has no slot for, by rewritten-model name, with their step and offset."""
-    shared_inputs = {id(m.fused_parts()[1]) for m in fused.values()}  # written as the fused Linear's input_scale
+    shared_inputs = {id(m.fused_parts()[1]) for m in fused.values()}  # written as the projections' input_scale
     table: dict[str, dict[str, Any]] = {}
 
     def row(q: Quantizer, role: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ and names no family.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -86,6 +86,19 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         """Logits from the input of segment `index` (`len(block_names)` = the tail)."""
+
+    def convert_checkpoint(self, model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A weights file in another published layout of the family (e.g. its authors' code) under `model`'s names.
+
+        The default, for families without one: unchanged. Loading stays strict after the conversion.
+        """
+        return dict(state_dict)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "Family":
+        """The family instance for `model` (stock or rewritten); a family whose stock names depend on the model's
+        configuration reads it here."""
+        return cls()
 
     def stock_name(self, path: str) -> tuple[str, int | None]:
         """The stock (FP timm) name of a quantized-layout module or state key, and which third of it (q, k, v) or None.
@@ -180,7 +193,13 @@ def get_family(model: nn.Module) -> Family:
     if family is None:
         supported = ", ".join(dict.fromkeys(p for f in FAMILIES.values() for p in f.patterns))
         raise ModelError(f"model class {type(model).__name__} is not a supported family (supported timm architectures: {supported})")
-    return family()
+    return family.for_model(model)
+
+
+def convert_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` under `model`'s own names when its family knows the file's layout; unchanged otherwise."""
+    family = FAMILIES.get(class_name(model))
+    return family().convert_checkpoint(model, state_dict) if family is not None else dict(state_dict)
 
 
 def quantize_model_(model: nn.Module, policy: QuantPolicy) -> nn.Module:

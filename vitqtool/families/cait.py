@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QLinear, QuantAttention, make_quantizer
-from .base import (Family, QuantPolicy, check_mlp, class_name, quantize_conv, quantize_linear, quantize_mlp, register_family,
-                   require)
+from .base import Family, QuantPolicy, check_mlp, class_name, quantize_mlp, register_family, require
+from .blocks import quantize_blocks_
 
 CAIT = "timm.models.cait"
 
@@ -91,13 +91,10 @@ class CaitFamily(Family):
                 check_mlp(block.mlp, where)
 
     def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
-        quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
-        for attr, attention in (("blocks", CaitQuantTalkingHeadAttention), ("blocks_token_only", CaitQuantClassAttention)):
-            for block in getattr(model, attr):
-                block.attn = attention(block.attn, policy)
-                quantize_mlp(block.mlp, policy)
-        if isinstance(model.head, nn.Linear):
-            quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
+        quantize_blocks_(model, policy, CaitQuantTalkingHeadAttention)  # patch embedding, self-attention blocks, head
+        for block in model.blocks_token_only:
+            block.attn = CaitQuantClassAttention(block.attn, policy)
+            quantize_mlp(block.mlp, policy)
         return model
 
     def stock_name(self, path: str) -> tuple[str, int | None]:

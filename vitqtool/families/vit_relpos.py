@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QuantAttention
-from .base import (Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, quantize_mlp,
-                   register_family, require)
+from .base import Family, QuantPolicy, check_mlp, class_name, is_identity, register_family, require
+from .blocks import quantize_blocks_
 
 RELPOS = "timm.models.vision_transformer_relpos"
 BLOCKS = (f"{RELPOS}.RelPosBlock", f"{RELPOS}.ResPostRelPosBlock")
@@ -66,13 +66,7 @@ class RelPosViTFamily(Family):
             check_mlp(block.mlp, where)
 
     def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
-        quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
-        for block in model.blocks:
-            block.attn = RelPosQuantAttention(block.attn, policy)
-            quantize_mlp(block.mlp, policy)
-        if isinstance(model.head, nn.Linear):
-            quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
-        return model
+        return quantize_blocks_(model, policy, RelPosQuantAttention)
 
     def fp_layers(self, model: nn.Module) -> frozenset[str]:
         """The relative-position MLPs' Linear layers (a constant table at inference; see the module doc)."""

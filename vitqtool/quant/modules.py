@@ -7,6 +7,7 @@ quantizer disabled they compute exactly what the float module computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -90,8 +91,17 @@ class QuantAttention(nn.Module):
     (`split=False`, the plain LSQ baseline); quantizers on Q, K and V (one shared quantizer on the fused
     output when not split); `Q K^T * scale + bias` and softmax in FP; an unsigned quantizer on the
     softmax output; `attn @ V` quantized as the input of `proj`. `attn_bias` (relative position bias,
-    window mask) is added to the logits by the caller's family adapter. `qkv` is the stock fused Linear
-    (sliced into q, k, v when split), or the stock model's three separate q, k, v Linears (kept, always split).
+    window mask) is added to the logits by the caller's family adapter.
+
+    Options some ViT variants need, all FP and all applied before the quantizer that follows them:
+    - `qkv` given as three separate projections (used as they are, not copied; split layout only);
+    - `q_bias` / `v_bias`: biases of the q and v projections stored outside a bias-free projection
+      (the k projection has none), added to the projection output before its quantizer;
+    - `q_norm` / `k_norm`: per-head norms of Q and K, and `rotate`, a function forward applies to the
+      per-head Q and K (`[B, heads, N, head_dim]`, e.g. a rotary position embedding): the Q and K
+      quantizers see the normalised, rotated values, so the integer matmul does too;
+    - `norm`: a norm of `attn @ V` before `proj`, whose input quantizer then sees the norm's output.
+    Subclasses that change what happens between the two matmuls (talking heads) reuse `project`.
     """
 
     # the projections whose output its Q/K/V quantizer sees unchanged (what compressed-tensors' output_activations
@@ -100,21 +110,34 @@ class QuantAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv: nn.Linear | tuple[nn.Linear, nn.Linear, nn.Linear], proj: nn.Linear,
                  scale: float, bits: int, split: bool = True, per_channel: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, method: str = "lsq") -> None:
+                 proj_drop: float = 0.0, method: str = "lsq", *, q_bias: nn.Parameter | None = None,
+                 v_bias: nn.Parameter | None = None, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                 norm: nn.Module | None = None) -> None:
         super().__init__()
-        self.from_fused = isinstance(qkv, nn.Linear)
-        if isinstance(qkv, nn.Linear):
-            if qkv.out_features % 3:
-                raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
-            projections = {n: _slice_linear(qkv, i) for i, n in enumerate(QKV)} if split else {"qkv": qkv}
-            width = qkv.out_features // 3
+        parts = qkv if isinstance(qkv, tuple) else None
+        if parts is not None:
+            if not split:
+                raise ValueError("separate q/k/v projections need the split layout (split=True)")
+            if len({p.out_features for p in parts}) != 1:
+                raise ValueError(f"q/k/v projections have different widths {[p.out_features for p in parts]}")
+            width = parts[0].out_features
+        elif qkv.out_features % 3:
+            raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
         else:
-            projections, width = dict(zip(QKV, qkv)), qkv[0].out_features
+            width = qkv.out_features // 3
+        if (q_bias is not None or v_bias is not None) and (qkv.bias is not None if parts is None else parts[0].bias is not None):
+            raise ValueError("q_bias/v_bias are for a bias-free projection; this one has a bias")
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.scale = scale
-        self.split = "q" in projections
+        self.split = split
+        if not split:
+            projections = {"qkv": qkv}
+        else:
+            projections = dict(zip(QKV, parts if parts is not None else [_slice_linear(qkv, i) for i in range(3)]))
         _attention_layers(self, projections, proj, bits, per_channel, method)
+        self.q_bias, self.v_bias = q_bias, v_bias
+        self.q_norm, self.k_norm, self.norm = q_norm, k_norm, norm  # norm: of attn @ V, before proj's input quantizer
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -122,32 +145,59 @@ class QuantAttention(nn.Module):
         b, n, _ = t.shape
         return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project(self, x: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _position(self, t: Tensor, bias: Tensor | None, norm: nn.Module | None,
+                  rotate: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """A `[B, N, heads * head_dim]` projection output with its outside bias, per-head norm and rotation applied."""
+        if bias is not None:
+            t = t + bias
+        if norm is None and rotate is None:
+            return t
+        heads = self._heads(t)
+        if norm is not None:
+            heads = norm(heads)
+        if rotate is not None:
+            heads = rotate(heads)
+        return heads.transpose(1, 2).reshape(t.shape)
+
+    def project(self, x: Tensor, num_queries: int, rotate: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantized Q (of the first `num_queries` tokens), K and V of `x`, heads first: `[batch, heads, tokens, head_dim]`."""
+        b, n, _ = x.shape
+        if rotate is not None and num_queries != n:
+            raise ValueError("a rotated attention computes every query (num_queries is not supported with rotate)")
         x = self.input_quant(x)
         if self.split:
-            return (self._heads(self.q_quant(self.q(x[:, :num_queries]))), self._heads(self.k_quant(self.k(x))),
-                    self._heads(self.v_quant(self.v(x))))
-        b, n, _ = x.shape
-        q, k, v = self.qkv_quant(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q = self._heads(self.q_quant(self._position(self.q(x[:, :num_queries]), self.q_bias, self.q_norm, rotate)))
+            k = self._heads(self.k_quant(self._position(self.k(x), None, self.k_norm, rotate)))
+            v = self._heads(self.v_quant(self._position(self.v(x), self.v_bias, None, None)))
+            return q, k, v
+        qkv = self.qkv(x)
+        if any(t is not None for t in (self.q_bias, self.v_bias, self.q_norm, self.k_norm, rotate)):
+            q, k, v = qkv.chunk(3, dim=-1)
+            qkv = torch.cat([self._position(q, self.q_bias, self.q_norm, rotate), self._position(k, None, self.k_norm, rotate),
+                             self._position(v, self.v_bias, None, None)], dim=-1)
+        q, k, v = self.qkv_quant(qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q[:, :, :num_queries], k, v
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None,
+                rotate: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Attend over all tokens of `x`; outputs only the first `num_queries` tokens when given.
 
         Every quantizer is elementwise, so computing a subset of the queries gives exactly those rows.
+        `rotate` (e.g. a rotary position embedding) is applied to the per-head Q and K before their quantizers.
         """
         b, n, _ = x.shape
         nq = n if num_queries is None else num_queries
-        q, k, v = self.project(x, nq)
+        q, k, v = self.project(x, nq, rotate)
         bias = attn_bias[..., :nq, :] if attn_bias is not None else None
         out = attend(q, k, v, self.scale, self.softmax_quant, self.attn_drop, bias).transpose(1, 2).reshape(b, nq, -1)
+        if self.norm is not None:
+            out = self.norm(out)
         return self.proj_drop(self.proj(out))
 
     def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
-        """The child projections that make up one stock fused `qkv` Linear, in order (none when the stock model keeps
-        q, k, v apart), and their shared input quantizer."""
-        return (() if not self.from_fused else QKV if self.split else ("qkv",)), self.input_quant
+        """The child projections that are one stock Linear's rows, in order (the stock `qkv`; the family's
+        `stock_name` says when the stock model keeps them apart), and their shared input quantizer."""
+        return (QKV if self.split else ("qkv",)), self.input_quant
 
 
 class QuantAttentionPool(nn.Module):
@@ -218,8 +268,8 @@ class FusedProjections(Protocol):
     """A module whose child projections (split for their own weight steps) are one fused Linear in the stock model."""
 
     def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
-        """The child projections that make up the stock fused Linear, in row order (none: nothing fused), and the
-        quantizer of their shared input."""
+        """The child projections that are one stock Linear's rows, in order, and the quantizer of their shared input
+        (the family's `stock_name` says when the stock model keeps them as separate layers instead)."""
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, softmax_quant: Quantizer, attn_drop: nn.Module | None = None,
