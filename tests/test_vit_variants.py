@@ -33,6 +33,11 @@ VARIANTS = {
     "parallel_scaling": ("vit_pwee_patch16_reg1_gap_256", SMALL),  # one in_proj for fc1 and q/k/v
     "dinov2": ("vit_small_patch14_dinov2", SMALL),             # LayerScale (accepted before; checked with the rest)
     "dinov2_registers": ("vit_small_patch14_reg4_dinov2", SMALL),
+    "dinov2_giant": ("vit_giant_patch14_dinov2", {**SMALL, "embed_dim": 96}),  # SwiGLU packed in one fc1 (GluMlp)
+    "aimv2": ("aimv2_large_patch14_224", SMALL),                # SwiGLU, RmsNorm
+    "norms": ("vit_tiny_patch16_224", {**SMALL, "qk_norm": True, "scale_attn_norm": True, "scale_mlp_norm": True}),
+    "res_post": ("vit_base_patch16_rpn_224", SMALL),            # post-norm ResPostBlock
+    "parallel_scaling_qk_norm": ("vit_base_patch16_xp_224", SMALL),
 }
 
 
@@ -106,7 +111,7 @@ def test_parallel_scaling_block_splits_its_in_projection():
     assert isinstance(core.prepare(stock, "lsq", bits=3).blocks[0].in_proj, QLinear)  # split_qkv off: one fused step
 
 
-@pytest.mark.parametrize("variant", ["siglip_map", "siglip_map_prefix", "parallel", "parallel_scaling"])
+@pytest.mark.parametrize("variant", ["siglip_map", "siglip_map_prefix", "parallel", "parallel_scaling", "norms"])
 def test_fast_sensitivity_equals_naive(variant):
     assert_fast_sensitivity_equals_naive(core.prepare(_model(variant), "vaq", bits=2))
 
@@ -147,16 +152,33 @@ def test_refused_variants_name_module_and_feature(extra, where, feature):
     assert "\n" not in str(err.value)
 
 
-def test_parallel_scaling_features_outside_the_rewrite_are_refused_in_one_line():
+def test_norms_are_fp_and_sit_before_their_quantizers():
+    """qk-norm: the Q/K quantizers see the normalised per-head values; scale-norm: proj's input quantizer sees the normed
+    attn @ V; a norm inside the MLP: fc2 reads its (signed) output."""
+    q = core.prepare(_model("norms"), "vaq", bits=3)
+    attn = q.blocks[0].attn
+    assert isinstance(attn.q_norm, torch.nn.LayerNorm) and isinstance(attn.norm, torch.nn.LayerNorm)
+    fc2 = q.blocks[0].mlp.fc2.a_quant
+    assert fc2.spec.signed and not fc2.spec.learned_offset
+    seen = {}
+    hooks = [attn.q.register_forward_hook(lambda m, a, out: seen.setdefault("projected", out)),
+             attn.q_quant.register_forward_pre_hook(lambda m, a: seen.setdefault("quantized", a[0]))]
+    with torch.no_grad():
+        q(images(2))
+        normed = attn.q_norm(seen["projected"].unflatten(-1, (attn.num_heads, attn.head_dim))).flatten(-2)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen["quantized"], normed)  # the Q quantizer reads the per-head normalised projection
+
+
+def test_parallel_scaling_fused_output_projection_is_refused_in_one_line():
     from timm.models.vision_transformer import ParallelScalingBlock
 
-    with pytest.raises(ModelError, match=r"^blocks\.0: qk_norm") as err:  # the xp models normalise q and k
-        core.prepare(timm.create_model("vit_base_patch16_xp_224", pretrained=False, **SMALL), "vaq")
-    assert "\n" not in str(err.value)
     model = timm.create_model("vit_pwee_patch16_reg1_gap_256", pretrained=False, **SMALL)
     model.blocks[1] = ParallelScalingBlock(64, 2, mlp_ratio=5, fuse_out_proj=True)
-    with pytest.raises(ModelError, match=r"^blocks\.1\.out_proj: a fused output projection"):
+    with pytest.raises(ModelError, match=r"^blocks\.1\.out_proj: a fused output projection") as err:
         core.prepare(model, "vaq")
+    assert "\n" not in str(err.value)
 
 
 # --------------------------------------------------------------------------- transformers

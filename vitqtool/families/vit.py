@@ -30,10 +30,11 @@ from typing import Any, ClassVar, Mapping
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .base import Family, QuantPolicy, check_mlp, class_name, quantize_conv, quantize_linear, quantize_mlp, register_family, require
+from .base import Family, QuantPolicy, class_name, quantize_conv, quantize_linear, register_family, require
+from .blocks import check_block_mlp, quantize_block_mlp
 from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
                      squash_processor_config, sub_config)
-from .vit_layers import (BLOCK, PARALLEL_BLOCK, SCALING_BLOCK, SCALING_PARTS, ViTQuantAttention, ViTQuantAttentionPool,
+from .vit_layers import (BLOCK, PARALLEL_BLOCK, POST_NORM_BLOCK, SCALING_BLOCK, SCALING_PARTS, ViTQuantAttention, ViTQuantAttentionPool,
                          ViTQuantParallelScalingBlock, check_attention, check_attention_pool, check_parallel_scaling,
                          quantize_attention)
 
@@ -227,15 +228,15 @@ class ViTFamily(Family):
             if class_name(block) == PARALLEL_BLOCK:
                 for j, (attn, ffn) in enumerate(zip(block.attns, block.ffns)):
                     check_attention(attn.attn, f"{where}.attns.{j}.attn")
-                    check_mlp(ffn.mlp, f"{where}.ffns.{j}")
+                    check_block_mlp(ffn.mlp, f"{where}.ffns.{j}")
                 continue
             if class_name(block) == SCALING_BLOCK:
                 check_parallel_scaling(block, where)
                 continue
-            require(class_name(block) == BLOCK, where,
-                    f"block type {type(block).__name__} (only timm Block, ParallelThingsBlock and ParallelScalingBlock)")
+            require(class_name(block) in (BLOCK, POST_NORM_BLOCK), where, f"block type {type(block).__name__} "
+                    "(only timm Block, ResPostBlock, ParallelThingsBlock and ParallelScalingBlock)")
             check_attention(block.attn, f"{where}.attn")
-            check_mlp(block.mlp, where)
+            check_block_mlp(block.mlp, where)
 
     def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
         quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
@@ -246,7 +247,7 @@ class ViTFamily(Family):
             pairs = zip(block.attns, block.ffns) if class_name(block) == PARALLEL_BLOCK else [(block, block)]
             for attn_parent, mlp_parent in pairs:
                 quantize_attention(attn_parent, policy)
-                quantize_mlp(mlp_parent.mlp, policy)
+                quantize_block_mlp(mlp_parent, policy)
         if getattr(model, "attn_pool", None) is not None:
             model.attn_pool = ViTQuantAttentionPool(model.attn_pool, policy)
         for head in ("head", "head_dist"):
@@ -283,7 +284,8 @@ class ViTFamily(Family):
         """
         blocks = list(model.blocks[index:])
         keep = model.num_prefix_tokens if model.global_pool == "token" else 0
-        last = blocks.pop() if blocks and keep and isinstance(getattr(blocks[-1], "attn", None), ViTQuantAttention) else None
+        last = (blocks.pop() if blocks and keep and class_name(blocks[-1]) == BLOCK  # pre-norm: the formula below
+                and isinstance(blocks[-1].attn, ViTQuantAttention) else None)
         for block in blocks:
             hidden = block(hidden)
         if last is not None:

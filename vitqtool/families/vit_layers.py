@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QLinear, QuantAttention, QuantAttentionPool, Quantizer, QuantSpec, attend, make_quantizer, slice_rows
-from .base import GELU_CLASSES, QuantPolicy, check_mlp, class_name, is_identity, quantize_mlp, require
+from .base import GELU_CLASSES, QuantPolicy, class_name, is_identity, require
+from .blocks import check_block_mlp, quantize_block_mlp
 
 
 class ViTQuantAttention(QuantAttention):
@@ -29,7 +30,7 @@ class ViTQuantAttentionPool(QuantAttentionPool):
                          split=policy.split_qkv, per_channel=policy.per_channel, proj_drop=stock.proj_drop.p,
                          method=policy.method)
         self.norm, self.mlp, self.pool = stock.norm, stock.mlp, stock.pool
-        quantize_mlp(self.mlp, policy)
+        quantize_block_mlp(self, policy)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if attn_mask is not None:
@@ -40,15 +41,15 @@ class ViTQuantAttentionPool(QuantAttentionPool):
 
 
 BLOCK = "timm.models.vision_transformer.Block"
+POST_NORM_BLOCK = "timm.models.vision_transformer.ResPostBlock"  # x + norm1(attn(x)): the quantizers read the residual
 PARALLEL_BLOCK = "timm.models.vision_transformer.ParallelThingsBlock"
 SCALING_BLOCK = "timm.models.vision_transformer.ParallelScalingBlock"
 
 
 def check_attention(attn: nn.Module, where: str) -> None:
-    """The attention `ViTQuantAttention` replaces: timm Attention with a fused Linear qkv, no qk/scale norm, no gate."""
+    """The attention `ViTQuantAttention` replaces: timm Attention with a fused Linear qkv and no gate (qk-norm and
+    scale-norm are FP norms that QuantAttention applies before the Q/K and `proj` input quantizers)."""
     require(class_name(attn) == "timm.layers.attention.Attention", where, f"attention type {type(attn).__name__} (only timm Attention)")
-    require(is_identity(attn.q_norm) and is_identity(attn.k_norm), where, f"qk_norm ({type(attn.q_norm).__name__})")
-    require(is_identity(attn.norm), where, f"scale_norm ({type(attn.norm).__name__})")
     require(getattr(attn, "gate", None) is None, where, "gated attention")
     require(type(attn.qkv) is nn.Linear and type(attn.proj) is nn.Linear, where, "non-Linear qkv/proj")
 
@@ -61,15 +62,16 @@ def check_attention_pool(pool: nn.Module) -> None:
     require(is_identity(pool.q_norm) and is_identity(pool.k_norm), "attn_pool", f"qk_norm ({type(pool.q_norm).__name__})")
     require(all(type(getattr(pool, n)) is nn.Linear for n in ("q", "kv", "proj")), "attn_pool",
             "an attention pool without its query or output projection (q_proj=False, out_features=0)")
-    check_mlp(pool.mlp, "attn_pool")
+    check_block_mlp(pool.mlp, "attn_pool")
 
 
 def quantize_attention(parent: nn.Module, policy: QuantPolicy) -> None:
     """Swap `parent.attn` (a timm Attention) for a `ViTQuantAttention` sharing its weights."""
     attn = parent.attn
+    norms = {name: None if is_identity(getattr(attn, name)) else getattr(attn, name) for name in ("q_norm", "k_norm", "norm")}
     parent.attn = ViTQuantAttention(attn.qkv.in_features, attn.num_heads, attn.qkv, attn.proj, attn.scale, policy.bits,
                                     split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=attn.attn_drop.p,
-                                    proj_drop=attn.proj_drop.p, method=policy.method)
+                                    proj_drop=attn.proj_drop.p, method=policy.method, **norms)
 
 
 class ViTQuantParallelScalingBlock(nn.Module):
@@ -79,7 +81,8 @@ class ViTQuantParallelScalingBlock(nn.Module):
     one signed input quantizer on the norm output (`split_qkv` off: one fused `in_proj`, one step, and one quantizer
     on the q/k/v part of its output); Q/K/V signed, softmax output unsigned; `attn @ V` signed as the input of
     `attn_out_proj`, the GELU output unsigned with a learned offset as the input of `mlp_out_proj`. `mlp_bias`
-    (when the in-projection has no bias), LayerScale and the norm stay FP.
+    (when the in-projection has no bias), the q/k norms (applied before the Q/K quantizers), LayerScale and the
+    norm stay FP.
     """
 
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
@@ -99,6 +102,7 @@ class ViTQuantParallelScalingBlock(nn.Module):
             self.in_proj = QLinear.from_float(stock.in_proj, policy.weight(), None)
             self.qkv_quant = make_quantizer(policy.act(), "act")
         self.mlp_bias = stock.mlp_bias
+        self.q_norm, self.k_norm = stock.q_norm, stock.k_norm  # FP per-head norms, before the Q/K quantizers
         self.softmax_quant = make_quantizer(QuantSpec(policy.bits, signed=False, method=policy.method), "act")
         self.attn_drop, self.mlp_drop, self.mlp_act = stock.attn_drop, stock.mlp_drop, stock.mlp_act
         self.attn_out_proj = QLinear.from_float(stock.attn_out_proj, policy.weight(), policy.act())
@@ -109,15 +113,22 @@ class ViTQuantParallelScalingBlock(nn.Module):
         b, n, _ = t.shape
         return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _normed(self, t: Tensor, norm: nn.Module) -> Tensor:
+        """`norm` over each head of a `[B, N, heads * head_dim]` projection output (timm's q/k norm; Identity: as is)."""
+        return norm(t.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("attention masks are not supported by the quantized parallel block")
         b, n, c = x.shape
         y = self.input_quant(self.in_norm(x))
         if self.split:
-            x_mlp, q, k, v = self.fc1(y), self.q_quant(self.q(y)), self.k_quant(self.k(y)), self.v_quant(self.v(y))
+            x_mlp = self.fc1(y)
+            q, k = self.q_quant(self._normed(self.q(y), self.q_norm)), self.k_quant(self._normed(self.k(y), self.k_norm))
+            v = self.v_quant(self.v(y))
         else:
-            x_mlp, qkv = torch.split(self.in_proj(y), [self.in_split[0], 3 * c], dim=-1)
+            x_mlp, q, k, v = torch.split(self.in_proj(y), self.in_split, dim=-1)
+            qkv = torch.cat([self._normed(q, self.q_norm), self._normed(k, self.k_norm), v], dim=-1)
             q, k, v = self.qkv_quant(qkv).split(c, dim=-1)
         if self.mlp_bias is not None:
             x_mlp = x_mlp + self.mlp_bias
@@ -134,10 +145,9 @@ SCALING_PARTS = ("fc1", "q", "k", "v")  # the row blocks of a ParallelScalingBlo
 
 
 def check_parallel_scaling(block: nn.Module, where: str) -> None:
-    """What `ViTQuantParallelScalingBlock` covers: separate output projections, no qk-norm, a GELU-shaped activation."""
+    """What `ViTQuantParallelScalingBlock` covers: separate output projections and a GELU-shaped activation."""
     require(block.out_proj is None, f"{where}.out_proj", "a fused output projection over [attention output, GELU output] "
             "(fuse_out_proj=True: its two input halves need different quantizers)")
-    require(is_identity(block.q_norm) and is_identity(block.k_norm), where, f"qk_norm ({type(block.q_norm).__name__})")
     require(class_name(block.mlp_act) in GELU_CLASSES, f"{where}.mlp_act",
             f"activation {type(block.mlp_act).__name__} (the GELU-output quantizer needs GELU, GELU-tanh or QuickGELU)")
     for name in ("in_proj", "attn_out_proj", "mlp_out_proj"):
