@@ -354,7 +354,8 @@ def quantize_cmd(
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
     mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch --mixed_precision), else no.")] = None,
-    fuse_quantizers: Annotated[bool, typer.Option("--fuse-quantizers", help="Run each fake quantizer as one torch.compile'd kernel: faster steps, less memory; the first run compiles for ~20 s.")] = False,
+    fuse_quantizers: Annotated[Optional[bool], typer.Option("--fuse-quantizers/--eager-quantizers", help="Fake quantizers as one torch.compile'd kernel each (faster, less memory) or eager. Default: fused in float32 where they compute what eager does, else eager.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the QAT model: faster steps after a first step that compiles for minutes.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
     as_json: JsonOpt = False,
@@ -370,7 +371,7 @@ def quantize_cmd(
                            teacher_weights=teacher_weights, epochs=epochs, batch_size=batch_size, lr=lr,
                            warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
                            calib_batches=calib_batches, overrides=overrides, resume=resume, overwrite=overwrite,
-                           mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
+                           mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, compile_model=compile_model, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
                            teacher_model_args=parse_model_args(teacher_model_args), image_column=image_column, label_column=label_column,
                            show_progress=_show_progress(ctx, as_json))
     end_processes()  # under accelerate launch: leave the process group before exiting, or gloo's threads abort the exit

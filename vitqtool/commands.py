@@ -142,7 +142,8 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
              warmup_epochs: float | None = None, grad_clip: float | None = None, grad_accum: int | None = None,
              seed: int | None = None, calib_batches: int | None = None, overrides: list[Path] | None = None,
              resume: bool = False, overwrite: bool = False, mixed_precision: str | None = None, limit_train: int | None = None,
-             save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool = False,
+             save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool | None = None,
+             compile_model: bool = False,
              teacher_model_args: dict | None = None, image_column: str | None = None, label_column: str | None = None,
              show_progress: bool = False) -> RunInfo:
     """Quantize MODEL with a recipe (vaq QAT, lsq, or ptq calibration only) and write a run folder.
@@ -151,11 +152,14 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     training/validation images (the same images in every command); a dataset without a validation split
     gets a seeded, class-stratified 10% of its training split held out (recorded in run.json);
     `mixed_precision` None keeps the launcher's setting (`accelerate launch --mixed_precision`);
-    `teacher` is resolved on its own (its folder config, or `teacher_model_args`); `fuse_quantizers` trains with the
-    `torch.compile`d single-kernel fake quantizers (faster, needs a working compiler). Training runs
+    `teacher` is resolved on its own (its folder config, or `teacher_model_args`); `fuse_quantizers` True trains
+    with the `torch.compile`d single-kernel fake quantizers, False with the eager ones, None (default) with the
+    fused ones where they compute what eager does (float32 and a working compiler); `compile_model` trains a
+    `torch.compile`d QAT model (a long first step, then faster steps). Training runs
     on `accelerate` (launch with `accelerate launch -m vitqtool quantize ...` for several processes);
     every process calibrates on the same training images. Checkpoints every `save_every` steps and
-    each epoch; `resume=True` continues exactly.
+    each epoch; `resume=True` continues exactly, also on another number of processes when the global
+    batch (`batch_size` x processes) is kept (docs/scaling.md).
 
     Returns:
         The run's RunInfo (what run.json holds); the run folder `out` is loadable with `evaluate` and `export`.
@@ -196,7 +200,7 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
                        validation=validation)
         return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
                                 teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
-                                fuse_quantizers=fuse_quantizers, show_progress=show_progress)
+                                fuse_quantizers=fuse_quantizers, compile_model=compile_model, show_progress=show_progress)
 
 
 def end_processes() -> None:
