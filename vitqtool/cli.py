@@ -231,17 +231,27 @@ def softlabels_cmd(
     batch_size: BatchOpt = 64,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Label a class-stratified sample of N images (fixed seed: the same images in every command); quantize --limit-train N trains on them.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes that crop images while the teacher runs.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing (or unfinished) store at --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish the store of a killed run with the same flags (its finished shards are kept).")] = False,
+    images_per_shard: Annotated[Optional[int], typer.Option("--images-per-shard", min=1, help="Images per shard file: the unit processes split and a killed run redoes (default: ~64 MiB shards).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD)."""
+    """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD).
+
+    Under `accelerate launch --multi_gpu --num_processes N -m vitqtool softlabels ...` the N processes split the shards.
+    """
+    from .commands import end_processes
     from .commands import softlabels as run_softlabels
 
     result = run_softlabels(model, out, data, split, teacher=teacher, weights=weights, teacher_weights=teacher_weights,
                             random_init=random_init, model_args=parse_model_args(model_args),
                             teacher_model_args=parse_model_args(teacher_model_args), crops=crops, topk=topk, scale=scale,
                             ratio=ratio, hflip=hflip, seed=seed, batch_size=batch_size, limit=limit, overwrite=overwrite,
-                            num_workers=workers, show_progress=_show_progress(ctx, as_json))
+                            resume=resume, num_workers=workers, images_per_shard=images_per_shard,
+                            show_progress=_show_progress(ctx, as_json))
+    end_processes()  # under accelerate launch: leave the process group before exiting
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
+        return
     if as_json:
         emit_json(result)
         return

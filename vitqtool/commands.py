@@ -39,7 +39,8 @@ from .export.reader import read_header
 from .export.writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs
 from .fileio import check_file_target, check_folder_target, library_versions
 from .recipe import Recipe, load_recipe
-from .train import (FPResult, generate_soft_labels, open_run, resolve_kd_mode, run_quantization, seed_everything)
+from .train import (FPResult, check_launch, generate_soft_labels, open_run, resolve_kd_mode, run_quantization,
+                    seed_everything)
 from .train import train_fp as train_fp_module
 from .train.softlabels import bytes_per_crop, check_store_out
 
@@ -252,20 +253,30 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
                random_init: bool = False, model_args: dict | None = None, teacher_model_args: dict | None = None,
                crops: int = 500, topk: int = 5, scale: tuple[float, float] = (0.08, 1.0),
                ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, seed: int = 0, batch_size: int = 64,
-               limit: int | None = None, overwrite: bool = False, device: str | None = None, num_workers: int = 0,
-               show_progress: bool = False) -> dict[str, Any]:
+               limit: int | None = None, overwrite: bool = False, resume: bool = False, device: str | None = None,
+               num_workers: int = 0, images_per_shard: int | None = None, show_progress: bool = False) -> dict[str, Any]:
     """Generate a multi-crop soft-label store for training MODEL (teacher: `teacher`, default MODEL itself).
 
+    Under `accelerate launch` with N processes (one or several machines) each process labels every N-th
+    shard on its own device and the store comes out bitwise the same as one process writes. `resume`
+    finishes the store of a killed run (its finished shards are kept).
     Example:
         softlabels("deit_tiny_patch16_224", "labels/", teacher="deit_base_patch16_224", crops=500)
     Returns:
         A summary dict: out, teacher, data, split, fingerprint, images, crops, topk, bytes_per_crop,
-        total_bytes (stored tensor bytes), seconds, crops_per_second.
+        total_bytes (stored tensor bytes), processes, shards, shards_resumed (kept from a killed run),
+        seconds, crops_per_second (crops labelled by this call / seconds).
     Raises:
-        ModelError/WeightsError for the models, DataError for the data, RunError when `out` is taken.
+        ModelError/WeightsError for the models, DataError for the data, RunError when `out` is taken (or
+        holds an unfinished store and neither `resume` nor `overwrite` is given), BusyError for a second writer.
     """
+    from accelerate import PartialState
+
     out = Path(out)
-    check_store_out(out, overwrite)
+    check_store_out(out, overwrite, resume)
+    check_launch()
+    state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group under accelerate launch
+    seed_everything(seed)  # a --random-init teacher is then the same on every process
     dataset = load_dataset(data, split)
     if teacher is None:
         loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
@@ -273,21 +284,20 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
         loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
                                model_args=teacher_model_args if teacher_model_args is not None else model_args)
     check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
-    target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = loaded.model.to(target)
+    net = loaded.model.to(torch.device(device) if device else state.device)
     used: Any = stratified_sample(dataset, limit)
-    start = time.perf_counter()
-    generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
-                         seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
-                         dataset_id=f"{dataset.spec}[{dataset.split}]", show_progress=show_progress, overwrite=overwrite,
-                         num_workers=num_workers)
-    seconds = time.perf_counter() - start
+    done = generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
+                                seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
+                                dataset_id=f"{dataset.spec}[{dataset.split}]", show_progress=show_progress,
+                                overwrite=overwrite, resume=resume, num_workers=num_workers, images_per_shard=images_per_shard,
+                                process_index=state.process_index, num_processes=state.num_processes)
     n = len(used)
     return {
         "out": str(out), "teacher": loaded.source or (teacher or model), "student": model, "data": dataset.spec,
         "split": dataset.split, "fingerprint": dataset.fingerprint, "images": n, "crops": crops, "topk": topk,
         "bytes_per_crop": bytes_per_crop(topk), "total_bytes": n * crops * bytes_per_crop(topk),
-        "seconds": round(seconds, 3), "crops_per_second": round(n * crops / max(seconds, 1e-9), 1),
+        "processes": state.num_processes, "shards": done.shards, "shards_resumed": done.shards_done,
+        "seconds": round(done.seconds, 3), "crops_per_second": round(done.images_labelled * crops / max(done.seconds, 1e-9), 1),
     }
 
 

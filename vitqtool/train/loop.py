@@ -329,7 +329,9 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                 if bar:
                     bar.update(task, completed=state.step)
                 end_of_epoch = state.batch >= tr.steps_per_epoch * accum
-                if interrupted[0]:
+                # alone, a signal during this step stops here; with N processes only the agreed flag may (a signal
+                # after this step's all-reduce is agreed on at the next step), or one process would wait forever
+                if stop or (acc.num_processes == 1 and interrupted[0]):
                     save(tr, state)
                     raise RunInterrupted(interrupted[0], f"interrupted at step {state.step} ({signal.Signals(interrupted[0]).name}); "
                                          f"checkpoint saved in '{tr.run_dir}'; continue with --resume")
