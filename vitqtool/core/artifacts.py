@@ -206,7 +206,6 @@ class SoftLabelManifest(Artifact, format_name="vitqtool-softlabels", version=1, 
     bytes_per_crop: int
     encoding: dict
     shards: list
-    seconds: float = 0.0
     indices: list | None = None  # the labelled images' indices in the split; None: its first `dataset.images`
 
 
