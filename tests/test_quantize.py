@@ -246,6 +246,13 @@ def test_default_fused_quantizers_train_bitwise_like_eager_and_a_broken_compiler
     assert len(losses["default"]) == 3 and losses["default"] == losses["eager"]
     assert weights["default"].keys() == weights["eager"].keys()
     assert all(torch.equal(weights["default"][k], weights["eager"][k]) for k in weights["eager"])
+    # --compile: the same training up to the compiler's float reordering (its first step compiles the model)
+    assert main(["quantize", MODEL, "--out", str(tmp_path / "compiled"), "--compile", *common]) == 0
+    meta = json.loads((tmp_path / "compiled" / "run.json").read_text())
+    assert meta["compiled"] is True and meta["fused_quantizers"] is False and meta["status"] == "done"
+    compiled = [json.loads(l)["loss"] for l in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert compiled == pytest.approx(losses["eager"], rel=1e-4) and compiled[0] != 0
+    assert load_run_model(tmp_path / "compiled").model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)  # saved unwrapped
 
     def no_compiler(device):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")

@@ -243,7 +243,7 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_and_ends_where_the_uninte
     state = torch.load(run / CKPT_DIR / read_index(run)["last"] / "state.pt", weights_only=True)
     assert (state["train"]["step"], state["train"]["epoch"], state["train"]["batch"], len(state["rng"])) == (5, 1, 1, 2)
     log = [run.parent / "log.toml"]
-    with pytest.raises(RunError, match=r"global batch of 8 images.*this launch has 4 \(1 processes\).*--batch-size 8"):
+    with pytest.raises(RunError, match=r"global batch of 8 images.*this launch has 4 \(--batch-size 4 x 1 process\); resume with --batch-size 8"):
         quantize(MODEL, out=run, batch_size=4, overrides=log, resume=True, **RUN)
     quantize(MODEL, out=run, batch_size=8, grad_accum=2, overrides=log, resume=True, **RUN)
     _assert_same_weights(run, reference)

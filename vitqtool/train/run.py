@@ -124,8 +124,10 @@ def _prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool, i
             processes = identity.get("processes", 1)
             fix = (f"--batch-size {then['global_batch'] // processes}" if then["global_batch"] % processes == 0
                    else "a number of processes that divides it")
+            plural = "es" if processes != 1 else ""
             raise RunError(f"'{out}' holds a run with a global batch of {then['global_batch']} images per optimiser step, this "
-                           f"launch has {now['global_batch']} ({processes} processes); resume with {fix}")
+                           f"launch has {now['global_batch']} (--batch-size {now['global_batch'] // processes} x {processes} "
+                           f"process{plural}); resume with {fix}")
         if diff:
             raise RunError(f"'{out}' holds a run with different settings ({', '.join(diff)}); resume with the original flags, or use --overwrite or another --out")
         if not read_index(out):
