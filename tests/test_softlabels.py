@@ -271,7 +271,7 @@ def test_a_killed_generation_resumes_keeping_finished_shards_and_gives_the_same_
     assert not staging.exists()
     assert _store_bytes(out) == _store_bytes(store_path)  # manifest and shards, byte for byte
     again = generate_soft_labels(_teacher(), _dataset(), CFG, out, resume=True, **args)  # finished: nothing to do
-    assert again.images_labelled == 0 and _store_bytes(out) == _store_bytes(store_path)
+    assert again.images_labelled == 0 and _store_bytes(out) == _store_bytes(store_path) and not staging.exists()
 
 
 def test_a_second_writer_of_the_same_store_is_refused(tmp_path):

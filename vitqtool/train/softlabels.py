@@ -157,7 +157,7 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
         shards=shards, indices=None if base_indices == list(range(n)) else base_indices)
     plan = manifest.to_dict()
     staging = staging_folder(out)
-    group = _Group(process_index, num_processes)
+    group = _Group(process_index, num_processes, next(teacher.parameters()).device)
     is_main = process_index == 0
     start = time.perf_counter()
     with contextlib.ExitStack() as held:
@@ -206,10 +206,13 @@ def staging_folder(out: Path) -> Path:
 
 
 class _Group:
-    """The processes labelling together: rank, size, and the two collectives the store needs (no-ops alone)."""
+    """The processes labelling together: rank, size, and the two collectives the store needs (no-ops alone).
 
-    def __init__(self, index: int, size: int) -> None:
-        self.index, self.size = index, size
+    `device` is where this process's tensors for a collective live (its teacher's: NCCL reduces CUDA tensors only).
+    """
+
+    def __init__(self, index: int, size: int, device: torch.device) -> None:
+        self.index, self.size, self.device = index, size, device
 
     def agree(self, work: Any) -> Any:
         """Wait for every process, run `work` (main process), and raise its error (or return its result) on every process."""
@@ -240,7 +243,7 @@ class _Group:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t)
         return int(t.item())
 
@@ -251,6 +254,7 @@ def _open_staging(out: Path, staging: Path, plan: dict, overwrite: bool, resume:
     if resume and not other:
         if _same_store(out, plan):
             log.info("'%s' is already a finished store with these settings; nothing to resume", out)
+            shutil.rmtree(staging)  # made just now for the lock
             return "done"
         raise RunError(f"nothing to resume for '{out}' (no unfinished store in '{staging}'); run without --resume")
     if other and not (resume or overwrite):
