@@ -216,11 +216,13 @@ def main() -> None:
         print(f"\n{args.model} {result['size']} px {result['model_args']}, batch {args.batch}, {args.device}, "
               f"{torch.get_num_threads()} thread(s); median of {args.steps} round-robin steps after {args.warmup} warm-up; "
               f"cold start = first step ({'warm' if args.warm_cache else 'empty'} compiler cache)")
-        print(f"{'config':22} {'wall ms':>9} {'x FP':>6} {'CPU ms':>9} {'x FP':>6} {'img/s':>7} {'cold start s':>13} {'peak MiB':>9}")
+        print(f"{'config':22} {'wall ms':>9} {'x FP':>6} {'CPU ms':>9} {'x FP':>6} {'img/s':>7} {'cold start wall/CPU s':>22} "
+              f"{'peak MiB':>9}")
         for r in result["rows"]:
             peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
+            cold = f"{r['cold_start_s']:.1f} / {r['cold_start_cpu_s']:.1f}"
             print(f"{r['name']:22} {r['wall_ms']:9.1f} {r['wall_ratio']:5.2f}x {r['cpu_ms']:9.1f} {r['cpu_ratio']:5.2f}x "
-                  f"{r['img_per_s']:7.1f} {r['cold_start_s']:13.1f} {peak}")
+                  f"{r['img_per_s']:7.1f} {cold:>22} {peak}")
 
 
 if __name__ == "__main__":
