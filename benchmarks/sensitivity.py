@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from vitqtool import commands, core  # noqa: E402
 from vitqtool.analysis.sensitivity import SensitivityProbe, build_units  # noqa: E402
-from vitqtool.arch import get_adapter  # noqa: E402
+from vitqtool.families import get_family  # noqa: E402
 from vitqtool.data import load_dataset, make_eval_loader  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 
@@ -31,7 +31,7 @@ from vitqtool.recipe import load_recipe  # noqa: E402
 def run(method: str, model: torch.nn.Module, batches: list, units: list) -> tuple[float, list[float]]:
     """Wall seconds and per-unit KL of one method (reference pass included)."""
     start = time.perf_counter()
-    probe = SensitivityProbe(model, get_adapter(model), batches, method)
+    probe = SensitivityProbe(model, get_family(model), batches, method)
     kl = [probe.measure(u)["kl"] for u in units]
     return time.perf_counter() - start, kl
 
@@ -54,7 +54,7 @@ def main() -> None:
     core.calibrate(model, itertools.islice(make_eval_loader(load_dataset("builtin:mnist5k", "train"), loaded.data_config, args.batch_size), 1))
     n_batches = -(-args.images // args.batch_size)
     batches = list(itertools.islice(make_eval_loader(load_dataset("builtin:mnist5k", "validation"), loaded.data_config, args.batch_size), n_batches))
-    units = build_units(model, args.what, get_adapter(model).block_names(model))
+    units = build_units(model, args.what, get_family(model).block_names(model))
     t_fast, kl_fast = run("fast", model, batches, units)
     t_naive, kl_naive = run("naive", model, batches, units)
     rank = lambda kl: sorted(range(len(kl)), key=lambda i: -kl[i])  # noqa: E731

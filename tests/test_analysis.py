@@ -23,7 +23,7 @@ from vitqtool.analysis.stats import (
     RunningStats, boundary_share, channel_groups, head_groups, kurtosis, outlier_ratio, range_spread, sqnr_db,
 )
 from vitqtool.analysis.variation import ActivationRecorder, module_type
-from vitqtool.arch import get_adapter
+from vitqtool.families import get_family
 from vitqtool.errors import RecipeError
 from vitqtool.quant import LSQQuantizer, QuantAttention, QuantSpec
 from vitqtool.recipe import load_recipe
@@ -138,7 +138,7 @@ def _tiny(name: str, args: dict, seed: int = 0) -> nn.Module:
                                        ("deit_tiny_distilled_patch16_224", {**VIT_ARGS, "embed_dim": 48, "num_heads": 2})])
 def test_fast_and_naive_sensitivity_agree(name: str, args: dict) -> None:
     model = _tiny(name, args)
-    adapter = get_adapter(model)
+    adapter = get_family(model)
     images = torch.randn(4, 3, 32, 32)
     with quant.quantizers_disabled(model), torch.no_grad():
         hidden = adapter.block_inputs(model, images)
@@ -164,7 +164,7 @@ def test_sensitivity_ranks_a_module_with_weight_outliers_first() -> None:
         fc1.view(-1)[::97] *= 60.0  # a few huge outliers: the MSE step either clips them or crushes the rest
     q = core.prepare(model, "vaq", bits=2)
     core.calibrate(q, [torch.randn(8, 3, 32, 32)])
-    adapter = get_adapter(q)
+    adapter = get_family(q)
     units = build_units(q, "weights", adapter.block_names(q))
     probe = SensitivityProbe(q, adapter, [(torch.randn(8, 3, 32, 32), torch.arange(8))], "fast")
     kl = {u.name: probe.measure(u)["kl"] for u in units}

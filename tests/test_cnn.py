@@ -16,7 +16,7 @@ from vitqtool import commands, core, quant
 from vitqtool.analysis import analyze_model
 from vitqtool.analysis.compare import model_measures
 from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units
-from vitqtool.arch import get_adapter
+from vitqtool.families import get_family
 from vitqtool.cli import app, main
 from vitqtool.errors import ModelError
 from vitqtool.quant import OscillationTracker
@@ -52,7 +52,7 @@ def test_layout_is_fp_exact_and_fast_sensitivity_equals_naive(name: str, args: d
         assert inner and not any(m.a_quant.spec.signed for m in inner) and not head.a_quant.spec.signed
     else:  # ConvNeXt: only fc2 reads GELU (unsigned + offset); conv_dw, fc1 and downsampling read signed tensors
         assert {n.rsplit(".", 1)[-1] for n, m in layers.items() if m.a_quant.spec.learned_offset} == {"fc2"}
-    adapter = get_adapter(q)
+    adapter = get_family(q)
     batches = [(images, torch.arange(4))]
     units = build_units(q, "both", adapter.block_names(q))
     units += group_units(units, "block")
@@ -87,7 +87,7 @@ def test_planted_outlier_channel_ranks_its_conv_first() -> None:
     ("resnet18", {**RESNET[1], "act_layer": "prelu"}, "act1", "layer type PReLU"),
     ("resnet18", {**RESNET[1], "block_args": {"attn_layer": "se"}}, "layer1.0.se.gate", "layer type Sigmoid"),
     ("resnet18", {**RESNET[1], "block_args": {"attn_layer": "eca"}}, "layer1.0.se.conv", "layer type Conv1d"),
-    ("convnext_atto", {**CONVNEXT[1], "use_grn": True}, "stages.0.blocks.0.mlp.grn", "layer type GlobalResponseNorm"),
+    ("convnext_atto", {**CONVNEXT[1], "act_layer": "silu"}, "stages.0.blocks.0.mlp.act", "layer type SiLU"),
 ])
 def test_unsupported_layers_are_refused_by_name(name: str, args: dict, where: str, feature: str) -> None:
     with pytest.raises(ModelError, match=rf"^{where}: {feature}"):
@@ -201,6 +201,6 @@ def test_quantize_and_export_a_resnet(tmp_path) -> None:
                              batch_size=32, limit_train=64, limit_val=32)
     assert info.status == "done" and info.epochs_done == 1
     result = commands.export(tmp_path / "run", tmp_path / "r.safetensors", verify=True)
-    assert result["verify"]["max_abs_diff"] <= 1e-5 and result["quantized_layers"] == 14
+    assert result.verify["max_abs_diff"] <= 1e-5 and result.quantized_layers == 14
     reloaded = commands.load(tmp_path / "r.safetensors")
     assert isinstance(reloaded.layer1[0].conv1, quant.QConv2d) and isinstance(reloaded.layer1[0].bn1, nn.BatchNorm2d)

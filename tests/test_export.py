@@ -99,7 +99,7 @@ def test_metadata_describes_layers_like_compressed_tensors(tmp_path):
             # compressed-tensors has no slot for an unsigned input with a learned offset (the GELU output)
             ct_input = layer.a_quant is not None and layer.a_quant.spec.signed and not layer.a_quant.spec.learned_offset
             assert (group["input_activations"] is None) == (not ct_input)
-    assert vq["format_version"] == "2.0" and vq["architecture"] == SWIN[0] and vq["metrics"] == {"top1": 12.5}
+    assert vq["format_version"] == "2.1" and vq["architecture"] == SWIN[0] and vq["metrics"] == {"top1": 12.5}
     assert vq["layers"]["layers.1.downsample.reduction"]["weight_bits"] == 8  # Swin patch merging stays 8-bit
     roles = {row["role"] for row in vq["activations"].values()}
     assert roles == {"input", "q", "k", "v", "softmax"}
@@ -154,7 +154,7 @@ def test_export_from_run_folder_with_verify(tmp_path, capsys):
     assert tuple(exported.data_config["input_size"]) == (3, 32, 32) and exported.recipe == recipe
     # re-export the export itself with float16 FP tensors
     summary = export(out, tmp_path / "m16.safetensors", dtype="float16", verify=True)
-    assert summary["fp_dtype"] == "float16" and summary["file_bytes"] < doc["file_bytes"]
+    assert summary.details["fp_dtype"] == "float16" and summary.file_bytes < doc["file_bytes"]
 
 
 def test_inspect_sizes_and_ratio(tmp_path, capsys):

@@ -16,7 +16,7 @@ LAYERS = {  # top-level module or subpackage -> layer (imports may only point to
     "fileio": 1, "progress": 1,
     "recipe": 2,
     "quant": 3,
-    "arch": 4, "data": 4,
+    "families": 4, "data": 4,
     "core": 5,
     "train": 6, "export": 6, "analysis": 6,
     "commands": 7,

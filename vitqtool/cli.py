@@ -271,67 +271,72 @@ def _export_dtype(value: str) -> str:
 
 
 def _export_format(value: str) -> str:
-    """Validate `--format` against the export formats."""
-    from .commands import EXPORT_FORMATS
+    """Validate `--format` against the registered export formats."""
+    from .export.formats import FORMATS
 
-    if value not in EXPORT_FORMATS:
-        raise typer.BadParameter(f"must be one of {', '.join(EXPORT_FORMATS)}, got {value!r}", param_hint="--format")
+    if value not in FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(FORMATS)}, got {value!r}", param_hint="--format")
     return value
+
+
+def _formats_help() -> str:
+    """`--format` help: every registered format and its one-line summary (the registry imports no torch)."""
+    from .export.formats import FORMATS
+
+    return "; ".join(f"{entry.name}: {entry.summary}" for entry in FORMATS.values()) + "."
 
 
 @app.command("export")
 def export_cmd(
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
-    out: Annotated[Path, typer.Option("--out", help="The file to write (.safetensors; .onnx with --format onnx; a folder with --format hf).")],
-    dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).")] = "float32",
-    verify: Annotated[bool, typer.Option("--verify", help="Reload the file and check its logits against the run's model (max |diff| <= 1e-5); exit 1 and write nothing otherwise.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="The file (or, for folder formats, the folder) to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32); formats that store float32 only refuse the others.")] = "float32",
+    verify: Annotated[bool, typer.Option("--verify", help="Check what was written against the run's model before keeping it (logits, or top-1 agreement for onnx); exit 1 and write nothing otherwise.")] = False,
     which: Annotated[str, typer.Option("--which", help="Checkpoint of the run: best or last.")] = "best",
-    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help="safetensors: one packed vitqtool file (default); "
-                                     "onnx: a QDQ graph onnxruntime runs with integer matmuls (--verify compares top-1 on validation "
-                                     "images); compressed-tensors: the weights under the source timm model's names; hf: a transformers "
-                                     "folder with a compressed-tensors config (runs of transformers checkpoints).")] = "safetensors",
+    fmt: Annotated[str, typer.Option("--format", callback=_export_format, help=_formats_help())] = "safetensors",
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a quantized run as a packed low-bit safetensors file that `vitqtool.load` rebuilds (or as ONNX, compressed-tensors, transformers)."""
+    """Write a quantized run as a packed low-bit safetensors file that `vitqtool.load` rebuilds, or in another export format."""
     from .commands import export as run_export
 
     result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which, format=fmt)
     if as_json:
-        emit_json(result)
+        emit_json(result.to_dict())
         return
-    checked = result.get("verify") or {}
-    render_table(f"export ({fmt}) -> {result['path']}", [{
-        "model": result.get("architecture"), "bits": result.get("bits"), "layers": result.get("quantized_layers"),
-        "MB": round(result["file_bytes"] / 1e6, 3), "fp32 MB": round(result["fp32_bytes"] / 1e6, 3),
-        "ratio": result["compression_ratio"], "verify max|diff|": checked.get("max_abs_diff"),
+    checked = result.verify or {}
+    render_table(f"export ({fmt}) -> {result.path}", [{
+        "model": result.architecture, "bits": result.bits, "layers": result.quantized_layers,
+        "MB": round(result.file_bytes / 1e6, 3), "fp32 MB": round(result.fp32_bytes / 1e6, 3),
+        "ratio": result.compression_ratio, "verify max|diff|": checked.get("max_abs_diff"),
         **({"top-1 agree %": checked["top1_agreement"]} if "top1_agreement" in checked else {})}])
 
 
 @app.command("inspect")
 def inspect_cmd(
-    file: Annotated[Path, typer.Argument(help="A .safetensors file or --format hf folder written by `vitqtool export`.")],
+    file: Annotated[Path, typer.Argument(help="A file or folder written by `vitqtool export` (any format).")],
+    no_digest_check: Annotated[bool, typer.Option("--no-digest-check", help="Describe the export without checking its content digest (forensic use: a file changed after export).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export (checked as `load` checks it)."""
+    """Per-module bits and sizes, compression ratio vs float32, digest and metadata of an export (checked as `load` checks it)."""
     from .commands import inspect as run_inspect
 
-    result = run_inspect(file)
+    result = run_inspect(file, check_digest=not no_digest_check)
     if as_json:
-        emit_json(result)
+        emit_json(result.to_dict())
         return
-    if "layers" not in result:  # a transformers folder or an ONNX graph: their summary fields
-        render_table(f"{result['path']}: {result.get('format', 'export')}",
-                     [{"field": k, "value": _fmt(v)} for k, v in result.items() if not isinstance(v, (dict, list))])
-        return
-    render_table(f"{result['path']}: quantized layers", result["layers"],
-                 ["name", "type", "weight_bits", "act_bits", "granularity", "params", "bytes", "ratio"])
-    metrics = result["metrics"] or {}
-    summary = {"model": result["architecture"], "model args": json.dumps(result["model_args"]), "source": result["source"],
-               "recipe": result["recipe"], "bits": result["bits"], "split q/k/v": result["split_qkv"], "fp dtype": result["fp_dtype"],
-               "activation quantizers": result["activation_quantizers"], "file MB": round(result["file_bytes"] / 1e6, 3),
-               "fp32 MB": round(result["fp32_bytes"] / 1e6, 3), "ratio vs fp32": result["compression_ratio"],
-               "top-1 %": metrics.get("top1"), "format version": result["format_version"]}
-    render_table("summary", [{"field": k, "value": _fmt(v)} for k, v in summary.items()])
+    if result.layers:
+        render_table(f"{result.path}: quantized layers", result.layers,
+                     ["name", "type", "weight_bits", "act_bits", "granularity", "params", "bytes", "ratio"])
+    details = result.details
+    metrics = details.get("metrics") or {}
+    summary = {"format": result.format, "format version": result.format_version, "model": result.architecture,
+               "model args": json.dumps(details["model_args"]) if "model_args" in details else None, "source": result.source,
+               "recipe": result.recipe, "bits": result.bits, "quantized layers": result.quantized_layers,
+               "activation quantizers": details.get("activation_quantizers"), "fp dtype": details.get("fp_dtype"),
+               "file MB": round(result.file_bytes / 1e6, 3), "fp32 MB": round(result.fp32_bytes / 1e6, 3),
+               "ratio vs fp32": result.compression_ratio, "top-1 %": metrics.get("top1"),
+               "digest": result.digest or "none (written before digests)"}
+    render_table("summary", [{"field": k, "value": _fmt(v)} for k, v in summary.items() if v is not None])
 
 
 @app.command("quantize")
@@ -505,7 +510,7 @@ def demo_cmd(
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the FP model again even when --out holds one with the same settings.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the whole pipeline offline on builtin:mnist5k: train a small ViT, analyze, soft labels, quantize W4A4/W2A2, evaluate, export."""
+    """Run the whole pipeline offline on builtin:mnist5k: train a small vision transformer, analyze, soft labels, quantize W4A4/W2A2, evaluate, export."""
     from .demo import demo
 
     result = demo(out, quick=quick, retrain=retrain, show_progress=_show_progress(ctx, as_json))

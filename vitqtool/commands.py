@@ -28,15 +28,7 @@ from .core.runs import is_run_dir, load_checkpoint, load_run_model
 from .data import check_num_classes, holdout_split, load_dataset, make_eval_loader, stratified_sample
 from .data.sampling import HOLDOUT_FRACTION, HOLDOUT_SEED
 from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
-from .export import (export_hf_model, export_model, export_onnx_model, inspect_onnx, is_hf_export, is_vitq_export, load_onnx,
-                     read_export, read_hf_export, summarize_export, write_source_view)
-from .export.onnx_export import VERIFY_IMAGES as ONNX_VERIFY_IMAGES
-from .export.source_view import verify_source_view
-from .export.hf import read_config as read_hf_config
-from .export.hf import summary as hf_summary
-from .export.layout import META_VITQ
-from .export.reader import read_header
-from .export.writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs
+from .export import FORMATS, ExportFormat, ExportSource, ExportSummary, find_format, get_format
 from .fileio import check_file_target, check_folder_target, library_versions
 from .recipe import Recipe, load_recipe
 from .train import (FPResult, check_launch, generate_soft_labels, open_run, resolve_kd_mode, run_quantization,
@@ -46,15 +38,16 @@ from .train.softlabels import bytes_per_crop, check_store_out
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("safetensors", "onnx", "compressed-tensors", "hf")
-
 __all__ = ["ResolvedModel", "analyze", "compare", "end_processes", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
            "train_fp"]
 
 
 @dataclass
 class ResolvedModel:
-    """Any runnable model spec: FP model, quantized run or export; `kind` is "fp", "quantized" or "onnx" (onnxruntime)."""
+    """Any runnable model spec: FP model, quantized run or export.
+
+    `kind`: "fp", "quantized", "onnx" (run by onnxruntime) or "weight-quantized" (the stock model with a weight view).
+    """
 
     model: nn.Module
     data_config: dict[str, Any]
@@ -65,30 +58,34 @@ class ResolvedModel:
 
 def resolve_any(spec: str, weights: str | Path | None = None, random_init: bool = False,
                 model_args: dict | None = None, num_classes: int | None = None) -> ResolvedModel:
-    """Resolve a MODEL spec, a `quantize` run folder or an `export` file to a runnable model."""
+    """Resolve a MODEL spec, a `quantize` run folder or an export (any registered format) to a runnable model."""
     path = Path(spec)
-    if path.is_file() and path.suffix == ".onnx":  # an `export --format onnx` graph, run by onnxruntime
-        onnx_model, onnx_config = load_onnx(path)
-        return ResolvedModel(onnx_model, onnx_config, str(path), "onnx")
     if path.is_dir() and is_run_dir(path):
         run = load_run_model(path)
         return ResolvedModel(run.model, run.data_config, str(path), "quantized", run.recipe)
-    if path.is_dir() and is_hf_export(path):  # a `vitqtool export --format hf` folder
-        exported = read_hf_export(path)
-        return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
-    if path.is_file() and path.suffix == ".safetensors" and META_VITQ in read_header(path)[1]:  # damage: the true reason
-        exported = read_export(path)
-        return ResolvedModel(exported.model, exported.data_config, str(path), "quantized", exported.recipe)
+    fmt = find_format(path)
+    if fmt is not None:
+        exported = fmt.load(path)
+        return ResolvedModel(exported.model, exported.data_config, str(path), exported.kind, exported.recipe)
     loaded = resolve_model(spec, weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
     return ResolvedModel(loaded.model, loaded.data_config, loaded.source, "fp")
 
 
 def load(path: str | Path) -> nn.Module:
-    """The runnable quantized model (eval mode) of a vitqtool export: a .safetensors file, a `--format hf` folder,
-    or an `--format onnx` graph (run by onnxruntime behind the nn.Module call)."""
-    if Path(path).suffix == ".onnx":
-        return load_onnx(path)[0]
-    return read_hf_export(path).model if Path(path).is_dir() else read_export(path).model
+    """The runnable model (eval mode) of a vitqtool export in any format: a .safetensors file, a `--format hf`
+    folder, a `--format onnx` graph (run by onnxruntime behind the nn.Module call), a compressed-tensors view."""
+    return _export_format_of(path).load(Path(path)).model
+
+
+def _export_format_of(path: str | Path) -> ExportFormat:
+    """The registered format of an existing export; ExportFormatError naming the path otherwise."""
+    fmt = find_format(path)
+    if fmt is None:
+        if not Path(path).exists():
+            raise ExportFormatError(f"export '{path}' does not exist")
+        raise ExportFormatError(f"'{path}' is not a vitqtool export (in any of the formats {', '.join(FORMATS)}); "
+                                "pass a file or folder written by `vitqtool export`")
+    return fmt
 
 
 def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str = "validation", *,
@@ -261,7 +258,7 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
     shard on its own device and the store comes out bitwise the same as one process writes. `resume`
     finishes the store of a killed run (its finished shards are kept).
     Example:
-        softlabels("deit_tiny_patch16_224", "labels/", teacher="deit_base_patch16_224", crops=500)
+        softlabels("student_model", "labels/", teacher="teacher_model", crops=500)
     Returns:
         A summary dict: out, teacher, data, split, fingerprint, images, crops, topk, bytes_per_crop,
         total_bytes (stored tensor bytes), processes, shards, shards_resumed (kept from a killed run),
@@ -317,102 +314,54 @@ def train_fp(model: str, out: Path, *, data: str = "builtin:mnist5k", model_args
 
 
 def export(run_or_checkpoint: str | Path, out: str | Path, dtype: str = "float32", verify: bool = False,
-           which: str = "best", format: str = "safetensors") -> dict[str, Any]:
+           which: str = "best", format: str = "safetensors") -> ExportSummary:
     """Export a `quantize` run folder (checkpoint `which`: best or last), or re-export an export, to `out`.
 
-    `format="safetensors"` writes one vitqtool file; `format="hf"` writes the transformers layout of a
-    model quantized from a transformers checkpoint (a folder; `export.hf`). `verify` reloads what was
-    written and checks its logits against the run's model on a few batches of the run's validation
-    data (random inputs of the model's input size when no data is available).
-    Returns the summary of what was written plus `verify` results.
-    Raises RunError / ExportFormatError naming the problem when the input is neither a run nor an export.
+    `format` names a registered export format (`export.FORMATS`: safetensors, hf, compressed-tensors,
+    onnx, ...). `verify` checks what was written against the model before it is kept (each format says
+    how: logits, or top-1 agreement in onnxruntime), on validation images of the run's data (the
+    built-in digits when it is not available).
+    Returns the typed summary of what was written, with the `verify` results.
+    Raises RunError / ExportFormatError naming the problem when the input is neither a run nor an export,
+    the format does not take `dtype`, or verification fails (then nothing is written).
     Example:
-        >>> export("runs/deit_w2", "deit_w2.safetensors", dtype="float16", verify=True)
+        >>> export("runs/w2", "model_w2.safetensors", dtype="float16", verify=True)
     """
-    if format not in EXPORT_FORMATS:
-        raise ExportFormatError(f"unknown export format {format!r}; use {' or '.join(EXPORT_FORMATS)}")
-    if format == "hf" and dtype != "float32":
-        raise ExportFormatError(f"--dtype {dtype} applies to --format safetensors; --format hf stores float32")
-    check_folder_target(out) if format == "hf" else check_file_target(out)
-    path = Path(run_or_checkpoint)
+    fmt = get_format(format)
+    if dtype not in fmt.dtypes:
+        raise ExportFormatError(f"--dtype {dtype} is not available for --format {format} (it stores {', '.join(fmt.dtypes)})")
+    check_folder_target(out) if fmt.writes_folder else check_file_target(out)
+    source = _export_source(Path(run_or_checkpoint), which)
+    source.validation = lambda images, batch_size: _validation_batches(source.data, source.data_config, images, batch_size)
+    return fmt.write(source, Path(out), dtype=dtype, verify=verify)
+
+
+def _export_source(path: Path, which: str) -> ExportSource:
+    """What an export needs of a run folder (its `which` checkpoint) or of an earlier export in any format."""
     if path.is_dir() and is_run_dir(path):
         run = load_run_model(path, which)
         info = run.info
         top1 = info.best_top1 if which == "best" else info.last_top1
         metrics = {"top1": top1, "data": info.data, "split": "validation", "checkpoint": which} if top1 is not None else None
-        source = _ExportSource(run.model, run.data_config, run.recipe, info.architecture, info.model_args or {},
-                               info.source_model or str(path), metrics, info.source_info(), info.data)
-        inputs = _verify_inputs(info.data, run.data_config) if verify else None
-    elif path.is_dir() and is_hf_export(path):
-        exported = read_hf_export(path)
-        vq = exported.metadata[META_VITQ]
-        config = read_hf_config(path)[0]
-        preprocessor = path / "preprocessor_config.json"
-        info = {"source_format": "transformers", "source_config": {k: v for k, v in config.items() if k != "quantization_config"},
-                "preprocessor_config": json.loads(preprocessor.read_text()) if preprocessor.is_file() else None}
-        source = _ExportSource(exported.model, exported.data_config, exported.recipe, vq["architecture"], vq["model_args"],
-                               vq.get("source", str(path)), vq.get("metrics"), {k: v for k, v in info.items() if v is not None},
-                               (vq.get("metrics") or {}).get("data"))
-        inputs = None
-    elif path.is_file() and is_vitq_export(path):
-        exported = read_export(path)
-        header = exported.header
-        source = _ExportSource(exported.model, exported.data_config, exported.recipe, header.architecture, header.model_args,
-                               header.source, header.metrics, header.source_info(), (header.metrics or {}).get("data"))
-        inputs = None
-    else:
+        return ExportSource(run.model, run.data_config, run.recipe, info.architecture, info.model_args or {},
+                            info.source_model or str(path), metrics, info.source_info(), info.data)
+    fmt = find_format(path)
+    if fmt is None:
         raise ExportFormatError(f"'{path}' is neither a `vitqtool quantize` run folder nor a vitqtool export; "
                                 "pass the --out folder of a quantize run")
-    if format == "onnx":
-        if dtype != "float32":
-            raise ExportFormatError("--dtype applies to safetensors exports; the ONNX graph keeps its FP tensors in float32")
-        batches = _validation_batches(source.data, source.data_config, ONNX_VERIFY_IMAGES, with_fallback=True) if verify else None
-        return export_onnx_model(source.model.cpu().eval(), out, architecture=source.architecture, model_args=source.model_args,
-                                 data_config=source.data_config, recipe=source.recipe, source=source.source, data=source.data,
-                                 metrics=source.metrics, verify_batches=batches)
-    if format == "compressed-tensors":
-        summary = write_source_view(source.model, out, architecture=source.architecture, model_args=source.model_args,
-                                    data_config=source.data_config, source=source.source, dtype=dtype)
-        checked = verify_source_view(source.model, out, random_inputs(source.data_config)) if verify else None
-        return {**summary, "verify": checked}
-    if format == "hf":
-        return export_hf_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
-                               data_config=source.data_config, recipe=source.recipe, source=source.source,
-                               source_config=source.info.get("source_config"), preprocessor_config=source.info.get("preprocessor_config"),
-                               metrics=source.metrics, verify=verify, verify_inputs=inputs)
-    return export_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
-                        data_config=source.data_config, recipe=source.recipe, source=source.source, metrics=source.metrics,
-                        dtype=dtype, verify=verify, verify_inputs=inputs, source_info=source.info)
+    loaded = fmt.load(path)
+    if loaded.source is None:
+        raise ExportFormatError(f"'{path}' is a {fmt.name} export, which cannot be written in another format; "
+                                "export the run folder it came from")
+    return loaded.source
 
 
-@dataclass
-class _ExportSource:
-    """What any export format needs of a run or an earlier export."""
+def _validation_batches(data: str | None, data_config: dict, images: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """`images` evenly spaced validation images (and labels) of `data`, else of builtin:mnist5k; [] when none load.
 
-    model: nn.Module
-    data_config: dict
-    recipe: Recipe
-    architecture: str
-    model_args: dict
-    source: str
-    metrics: dict | None
-    info: dict  # source format, and for transformers sources their config.json and preprocessor config
-    data: str | None  # the dataset the model was trained or evaluated on, when known (verification images)
-
-
-def _verify_inputs(data: str | None, data_config: dict) -> list[Tensor]:
-    """A few validation batches of the run's data; random inputs when the data is unknown or unavailable."""
-    batches = _validation_batches(data, data_config, VERIFY_BATCHES * VERIFY_BATCH_SIZE)
-    return [images for images, _ in batches] if batches else random_inputs(data_config)
-
-
-def _validation_batches(data: str | None, data_config: dict, images: int, with_fallback: bool = False,
-                        batch_size: int = VERIFY_BATCH_SIZE) -> list[tuple[Tensor, Tensor]]:
-    """`images` evenly spaced validation images (and labels) of `data` (builtin:mnist5k too when `with_fallback`).
-
-    Evenly spaced: an image folder (and builtin:mnist5k) is sorted by class. [] when no dataset is available.
+    Evenly spaced: an image folder (and builtin:mnist5k) is sorted by class.
     """
-    for spec in [s for s in (data, "builtin:mnist5k" if with_fallback else None) if s]:
+    for spec in dict.fromkeys(s for s in (data, "builtin:mnist5k") if s):
         try:
             dataset = load_dataset(spec, "validation")
         except DataError as exc:
@@ -421,26 +370,19 @@ def _validation_batches(data: str | None, data_config: dict, images: int, with_f
         n = min(images, len(dataset))
         subset = torch.utils.data.Subset(dataset, [i * len(dataset) // n for i in range(n)])
         return list(itertools.islice(make_eval_loader(subset, data_config, batch_size), math.ceil(n / batch_size)))
-    if with_fallback:
-        raise ExportFormatError("verify needs validation images and none are available")
     return []
 
 
-def inspect(path: str | Path) -> dict[str, Any]:
-    """Per-module bits and sizes, compression ratio vs float32 and the metadata of an export.
+def inspect(path: str | Path, check_digest: bool = True) -> ExportSummary:
+    """Per-module bits and sizes, compression ratio vs float32, digest and metadata of an export in any format.
 
-    The file is checked as `load` checks it (the model is rebuilt and its state loaded), so `inspect`
-    never describes a file that does not load.
+    The export is checked as `load` checks it (the model is rebuilt, its state loaded and its content digest
+    compared), so `inspect` never describes a file that does not load; `check_digest=False` skips the digest
+    (forensic use: look at a file that was changed after export).
     Example:
-        >>> summary = inspect("deit_w2.safetensors"); summary["compression_ratio"]
+        >>> summary = inspect("model_w2.safetensors"); summary.compression_ratio
     """
-    if Path(path).suffix == ".onnx":
-        return inspect_onnx(path)
-    if Path(path).is_dir() and is_hf_export(path):
-        read_hf_export(path)
-        return hf_summary(path)
-    read_export(path)
-    return summarize_export(path)
+    return _export_format_of(path).inspect(Path(path), check_digest=check_digest)
 
 
 def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validation", bits: int = 2, what: str = "both",
@@ -464,7 +406,7 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
         ModelError, DataError, RecipeError, RunError on bad input.
 
     Example:
-        >>> report = analyze("deit_tiny_patch16_224", random_init=True, batches=1, batch_size=8, out="report")
+        >>> report = analyze("model_name", random_init=True, batches=1, batch_size=8, out="report")
     """
     if out is not None:
         check_folder_target(out)
@@ -504,7 +446,7 @@ def compare(models: list[str], *, labels: list[str] | None = None, data: str = "
     """`analyze` several FP models on the same images and bits and put the paper's variation measures side by side.
 
     Args:
-        models: MODEL specs (ViTs, Swin, ResNets, ConvNeXts; at least two).
+        models: MODEL specs (any supported family: transformers and CNNs; at least two).
         labels: names in the table and plots (default: the specs as given; must be distinct).
         model_args: `timm.create_model` arguments per model (same order as `models`).
         runs: label -> `quantize` run folder of that model, for its oscillating-weight share.
@@ -516,7 +458,7 @@ def compare(models: list[str], *, labels: list[str] | None = None, data: str = "
         ModelError for fewer than two models, repeated labels, or a run or model_args that fits no model; as `analyze`.
 
     Example:
-        >>> compare(["runs/vit_fp", "runs/resnet_fp"], labels=["ViT", "ResNet"], bits=4, out="compare")
+        >>> compare(["runs/transformer_fp", "runs/cnn_fp"], labels=["transformer", "CNN"], bits=4, out="compare")
     """
     labels = list(labels or models)
     per_model_args = list(model_args or [None] * len(models))

@@ -26,6 +26,7 @@ from typing import Any
 from rich.text import Text
 
 from .commands import analyze, evaluate, export, quantize, softlabels, train_fp
+from .export.formats import ExportSummary
 from .fileio import atomic_write, write_json
 
 FP_STAMP = "demo.json"  # written into out/fp next to config.json: the settings the FP model was trained with
@@ -219,7 +220,7 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
                 results[name] = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "n": r["n"]}
 
         # 6. export --verify
-        exports: dict[int, dict[str, Any]] = {}
+        exports: dict[int, ExportSummary] = {}
         with step("export --verify", ", ".join(str(out / f"w{b}.safetensors") for b in runs)):
             for bits, run_dir in runs.items():
                 exports[bits] = export(run_dir, out / f"w{bits}.safetensors", verify=True)
@@ -229,8 +230,8 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
                "verify_max_abs_diff": None}]
     for bits in runs:
         e = exports[bits]
-        models.append({"model": f"W{bits}A{bits}", "bits": bits, **results[f"W{bits}A{bits}"], "file": e["path"],
-                       "bytes": e["file_bytes"], "verify_max_abs_diff": (e.get("verify") or {}).get("max_abs_diff")})
+        models.append({"model": f"W{bits}A{bits}", "bits": bits, **results[f"W{bits}A{bits}"], "file": e.path,
+                       "bytes": e.file_bytes, "verify_max_abs_diff": (e.verify or {}).get("max_abs_diff")})
     for m in models:
         m["size_ratio_vs_fp"] = round(models[0]["bytes"] / m["bytes"], 2)
     return {

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import get_adapter
+from ..families import get_family
 from ..core.prepare import calibrate, prepare
 from ..errors import DataError, ModelError, RecipeError
 from ..progress import track
@@ -61,7 +61,7 @@ def analyze_model(model: nn.Module, *, recipe: Recipe, calibration_batches: Iter
     t0 = time.perf_counter()
     architecture = type(model).__name__
     qmodel = prepare(model, recipe, inplace=True).eval()
-    adapter = get_adapter(qmodel)
+    adapter = get_family(qmodel)
     blocks = adapter.block_names(qmodel)
     calibrate(qmodel, calibration_batches)
     seconds["load_calibrate"] = time.perf_counter() - t0

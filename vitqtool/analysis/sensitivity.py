@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..arch import Adapter
+from ..families import Family
 from ..quant import QUANT_LAYERS, iter_quantizers, quantizers_disabled
 from .variation import block_of, module_type
 
@@ -84,7 +84,7 @@ def group_units(units: list[Unit], key: str) -> list[Unit]:
 class SensitivityProbe:
     """FP reference (and, for `fast`, cached block inputs) over fixed batches; `measure()` one unit at a time."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, batches: list[tuple[Tensor, Tensor]],
+    def __init__(self, model: nn.Module, adapter: Family, batches: list[tuple[Tensor, Tensor]],
                  method: str = "fast", labels_valid: bool = True) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

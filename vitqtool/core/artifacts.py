@@ -210,7 +210,7 @@ class SoftLabelManifest(Artifact, format_name="vitqtool-softlabels", version=1, 
 
 
 @dataclass
-class ExportHeader(Artifact, format_name="vitqtool-export", version="2.0", error=ExportFormatError, writes_format=False):
+class ExportHeader(Artifact, format_name="vitqtool-export", version="2.1", error=ExportFormatError, writes_format=False):
     """The `vitqtool` metadata section of an export: how to rebuild the model and its per-module table."""
 
     architecture: str
@@ -228,7 +228,7 @@ class ExportHeader(Artifact, format_name="vitqtool-export", version="2.0", error
     source_format: str = "timm"
     source_config: dict | None = None
     preprocessor_config: dict | None = None
-    format_version: str = "2.0"  # 2.x: compressed-tensors' weight layout (export/packed_layout.py); 1.x still read
+    format_version: str = "2.1"  # 2.x: compressed-tensors' weight layout (export/packed_layout.py); 2.1: content digest; 1.x still read
 
     def source_info(self) -> dict[str, Any]:
         """The source-format fields (to carry into a re-export)."""

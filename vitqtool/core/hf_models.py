@@ -1,9 +1,9 @@
 """Files of a transformers `save_pretrained` folder or cached `hf-hub:ORG/NAME` repo: config, weights, arguments.
 
 Needs neither transformers nor network. `models.resolve_model` builds the timm equivalent from what
-this module reads: config.json through `hf_convert.timm_spec`, the weights (model.safetensors,
-pytorch_model.bin or their sharded index) through `hf_convert.to_timm_state` and strict loading,
-preprocessor_config.json through `hf_convert.data_config_from_preprocessor`.
+this module reads: config.json through `families.hf_map.timm_spec`, the weights (model.safetensors,
+pytorch_model.bin or their sharded index) through `hf_map.to_timm_state` and strict loading,
+preprocessor_config.json through `hf_map.data_config_from_preprocessor`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import ModelError, WeightsError
-from .hf_convert import TRAINING_ARGS, is_transformers_config
+from ..families.hf_map import TRAINING_ARGS, is_transformers_config
 from .weights import load_state_dict_file
 
 log = logging.getLogger(__name__)

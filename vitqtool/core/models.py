@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, WeightsError
-from . import hf_convert, hf_models
+from ..families import hf_map
+from ..families.base import convert_checkpoint
+from . import hf_models
 from .weights import SAFETENSORS_EXTS, TORCH_EXTS, first_line, load_state_dict_file, load_strict
 from ..fileio import atomic_write, json_default, save_safetensors, state_dict_for_safetensors
 
@@ -56,7 +58,7 @@ def resolve_model(
     """Resolve a MODEL spec (timm name/alias, hf-hub:..., local folder) to an FP model in eval mode."""
     spec = str(spec).strip()
     if not spec:
-        raise ModelError("empty MODEL; pass a timm name (e.g. deit_tiny_patch16_224), hf-hub:timm/..., or a folder")
+        raise ModelError("empty MODEL; pass a timm model name, hf-hub:timm/..., or a folder")
     extra = dict(model_args or {})
     if num_classes is not None:
         extra["num_classes"] = int(num_classes)
@@ -124,7 +126,7 @@ def _from_timm_name(spec: str, weights: str | Path | None, random_init: bool, ex
     if weights is not None or random_init:
         model = _create(name, pretrained=False, kwargs=extra)
         if weights is not None:
-            load_strict(model, load_state_dict_file(weights), f"weights file '{weights}'")
+            load_weights_file(model, weights)
         return _finish(model, arch, extra, spec)
 
     # pretrained weights: timm drops the classifier and loads non-strictly when num_classes differs,
@@ -182,7 +184,7 @@ def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra
     except Exception as exc:
         raise _pretrained_error(spec, exc) from exc
     if weights is not None:
-        load_strict(model, load_state_dict_file(weights), f"weights file '{weights}'")
+        load_weights_file(model, weights)
     arch = model.pretrained_cfg.get("architecture") or type(model).__name__
     args = {k: v for k, v in (getattr(model, "_model_args", None) or {}).items() if k != "pretrained_model_args"}
     args.update(extra)
@@ -198,7 +200,7 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
         if not (folder / "config.json").is_file():
             raise ModelError(
                 f"'{path}' is a weights file without a config.json next to it; pass the architecture as MODEL "
-                f"and the file as weights (e.g. deit_tiny_patch16_224 --weights {path})"
+                f"and the file as weights (MODEL --weights {path})"
             )
         if path.name != "config.json":
             weights_file = path
@@ -211,7 +213,7 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
     except (OSError, ValueError) as exc:
         raise ModelError(f"'{config_path}' is not valid JSON ({first_line(exc)}); fix or re-export it") from exc
     arch = config.get("architecture") if isinstance(config, dict) else None
-    if not arch and hf_convert.is_transformers_config(config):  # a transformers save_pretrained folder
+    if not arch and hf_map.is_transformers_config(config):  # a transformers save_pretrained folder
         return _from_transformers_folder(folder, config, spec, weights if weights is not None else weights_file, random_init, extra)
     if not arch:
         raise ModelError(f"'{config_path}' has no 'architecture' field (timm's hub config.json) nor 'model_type' "
@@ -242,18 +244,23 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
                 "add them, pass --weights FILE, or --random-init"
             )
     if weights_file is not None:
-        load_strict(model, load_state_dict_file(weights_file), f"weights file '{weights_file}'")
+        load_weights_file(model, weights_file)
     return _finish(model, arch.partition(".")[0], args, spec)
 
 
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file strictly, after its family converts another published layout it knows (e.g. its authors')."""
+    load_strict(model, convert_checkpoint(model, load_state_dict_file(path)), f"weights file '{path}'")
+
+
 def _timm_kwargs(model_args: dict) -> dict:
-    """create_model kwargs from JSON model_args (`layer_norm_eps` -> `norm_layer`; see hf_convert.timm_kwargs)."""
-    return hf_convert.timm_kwargs(model_args)
+    """create_model kwargs from JSON model_args (`layer_norm_eps` -> `norm_layer`; see hf_map.timm_kwargs)."""
+    return hf_map.timm_kwargs(model_args)
 
 
 def _from_transformers_folder(folder: Path, config: dict[str, Any], source: str, weights: str | Path | None = None,
                 random_init: bool = False, extra: dict[str, Any] | None = None) -> LoadedModel:
-    """Build the timm equivalent of a transformers ViT/DeiT/Swin folder and load its weights strictly.
+    """Build the timm equivalent of a transformers checkpoint folder (its family's map) and load its weights strictly.
 
     Args:
         folder: the folder holding config.json (and weights, preprocessor_config.json).
@@ -277,21 +284,23 @@ def _from_transformers_folder(folder: Path, config: dict[str, Any], source: str,
                              "(vitqtool evaluate DIR) or pass the FP checkpoint it came from")
         raise ModelError(f"{where}: field 'quantization_config' (an already quantized checkpoint) is not supported; "
                          "pass the FP checkpoint")
-    spec = hf_convert.timm_spec(config, where)
+    spec = hf_map.timm_spec(config, where)
     args = hf_models.merge_args(spec.model_args, extra or {}, where)
     model = _create(spec.architecture, pretrained=False, kwargs=args)
     if not random_init:
         state, what = hf_models.read_weights(folder, weights)
-        load_strict(model, hf_convert.to_timm_state(state, spec, model, what), what)
+        load_strict(model, hf_map.to_timm_state(state, spec, model, what), what)
     preprocessor = hf_models.read_json(folder / hf_models.PREPROCESSOR) if (folder / hf_models.PREPROCESSOR).is_file() else None
     data_config = resolve_data_config(model, args)
     if preprocessor is not None:
         size = data_config["input_size"][1:]
-        data_config.update(hf_convert.data_config_from_preprocessor(
-            preprocessor, int(args["in_chans"]), (int(size[0]), int(size[1])), str(folder / hf_models.PREPROCESSOR)))
+        pp_where = str(folder / hf_models.PREPROCESSOR)
+        data_config.update(hf_map.data_config_from_preprocessor(
+            spec.map.generic_processor(preprocessor, pp_where), int(args["in_chans"]), (int(size[0]), int(size[1])),
+            spec.map.processor_types, pp_where))
     else:
         logger.info("'%s' has no %s; using timm's defaults for %s", folder, hf_models.PREPROCESSOR, spec.architecture)
-    data_config["labels"] = hf_convert.labels_from_config(config, where)
+    data_config["labels"] = hf_map.labels_from_config(config, where)
     model.eval()
     return LoadedModel(model=model, data_config=data_config, architecture=spec.architecture, model_args=args,
                        source=source, source_format="transformers", source_config=config,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import quant
-from ..arch import QuantPolicy, quantize_model_
+from ..families import QuantPolicy, quantize_model_
 from ..errors import DataError, RecipeError
 from ..progress import track
 from ..recipe import Recipe, load_recipe
@@ -26,7 +26,7 @@ def prepare(model: nn.Module, recipe: str | Path | Recipe = "vaq", bits: int | N
     """Rewrite an FP timm model into its quantized layout with quantizers attached (not yet calibrated).
 
     Args:
-        model: a supported timm model (ViT/DeiT/Swin).
+        model: a timm model of a supported family (`vitqtool.families`).
         recipe: recipe name, TOML path or Recipe; its `[quant]` section decides the layout.
         bits: overrides `quant.bits` (weights and activations inside blocks).
         overrides: extra `{module glob: {"weight_bits": b, "act_bits": b}}` on top of the recipe's.

@@ -37,27 +37,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.hf_convert import TRAINING_ARGS, module_names, table, timm_spec
 from ..core.models import load_strict, resolve_model
 from ..core.prepare import prepare
 from ..errors import ExportFormatError, RecipeError, VitqError
+from ..families import Family, get_family
+from ..families.base import QKV_PARTS
+from ..families.hf_map import TRAINING_ARGS, HFSpec, hf_view, module_names, table, timm_spec
 from ..fileio import file_mode, json_default, library_versions, save_safetensors, staging_dir, translate_write_errors
-from ..quant import QConv2d, QLinear, Quantizer
+from ..quant import QConv2d, QLinear, QuantAttention, Quantizer
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
+from .digest import DIGEST_KEY, content_digest
+from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
+from .digest import check_digest as digest_check
 from .layout import META_QCONFIG, META_VITQ, module_table, require_calibrated
 from .reader import ExportedModel, apply_table_bits, read_header
-from .writer import random_inputs, verify_export
+from .writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs, verify_export
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: content digest
+DIGEST_SINCE = "1.1"
 LAYOUT = "transformers"
 CT_METHOD = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
 FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-_QKV = ("q", "k", "v")
-_PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Slot:
     column: bool = False               # scale stored as [n, 1] (compressed-tensors channel scales)
     in_json: bool = False              # kept in quantization_config.vitqtool.tensors (no compressed-tensors slot)
     applies_to: str = ""               # for in_json quantizers: the transformers module and tensor it quantizes
+    view: tuple[int, ...] | None = None  # fp: the shape transformers stores the tensor in (`Names.hf_view`)
 
 
 @dataclass
@@ -84,25 +89,13 @@ class Scheme:
     modules: list[str] = field(default_factory=list)
 
 
-def _fp_module(path: str) -> tuple[str, int | None]:
-    """A quantized-layout module path -> (FP timm module path, q/k/v index or None): attn.core.q -> attn.qkv, 0."""
-    parts = [p for i, p in enumerate(path.split(".")) if not (p == "core" and i and path.split(".")[i - 1] == "attn")]
-    if len(parts) >= 2 and parts[-2] == "attn" and parts[-1] in _QKV:
-        return ".".join(parts[:-1] + ["qkv"]), _QKV.index(parts[-1])
-    return ".".join(parts), None
-
-
-def _attn_path(quantizer_owner: str) -> str:
-    """The FP attention module path of an attention quantizer's parent (strips Swin's `.core`)."""
-    return _fp_module(quantizer_owner)[0]
-
-
-def plan(model: nn.Module, spec: Any) -> tuple[list[Slot], dict[str, Scheme]]:
+def plan(model: nn.Module, spec: HFSpec) -> tuple[list[Slot], dict[str, Scheme]]:
     """Every state key of a prepared (quantized) timm model -> its Slot; plus the scheme of each transformers Linear."""
     names = table(spec)
+    family = get_family(model)
 
     def hf_modules(path: str) -> tuple[tuple[str, ...], bool]:
-        fp, index = _fp_module(path)
+        fp, index = family.stock_name(path)
         if fp not in names:
             raise ExportFormatError(f"module '{path}' has no transformers counterpart in the {spec.hf_class} key map")
         hf = names[fp].hf
@@ -119,7 +112,7 @@ def plan(model: nn.Module, spec: Any) -> tuple[list[Slot], dict[str, Scheme]]:
         owner, _, leaf = key.rpartition(".")
         mod = model.get_submodule(owner)
         if isinstance(mod, Quantizer):
-            slots.append(_quantizer_slot(model, key, owner, leaf, mod, hf_modules, schemes, names))
+            slots.append(_quantizer_slot(model, family, key, owner, leaf, mod, hf_modules, schemes, names))
         elif isinstance(mod, QLinear) and leaf == "weight":
             mods, split = hf_modules(owner)
             slots.append(Slot(key, "weight", mods, split=split))
@@ -127,19 +120,19 @@ def plan(model: nn.Module, spec: Any) -> tuple[list[Slot], dict[str, Scheme]]:
             mods, _ = hf_modules(owner)
             slots.append(Slot(key, "conv_weight", (f"{mods[0]}.weight",)))
         else:
-            slots.append(_fp_slot(key, owner, leaf, names, hf_modules))
+            slots.append(_fp_slot(family, key, owner, leaf, names, hf_modules))
     return slots, schemes
 
 
-def _fp_slot(key: str, owner: str, leaf: str, names: dict, hf_modules) -> Slot:
-    fp_key = _fp_module(key)[0]  # Swin: attn.relative_position_bias_table is a parameter row of the key map
+def _fp_slot(family: Family, key: str, owner: str, leaf: str, names: dict, hf_modules) -> Slot:
+    fp_key = family.stock_name(key)[0]  # a parameter row of the key map (e.g. a position-bias table)
     if fp_key in names:
-        return Slot(key, "fp", names[fp_key].hf)
+        return Slot(key, "fp", names[fp_key].hf, view=names[fp_key].hf_view)
     mods, split = hf_modules(owner)
-    return Slot(key, "fp", tuple(f"{m}.{leaf}" for m in mods), split=split)
+    return Slot(key, "fp", tuple(f"{m}.{leaf}" for m in mods), split=split, view=hf_view(fp_key, names))
 
 
-def _quantizer_slot(model: nn.Module, key: str, owner: str, leaf: str, q: Quantizer, hf_modules,
+def _quantizer_slot(model: nn.Module, family: Family, key: str, owner: str, leaf: str, q: Quantizer, hf_modules,
                     schemes: dict[str, Scheme], names: dict) -> Slot:
     parent, _, role = owner.rpartition(".")
     layer = model.get_submodule(parent) if parent else None
@@ -157,14 +150,14 @@ def _quantizer_slot(model: nn.Module, key: str, owner: str, leaf: str, q: Quanti
         for m in mods:
             schemes[m].input_bits = bits
         return Slot(key, "scale", tuple(f"{m}.input_scale" for m in mods))
-    attn_qkv = names.get(_attn_path(parent) + ".qkv")
-    if role_of_state == "scale" and symmetric and attn_qkv is not None and role in ("input_quant", "qkv_quant", *(f"{n}_quant" for n in _QKV)):
+    attn_qkv = names.get(family.stock_name(parent)[0] + ".qkv")
+    if role_of_state == "scale" and symmetric and attn_qkv is not None and _on_projection(layer, role):
         if role == "input_quant":
             mods, suffix = attn_qkv.hf, "input_scale"
         elif role == "qkv_quant":
             mods, suffix = attn_qkv.hf, "output_scale"
         else:
-            mods, suffix = (attn_qkv.hf[_QKV.index(role[0])],), "output_scale"
+            mods, suffix = (attn_qkv.hf[QKV_PARTS.index(role[0])],), "output_scale"
         for m in mods:
             if suffix == "input_scale":
                 schemes[m].input_bits = bits
@@ -173,6 +166,16 @@ def _quantizer_slot(model: nn.Module, key: str, owner: str, leaf: str, q: Quanti
         return Slot(key, "scale", tuple(f"{m}.{suffix}" for m in mods))
     return Slot(key, role_of_state, in_json=True,
                 applies_to=_applies_to(parent, role, layer, attn_qkv, hf_modules))
+
+
+def _on_projection(attn: nn.Module | None, role: str) -> bool:
+    """Whether attention quantizer `role` is the shared input or sees its projections' outputs unchanged (its
+    compressed-tensors slots: q/k/v input_scale, output_scale); e.g. cosine attention's Q/K quantizers are not."""
+    if not isinstance(attn, QuantAttention):
+        return False
+    outputs = set(attn.projection_outputs)
+    return (role == "input_quant" or (role == "qkv_quant" and outputs == set(QKV_PARTS))
+            or (role in (f"{n}_quant" for n in QKV_PARTS) and role[0] in outputs))
 
 
 def _applies_to(parent: str, role: str, layer: nn.Module | None, attn_qkv: Any, hf_modules) -> str:
@@ -208,8 +211,8 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
         ExportFormatError for an uncalibrated model, a source config that does not describe this
         model, an existing folder that is not an export, or a failed verify (nothing is written then).
     Example:
-        >>> export_hf_model(qmodel, "vit-w4-hf", architecture=..., model_args=..., data_config=cfg,
-        ...                 recipe=rec, source="google/vit-base-patch16-224", source_config=loaded.source_config)
+        >>> export_hf_model(qmodel, "model-w4-hf", architecture=..., model_args=..., data_config=cfg,
+        ...                 recipe=rec, source="org/checkpoint", source_config=loaded.source_config)
     """
     out = Path(out)
     spec = _spec(source_config, architecture, model_args)
@@ -224,8 +227,10 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
           "versions": library_versions("safetensors")}
     config = {k: v for k, v in copy.deepcopy(source_config).items() if k != "torch_dtype"}
     config["dtype"] = "float32"
+    config = spec.map.export_config(config)
     config[META_QCONFIG] = {**compressed_tensors_config(schemes, spec), META_VITQ: vq}
-    preprocessor = preprocessor_config if preprocessor_config is not None else _preprocessor(data_config)
+    vq[DIGEST_KEY] = content_digest(tensors, _digested_metadata(config[META_QCONFIG]))
+    preprocessor = preprocessor_config if preprocessor_config is not None else spec.map.processor_config(data_config)
     texts = {"config.json": _dumps(config)}
     if preprocessor is not None:
         texts["preprocessor_config.json"] = _dumps(preprocessor)
@@ -249,7 +254,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
     return {**summary(out), "verify": checked}
 
 
-def _spec(source_config: dict | None, architecture: str, model_args: dict) -> Any:
+def _spec(source_config: dict | None, architecture: str, model_args: dict) -> HFSpec:
     """The key-map spec of the source config, checked against the model being exported."""
     if not isinstance(source_config, dict):
         raise ExportFormatError("--format hf needs the source's transformers config.json, and this model was not "
@@ -307,6 +312,7 @@ def _tensors(model: nn.Module, slots: list[Slot]) -> tuple[dict[str, Tensor], di
                 for k, part in zip(slot.hf, parts):
                     tensors[k] = part.reshape(-1, 1).contiguous().clone() if slot.column else part.reshape(-1).contiguous().clone()
             else:
+                value = value.reshape(slot.view) if slot.view is not None else value
                 put(slot.hf, value.float() if value.is_floating_point() else value, slot.split)
     return tensors, kept
 
@@ -324,7 +330,7 @@ def _extra_rows(model: nn.Module, slots: list[Slot]) -> list[dict[str, Any]]:
     return rows
 
 
-def compressed_tensors_config(schemes: dict[str, Scheme], spec: Any) -> dict[str, Any]:
+def compressed_tensors_config(schemes: dict[str, Scheme], spec: HFSpec) -> dict[str, Any]:
     """compressed-tensors `quantization_config`: one config group per distinct Linear scheme, targets by name."""
     runtime = {h: r for row in module_names(spec) for h, r in zip(row.hf, row.runtime_names)}
     groups: dict[tuple, list[str]] = {}
@@ -350,25 +356,6 @@ def compressed_tensors_config(schemes: dict[str, Scheme], spec: Any) -> dict[str
         }
     return {"quant_method": CT_METHOD, "format": CT_FORMAT, "quantization_status": "compressed",
             "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None}
-
-
-def _preprocessor(data_config: dict) -> dict[str, Any] | None:
-    """A ViT/DeiT image-processor config equivalent to a squash-mode data config (None for other modes)."""
-    if str(data_config.get("crop_mode") or "center") != "squash":
-        log.info("no preprocessor_config.json written: crop_mode %r has no ViT/DeiT image-processor equivalent",
-                 data_config.get("crop_mode"))
-        return None
-    _, h, w = (int(v) for v in data_config["input_size"])
-    pct = float(data_config.get("crop_pct") or 1.0)
-    size = {"height": math.floor(h / pct), "width": math.floor(w / pct)}
-    crop = size != {"height": h, "width": w}
-    out = {"image_processor_type": "DeiTImageProcessor" if crop else "ViTImageProcessor", "do_resize": True,
-           "size": size, "resample": _PIL_CODES.get(str(data_config.get("interpolation") or "bilinear"), 2),
-           "do_center_crop": crop, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-           "image_mean": [float(v) for v in data_config["mean"]], "image_std": [float(v) for v in data_config["std"]]}
-    if crop:
-        out["crop_size"] = {"height": h, "width": w}
-    return out
 
 
 def _check_target(out: Path) -> None:
@@ -422,15 +409,22 @@ def read_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, vq
 
 
-def read_hf_export(folder: str | Path) -> ExportedModel:
+def _digested_metadata(qconfig: dict[str, Any]) -> dict[str, str]:
+    """The metadata the content digest covers: the whole quantization_config but the digest, as canonical JSON."""
+    section = {k: v for k, v in qconfig[META_VITQ].items() if k != DIGEST_KEY}
+    return {META_QCONFIG: json.dumps({**qconfig, META_VITQ: section}, sort_keys=True, default=json_default)}
+
+
+def read_hf_export(folder: str | Path, check_digest: bool = True) -> ExportedModel:
     """Rebuild vitqtool's quantized model from a transformers-layout export folder alone.
 
     Returns:
         `reader.ExportedModel` (model in eval mode, data config, recipe, metadata with the
         compressed-tensors config and the vitqtool section).
     Raises:
-        ExportFormatError for a folder that is not such an export, a newer format, or tensors that
-        contradict the config (missing, leftover, mis-shaped, disagreeing copies).
+        ExportFormatError for a folder that is not such an export, a newer format, a content digest that
+        does not match (unless `check_digest` is False), or tensors that contradict the config (missing,
+        leftover, mis-shaped, disagreeing copies).
     """
     from safetensors.torch import load_file
 
@@ -454,6 +448,9 @@ def read_hf_export(folder: str | Path) -> ExportedModel:
         load_strict(model, state, f"export '{folder}'")
     except VitqError as exc:
         raise ExportFormatError(str(exc)) from None
+    # last: the structural checks above name what is wrong; the digest catches what passes them
+    digest_check(folder, vq.get(DIGEST_KEY), tensors, _digested_metadata(config[META_QCONFIG]), str(vq["format_version"]),
+                 DIGEST_SINCE, check=check_digest)
     model.eval()
     data_config = {k: tuple(v) if isinstance(v, list) and k != "labels" else v for k, v in vq["data_config"].items()}
     qc = {k: v for k, v in config[META_QCONFIG].items() if k != META_VITQ}
@@ -495,7 +492,8 @@ def _assemble(folder: Path, model: nn.Module, slots: list[Slot], tensors: dict[s
         elif slot.kind == "scale":
             out[slot.state_key] = gather(slot, lambda t: t.reshape(-1)).to(target.dtype).reshape(target.shape)
         elif slot.kind in ("fp", "conv_weight"):
-            out[slot.state_key] = gather(slot).to(target.dtype)
+            value = gather(slot).to(target.dtype)
+            out[slot.state_key] = value.reshape(target.shape) if slot.view is not None else value
     for slot in slots:  # weights last: they need their layer's step
         if slot.kind != "weight":
             continue
@@ -539,4 +537,40 @@ def summary(folder: str | Path) -> dict[str, Any]:
             "source": vq.get("source", ""), "source_format": vq.get("source_format"), "recipe": vq["recipe"].get("name"),
             "bits": quant.get("bits"), "fp_dtype": vq.get("fp_dtype", "float32"), "quantized_layers": len(layers),
             "config_groups": len(config[META_QCONFIG]["config_groups"]), "files": [n for n in FILES if (folder / n).is_file()],
-            "file_bytes": file_bytes, "fp32_bytes": fp32_bytes, "compression_ratio": fp32_bytes / file_bytes}
+            "file_bytes": file_bytes, "fp32_bytes": fp32_bytes, "compression_ratio": fp32_bytes / file_bytes,
+            "digest": vq.get(DIGEST_KEY)}
+
+
+class TransformersFolderFormat(ExportFormat):
+    """The transformers layout of a model quantized from a transformers checkpoint: a folder transformers loads."""
+
+    name = "hf"
+    writes_folder = True
+
+    def write(self, source: ExportSource, out: Path, *, dtype: str = "float32", verify: bool = False) -> ExportSummary:
+        inputs = source.verify_images(VERIFY_BATCHES * VERIFY_BATCH_SIZE, VERIFY_BATCH_SIZE) if verify else []
+        written = export_hf_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                                  data_config=source.data_config, recipe=source.recipe, source=source.source,
+                                  source_config=source.source_info.get("source_config"),
+                                  preprocessor_config=source.source_info.get("preprocessor_config"),
+                                  metrics=source.metrics, verify=verify, verify_inputs=inputs or None)
+        return ExportSummary.from_dict(written, self.name)
+
+    def recognise(self, path: Path) -> bool:
+        return path.is_dir() and is_hf_export(path)
+
+    def load(self, path: Path) -> LoadedExport:
+        exported = read_hf_export(path)
+        vq = exported.metadata[META_VITQ]
+        config = read_config(path)[0]
+        preprocessor = path / "preprocessor_config.json"
+        info = {"source_format": "transformers", "source_config": {k: v for k, v in config.items() if k != META_QCONFIG},
+                "preprocessor_config": json.loads(preprocessor.read_text()) if preprocessor.is_file() else None}
+        return LoadedExport(exported.model, exported.data_config, "quantized", exported.recipe, ExportSource(
+            exported.model, exported.data_config, exported.recipe, vq["architecture"], vq["model_args"],
+            vq.get("source", str(path)), vq.get("metrics"), {k: v for k, v in info.items() if v is not None},
+            (vq.get("metrics") or {}).get("data")))
+
+    def inspect(self, path: Path, check_digest: bool = True) -> ExportSummary:
+        read_hf_export(path, check_digest=check_digest)
+        return ExportSummary.from_dict(summary(path), self.name)

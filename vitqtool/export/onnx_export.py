@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, library_versions
 from ..quant import QUANT_LAYERS
+from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
 from .layout import require_calibrated, state_map
 from .onnx_graph import OPSET, build_vit_graph
 
@@ -249,3 +250,30 @@ def optimized_op_counts(path: str | Path, threads: int = 1) -> collections.Count
 def integer_matmuls(counts: collections.Counter) -> int:
     """How many integer matmul/conv kernels an optimized graph's op counts hold."""
     return sum(counts[op] for op in INTEGER_MATMULS)
+
+
+class OnnxFormat(ExportFormat):
+    """The QDQ ONNX graph onnxruntime runs with integer kernels (`evaluate model.onnx` runs it through onnxruntime)."""
+
+    name = "onnx"
+
+    def write(self, source: ExportSource, out: Path, *, dtype: str = "float32", verify: bool = False) -> ExportSummary:
+        batches = None
+        if verify:
+            batches = source.validation(VERIFY_IMAGES, VERIFY_BATCH_SIZE) if source.validation is not None else []
+            if not batches:
+                raise ExportFormatError("verify needs validation images and none are available")
+        written = export_onnx_model(source.model.cpu().eval(), out, architecture=source.architecture,
+                                    model_args=source.model_args, data_config=source.data_config, recipe=source.recipe,
+                                    source=source.source, data=source.data, metrics=source.metrics, verify_batches=batches)
+        return ExportSummary.from_dict(written, self.name)
+
+    def recognise(self, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".onnx"
+
+    def load(self, path: Path) -> LoadedExport:
+        model, data_config = load_onnx(path)
+        return LoadedExport(model, data_config, "onnx")
+
+    def inspect(self, path: Path, check_digest: bool = True) -> ExportSummary:
+        return ExportSummary.from_dict(inspect_onnx(path), self.name)

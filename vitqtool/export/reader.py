@@ -26,12 +26,15 @@ from ..core.prepare import prepare
 from ..errors import ExportFormatError, RecipeError, VitqError
 from ..quant import apply_bit_overrides
 from ..recipe import Recipe, recipe_from_dict
+from .digest import DIGEST_KEY
+from .digest import check_digest as digest_check
 from .layout import META_QCONFIG, META_VITQ, QUANT_METHOD, module_table, state_map
 from .packed_layout import format_major, packed_shape, scale_shape, unpack_weight
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+DIGEST_SINCE = "2.1"  # the first format version whose files record a content digest
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -97,17 +100,31 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
 
 
 def is_vitq_export(path: str | Path) -> bool:
-    """True when `path` is a safetensors file with vitqtool export metadata (reads only the header)."""
+    """True when `path` is a safetensors file with vitqtool export metadata and not a weight view (reads the header).
+
+    A vitqtool section that is not JSON still counts, so that reading it reports the damage.
+    """
     try:
         _, metadata = read_header(path)
     except ExportFormatError:
         return False
-    return META_VITQ in metadata
+    if META_VITQ not in metadata:
+        return False
+    try:
+        section = json.loads(metadata[META_VITQ])
+    except json.JSONDecodeError:
+        return True
+    return not (isinstance(section, dict) and "view" in section)
 
 
 def read_metadata(path: str | Path) -> tuple[dict[str, dict], dict[str, Any]]:
     """The header tensors and the decoded metadata (`quantization_config`, `vitqtool`) of an export, checked."""
     header, raw = read_header(path)
+    return header, decode_metadata(path, header, raw)
+
+
+def decode_metadata(path: str | Path, header: dict[str, dict], raw: dict[str, str]) -> dict[str, Any]:
+    """The decoded, checked metadata (`quantization_config`, `vitqtool`) of an export's parsed header."""
     if META_VITQ not in raw or META_QCONFIG not in raw:
         raise ExportFormatError(f"'{path}' is not a vitqtool export (no '{META_VITQ}' metadata); "
                                 "evaluate plain weights with MODEL --weights FILE instead")
@@ -123,7 +140,7 @@ def read_metadata(path: str | Path) -> tuple[dict[str, dict], dict[str, Any]]:
     metadata = {META_QCONFIG: qc, META_VITQ: vq}
     check_header(path, header, vq)
     recorded_recipe(path, vq)
-    return header, metadata
+    return metadata
 
 
 def check_header(path: str | Path, header: dict[str, dict], vq: dict[str, Any]) -> None:
@@ -164,20 +181,22 @@ def recorded_recipe(path: str | Path, vq: dict[str, Any]) -> Recipe:
         raise ExportFormatError(f"'{path}': the recorded recipe is invalid ({exc})") from None
 
 
-def read_export(path: str | Path) -> ExportedModel:
+def read_export(path: str | Path, check_digest: bool = True) -> ExportedModel:
     """Rebuild the quantized model of an export from the file alone (no run folder, recipe file or network).
 
+    The content digest (format 2.1 and later) is checked unless `check_digest` is False.
     Raises:
         ExportFormatError for a file that is not a (valid) vitqtool export, has a newer major format
-        version, or whose tensors contradict its metadata; ModelError when timm cannot build the
-        recorded architecture.
+        version, whose content digest does not match, or whose tensors contradict its metadata;
+        ModelError when timm cannot build the recorded architecture.
     Example:
-        >>> exported = read_export("deit_w2.safetensors"); logits = exported.model(images)
+        >>> exported = read_export("model_w2.safetensors"); logits = exported.model(images)
     """
     from safetensors.torch import load_file
 
     path = Path(path)
-    _, metadata = read_metadata(path)
+    header, raw = read_header(path)
+    metadata = decode_metadata(path, header, raw)
     vq = metadata[META_VITQ]
     recipe = recorded_recipe(path, vq)
     try:
@@ -198,6 +217,8 @@ def read_export(path: str | Path) -> ExportedModel:
         load_strict(model, state, f"export '{path}'")
     except VitqError as exc:
         raise ExportFormatError(str(exc)) from None
+    # last: the structural checks above name what is wrong; the digest catches what passes them
+    digest_check(path, raw.get(DIGEST_KEY), tensors, raw, vq["format_version"], DIGEST_SINCE, check=check_digest)
     model.eval()
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in vq["data_config"].items()}
     return ExportedModel(model=model, data_config=data_config, recipe=recipe, metadata=metadata)
@@ -298,11 +319,11 @@ def summarize_export(path: str | Path) -> dict[str, Any]:
     """Per-module bits and sizes, compression ratio vs float32 and a metadata summary (reads only the header).
 
     Example:
-        >>> summarize_export("deit_w2.safetensors")["compression_ratio"]
+        >>> summarize_export("model_w2.safetensors")["compression_ratio"]
     """
     path = Path(path)
-    header, metadata = read_metadata(path)
-    vq = metadata[META_VITQ]
+    header, raw = read_header(path)
+    vq = decode_metadata(path, header, raw)[META_VITQ]
     rows = []
     nbytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
     quant_keys: set[str] = set()
@@ -333,7 +354,7 @@ def summarize_export(path: str | Path) -> dict[str, Any]:
         "quantized_params": sum(r["params"] for r in rows), "fp_params": fp_params,
         "packed_bytes": sum(r["bytes"] for r in rows), "fp_bytes": sum(nbytes[k] for k in fp_keys),
         "file_bytes": file_bytes, "fp32_bytes": fp32_bytes, "compression_ratio": fp32_bytes / file_bytes,
-        "layers": rows,
+        "digest": raw.get(DIGEST_KEY), "layers": rows,
     }
 
 

@@ -10,6 +10,8 @@ file that compressed-tensors decompresses (`PackedQuantizationCompressor`) into 
 - split q/k/v projections become the stock fused `qkv`: codes stacked row-wise, packed at the widest of
   the three bit widths (a narrower code is exact there too), a per-output-channel scale `[3*dim, 1]`
   that repeats each of the q, k and v steps (exact: the decompressed rows are the q, k, v weights);
+  where the stock model has separate q, k, v projections (`Family.stock_name` of `q` is a whole layer),
+  each keeps its own layer and the attention's shared input quantizer is the input scale of each;
 - signed, offset-free Linear inputs become compressed-tensors' static `input_scale` (the shared
   attention-input quantizer is `qkv.input_scale`); activation quantizers without a compressed-tensors
   slot (Q, K, V outputs, softmax, the GELU output with its learned offset) are listed, with their
@@ -32,15 +34,20 @@ from torch import Tensor, nn
 
 from ..core.models import load_strict, resolve_model
 from ..errors import ExportFormatError
+from ..families import get_family
 from ..fileio import atomic_write, save_safetensors
-from ..quant import QUANT_LAYERS, QuantAttention, Quantizer, iter_quantizers
+from ..quant import QUANT_LAYERS, FusedProjections, Quantizer, iter_quantizers
 from .layout import FP_DTYPES, PACK_FORMAT, iter_standalone_quantizers, state_map
+from .digest import DIGEST_KEY, content_digest
+from .digest import check_digest as digest_check
+from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
 from .packed_layout import file_scale, pack_weight
 from .reader import read_header
-from .writer import export_tensors
+from .writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, export_tensors, random_inputs
 
 VIEW_KIND = "source-names"
-VIEW_VERSION = "1.0"
+VIEW_VERSION = "1.1"  # 1.1: content digest
+DIGEST_SINCE = "1.1"
 CT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "input_scale")
 
 
@@ -54,30 +61,6 @@ def _ct_input(q: Quantizer | None) -> bool:
     return q is not None and q.enabled and q.spec.signed and not q.spec.learned_offset
 
 
-def _stock_prefix(name: str, stock_keys: set[str]) -> str:
-    """The stock module holding the fused `qkv` a QuantAttention at `name` replaced: itself or its parent."""
-    parent = name.rpartition(".")[0]
-    for prefix in (name, parent):
-        if f"{prefix + '.' if prefix else ''}qkv.weight" in stock_keys:
-            return prefix
-    raise ExportFormatError(f"cannot find the stock fused qkv projection of '{name}' in the source model; "
-                            "the source-name view supports timm models whose attention has one `qkv` Linear")
-
-
-def _renamer(renames: dict[str, str]):
-    """Map a rewritten-model name to the stock name by its longest renamed attention prefix."""
-    ordered = sorted(renames, key=len, reverse=True)
-
-    def rename(name: str) -> str:
-        for old in ordered:
-            if name == old or name.startswith(old + "."):
-                new = renames[old]
-                rest = name[len(old):].lstrip(".")
-                return f"{new}.{rest}" if new and rest else (new or rest)
-        return name
-    return rename
-
-
 def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
                         fp_dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """(tensors, compressed-tensors `quantization_config`, activation table) of the source-name view of `model`.
@@ -86,9 +69,12 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
     """
     file = export_tensors(model, fp_dtype)  # vitqtool names, 2.x layout; refuses uncalibrated models
     stock_state = resolve_model(architecture, random_init=True, model_args=model_args or None).model.state_dict()
-    stock_keys = set(stock_state)
-    attentions = {n: m for n, m in model.named_modules() if isinstance(m, QuantAttention)}
-    rename = _renamer({n: _stock_prefix(n, stock_keys) for n in attentions})
+    family = get_family(model)
+
+    def rename(name: str) -> str:
+        return family.stock_name(name)[0]
+
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, FusedProjections)}
     tensors: dict[str, Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}  # stock layer -> scheme row
     done: set[str] = set()  # rewritten-model layers already written
@@ -105,8 +91,17 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
         layers[stock] = {"bits": bits, "per_channel": per_channel, "act_bits": in_q.spec.bits if _ct_input(in_q) else None}
 
     with torch.no_grad():
-        for name, attn in attentions.items():
-            parts = [attn.q, attn.k, attn.v] if attn.split else [attn.qkv]
+        for name, mod in fused.items():
+            part_names, in_quant = mod.fused_parts()
+            parts = [mod.get_submodule(p) for p in part_names]
+            if len(parts) > 1 and family.stock_name(f"{name}.{part_names[0]}")[1] is None:
+                # the stock model keeps these projections apart (e.g. separate q, k, v): each is written as its own
+                # layer, with the shared input quantizer as its input scale
+                for part, layer in zip(part_names, parts):
+                    put_layer(rename(f"{name}.{part}"), layer.w_quant.codes(layer.weight).cpu(), layer.w_quant.spec.bits,
+                              _step(layer.w_quant), layer.bias, in_quant, layer.w_quant.spec.per_channel)
+                    done.add(f"{name}.{part}")
+                continue
             codes = torch.cat([p.w_quant.codes(p.weight).cpu() for p in parts])
             bits = max(p.w_quant.spec.bits for p in parts)
             if len(parts) == 1 and not parts[0].w_quant.spec.per_channel:
@@ -116,9 +111,9 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
             biases = [p.bias for p in parts]
             bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
             if bias is None and any(b is not None for b in biases):
-                raise ExportFormatError(f"'{name}': q, k and v disagree on having a bias; they cannot be fused into qkv")
-            put_layer(rename(f"{name}.qkv"), codes, bits, steps, bias, attn.input_quant, per_channel)
-            done.update(f"{name}.{p}" for p in (("q", "k", "v") if attn.split else ("qkv",)))
+                raise ExportFormatError(f"'{name}': {', '.join(part_names)} disagree on having a bias; they cannot be fused")
+            put_layer(rename(f"{name}.{part_names[0]}"), codes, bits, steps, bias, in_quant, per_channel)
+            done.update(f"{name}.{p}" for p in part_names)
         for name, layer in model.named_modules():
             if isinstance(layer, QUANT_LAYERS) and name not in done:
                 codes = layer.w_quant.codes(layer.weight).cpu()
@@ -129,7 +124,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
             if entry.kind == "fp" and entry.state_key.rpartition(".")[0] not in layer_names:
                 tensors[rename(entry.state_key)] = file[entry.file_key]
     _check_keys(tensors, layers, stock_state)
-    return tensors, _quantization_config(layers, stock_state, model), _activation_table(model, attentions)
+    return tensors, _quantization_config(layers, stock_state, model), _activation_table(model, fused)
 
 
 def _check_keys(tensors: dict[str, Tensor], layers: dict[str, dict], stock_state: dict[str, Tensor]) -> None:
@@ -163,9 +158,9 @@ def _quantization_config(layers: dict[str, dict], stock_state: dict[str, Tensor]
             "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None}
 
 
-def _activation_table(model: nn.Module, attentions: dict[str, QuantAttention]) -> dict[str, dict[str, Any]]:
+def _activation_table(model: nn.Module, fused: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
     """Activation quantizers compressed-tensors has no slot for, by rewritten-model name, with their step and offset."""
-    shared_inputs = {f"{n}.input_quant" for n in attentions}
+    shared_inputs = {id(m.fused_parts()[1]) for m in fused.values()}  # written as the projections' input_scale
     table: dict[str, dict[str, Any]] = {}
 
     def row(q: Quantizer, role: str) -> dict[str, Any]:
@@ -173,7 +168,7 @@ def _activation_table(model: nn.Module, attentions: dict[str, QuantAttention]) -
                 "scale": float(_step(q)), "offset": q.offset_value()}
 
     for name, q in iter_standalone_quantizers(model):
-        if name not in shared_inputs:
+        if id(q) not in shared_inputs:
             table[name] = row(q, name.rpartition(".")[2].removesuffix("_quant"))
     for name, layer in model.named_modules():
         if isinstance(layer, QUANT_LAYERS) and layer.a_quant is not None and not _ct_input(layer.a_quant):
@@ -182,10 +177,13 @@ def _activation_table(model: nn.Module, attentions: dict[str, QuantAttention]) -
 
 
 def write_source_view(model: nn.Module, out: str | Path, *, architecture: str, model_args: dict, data_config: dict,
-                      source: str = "", dtype: str = "float32") -> dict[str, Any]:
+                      source: str = "", dtype: str = "float32", verify_inputs: list[Tensor] | None = None) -> dict[str, Any]:
     """Write the source-name compressed-tensors view of a calibrated quantized model to `out` (atomically).
 
-    Returns a summary: path, architecture, quantized layers, file bytes and the float32 size of the stock model.
+    With `verify_inputs`, the written view is loaded into the stock model and checked against `model` first
+    (`verify_source_view`); nothing is written when that fails.
+    Returns a summary: path, architecture, quantized layers, file bytes, the float32 size of the stock model,
+    the digest and the verify results.
     """
     if dtype not in FP_DTYPES:
         raise ExportFormatError(f"unsupported export dtype {dtype!r}; use one of {', '.join(FP_DTYPES)}")
@@ -197,13 +195,35 @@ def write_source_view(model: nn.Module, out: str | Path, *, architecture: str, m
         metadata = {"format": "pt", "quantization_config": json.dumps(qconfig), "vitqtool": json.dumps(meta, default=list)}
     except TypeError as exc:
         raise ExportFormatError(f"model_args/data_config must be JSON-serialisable ({exc})") from None
+    metadata[DIGEST_KEY] = content_digest(tensors, metadata)
+    checked = None
+
+    def write(tmp: Path) -> None:
+        nonlocal checked
+        save_safetensors(tmp, tensors, metadata)
+        if verify_inputs is not None:
+            checked = verify_source_view(model, tmp, verify_inputs)
+
     out = Path(out)
-    atomic_write(out, lambda tmp: save_safetensors(tmp, tensors, metadata))
-    n_params = sum(math.prod(tensors[k].tolist()) for k in tensors if k.endswith(".weight_shape"))
-    fp_params = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[2] not in CT_PARAMS and t.is_floating_point())
-    return {"path": str(out), "format": "compressed-tensors", "architecture": architecture, "quantized_layers": len(qconfig_targets(qconfig)),
-            "file_bytes": out.stat().st_size, "fp32_bytes": 4 * (n_params + fp_params),
-            "compression_ratio": 4 * (n_params + fp_params) / out.stat().st_size}
+    atomic_write(out, write)
+    return {**view_summary(out), "verify": checked}
+
+
+def view_summary(path: str | Path) -> dict[str, Any]:
+    """Path, architecture, quantized layers, file bytes, float32 size of the stock model and digest of a view."""
+    from safetensors import safe_open
+
+    qconfig, meta = read_view_metadata(path)
+    header, raw = read_header(path)
+    with safe_open(str(path), "pt") as fh:
+        n_params = sum(math.prod(fh.get_tensor(k).tolist()) for k in header if k.endswith(".weight_shape"))
+    fp_params = sum(math.prod(info["shape"]) for k, info in header.items()
+                    if k.rpartition(".")[2] not in CT_PARAMS and info["dtype"] in ("F64", "F32", "F16", "BF16"))
+    file_bytes = Path(path).stat().st_size
+    return {"path": str(path), "format": "compressed-tensors", "format_version": str(meta.get("format_version", "")),
+            "architecture": meta["architecture"], "source": meta.get("source", ""),
+            "quantized_layers": len(qconfig_targets(qconfig)), "file_bytes": file_bytes, "fp32_bytes": 4 * (n_params + fp_params),
+            "compression_ratio": 4 * (n_params + fp_params) / file_bytes, "digest": raw.get(DIGEST_KEY)}
 
 
 def qconfig_targets(qconfig: dict[str, Any]) -> list[str]:
@@ -223,10 +243,11 @@ def read_view_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
     return qc, meta
 
 
-def source_state_dict(path: str | Path) -> dict[str, Tensor]:
+def source_state_dict(path: str | Path, check_digest: bool = True) -> dict[str, Tensor]:
     """Decompress a source-name view with compressed-tensors into the state dict the stock timm model loads strictly.
 
-    Raises ExportFormatError when compressed-tensors is not installed or the file is not such a view.
+    Raises ExportFormatError when compressed-tensors is not installed, the file is not such a view, or its content
+    digest does not match (unless `check_digest` is False).
     """
     from safetensors.torch import load_file
 
@@ -236,9 +257,11 @@ def source_state_dict(path: str | Path) -> dict[str, Tensor]:
     except ImportError:
         raise ExportFormatError("reading a compressed-tensors view needs the compressed-tensors package: "
                                 "pip install compressed-tensors") from None
-    qc, _ = read_view_metadata(path)
+    qc, meta = read_view_metadata(path)
     config = QuantizationConfig.model_validate(qc)
     tensors = load_file(str(path), device="cpu")
+    raw = read_header(path)[1]
+    digest_check(path, raw.get(DIGEST_KEY), tensors, raw, str(meta.get("format_version", "")), DIGEST_SINCE, check=check_digest)
     state: dict[str, Tensor] = {}
     for scheme in config.config_groups.values():
         for target in scheme.targets:
@@ -249,11 +272,11 @@ def source_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_source_model(path: str | Path) -> nn.Module:
+def load_source_model(path: str | Path, check_digest: bool = True) -> nn.Module:
     """The stock timm model (eval mode) with a source-name view's weights, decompressed and loaded strictly."""
     _, meta = read_view_metadata(path)
     model = resolve_model(meta["architecture"], random_init=True, model_args=meta["model_args"] or None).model
-    load_strict(model, source_state_dict(path), f"source-name view '{path}'")
+    load_strict(model, source_state_dict(path, check_digest), f"source-name view '{path}'")
     return model.eval()
 
 
@@ -278,3 +301,34 @@ def verify_source_view(model: nn.Module, path: str | Path, inputs: list[Tensor],
         raise ExportFormatError(f"verify failed: the stock model with the view's weights differs by {diff:.3g} (> {atol:g}) "
                                 "from the weight-quantized model")
     return {"max_abs_diff": diff, "atol": atol, "inputs": n}
+
+
+class CompressedTensorsFormat(ExportFormat):
+    """The weights under the stock timm names, packed as compressed-tensors stores them (a weight-only view)."""
+
+    name = "compressed-tensors"
+    dtypes = tuple(FP_DTYPES)
+
+    def write(self, source: ExportSource, out: Path, *, dtype: str = "float32", verify: bool = False) -> ExportSummary:
+        inputs = None
+        if verify:
+            inputs = source.verify_images(VERIFY_BATCHES * VERIFY_BATCH_SIZE, VERIFY_BATCH_SIZE) or random_inputs(source.data_config)
+        written = write_source_view(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                                    data_config=source.data_config, source=source.source, dtype=dtype, verify_inputs=inputs)
+        return ExportSummary.from_dict(written, self.name)
+
+    def recognise(self, path: Path) -> bool:
+        try:
+            read_view_metadata(path)
+        except ExportFormatError:
+            return False
+        return True
+
+    def load(self, path: Path) -> LoadedExport:
+        _, meta = read_view_metadata(path)
+        data_config = {k: tuple(v) if isinstance(v, list) and k != "labels" else v for k, v in meta["data_config"].items()}
+        return LoadedExport(load_source_model(path), data_config, "weight-quantized")
+
+    def inspect(self, path: Path, check_digest: bool = True) -> ExportSummary:
+        source_state_dict(path, check_digest)
+        return ExportSummary.from_dict(view_summary(path), self.name)

@@ -22,10 +22,12 @@ from ..core.artifacts import ExportHeader
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, json_default, library_versions, save_safetensors
 from ..recipe import Recipe
+from .digest import DIGEST_KEY, content_digest
+from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
 from .layout import (FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table,
                      require_calibrated, state_map)
 from .packed_layout import file_scale, pack_weight
-from .reader import read_export, summarize_export
+from .reader import is_vitq_export, read_export, read_header, summarize_export
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
         ExportFormatError for an unknown dtype, an unprepared or uncalibrated model, or a failed verify
         (then nothing is written).
     Example:
-        >>> export_model(qmodel, "m.safetensors", architecture="deit_tiny_patch16_224", model_args={},
+        >>> export_model(qmodel, "m.safetensors", architecture="model_name", model_args={},
         ...              data_config=cfg, recipe=load_recipe("vaq"), dtype="float16")
     """
     if dtype not in FP_DTYPES:
@@ -68,6 +70,7 @@ def export_model(model: nn.Module, out: str | Path, *, architecture: str, model_
     tensors = export_tensors(model, FP_DTYPES[dtype])
     metadata = _metadata(model, architecture=architecture, model_args=model_args, data_config=data_config,
                          recipe=recipe, source=source, metrics=metrics, dtype=dtype, source_info=source_info)
+    metadata[DIGEST_KEY] = content_digest(tensors, metadata)
     checked: dict[str, Any] | None = None
 
     def write(tmp: Path) -> None:
@@ -190,3 +193,37 @@ def verify_export(model: nn.Module, reloaded: nn.Module, inputs: Iterable[Tensor
                                 "the file was not written (rerun with VITQ_DEBUG=1 and report it)")
     log.info("verify: max |logit diff| %.3g over %d inputs (%.3g vs the unrounded model)", diff, n, diff_unrounded)
     return {"max_abs_diff": diff, "max_abs_diff_unrounded": diff_unrounded, "atol": atol, "inputs": n, "dtype": dtype}
+
+
+class SafetensorsFormat(ExportFormat):
+    """The vitqtool file: packed integer codes, steps and metadata in one safetensors file (`vitqtool.load` runs it)."""
+
+    name = "safetensors"
+    dtypes = tuple(FP_DTYPES)
+
+    def write(self, source: ExportSource, out: Path, *, dtype: str = "float32", verify: bool = False) -> ExportSummary:
+        inputs = source.verify_images(VERIFY_BATCHES * VERIFY_BATCH_SIZE, VERIFY_BATCH_SIZE) if verify else []
+        summary = export_model(source.model, out, architecture=source.architecture, model_args=source.model_args,
+                               data_config=source.data_config, recipe=source.recipe, source=source.source,
+                               metrics=source.metrics, dtype=dtype, verify=verify, verify_inputs=inputs or None,
+                               source_info=source.source_info)
+        return ExportSummary.from_dict(summary, self.name)
+
+    def recognise(self, path: Path) -> bool:
+        if path.is_file() and path.suffix == ".safetensors":
+            try:
+                read_header(path)
+            except ExportFormatError:
+                return True  # a damaged .safetensors file: reading it reports the damage
+        return is_vitq_export(path)
+
+    def load(self, path: Path) -> LoadedExport:
+        exported = read_export(path)
+        header = exported.header
+        return LoadedExport(exported.model, exported.data_config, "quantized", exported.recipe, ExportSource(
+            exported.model, exported.data_config, exported.recipe, header.architecture, header.model_args, header.source,
+            header.metrics, header.source_info(), (header.metrics or {}).get("data")))
+
+    def inspect(self, path: Path, check_digest: bool = True) -> ExportSummary:
+        read_export(path, check_digest=check_digest)
+        return ExportSummary.from_dict(summarize_export(path), self.name)

@@ -1,15 +1,18 @@
-"""The adapter protocol every model family implements, its registry, the quantization policy and swap helpers.
+"""The plugin every model family implements, its registry, the quantization policy and swap helpers.
 
-An adapter knows one family's layout: where the blocks, attention, MLPs, patch embedding and heads
-are, which features of the family the quantized layout covers (`check` refuses the rest, naming the
-module and the feature), how to rewrite a model in place, and how to run it block by block (fast
-sensitivity). Adapters register with the dotted names of the model classes they accept.
+A family plugin holds everything vitqtool knows of one family: where the blocks, attention, MLPs, patch
+embedding and heads are; which features the quantized layout covers (`check` refuses the rest, naming
+the module and the feature); how to rewrite a model in place; how to run it block by block (fast
+sensitivity); which stock module a quantized module came from (the weight views and the transformers
+export); its transformers classes (config and key maps, `hf_map.TransformersMap`), if any. Families
+register with the dotted names of the timm model classes they accept; shared code asks the registry
+and names no family.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,14 +20,19 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QConv2d, QLinear, QuantSpec
+from .hf_map import UNMAPPED, TransformersMap, register_transformers
 
-ADAPTERS: dict[str, type["Adapter"]] = {}  # "module.QualName" of an accepted model class -> adapter, filled by @register_adapter
-GELU_CLASSES = ("torch.nn.modules.activation.GELU", "timm.layers.activations.GELU", "timm.layers.activations.GELUTanh")
+FAMILIES: dict[str, type["Family"]] = {}  # "module.QualName" of an accepted timm model class -> family, filled by @register_family
+QKV_PARTS = ("q", "k", "v")  # the projections a fused qkv Linear is split into (method.md §4)
+# activations whose output the fc2-input quantizer (unsigned + learned offset) fits: GELU and its approximations, all
+# bounded below by a small negative dip (GELU -0.170, QuickGELU x*sigmoid(1.702x) -0.164) and unbounded above
+GELU_CLASSES = ("torch.nn.modules.activation.GELU", "timm.layers.activations.GELU", "timm.layers.activations.GELUTanh",
+                "timm.layers.activations.QuickGELU")
 
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Layout-level choices an adapter applies (per-module bits are recipe overrides, applied after)."""
+    """Layout-level choices a family applies (per-module bits are recipe overrides, applied after)."""
 
     bits: int                  # weight and activation bits inside the transformer blocks
     split_qkv: bool = True     # module-dependent Q/K/V (method.md §4); False = one fused qkv step
@@ -51,11 +59,13 @@ class QuantPolicy:
         return QuantSpec(self.bits, signed=False, learned_offset=True, method=self.method)
 
 
-class Adapter(abc.ABC):
-    """One model family: its allow-list, its quantized rewrite and its block-by-block execution."""
+class Family(abc.ABC):
+    """One model family: its allow-list, quantized rewrite, block-by-block execution and stock names."""
 
-    family: ClassVar[str]
-    patterns: ClassVar[tuple[str, ...]]  # model-name globs of the family, for messages
+    name: ClassVar[str]
+    patterns: ClassVar[tuple[str, ...]]  # timm model-name globs of the family, for messages
+    transformers: ClassVar[tuple[TransformersMap, ...]] = ()  # its transformers classes (none: not loadable from one)
+    unmapped: ClassVar[tuple[tuple[str, str], ...]] = ()  # (transformers class, why no timm model computes it): refused by name
 
     @abc.abstractmethod
     def check(self, model: nn.Module) -> None:
@@ -77,6 +87,34 @@ class Adapter(abc.ABC):
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         """Logits from the input of segment `index` (`len(block_names)` = the tail)."""
 
+    def convert_checkpoint(self, model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A weights file in another published layout of the family (e.g. its authors' code) under `model`'s names.
+
+        The default, for families without one: unchanged. Loading stays strict after the conversion.
+        """
+        return dict(state_dict)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "Family":
+        """The family instance for `model` (stock or rewritten); a family whose stock names depend on the model's
+        configuration reads it here."""
+        return cls()
+
+    def stock_name(self, path: str) -> tuple[str, int | None]:
+        """The stock (FP timm) name of a quantized-layout module or state key, and which third of it (q, k, v) or None.
+
+        The default covers rewrites that keep module paths and split a fused `qkv` Linear into `q`, `k`, `v`
+        siblings; a family whose rewrite nests modules differently overrides it.
+        """
+        head, _, leaf = path.rpartition(".")
+        if leaf in QKV_PARTS:
+            return f"{head}.qkv" if head else "qkv", QKV_PARTS.index(leaf)
+        return path, None
+
+    def fp_layers(self, model: nn.Module) -> frozenset[str]:
+        """Linear/Conv2d layers the quantized layout keeps in FP on purpose (the family's docs say why); none by default."""
+        return frozenset()
+
 
 def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
     """Each stage's downsampling layer (when present) and then its blocks: `attr.i.downsample`, `attr.i.blocks.j`."""
@@ -88,7 +126,7 @@ def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
     return out
 
 
-class SegmentedAdapter(Adapter):
+class SegmentedFamily(Family):
     """A family that runs as stem -> segments in sequence -> tail (Swin, CNNs): block-by-block execution from those three.
 
     By default the timm stage layout: `stem_attr` module, then each stage of `stages_attr` (its downsampling
@@ -129,35 +167,47 @@ class SegmentedAdapter(Adapter):
         return self.tail(model, hidden)
 
 
-def register_adapter(*model_classes: str) -> Callable[[type[Adapter]], type[Adapter]]:
-    """Class decorator: the adapter handles models whose class is exactly one of `model_classes` ("module.QualName")."""
-    def add(cls: type[Adapter]) -> type[Adapter]:
+def register_family(*model_classes: str) -> Callable[[type[Family]], type[Family]]:
+    """Class decorator: the family handles timm models whose class is exactly one of `model_classes` ("module.QualName").
+
+    Its transformers classes (`Family.transformers`) become loadable at the same time.
+    """
+    def add(cls: type[Family]) -> type[Family]:
         for name in model_classes:
-            ADAPTERS[name] = cls
+            FAMILIES[name] = cls
+        for hf in cls.transformers:
+            register_transformers(hf)
+        UNMAPPED.update(cls.unmapped)
         return cls
     return add
 
 
 def class_name(obj: object) -> str:
-    """`module.QualName` of an object's class, the key adapters register under."""
+    """`module.QualName` of an object's class, the key families register under."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter registered for `model`'s class; ModelError listing the supported families otherwise."""
-    adapter = ADAPTERS.get(class_name(model))
-    if adapter is None:
-        supported = ", ".join(dict.fromkeys(p for a in ADAPTERS.values() for p in a.patterns))
+def get_family(model: nn.Module) -> Family:
+    """The family registered for `model`'s class; ModelError listing the supported families otherwise."""
+    family = FAMILIES.get(class_name(model))
+    if family is None:
+        supported = ", ".join(dict.fromkeys(p for f in FAMILIES.values() for p in f.patterns))
         raise ModelError(f"model class {type(model).__name__} is not a supported family (supported timm architectures: {supported})")
-    return adapter()
+    return family.for_model(model)
+
+
+def convert_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` under `model`'s own names when its family knows the file's layout; unchanged otherwise."""
+    family = FAMILIES.get(class_name(model))
+    return family().convert_checkpoint(model, state_dict) if family is not None else dict(state_dict)
 
 
 def quantize_model_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
     """Check `model` against its family's allow-list, then rewrite it in place into the quantized layout."""
-    adapter = get_adapter(model)
-    adapter.check(model)
-    adapter.quantize_(model, policy)
-    check_fully_quantized(model)
+    family = get_family(model)
+    family.check(model)
+    family.quantize_(model, policy)
+    check_fully_quantized(model, family.fp_layers(model))
     return model
 
 
@@ -177,11 +227,17 @@ def quantize_conv(parent: nn.Module, attr: str, wspec: QuantSpec, aspec: QuantSp
     setattr(parent, attr, QConv2d.from_float(conv, wspec, aspec))
 
 
-def check_fully_quantized(model: nn.Module) -> None:
-    """Fail loudly, naming the module, if any float Linear/Conv2d was left behind by a rewrite."""
-    left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+def quantize_mlp(mlp: nn.Module, policy: QuantPolicy) -> None:
+    """A `check_mlp` MLP: fc1 reads a norm's output or the residual stream (signed), fc2 the GELU's (unsigned + offset)."""
+    quantize_linear(mlp, "fc1", policy.weight(), policy.act())
+    quantize_linear(mlp, "fc2", policy.weight(), policy.gelu_out())
+
+
+def check_fully_quantized(model: nn.Module, keep: frozenset[str] = frozenset()) -> None:
+    """Fail loudly, naming the module, if any float Linear/Conv2d outside `keep` was left behind by a rewrite."""
+    left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and name not in keep]
     if left:
-        raise ModelError(f"these layers have no quantization rule in the adapter and would stay float: {', '.join(left[:8])}")
+        raise ModelError(f"these layers have no quantization rule in the family and would stay float: {', '.join(left[:8])}")
 
 
 def require(condition: bool, where: str, feature: str) -> None:
@@ -200,4 +256,4 @@ def check_mlp(mlp: nn.Module, where: str) -> None:
     require(class_name(mlp) == "timm.layers.mlp.Mlp", f"{where}.mlp", f"MLP type {type(mlp).__name__} (only timm Mlp)")
     require(is_identity(getattr(mlp, "norm", None)), f"{where}.mlp.norm", f"a norm inside the MLP ({type(mlp.norm).__name__}, scale_mlp_norm)")
     require(class_name(mlp.act) in GELU_CLASSES, f"{where}.mlp.act",
-            f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU)")
+            f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU, GELU-tanh or QuickGELU)")

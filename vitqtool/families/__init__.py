@@ -1,0 +1,13 @@
+"""Model families, one plugin module each: all knowledge of a family's layout, transformers classes and stock names.
+
+Importing this package registers every family (`base.register_family`); shared code asks `get_family(model)`
+or `hf_map.timm_spec(config)` and names no family. A new family is one module here plus its import below.
+"""
+
+from __future__ import annotations
+
+from . import beit, cait, convnext, eva, resnet, swin, swinv2, vit, vit_relpos  # noqa: F401  (registration)
+from . import sret  # noqa: F401  (registration; sret_model registers SReT with timm)
+from .base import FAMILIES, Family, QuantPolicy, get_family, quantize_model_, register_family
+
+__all__ = ["FAMILIES", "Family", "QuantPolicy", "get_family", "quantize_model_", "register_family"]
