@@ -121,7 +121,7 @@ def run_one(job: dict) -> dict:
                   batch_size=job["batch_size"], limit_train=job["limit_train"])
         kw["calib_batches"] = job["calib_batches"]
         if recipe != "ptq":
-            kw.update(epochs=job["epochs"], lr=job["lr"], fuse_quantizers=job["fuse_quantizers"])
+            kw.update(epochs=job["epochs"], lr=job["lr"], fuse_quantizers=job["fuse_quantizers"] or None)  # None: quantize's default
             if stored:
                 kw["soft_labels"] = Path(job["soft_labels"])
         quantize(job["fp"], **kw)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-train", type=int, default=None, help="train QAT on the first N training images (default all)")
     p.add_argument("--calib-batches", type=int, default=None, help="calibration batches of every run (default: DEMO.calib_batches)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each (default 2)")
-    p.add_argument("--fuse-quantizers", action="store_true", help="QAT runs use `quantize --fuse-quantizers` (faster, same math)")
+    p.add_argument("--fuse-quantizers", action="store_true", help="QAT runs insist on `quantize --fuse-quantizers` (default: quantize's own choice)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, W2A2, 1 epoch, 512 images, ablations at W2A2")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where ladder.md/ladder.json go")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitqtool-ladder",

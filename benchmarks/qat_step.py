@@ -1,18 +1,26 @@
-"""Benchmark: one training step, FP vs vitqtool QAT (vaq W4A4 / W2A2, eager and fused quantizers).
+"""Benchmark: one training step, FP vs vitqtool QAT as `quantize` trains it (default, eager, --compile).
 
-A step is forward + loss + backward + AdamW on one fixed random batch, train mode. "W4A4 + KD + OBR"
-also runs the FP teacher (online KD loss) and the OBR term, as the `quantize` loop does once OBR is
-ramped on. "fused" is `quantize --fuse-quantizers` (each fake quantizer one torch.compile'd kernel per
-direction; compiled during the warm-up steps).
+A step is forward + loss + backward + AdamW on one fixed random batch, train mode; a QAT step then
+also does what the `quantize` loop does after each update (quantizer step floors, the oscillation
+tracker of the vaq recipe). The loss is cross-entropy for every configuration, so the table compares
+the models' cost, not the KD recipe (`w4-kd` adds the online teacher and the OBR term).
 
-Timing: every configuration lives in ONE process; after the warm-up steps they take turns one step at
-a time (order rotated every turn), so load from other processes hits all alike; the table shows the
-median. Peak memory: a fresh process per configuration runs the warm-up steps and reports its peak
-(CPU: peak resident set, VmHWM, imports and model included; CUDA: `torch.cuda.max_memory_allocated`).
+    qat       vaq W4A4, quantizers as `quantize` trains by default (fused kernels where they equal eager)
+    eager     vaq W4A4 with --eager-quantizers (the reference arithmetic)
+    compile   vaq W4A4 with --compile (torch.compile of the QAT model; the quantizers eager inside it)
+    fp        the timm FP model;  fp-compile: torch.compile of it (for reference)
+    w2, w4-kd vaq W2A2; W4A4 + online KD teacher + OBR (default quantizers)
 
-    python benchmarks/qat_step.py                                  # deit_tiny, 224 px, batch 8, 1 thread
-    python benchmarks/qat_step.py --img-size 32 --patch-size 4 --num-classes 10 --batch 32
-    python benchmarks/qat_step.py --device cuda --batch 64          # GPU
+Timing: every configuration lives in ONE process; after the warm-up steps (where the compiled ones
+compile: the first step's time is reported as the cold start, with an empty compiler cache unless
+--warm-cache) they take turns one step at a time (order rotated every turn), so load from other
+processes hits all alike; the table shows the median wall and process-CPU time per step and their
+ratios to FP (CPU time is the steadier one on a shared machine). Several `--sizes` run one after
+the other in the same invocation. Peak memory (--memory): a fresh process per configuration.
+
+    python benchmarks/qat_step.py --sizes 32 224 --batch 32              # deit_tiny-shaped, 1 thread (the README's run)
+    python benchmarks/qat_step.py --sizes 224 --configs fp qat eager --batch 8
+    python benchmarks/qat_step.py --device cuda --batch 64 --sizes 224   # GPU
 """
 
 from __future__ import annotations
@@ -23,46 +31,59 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-CONFIGS = ("fp", "w4", "w2", "w4-full", "w4-fused", "w2-fused", "w4-full-fused")
-NAMES = {"fp": "FP (timm)", "w4": "vaq W4A4", "w2": "vaq W2A2", "w4-full": "W4A4 + KD + OBR",
-         "w4-fused": "vaq W4A4 fused", "w2-fused": "vaq W2A2 fused", "w4-full-fused": "W4A4 + KD + OBR fused"}
+CONFIGS = ("fp", "qat", "eager", "compile", "fp-compile", "w2", "w4-kd")
+DEFAULT_CONFIGS = ("fp", "qat", "eager", "compile", "fp-compile")
+NAMES = {"fp": "FP (timm)", "qat": "QAT W4A4 (default)", "eager": "QAT W4A4 eager", "compile": "QAT W4A4 --compile",
+         "fp-compile": "FP torch.compile", "w2": "QAT W2A2 (default)", "w4-kd": "QAT W4A4 + KD + OBR"}
+SIZES = {32: {"img_size": 32, "patch_size": 4, "num_classes": 10}, 224: {"img_size": 224, "num_classes": 1000}}
 
 
-def build_step(args: argparse.Namespace, config: str):
-    """The model of `config` (same random init and batch for all) and a closure running one training step."""
+def build_step(args: argparse.Namespace, config: str, size: int):
+    """The model of `config` at `size` px (same random init and batch for all) and a closure running one training step."""
     import torch
     import torch.nn.functional as F
 
     from vitqtool.core import calibrate, prepare
     from vitqtool.core.models import resolve_model
-    from vitqtool.quant import obr_loss, quant_layers, set_quantizers_fused
+    from vitqtool.quant import OscillationTracker, check_fused_kernels, iter_quantizers, obr_loss, quant_layers
+    from vitqtool.quant import set_quantizers_fused
+    from vitqtool.recipe import load_recipe
     from vitqtool.train.losses import kd_loss
 
     torch.manual_seed(0)
-    margs = {"img_size": args.img_size, "num_classes": args.num_classes}
-    if args.patch_size:
-        margs["patch_size"] = args.patch_size
+    margs = SIZES[size]
     model = resolve_model(args.model, random_init=True, model_args=margs).model.to(args.device)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(args.device)
-    y = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(args.device)
-    teacher = None
-    if config != "fp":
-        teacher = model.eval().requires_grad_(False) if "full" in config else None
-        model = prepare(model, "vaq", bits=2 if config.startswith("w2") else 4)  # a copy: the teacher keeps FP weights
+    x = torch.randn(args.batch, 3, size, size, generator=gen).to(args.device)
+    y = torch.randint(0, margs["num_classes"], (args.batch,), generator=gen).to(args.device)
+    teacher, quantizers, tracker = None, [], None
+    if not config.startswith("fp"):
+        teacher = model.eval().requires_grad_(False) if config == "w4-kd" else None
+        recipe = load_recipe("vaq", set_fields={"quant.bits": 2 if config == "w2" else 4})
+        model = prepare(model, recipe)  # a copy: the teacher keeps FP weights
         calibrate(model, [x])
-        set_quantizers_fused(model, config.endswith("fused"))
+        if config not in ("eager", "compile"):
+            try:  # what `quantize` checks before it picks the fused kernels by default
+                check_fused_kernels(args.device)
+                set_quantizers_fused(model, True)
+            except Exception as exc:  # noqa: BLE001 - as `quantize`: no working compiler or another result means eager
+                print(f"{config}: eager quantizers ({type(exc).__name__}: {exc})", flush=True)
+        quantizers = [q for _, q in iter_quantizers(model)]
+        o = recipe.oscillation
+        tracker = OscillationTracker(model, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     layers = [m for _, m in quant_layers(model)] if teacher is not None else []
+    run = torch.compile(model) if config.endswith("compile") else model
 
     def step() -> None:
-        logits = model(x)
+        logits = run(x)
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(x)
@@ -72,6 +93,10 @@ def build_step(args: argparse.Namespace, config: str):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        for q in quantizers:
+            q.project_()
+        if tracker is not None:
+            tracker.update()
 
     return step
 
@@ -83,30 +108,41 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def race(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Warm every configuration up, then time them in turns, one step each; returns seconds per step."""
-    steps = {c: build_step(args, c) for c in args.configs}
-    for c, step in steps.items():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {c: [] for c in steps}
+def _timed(step, device: str) -> tuple[float, float]:
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    _sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def race(args: argparse.Namespace, size: int) -> tuple[dict, dict, dict]:
+    """Warm every configuration up (first step = cold start), then time them in turns, one step each.
+
+    Returns (cold-start (wall, cpu) per config, wall seconds per step, CPU seconds per step)."""
+    steps, cold = {}, {}
+    for c in args.configs:
+        steps[c] = build_step(args, c, size)
+        cold[c] = _timed(steps[c], args.device)
+        for _ in range(args.warmup - 1):
+            steps[c]()
+    walls: dict[str, list[float]] = {c: [] for c in steps}
+    cpus: dict[str, list[float]] = {c: [] for c in steps}
     order = list(steps)
     for turn in range(args.steps):
         k = turn % len(order)
         for c in order[k:] + order[:k]:
-            _sync(args.device)
-            start = time.perf_counter()
-            steps[c]()
-            _sync(args.device)
-            times[c].append(time.perf_counter() - start)
-    return times
+            wall, cpu = _timed(steps[c], args.device)
+            walls[c].append(wall)
+            cpus[c].append(cpu)
+    return cold, walls, cpus
 
 
-def _peak_memory_worker(args: argparse.Namespace, config: str, queue) -> None:
+def _peak_memory_worker(args: argparse.Namespace, config: str, size: int, queue) -> None:
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    step = build_step(args, config)
+    step = build_step(args, config, size)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
@@ -125,11 +161,11 @@ def _vm_hwm_mib() -> float | None:
         return None
 
 
-def peak_memory(args: argparse.Namespace, config: str) -> float:
+def peak_memory(args: argparse.Namespace, config: str, size: int) -> float:
     """Peak memory (MiB) of `config`'s warm-up steps, in a fresh process so no other config's peak counts."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_worker, args=(args, config, queue))
+    proc = ctx.Process(target=_peak_memory_worker, args=(args, config, size, queue))
     proc.start()
     peak = queue.get()
     proc.join()
@@ -137,46 +173,56 @@ def peak_memory(args: argparse.Namespace, config: str) -> float:
 
 
 def main() -> None:
-    """Parse flags, race the configurations, measure their memory, print a table (or JSON)."""
-    import torch
-
+    """Parse flags, race the configurations at every size, print a table per size (or one JSON document)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deit_tiny_patch16_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=0, help="override the model's patch size (0: keep)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--sizes", type=int, nargs="+", choices=sorted(SIZES), default=[224],
+                   help="32: patch 4, 10 classes; 224: the model's own patch 16, 1000 classes")
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (the fused ones compile here)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration, the first one the cold start")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch default)")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS))
+    p.add_argument("--warm-cache", action="store_true", help="keep torch.compile's on-disk cache (default: a fresh one)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory, one fresh process per configuration")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if not args.warm_cache:  # the cold start a first run sees (set before torch reads it)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qat_step_inductor_")
+    import torch
+
     if "fp" not in args.configs:
         args.configs = ["fp", *args.configs]  # ratios need the FP baseline
     if args.threads:
         torch.set_num_threads(args.threads)
-    peaks = {c: None if args.no_memory else peak_memory(args, c) for c in args.configs}  # before the race fills this process
-    times = race(args)
-    fp_ms = 1e3 * statistics.median(times["fp"])
-    rows = []
-    for c, t in times.items():
-        ms = 1e3 * statistics.median(t)
-        rows.append({"config": c, "name": NAMES[c], "median_ms": ms, "min_ms": 1e3 * min(t), "ratio_to_fp": ms / fp_ms,
-                     "img_per_s": args.batch / (ms / 1e3), "peak_mib": peaks[c]})
+    results = []
+    for size in args.sizes:
+        peaks = {c: peak_memory(args, c, size) if args.memory else None for c in args.configs}  # before the race fills this process
+        cold, walls, cpus = race(args, size)
+        fp_wall, fp_cpu = statistics.median(walls["fp"]), statistics.median(cpus["fp"])
+        rows = []
+        for c in args.configs:
+            wall, cpu = statistics.median(walls[c]), statistics.median(cpus[c])
+            rows.append({"config": c, "name": NAMES[c], "wall_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu, "wall_ratio": wall / fp_wall,
+                         "cpu_ratio": cpu / fp_cpu, "img_per_s": args.batch / wall, "cold_start_s": cold[c][0],
+                         "cold_start_cpu_s": cold[c][1], "peak_mib": peaks[c]})
+        results.append({"size": size, "model_args": SIZES[size], "rows": rows})
     if args.json:
         print(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "rows": rows}, indent=2))
+                          "results": results}, indent=2))
         return
-    patch = f" patch {args.patch_size}" if args.patch_size else ""
-    print(f"{args.model} {args.img_size} px{patch}, batch {args.batch}, {args.device}, {torch.get_num_threads()} thread(s); "
-          f"median of {args.steps} round-robin steps after {args.warmup} warm-up")
-    print(f"{'config':24} {'median ms':>10} {'min ms':>8} {'img/s':>7} {'x FP':>6} {'peak MiB':>9}")
-    for r in rows:
-        peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
-        print(f"{r['name']:24} {r['median_ms']:10.1f} {r['min_ms']:8.1f} {r['img_per_s']:7.1f} {r['ratio_to_fp']:5.2f}x {peak}")
+    for result in results:
+        print(f"\n{args.model} {result['size']} px {result['model_args']}, batch {args.batch}, {args.device}, "
+              f"{torch.get_num_threads()} thread(s); median of {args.steps} round-robin steps after {args.warmup} warm-up; "
+              f"cold start = first step ({'warm' if args.warm_cache else 'empty'} compiler cache)")
+        print(f"{'config':22} {'wall ms':>9} {'x FP':>6} {'CPU ms':>9} {'x FP':>6} {'img/s':>7} {'cold start wall/CPU s':>22} "
+              f"{'peak MiB':>9}")
+        for r in result["rows"]:
+            peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
+            cold = f"{r['cold_start_s']:.1f} / {r['cold_start_cpu_s']:.1f}"
+            print(f"{r['name']:22} {r['wall_ms']:9.1f} {r['wall_ratio']:5.2f}x {r['cpu_ms']:9.1f} {r['cpu_ratio']:5.2f}x "
+                  f"{r['img_per_s']:7.1f} {cold:>22} {peak}")
 
 
 if __name__ == "__main__":

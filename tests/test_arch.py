@@ -153,6 +153,7 @@ def test_calibrated_model_quantizes_every_quantizer_and_gets_gradients():
 @pytest.mark.parametrize("name,args", [TINY_DEIT, TINY_SWIN], ids=["deit", "swin"])
 def test_fused_quantizers_match_eager_on_a_whole_model(name, args):
     from vitqtool.quant import set_quantizers_fused
+    from vitqtool.quant.lsq import ulps_apart
 
     torch.manual_seed(0)
     eager = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=3)
@@ -170,5 +171,6 @@ def test_fused_quantizers_match_eager_on_a_whole_model(name, args):
     (out_e, g_e), (out_f, g_f) = grads
     assert torch.equal(out_e, out_f)  # the forward is the same arithmetic, element by element
     assert g_e.keys() == g_f.keys()
-    for n in g_e:  # backward differs only in float summation order
-        torch.testing.assert_close(g_f[n], g_e[n], rtol=1e-4, atol=1e-6, msg=n)
+    steps = {f"{m}.{p}" for m, q in iter_quantizers(eager) for p, _ in q.named_parameters()}
+    for n in g_e:  # input gradients are elementwise (bitwise); step/offset sums are float64 in both paths (1 ulp)
+        assert ulps_apart(g_e[n], g_f[n]) <= (1 if n in steps else 0), n

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from vitqtool.quant import MIN_STEP, LSQQuantizer, QConv2d, QLinear, QuantSpec
+from vitqtool.quant import MIN_STEP, FusedMismatch, LSQQuantizer, QConv2d, QLinear, QuantSpec, check_fused_kernels
+from vitqtool.quant.lsq import ulps_apart
 
 
 def closed_form(x, s, qn, qp, beta=None, g=1.0):
@@ -188,6 +189,33 @@ def test_a_step_at_the_floor_still_learns():
         opt.step()
         project_quantizers_(q)
     assert q.step.item() > 5e-4  # measured 1.09e-3; the clamp-in-forward version stayed at 1e-4
+
+
+def test_ulps_apart_counts_representable_floats_between():
+    one = torch.tensor([1.0, -2.0, 0.0])
+    up = torch.nextafter(one, torch.full_like(one, 10.0))
+    assert ulps_apart(one, one) == 0 and ulps_apart(one, up) == 1
+    assert ulps_apart(torch.tensor([0.0]), torch.tensor([-0.0])) == 0
+    assert ulps_apart(torch.tensor([torch.finfo(torch.float32).tiny]), torch.tensor([-torch.finfo(torch.float32).tiny])) == 2 * 2**23
+
+
+def test_the_fused_probe_fails_when_the_kernels_compute_something_else(monkeypatch):
+    """`quantize` picks the fused kernels by default only when this probe passes; a kernel that is off must fail it."""
+    from vitqtool.quant import lsq
+
+    check_fused_kernels("cpu")  # the real kernels pass
+    forward, backward = lsq._compiled_kernels()
+
+    def step_sum_off(*args):
+        grad_x, step_sum, offset_sum = backward(*args)
+        return grad_x, step_sum * (1 + 1e-6), offset_sum  # a few ulps: more than the 1 the probe allows
+
+    monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (forward, step_sum_off))
+    with pytest.raises(FusedMismatch, match="step/offset gradients .* more than 1 ulp"):
+        check_fused_kernels("cpu")
+    monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (lambda *a: forward(*a) + 1e-7, backward))
+    with pytest.raises(FusedMismatch, match="not bitwise equal"):
+        check_fused_kernels("cpu")
 
 
 def test_a_quantizer_applied_twice_per_forward_calibrates_on_the_mean_over_its_calls():

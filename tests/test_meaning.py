@@ -110,18 +110,18 @@ def test_the_launchers_precision_is_kept_and_recorded(tmp_path):
 
 
 def test_launches_that_would_run_something_else_are_refused(monkeypatch):
-    from vitqtool.train.run import _check_launch
+    from vitqtool.train.run import check_launch
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(RunError, match="starts a single process; use --multi_gpu"):
-        _check_launch()
+        check_launch()
     monkeypatch.delenv("MASTER_PORT")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     if not torch.cuda.is_available():
         with pytest.raises(RunError, match="FSDP"):
-            _check_launch()
+            check_launch()
 
 
 def test_the_teacher_is_resolved_on_its_own(tmp_path):

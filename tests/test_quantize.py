@@ -222,7 +222,11 @@ def test_cli_quantize_json_and_sigint_exit_code(tmp_path, capsys, monkeypatch):
     assert runs.read_index(tmp_path / "qat")["last"].startswith("step-00000002")
 
 
-def test_fused_quantizers_train_like_eager_and_a_broken_compiler_is_one_clear_error(tmp_path, capsys, monkeypatch):
+def test_default_fused_quantizers_train_bitwise_like_eager_and_a_broken_compiler(tmp_path, capsys, monkeypatch):
+    """The default (fused kernels in float32) trains bit for bit like --eager-quantizers, the reference; without a
+    compiler the default falls back to eager and --fuse-quantizers is one clear error."""
+    from safetensors.torch import load_file
+
     from vitqtool.cli import main
     from vitqtool.train import run as run_module
 
@@ -230,17 +234,25 @@ def test_fused_quantizers_train_like_eager_and_a_broken_compiler_is_one_clear_er
     every_step.write_text("[oscillation]\nlog_every = 1\n")
     common = ["--random-init", "--model-args", json.dumps(ARGS), "--batch-size", "8", "--limit-train", "24",
               "--limit-val", "20", "--recipe", "lsq", "--epochs", "1", "--overrides", str(every_step), "--json"]
-    losses = {}
-    for name, flags in (("eager", []), ("fused", ["--fuse-quantizers"])):
+    losses, weights = {}, {}
+    for name, flags in (("eager", ["--eager-quantizers"]), ("default", [])):
         assert main(["quantize", MODEL, "--out", str(tmp_path / name), *flags, *common]) == 0
         meta = json.loads((tmp_path / name / "run.json").read_text())
-        assert meta["status"] == "done" and meta["fused_quantizers"] == (name == "fused")
+        assert meta["status"] == "done" and meta["fused_quantizers"] == (name == "default")
         lines = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [l["loss"] for l in lines if "loss" in l]
+        weights[name] = load_file(str(tmp_path / name / runs.CKPT_DIR / runs.read_index(tmp_path / name)["last"] / runs.MODEL_FILE))
     capsys.readouterr()
-    assert len(losses["fused"]) == len(losses["eager"]) == 3
-    assert losses["fused"][0] == losses["eager"][0]  # same forward arithmetic before any update
-    assert losses["fused"] == pytest.approx(losses["eager"], rel=1e-3)
+    assert len(losses["default"]) == 3 and losses["default"] == losses["eager"]
+    assert weights["default"].keys() == weights["eager"].keys()
+    assert all(torch.equal(weights["default"][k], weights["eager"][k]) for k in weights["eager"])
+    # --compile: the same training up to the compiler's float reordering (its first step compiles the model)
+    assert main(["quantize", MODEL, "--out", str(tmp_path / "compiled"), "--compile", *common]) == 0
+    meta = json.loads((tmp_path / "compiled" / "run.json").read_text())
+    assert meta["compiled"] is True and meta["fused_quantizers"] is False and meta["status"] == "done"
+    compiled = [json.loads(l)["loss"] for l in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert compiled == pytest.approx(losses["eager"], rel=1e-4) and compiled[0] != 0
+    assert load_run_model(tmp_path / "compiled").model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)  # saved unwrapped
 
     def no_compiler(device):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
@@ -249,3 +261,5 @@ def test_fused_quantizers_train_like_eager_and_a_broken_compiler_is_one_clear_er
     code = main(["quantize", MODEL, "--out", str(tmp_path / "broken"), "--fuse-quantizers", *common])
     err = capsys.readouterr().err
     assert code == 1 and "--fuse-quantizers" in err and "No working C++ compiler found" in err and "more detail" not in err
+    assert main(["quantize", MODEL, "--out", str(tmp_path / "fallback"), *common]) == 0
+    assert json.loads((tmp_path / "fallback" / "run.json").read_text())["fused_quantizers"] is False

@@ -1,8 +1,14 @@
 """Multi-crop soft-label store: generation vs independent replay, label recovery, refusal of mismatches, CLI."""
 
 import json
+import os
 import pickle
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitqtool.data import ArrayImageDataset, apply_crop, sample_crop_box
-from vitqtool.errors import DataError, RunError
+from vitqtool.errors import BusyError, DataError, RunError
+from vitqtool.fileio import folder_lock
 from vitqtool.train.losses import kd_loss, soft_cross_entropy
 from vitqtool.train.sampling import mix_seed
 from vitqtool.train.softlabels import (
@@ -19,6 +26,7 @@ from vitqtool.train.softlabels import (
     bytes_per_crop,
     generate_soft_labels,
     recover_label,
+    staging_folder,
 )
 
 CFG = {"input_size": (3, 16, 16), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
@@ -71,7 +79,7 @@ def test_round_trip_matches_independent_replay(store_path):
 
 def test_workers_and_batching_do_not_change_the_store(store_path, tmp_path):
     other = generate_soft_labels(_teacher(), _dataset(), CFG, tmp_path / "w2", crops=6, topk=3, scale=SCALE, ratio=RATIO,
-                                 seed=7, batch_size=4, num_workers=2)
+                                 seed=7, batch_size=4, num_workers=2).out
     a, b = SoftLabelStore.open(store_path), SoftLabelStore.open(other)
     for i in range(6):
         (ba, fa, ia, pa), (bb, fb, ib, pb) = a.crops(i), b.crops(i)
@@ -121,7 +129,7 @@ def test_check_refuses_mismatches(store_path):
 
 def test_limited_store_covers_only_its_images(tmp_path):
     seven = _dataset(7)
-    out = generate_soft_labels(_teacher(), torch.utils.data.Subset(seven, range(6)), CFG, tmp_path / "s", crops=2)
+    out = generate_soft_labels(_teacher(), torch.utils.data.Subset(seven, range(6)), CFG, tmp_path / "s", crops=2).out
     store = SoftLabelStore.open(out)
     assert len(store) == 6 and store.manifest.dataset["length"] == 7
     store.check(torch.utils.data.Subset(seven, range(6)), 10)
@@ -136,7 +144,7 @@ def test_a_stratified_limit_store_serves_the_same_limit_of_training(tmp_path):
     nine = _dataset(9, classes=3)  # labels 0,1,2,0,1,2,...
     sample = stratified_sample(nine, 4)
     assert len({nine.labels()[i] for i in sample.indices}) == 3 and list(sample.indices) != [0, 1, 2, 3]
-    out = generate_soft_labels(_teacher(3), sample, CFG, tmp_path / "s", crops=2, topk=2)
+    out = generate_soft_labels(_teacher(3), sample, CFG, tmp_path / "s", crops=2, topk=2).out
     store = SoftLabelStore.open(out)
     assert store.manifest.indices == list(sample.indices)
     items = MultiCropDataset(stratified_sample(nine, 4), store, CFG, crops_per_image=2)
@@ -218,3 +226,58 @@ def test_cli_softlabels_on_builtin_data(tmp_path):
     with pytest.raises(DataError, match="covers 6 of the"):
         store.check(train, 10)
     assert main(args) == 1  # the store exists: refused with one line, no traceback
+
+
+def _store_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_killed_generation_resumes_keeping_finished_shards_and_gives_the_same_store(store_path, tmp_path):
+    """SIGKILL while the second of two shards is being written; --resume redoes only that shard; bitwise the same store."""
+    out = tmp_path / "store"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_softlabels as t
+        from vitqtool.train import softlabels
+        original, calls = softlabels.save_safetensors, []
+        def save(path, tensors):
+            calls.append(path)
+            if len(calls) == 2:  # the second shard: half a file in the temporary name, then killed
+                path.write_bytes(b"partial")
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(path, tensors)
+        softlabels.save_safetensors = save
+        softlabels.generate_soft_labels(t._teacher(), t._dataset(), t.CFG, {str(out)!r}, crops=6, topk=3, scale=t.SCALE,
+                                        ratio=t.RATIO, seed=7, batch_size=5, images_per_shard=4, teacher_id="tiny",
+                                        dataset_id="random")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    staging = staging_folder(out)
+    assert not out.exists() and (staging / "shard-00000.safetensors").is_file()
+    assert not (staging / "shard-00001.safetensors").exists() and any(".vitq-tmp" in p.name for p in staging.iterdir())
+    kept = (staging / "shard-00000.safetensors").stat().st_ino
+    args = dict(crops=6, topk=3, scale=SCALE, ratio=RATIO, seed=7, batch_size=5, images_per_shard=4, teacher_id="tiny",
+                dataset_id="random")
+    with pytest.raises(RunError, match="unfinished soft-label store.*--resume.*--overwrite"):
+        generate_soft_labels(_teacher(), _dataset(), CFG, out, **args)
+    with pytest.raises(RunError, match=r"other settings \(crops\)"):
+        generate_soft_labels(_teacher(), _dataset(), CFG, out, resume=True, **{**args, "crops": 5})
+    run = generate_soft_labels(_teacher(), _dataset(), CFG, out, resume=True, **args)
+    assert (run.shards, run.shards_done, run.images_labelled) == (2, 1, 2)
+    assert (out / "shard-00000.safetensors").stat().st_ino == kept  # the finished shard was not redone
+    assert not staging.exists()
+    assert _store_bytes(out) == _store_bytes(store_path)  # manifest and shards, byte for byte
+    again = generate_soft_labels(_teacher(), _dataset(), CFG, out, resume=True, **args)  # finished: nothing to do
+    assert again.images_labelled == 0 and _store_bytes(out) == _store_bytes(store_path) and not staging.exists()
+
+
+def test_a_second_writer_of_the_same_store_is_refused(tmp_path):
+    out = tmp_path / "store"
+    with folder_lock(staging_folder(out)):
+        with pytest.raises(BusyError, match=f"PID {os.getpid()}"):
+            generate_soft_labels(_teacher(), _dataset(), CFG, out, crops=2)
+        assert staging_folder(out).is_dir()  # the holder's folder is left alone
+    assert not out.exists()

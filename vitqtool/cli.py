@@ -231,17 +231,27 @@ def softlabels_cmd(
     batch_size: BatchOpt = 64,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Label a class-stratified sample of N images (fixed seed: the same images in every command); quantize --limit-train N trains on them.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes that crop images while the teacher runs.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing (or unfinished) store at --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish the store of a killed run with the same flags (its finished shards are kept).")] = False,
+    images_per_shard: Annotated[Optional[int], typer.Option("--images-per-shard", min=1, help="Images per shard file: the unit processes split and a killed run redoes (default: ~64 MiB shards).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD)."""
+    """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD).
+
+    Under `accelerate launch --multi_gpu --num_processes N -m vitqtool softlabels ...` the N processes split the shards.
+    """
+    from .commands import end_processes
     from .commands import softlabels as run_softlabels
 
     result = run_softlabels(model, out, data, split, teacher=teacher, weights=weights, teacher_weights=teacher_weights,
                             random_init=random_init, model_args=parse_model_args(model_args),
                             teacher_model_args=parse_model_args(teacher_model_args), crops=crops, topk=topk, scale=scale,
                             ratio=ratio, hflip=hflip, seed=seed, batch_size=batch_size, limit=limit, overwrite=overwrite,
-                            num_workers=workers, show_progress=_show_progress(ctx, as_json))
+                            resume=resume, num_workers=workers, images_per_shard=images_per_shard,
+                            show_progress=_show_progress(ctx, as_json))
+    end_processes()  # under accelerate launch: leave the process group before exiting
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
+        return
     if as_json:
         emit_json(result)
         return
@@ -359,7 +369,8 @@ def quantize_cmd(
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
     mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch --mixed_precision), else no.")] = None,
-    fuse_quantizers: Annotated[bool, typer.Option("--fuse-quantizers", help="Run each fake quantizer as one torch.compile'd kernel: faster steps, less memory; the first run compiles for ~20 s.")] = False,
+    fuse_quantizers: Annotated[Optional[bool], typer.Option("--fuse-quantizers/--eager-quantizers", help="Fake quantizers as one torch.compile'd kernel each (faster, less memory) or eager. Default: fused in float32 where they compute what eager does, else eager.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the QAT model: faster steps after a first step that compiles (about a minute of CPU for deit_tiny).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
     as_json: JsonOpt = False,
@@ -375,7 +386,7 @@ def quantize_cmd(
                            teacher_weights=teacher_weights, epochs=epochs, batch_size=batch_size, lr=lr,
                            warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
                            calib_batches=calib_batches, overrides=overrides, resume=resume, overwrite=overwrite,
-                           mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
+                           mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, compile_model=compile_model, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
                            teacher_model_args=parse_model_args(teacher_model_args), image_column=image_column, label_column=label_column,
                            show_progress=_show_progress(ctx, as_json))
     end_processes()  # under accelerate launch: leave the process group before exiting, or gloo's threads abort the exit

@@ -31,7 +31,8 @@ from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunEr
 from .export import FORMATS, ExportFormat, ExportSource, ExportSummary, find_format, get_format
 from .fileio import check_file_target, check_folder_target, library_versions
 from .recipe import Recipe, load_recipe
-from .train import (FPResult, generate_soft_labels, open_run, resolve_kd_mode, run_quantization, seed_everything)
+from .train import (FPResult, check_launch, generate_soft_labels, open_run, resolve_kd_mode, run_quantization,
+                    seed_everything)
 from .train import train_fp as train_fp_module
 from .train.softlabels import bytes_per_crop, check_store_out
 
@@ -139,7 +140,8 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
              warmup_epochs: float | None = None, grad_clip: float | None = None, grad_accum: int | None = None,
              seed: int | None = None, calib_batches: int | None = None, overrides: list[Path] | None = None,
              resume: bool = False, overwrite: bool = False, mixed_precision: str | None = None, limit_train: int | None = None,
-             save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool = False,
+             save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool | None = None,
+             compile_model: bool = False,
              teacher_model_args: dict | None = None, image_column: str | None = None, label_column: str | None = None,
              show_progress: bool = False) -> RunInfo:
     """Quantize MODEL with a recipe (vaq QAT, lsq, or ptq calibration only) and write a run folder.
@@ -148,11 +150,14 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     training/validation images (the same images in every command); a dataset without a validation split
     gets a seeded, class-stratified 10% of its training split held out (recorded in run.json);
     `mixed_precision` None keeps the launcher's setting (`accelerate launch --mixed_precision`);
-    `teacher` is resolved on its own (its folder config, or `teacher_model_args`); `fuse_quantizers` trains with the
-    `torch.compile`d single-kernel fake quantizers (faster, needs a working compiler). Training runs
+    `teacher` is resolved on its own (its folder config, or `teacher_model_args`); `fuse_quantizers` True trains
+    with the `torch.compile`d single-kernel fake quantizers, False with the eager ones, None (default) with the
+    fused ones where they compute what eager does (float32 and a working compiler); `compile_model` trains a
+    `torch.compile`d QAT model (a long first step, then faster steps). Training runs
     on `accelerate` (launch with `accelerate launch -m vitqtool quantize ...` for several processes);
     every process calibrates on the same training images. Checkpoints every `save_every` steps and
-    each epoch; `resume=True` continues exactly.
+    each epoch; `resume=True` continues exactly, also on another number of processes when the global
+    batch (`batch_size` x processes) is kept (docs/scaling.md).
 
     Returns:
         The run's RunInfo (what run.json holds); the run folder `out` is loadable with `evaluate` and `export`.
@@ -193,7 +198,7 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
                        validation=validation)
         return run_quantization(session, loaded.model, info, recipe=rec, train_set=train_ds, val_set=val_ds, kd_mode=kd_mode,
                                 teacher=teacher_model, soft_labels=soft_labels, save_every=save_every or 0,
-                                fuse_quantizers=fuse_quantizers, show_progress=show_progress)
+                                fuse_quantizers=fuse_quantizers, compile_model=compile_model, show_progress=show_progress)
 
 
 def end_processes() -> None:
@@ -245,20 +250,30 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
                random_init: bool = False, model_args: dict | None = None, teacher_model_args: dict | None = None,
                crops: int = 500, topk: int = 5, scale: tuple[float, float] = (0.08, 1.0),
                ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, seed: int = 0, batch_size: int = 64,
-               limit: int | None = None, overwrite: bool = False, device: str | None = None, num_workers: int = 0,
-               show_progress: bool = False) -> dict[str, Any]:
+               limit: int | None = None, overwrite: bool = False, resume: bool = False, device: str | None = None,
+               num_workers: int = 0, images_per_shard: int | None = None, show_progress: bool = False) -> dict[str, Any]:
     """Generate a multi-crop soft-label store for training MODEL (teacher: `teacher`, default MODEL itself).
 
+    Under `accelerate launch` with N processes (one or several machines) each process labels every N-th
+    shard on its own device and the store comes out bitwise the same as one process writes. `resume`
+    finishes the store of a killed run (its finished shards are kept).
     Example:
         softlabels("student_model", "labels/", teacher="teacher_model", crops=500)
     Returns:
         A summary dict: out, teacher, data, split, fingerprint, images, crops, topk, bytes_per_crop,
-        total_bytes (stored tensor bytes), seconds, crops_per_second.
+        total_bytes (stored tensor bytes), processes, shards, shards_resumed (kept from a killed run),
+        seconds, crops_per_second (crops labelled by this call / seconds).
     Raises:
-        ModelError/WeightsError for the models, DataError for the data, RunError when `out` is taken.
+        ModelError/WeightsError for the models, DataError for the data, RunError when `out` is taken (or
+        holds an unfinished store and neither `resume` nor `overwrite` is given), BusyError for a second writer.
     """
+    from accelerate import PartialState
+
     out = Path(out)
-    check_store_out(out, overwrite)
+    check_store_out(out, overwrite, resume)
+    check_launch()
+    state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group under accelerate launch
+    seed_everything(seed)  # a --random-init teacher is then the same on every process
     dataset = load_dataset(data, split)
     if teacher is None:
         loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
@@ -266,21 +281,20 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
         loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
                                model_args=teacher_model_args if teacher_model_args is not None else model_args)
     check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
-    target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = loaded.model.to(target)
+    net = loaded.model.to(torch.device(device) if device else state.device)
     used: Any = stratified_sample(dataset, limit)
-    start = time.perf_counter()
-    generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
-                         seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
-                         dataset_id=f"{dataset.spec}[{dataset.split}]", show_progress=show_progress, overwrite=overwrite,
-                         num_workers=num_workers)
-    seconds = time.perf_counter() - start
+    done = generate_soft_labels(net, used, loaded.data_config, out, crops, topk=topk, scale=scale, ratio=ratio, hflip=hflip,
+                                seed=seed, batch_size=batch_size, teacher_id=loaded.source or (teacher or model),
+                                dataset_id=f"{dataset.spec}[{dataset.split}]", show_progress=show_progress,
+                                overwrite=overwrite, resume=resume, num_workers=num_workers, images_per_shard=images_per_shard,
+                                process_index=state.process_index, num_processes=state.num_processes)
     n = len(used)
     return {
         "out": str(out), "teacher": loaded.source or (teacher or model), "student": model, "data": dataset.spec,
         "split": dataset.split, "fingerprint": dataset.fingerprint, "images": n, "crops": crops, "topk": topk,
         "bytes_per_crop": bytes_per_crop(topk), "total_bytes": n * crops * bytes_per_crop(topk),
-        "seconds": round(seconds, 3), "crops_per_second": round(n * crops / max(seconds, 1e-9), 1),
+        "processes": state.num_processes, "shards": done.shards, "shards_resumed": done.shards_done,
+        "seconds": round(done.seconds, 3), "crops_per_second": round(done.images_labelled * crops / max(done.seconds, 1e-9), 1),
     }
 
 

@@ -178,11 +178,16 @@ def new_dirs_removed_on_failure(folder: Path) -> Iterator[None]:
         raise
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -> Path:
-    """Write `data` (bytes, text, or a function that writes the given temporary path) to `path` atomically."""
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None], shared: bool = False) -> Path:
+    """Write `data` (bytes, text, or a function that writes the given temporary path) to `path` atomically.
+
+    `shared`: processes on other machines may write into the same folder, so their temporary files (whose
+    PIDs mean nothing here) are left alone; the folder's owner removes leftovers when it is done.
+    """
     path = check_file_target(path)
     with new_dirs_removed_on_failure(path.parent), translate_write_errors(path):
-        clean_stale_temps(path.parent)
+        if not shared:
+            clean_stale_temps(path.parent)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
         tmp = Path(tmp_name)
         try:

@@ -165,6 +165,7 @@ class RunInfo(Artifact, format_name="vitqtool-run", version=1, error=RunError):
     preprocessor_config: dict | None = None  # transformers: its preprocessor_config.json, when present
     validation: str = ""                     # which images validated the run (a split, or a held-out slice)
     mixed_precision: str = "no"              # the precision accelerate trained in (flag, or the launcher's)
+    compiled: bool = False                   # trained with `--compile` (torch.compile of the QAT model)
 
     def source_info(self) -> dict[str, Any]:
         """The source-format fields an export records (none for a timm source)."""
@@ -205,7 +206,6 @@ class SoftLabelManifest(Artifact, format_name="vitqtool-softlabels", version=1, 
     bytes_per_crop: int
     encoding: dict
     shards: list
-    seconds: float = 0.0
     indices: list | None = None  # the labelled images' indices in the split; None: its first `dataset.images`
 
 

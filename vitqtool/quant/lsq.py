@@ -18,42 +18,58 @@ from torch import Tensor, nn
 
 from .base import MIN_STEP, Quantizer, QuantSpec, register_quantizer
 
-class _LSQFakeQuant(torch.autograd.Function):
-    """Fake quantization with LSQ/LSQ+ gradients; `step` and `offset` broadcast against `x`.
+def _floored(step: Tensor, dtype: torch.dtype) -> Tensor:
+    """The step the arithmetic uses: floored at MIN_STEP (method.md §2) in its own dtype, then cast to the data's."""
+    return step.detach().clamp(min=MIN_STEP).to(dtype)
 
-    The forward keeps only what the backward needs, computed in place: a bool mask of the values
-    inside the clamp range and the step slope `d x_hat / d s` (`round(v) - v` inside, the clamp level
-    outside). The backward is then one masked multiply and one reduction per tensor.
+
+def _finish_grads(step_sum: Tensor, offset_sum: Tensor | None, grad_scale: Tensor | float, step: Tensor,
+                  offset: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Step and offset gradients from their float64 sums: scaled by LSQ's `grad_scale`, in the parameters' dtypes.
+
+    Both paths sum in float64 (exact float32 products, float64 accumulation): whatever order the sum
+    takes, the float32 result is within 1 ulp of the correctly rounded sum, so eager and fused agree to 1 ulp.
+    """
+    grad_step = (step_sum.reshape(step.shape) * grad_scale).to(step.dtype)
+    grad_offset = (offset_sum * grad_scale).reshape(1).to(offset.dtype) if offset is not None else None
+    return grad_step, grad_offset
+
+
+class _LSQFakeQuant(torch.autograd.Function):
+    """Fake quantization with LSQ/LSQ+ gradients (the eager reference); `step` and `offset` broadcast against `x`.
+
+    `step` is the raw parameter (view): the MIN_STEP floor is applied inside and the step's gradient is
+    LSQ's even at the floor. The forward keeps only what the backward needs, computed in place: a bool
+    mask of the values inside the clamp range and the step slope `d x_hat / d s` (`round(v) - v` inside,
+    the clamp level outside). The backward is then one masked copy and float64 reductions.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: Tensor | float):
-        scaled = (x - offset if offset is not None else x) / step
+        s = _floored(step, x.dtype)
+        scaled = (x - offset if offset is not None else x) / s
         codes = scaled.clamp(qn, qp)
         inside = codes == scaled
         codes.round_()
-        out = codes * step
+        out = codes * s
         if offset is not None:
             out += offset
         slope = codes.sub_(scaled.mul_(inside))  # codes - v inside, codes (the clamp level) outside
-        ctx.save_for_backward(slope, inside)
-        ctx.step_shape = step.shape
-        ctx.has_offset = offset is not None
+        ctx.save_for_backward(slope, inside, step, offset)
         ctx.grad_scale = grad_scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        slope, inside = ctx.saved_tensors
-        grad_x = grad_out * inside.to(grad_out.dtype)
-        if len(ctx.step_shape) == 0 or ctx.step_shape.numel() == 1:
-            grad_step = torch.dot(grad_out.reshape(-1), slope.reshape(-1)).reshape(ctx.step_shape)
-        else:
-            grad_step = (grad_out * slope).sum_to_size(ctx.step_shape)
-        grad_step = grad_step * ctx.grad_scale
-        grad_offset = None
-        if ctx.has_offset:
-            grad_offset = (grad_out.sum() - grad_x.sum()).reshape(1) * ctx.grad_scale
+        slope, inside, step, offset = ctx.saved_tensors
+        grad_x = torch.where(inside, grad_out, 0.0)
+        product = grad_out * slope
+        if step.numel() == 1:
+            step_sum = product.sum(dtype=torch.float64)
+        else:  # per channel: channel dim 0
+            step_sum = product.reshape(step.numel(), -1).sum(1, dtype=torch.float64)
+        offset_sum = (grad_out - grad_x).sum(dtype=torch.float64) if offset is not None else None
+        grad_step, grad_offset = _finish_grads(step_sum, offset_sum, ctx.grad_scale, step, offset)
         return grad_x, grad_step, grad_offset, None, None, None
 
 
@@ -65,15 +81,19 @@ def _fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int
 
 
 def _fake_quant_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int):
-    """LSQ/LSQ+ gradients of `_fake_quant` recomputed from `x`: (grad_x, grad_step unscaled, grad_offset)."""
+    """What `_LSQFakeQuant.backward` computes, recomputed from `x`: (grad_x, float64 step sum(s), float64 offset sum).
+
+    `x` is `[numel]` with `step` `[1]`, or `[channels, rest]` with `step` `[channels, 1]`; the same
+    elementwise arithmetic as the eager path, so grad_x and every summed product are bitwise equal to it.
+    """
     scaled = (x - offset if offset is not None else x) / step
-    clamped = scaled.clamp(qn, qp)
-    inside = clamped == scaled
+    codes = scaled.clamp(qn, qp)
+    inside = codes == scaled
     grad_x = torch.where(inside, grad_out, 0.0)
-    slope = torch.where(inside, clamped.round() - scaled, clamped)
-    grad_step = (grad_out * slope).sum_to_size(step.shape)
-    grad_offset = (grad_out - grad_x).sum().reshape(1) if offset is not None else None
-    return grad_x, grad_step, grad_offset
+    slope = codes.round() - scaled * inside
+    step_sum = (grad_out * slope).to(torch.float64).sum(-1)
+    offset_sum = (grad_out - grad_x).to(torch.float64).sum() if offset is not None else None
+    return grad_x, step_sum, offset_sum
 
 
 @functools.cache
@@ -91,19 +111,17 @@ class _FusedLSQFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: Tensor | float):
-        flat_x, flat_step = _flatten(x, step)
-        ctx.save_for_backward(flat_x, flat_step, offset)
-        ctx.qn, ctx.qp, ctx.grad_scale, ctx.step_shape = qn, qp, grad_scale, step.shape
+        flat_x, flat_step = _flatten(x, _floored(step, x.dtype))
+        ctx.save_for_backward(flat_x, flat_step, step, offset)
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
         return _compiled_kernels()[0](flat_x, flat_step, offset, qn, qp).view_as(x)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        flat_x, flat_step, offset = ctx.saved_tensors
+        flat_x, flat_step, step, offset = ctx.saved_tensors
         flat_grad = grad_out.reshape(flat_x.shape).detach()
-        grad_x, grad_step, grad_offset = _compiled_kernels()[1](flat_grad, flat_x, flat_step, offset, ctx.qn, ctx.qp)
-        if grad_offset is not None:
-            grad_offset = grad_offset * ctx.grad_scale
-        grad_step = grad_step.view(ctx.step_shape) * ctx.grad_scale
+        grad_x, step_sum, offset_sum = _compiled_kernels()[1](flat_grad, flat_x, flat_step, offset, ctx.qn, ctx.qp)
+        grad_step, grad_offset = _finish_grads(step_sum, offset_sum, ctx.grad_scale, step, offset)
         return grad_x.view(grad_out.shape), grad_step, grad_offset, None, None, None
 
 
@@ -117,11 +135,46 @@ def _flatten(x: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
     return x.reshape(step.numel(), -1).detach(), step.reshape(-1, 1).detach()
 
 
+def ulps_apart(a: Tensor, b: Tensor) -> int:
+    """The largest distance in units in the last place between same-shape float32 tensors (0: bitwise equal)."""
+    def ordered(t: Tensor) -> Tensor:
+        bits = t.detach().float().contiguous().view(torch.int32).long()
+        return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # monotonic in the float value; +0 and -0 meet
+
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
+
+
 def check_fused_kernels(device: torch.device | str) -> None:
-    """Compile and run the fused kernels once on a tiny tensor, so a missing compiler fails before training."""
-    x = torch.linspace(-2, 2, 16, device=device, requires_grad=True)
-    step = torch.full((1,), 0.5, device=device, requires_grad=True)
-    _FusedLSQFakeQuant.apply(x, step, None, -2, 1, 1.0).sum().backward()
+    """Compile the fused kernels and run them against the eager reference on probe tensors of every layout.
+
+    Raises whatever the compiler raises when it does not work here, and FusedMismatch when a fused result
+    is not what eager computes: the forward and the input gradient bitwise, step and offset gradients
+    within 1 ulp.
+    """
+    gen = torch.Generator().manual_seed(0)
+    probes = [((4099,), (1,), True), ((4099,), (1,), False), ((8, 37), (8, 1), False)]  # act +-offset, per-channel weight
+    for shape, step_shape, with_offset in probes:
+        x = (torch.randn(shape, generator=gen) * 3).to(device)
+        grad = torch.randn(shape, generator=gen).to(device)
+        step = torch.rand(step_shape, generator=gen).add(0.2).to(device)
+        offset = torch.full((1,), -0.3, device=device) if with_offset else None
+        results = []
+        for function in (_LSQFakeQuant, _FusedLSQFakeQuant):
+            xs, ss = x.clone().requires_grad_(True), step.clone().requires_grad_(True)
+            os_ = offset.clone().requires_grad_(True) if offset is not None else None
+            out = function.apply(xs, ss, os_, -4, 3, 0.5)
+            out.backward(grad)
+            results.append((out.detach(), xs.grad, ss.grad, os_.grad if os_ is not None else None))
+        (out_e, gx_e, gs_e, go_e), (out_f, gx_f, gs_f, go_f) = results
+        where = f"{'per-channel' if len(step_shape) > 1 else 'per-tensor'}{' with offset' if with_offset else ''} on {device}"
+        if not (torch.equal(out_e, out_f) and torch.equal(gx_e, gx_f)):
+            raise FusedMismatch(f"fused fake quantization ({where}) is not bitwise equal to the eager reference")
+        if ulps_apart(gs_e, gs_f) > 1 or (go_e is not None and ulps_apart(go_e, go_f) > 1):
+            raise FusedMismatch(f"fused step/offset gradients ({where}) are more than 1 ulp from the eager reference")
+
+
+class FusedMismatch(RuntimeError):
+    """The compiled quantizer kernels compute something else than the eager reference on this device."""
 
 
 @register_quantizer("lsq")
@@ -205,12 +258,12 @@ class LSQQuantizer(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        step = self.scale_for(x)
+        step = self.step.view(-1, *([1] * (x.dim() - 1))) if self.spec.per_channel else self.step  # floored inside
         scale = self.grad_scale(x)
         if isinstance(scale, Tensor):
             scale = scale.view_as(step)
         fake_quant = _FusedLSQFakeQuant if self.fused else _LSQFakeQuant
-        return fake_quant.apply(x, step.to(x.dtype), self.offset_for(x), self.spec.qn, self.spec.qp, scale)
+        return fake_quant.apply(x, step, self.offset_for(x), self.spec.qn, self.spec.qp, scale)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ class OscillationTracker:
                 "frequency": torch.zeros(codes.shape, dtype=torch.float32, device=codes.device),
                 "frozen": torch.zeros(codes.shape, dtype=torch.bool, device=codes.device),
                 "frozen_codes": torch.zeros_like(codes),
-                "flips": torch.zeros((), dtype=torch.int64),  # oscillations counted by the last update
+                "flips": torch.zeros((), dtype=torch.int64, device=codes.device),  # oscillations counted by the last update
             }
 
     @staticmethod
@@ -72,7 +72,7 @@ class OscillationTracker:
             st["direction"] = torch.where(moved, change, st["direction"])
             st["codes"] = codes
             st["frequency"].mul_(1 - m).add_(osc.to(torch.float32), alpha=m)
-            st["flips"] = osc.sum().cpu()
+            st["flips"] = osc.sum()  # stays on the device: read only when summarised
             if self.freeze:
                 newly = (st["frequency"] > self.threshold) & ~st["frozen"]
                 st["frozen"] |= newly
@@ -118,13 +118,11 @@ class OscillationTracker:
         for name, layer in self.layers.items():
             device = layer.weight.device
             for field in _FIELDS:
-                value = state[f"{name}.{field}"].clone()
-                self.state[name][field] = value if field == "flips" else value.to(device)
+                self.state[name][field] = state[f"{name}.{field}"].clone().to(device)
 
     def _on_device(self, name: str, device: torch.device) -> dict[str, Tensor]:
         st = self.state[name]
         if st["codes"].device != device:
             for field in _FIELDS:
-                if field != "flips":
-                    st[field] = st[field].to(device)
+                st[field] = st[field].to(device)
         return st

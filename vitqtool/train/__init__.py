@@ -2,8 +2,9 @@
 
 from .fp import FPResult, train_fp
 from .loop import RunInterrupted
-from .run import RunSession, open_run, resolve_kd_mode, run_quantization, seed_everything
-from .softlabels import MultiCropDataset, SoftLabelStore, generate_soft_labels
+from .checkpoint import seed_everything
+from .run import RunSession, check_launch, open_run, resolve_kd_mode, run_quantization
+from .softlabels import MultiCropDataset, SoftLabelRun, SoftLabelStore, generate_soft_labels
 
-__all__ = ["FPResult", "MultiCropDataset", "RunInterrupted", "RunSession", "SoftLabelStore", "generate_soft_labels",
+__all__ = ["FPResult", "MultiCropDataset", "RunInterrupted", "RunSession", "SoftLabelRun", "SoftLabelStore", "check_launch", "generate_soft_labels",
            "open_run", "resolve_kd_mode", "run_quantization", "seed_everything", "train_fp"]

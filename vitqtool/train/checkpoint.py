@@ -53,6 +53,13 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), python and numpy (model init, data order, crops; fresh streams on an elastic resume)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 
 

@@ -38,9 +38,9 @@ from ..fileio import state_dict_for_safetensors
 from ..progress import progress_bar
 from ..quant import iter_quantizers, obr_lambda, obr_loss
 from ..recipe import Recipe
-from .checkpoint import capture_rng, restore_rng, save_checkpoint
+from .checkpoint import capture_rng, restore_rng, save_checkpoint, seed_everything
 from .losses import kd_loss, soft_cross_entropy
-from .sampling import ShardedBatchSampler
+from .sampling import ShardedBatchSampler, mix_seed
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class TrainState:
     step: int = 0                  # optimiser steps done
     best_top1: float | None = None
     last_top1: float | None = None
+    grad_accum: int = 0            # micro-batches per optimiser step when saved (0: a checkpoint from before elastic resume)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Trainer:
     """Everything the loop needs, built by `run.run_quantization`."""
 
     accelerator: Any
-    model: nn.Module               # as returned by accelerator.prepare (DDP-wrapped under N processes)
+    model: nn.Module               # as returned by accelerator.prepare (DDP-wrapped under N processes), maybe torch.compile'd
     optimizer: Any
     recipe: Recipe
     run_dir: Path
@@ -90,8 +91,8 @@ class Trainer:
 
     @property
     def raw(self) -> nn.Module:
-        """The model without the DDP wrapper."""
-        return self.accelerator.unwrap_model(self.model)
+        """The model without the DDP and torch.compile wrappers (what is evaluated and saved)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     @property
     def total_steps(self) -> int:
@@ -122,9 +123,11 @@ def _epoch_batches(tr: Trainer, epoch: int, start: int) -> Iterator:
     tr.train_set.set_epoch(epoch)
     sampler = ShardedBatchSampler(len(tr.train_set), tr.micro_batch, acc.num_processes, acc.process_index,
                                   tr.recipe.train.seed, epoch, tr.steps_per_epoch * tr.recipe.train.grad_accum, start)
-    loader = torch.utils.data.DataLoader(tr.train_set, batch_sampler=sampler, num_workers=tr.recipe.train.num_workers)
+    pin = acc.device.type == "cuda"  # pinned host memory: the copies below do not block the host
+    loader = torch.utils.data.DataLoader(tr.train_set, batch_sampler=sampler, num_workers=tr.recipe.train.num_workers,
+                                         pin_memory=pin)
     for x, y in loader:
-        yield x.to(acc.device), y.to(acc.device)
+        yield x.to(acc.device, non_blocking=pin), y.to(acc.device, non_blocking=pin)
 
 
 def validate(tr: Trainer) -> float:
@@ -164,17 +167,38 @@ def save(tr: Trainer, state: TrainState, best: bool = False) -> None:
 
 
 def restore(tr: Trainer, payload: CheckpointState) -> TrainState:
-    """Load optimizer, scaler, RNG and oscillation state from a checkpoint; returns the loop position."""
+    """Load optimizer, scaler, RNG and oscillation state from a checkpoint; returns the loop position.
+
+    Elastic: a checkpoint written by another number of processes (or micro-batches per step) resumes at the
+    same optimiser step; the caller has checked that the global batch is the same. The micro-batch position
+    is converted, and each process's RNG is restored only when the process count is the one that saved it
+    (otherwise every process seeds its RNG from the run seed, the step and its rank).
+    """
     acc = tr.accelerator
     tr.optimizer.load_state_dict(payload.optimizer)
     if acc.scaler is not None and payload.scaler:
         acc.scaler.load_state_dict(payload.scaler)
-    if len(payload.rng) != acc.num_processes:
-        raise RunError(f"the checkpoint was written by {len(payload.rng)} processes, this run has {acc.num_processes}; resume with the same number")
-    restore_rng(payload.rng[acc.process_index])
+    state = TrainState(**payload.train)
+    accum, saved_accum = tr.recipe.train.grad_accum, state.grad_accum or tr.recipe.train.grad_accum
+    saved_processes = len(payload.rng)
+    if (saved_processes, saved_accum) != (acc.num_processes, accum):
+        if not state.grad_accum:
+            raise RunError(f"the checkpoint was written by {saved_processes} processes by a vitqtool without elastic resume; "
+                           "resume it with the same number of processes and --grad-accum")
+        if state.batch % saved_accum:
+            raise RunError(f"the checkpoint is not at an optimiser-step boundary (micro-batch {state.batch}); it cannot be resumed "
+                           "with another number of processes")
+        log.warning("resuming a checkpoint of %d process(es) x %d micro-batch(es) per step on %d x %d: same global batch and "
+                    "data order; random streams (dropout, stochastic depth) restart", saved_processes, saved_accum,
+                    acc.num_processes, accum)
+        state.batch = state.batch // saved_accum * accum
+    if saved_processes == acc.num_processes:
+        restore_rng(payload.rng[acc.process_index])
+    else:
+        seed_everything(mix_seed(tr.recipe.train.seed, state.step, acc.process_index))
     if tr.tracker is not None and payload.oscillation:
         tr.tracker.load_state_dict(payload.oscillation)
-    return TrainState(**payload.train)
+    return state
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -208,10 +232,26 @@ def _stop_flag() -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
+def _nonfinite_error(tr: Trainer, state: TrainState, losses: Tensor) -> RunError:
+    """The one-line error for a non-finite loss in the optimiser step after `state` (built only when it happens)."""
+    bad = (~torch.isfinite(losses[:, 0])).nonzero()
+    where = (f"({losses[int(bad[0]), 0].item()}) at step {state.step + 1} (epoch {state.epoch + 1}, "
+             f"micro-batch {state.batch + int(bad[0]) + 1})") if len(bad) else f"on another process at step {state.step + 1}"
+    kept = f"the last good checkpoint is kept in '{tr.run_dir}'" if read_index(tr.run_dir) else "no checkpoint was written yet"
+    return RunError(f"loss is not finite {where}; {kept}; lower --lr, set --grad-clip, or set train.skip_nonfinite = true "
+                    "to skip such steps")
+
+
 def train(tr: Trainer, state: TrainState) -> TrainState:
-    """Run (or continue from `state`) the training loop to the recipe's last epoch; returns the final state."""
+    """Run (or continue from `state`) the training loop to the recipe's last epoch; returns the final state.
+
+    The host waits for the device once per optimiser step (finiteness of the step's losses and the stop flag,
+    one small all-reduce under N processes) and once per logging interval (the loss record), never per
+    micro-batch: the losses stay on the device until they are logged.
+    """
     acc, rt = tr.accelerator, tr.recipe.train
     accum, total = rt.grad_accum, tr.total_steps
+    state.grad_accum = accum
     warmup = round(rt.warmup_epochs * tr.steps_per_epoch)
     log_every = max(1, tr.recipe.oscillation.log_every)
     show = tr.show_progress and acc.is_main_process
@@ -231,8 +271,7 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                 for group in tr.optimizer.param_groups:
                     group["lr"] = lr
                 tr.optimizer.zero_grad(set_to_none=True)
-                sums = torch.zeros(3, dtype=torch.float64)
-                skipped = False
+                losses = torch.zeros(accum, 3, device=acc.device)  # per micro-batch: loss, its KD part, OBR; on the device
                 for micro in range(accum):
                     x, y = next(batches)
                     seen += x.shape[0] * (x.shape[1] if tr.kd_mode == "stored" else 1)
@@ -242,23 +281,21 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                             loss, kd_part = task_loss(tr, (x, y))
                             obr = obr_loss(m for _, m in tr.obr_layers) if lam > 0 else loss.new_zeros(())
                             loss = loss + lam * obr
-                        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, float(interrupted[0] > 0)], device=acc.device)
-                        flags = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
-                        if flags[1] > 0 and not interrupted[0]:  # another process was signalled
-                            interrupted[0] = int(signal.SIGINT)
-                        if flags[0] > 0:
-                            if not rt.skip_nonfinite:
-                                kept = (f"the last good checkpoint is kept in '{tr.run_dir}'" if read_index(tr.run_dir)
-                                        else "no checkpoint was written yet")
-                                raise RunError(f"loss is not finite ({loss.detach().item()}) at step {state.step + 1} (epoch {state.epoch + 1}, "
-                                               f"micro-batch {state.batch + micro + 1}); {kept}; "
-                                               "lower --lr, set --grad-clip, or set train.skip_nonfinite = true to skip such steps")
-                            log.warning("skipping step %d: non-finite loss %s", state.step + 1, loss.detach().item())
-                            skipped = True
-                        if not skipped:
-                            acc.backward(loss / accum)
-                            sums += torch.tensor([loss.detach().item(), kd_part.item(), obr.detach().item()], dtype=torch.float64) / accum
-                if not skipped:
+                        acc.backward(loss / accum)
+                    losses[micro] = torch.stack([loss.detach().float(), kd_part.float(), obr.detach().float()])
+                # the step's one wait: are the losses finite everywhere, was any process signalled?
+                flags = torch.stack([(~torch.isfinite(losses)).any().float(),
+                                     torch.tensor(float(interrupted[0] > 0), device=acc.device)])
+                flags = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
+                nonfinite, stop = (v > 0 for v in flags.tolist())
+                if stop and not interrupted[0]:  # another process was signalled
+                    interrupted[0] = int(signal.SIGINT)
+                if nonfinite and not rt.skip_nonfinite:
+                    raise _nonfinite_error(tr, state, losses)
+                if nonfinite:
+                    log.warning("skipping step %d: non-finite loss", state.step + 1)
+                    losses.zero_()
+                else:
                     if act_factor != 1:
                         for p in act_params:
                             if p.grad is not None:
@@ -274,21 +311,27 @@ def train(tr: Trainer, state: TrainState) -> TrainState:
                 state.step += 1
                 state.batch += accum
                 if state.step % log_every == 0 or state.step == 1:
+                    sums = losses.double().div_(accum).sum(0)
+                    if acc.num_processes > 1:  # the mean over processes: the loss of the global batch
+                        sums = acc.reduce(sums, "mean")
+                    loss_value, kd_value, obr_value = sums.tolist()
                     elapsed = max(time.perf_counter() - tick, 1e-9)
                     ips = seen * acc.num_processes / elapsed
                     tick, seen = time.perf_counter(), 0
                     if acc.is_main_process:
-                        record = {"step": state.step, "epoch": state.epoch + state.batch / (tr.steps_per_epoch * accum), "loss": sums[0].item(),
-                                  "kd": sums[1].item(), "obr": sums[2].item(), "lambda": lam, "lr": lr, "throughput": ips, "skipped": skipped}
+                        record = {"step": state.step, "epoch": state.epoch + state.batch / (tr.steps_per_epoch * accum), "loss": loss_value,
+                                  "kd": kd_value, "obr": obr_value, "lambda": lam, "lr": lr, "throughput": ips, "skipped": nonfinite}
                         if tr.tracker is not None:
                             record["oscillating_fraction"] = {k: v["oscillating_fraction"] for k, v in tr.tracker.summary().items()}
                         append_metrics(tr.run_dir, record)
                     if bar:
-                        bar.update(task, loss=sums[0].item(), lr=lr, ips=ips)
+                        bar.update(task, loss=loss_value, lr=lr, ips=ips)
                 if bar:
                     bar.update(task, completed=state.step)
                 end_of_epoch = state.batch >= tr.steps_per_epoch * accum
-                if interrupted[0]:
+                # alone, a signal during this step stops here; with N processes only the agreed flag may (a signal
+                # after this step's all-reduce is agreed on at the next step), or one process would wait forever
+                if stop or (acc.num_processes == 1 and interrupted[0]):
                     save(tr, state)
                     raise RunInterrupted(interrupted[0], f"interrupted at step {state.step} ({signal.Signals(interrupted[0]).name}); "
                                          f"checkpoint saved in '{tr.run_dir}'; continue with --resume")

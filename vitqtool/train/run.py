@@ -11,14 +11,12 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,8 +27,9 @@ from ..core.runs import METRICS_FILE, RECIPE_FILE, is_run_dir, load_checkpoint, 
 from ..data import TransformedDataset, eval_transform
 from ..errors import RecipeError, RunError
 from ..fileio import LOCK_FILE, atomic_write, folder_lock
-from ..quant import OscillationTracker, check_fused_kernels, quant_layers, set_quantizers_fused
+from ..quant import FusedMismatch, OscillationTracker, check_fused_kernels, quant_layers, set_quantizers_fused
 from ..recipe import Recipe
+from .checkpoint import seed_everything
 from .loop import RunInterrupted, Trainer, TrainState, append_metrics, restore, save, train, validate
 from .sampling import CALIBRATION, AugmentedDataset, ShardedBatchSampler
 from .softlabels import MultiCropDataset, SoftLabelStore
@@ -75,7 +74,7 @@ def open_run(out: Path, identity: dict, *, resume: bool = False, overwrite: bool
     """
     from accelerate import Accelerator
 
-    _check_launch()
+    check_launch()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     out = Path(out)
     identity = {**identity, "processes": acc.num_processes}
@@ -91,7 +90,7 @@ def open_run(out: Path, identity: dict, *, resume: bool = False, overwrite: bool
             raise
 
 
-def _check_launch() -> None:
+def check_launch() -> None:
     """Refuse launches that would silently run something else than asked (RunError naming the setting)."""
     env = os.environ
     if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not torch.cuda.is_available():
@@ -110,13 +109,6 @@ def _contents(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name != LOCK_FILE] if folder.is_dir() else []
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch, python and numpy (model init, data order, crops)."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def _prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool, is_main: bool) -> bool:
     """Check (and with --overwrite empty) the output folder; True when a checkpoint exists to resume from."""
     if resume and overwrite:
@@ -126,7 +118,16 @@ def _prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool, i
         if not has_run:
             raise RunError(f"nothing to resume in '{out}' (no run.json); start the run without --resume")
         recorded = read_run_info(out).identity
-        diff = sorted(k for k in set(identity) | set(recorded) if identity.get(k) != recorded.get(k))
+        now, then = _elastic_view(identity), _elastic_view(recorded)
+        diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        if diff == ["global_batch"] and isinstance(then["global_batch"], int):
+            processes = identity.get("processes", 1)
+            fix = (f"--batch-size {then['global_batch'] // processes}" if then["global_batch"] % processes == 0
+                   else "a number of processes that divides it")
+            plural = "es" if processes != 1 else ""
+            raise RunError(f"'{out}' holds a run with a global batch of {then['global_batch']} images per optimiser step, this "
+                           f"launch has {now['global_batch']} (--batch-size {now['global_batch'] // processes} x {processes} "
+                           f"process{plural}); resume with {fix}")
         if diff:
             raise RunError(f"'{out}' holds a run with different settings ({', '.join(diff)}); resume with the original flags, or use --overwrite or another --out")
         if not read_index(out):
@@ -144,6 +145,18 @@ def _prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool, i
             for path in contents:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return False
+
+
+def _elastic_view(identity: dict) -> dict:
+    """What must match to resume a run: `identity` with the process count, per-process batch and gradient
+    accumulation replaced by the global batch (images per optimiser step), which elastic resume keeps."""
+    view = json.loads(json.dumps(identity))
+    processes = view.pop("processes", 1)
+    train = view.get("recipe", {}).get("train", {})
+    batch = train.pop("batch_size", None)
+    train.pop("grad_accum", None)
+    view["global_batch"] = batch * processes if isinstance(batch, int) and isinstance(processes, int) else batch
+    return view
 
 
 def _keep_metrics_until(run_dir: Path, step: int) -> None:
@@ -167,6 +180,38 @@ def _keep_metrics_until(run_dir: Path, step: int) -> None:
     atomic_write(path, "".join(ln + "\n" for ln in kept))
 
 
+def _use_fused(requested: bool | None, compile_model: bool, acc: Any) -> bool:
+    """Whether to train with the fused quantizer kernels: as requested, or by default where they compute what eager does.
+
+    The default is fused in float32 when `check_fused_kernels` passes on this device (a working compiler;
+    the forward and input gradients bitwise, step gradients within 1 ulp of eager), eager otherwise (mixed
+    precision, no compiler, another result) and under `--compile`, which fuses the eager quantizers itself.
+    """
+    if compile_model:
+        if requested:
+            raise RunError("--compile and --fuse-quantizers exclude each other: --compile fuses the quantizers with the "
+                           "rest of the model; pass one")
+        return False
+    if requested is None and str(acc.mixed_precision) != "no":
+        log.info("eager quantizers: the fused kernels are the default only in float32, not %s", acc.mixed_precision)
+        return False
+    try:
+        check_fused_kernels(acc.device)
+    except FusedMismatch as exc:
+        if requested is None:
+            log.warning("eager quantizers: %s", exc)
+            return False
+        log.warning("--fuse-quantizers: %s", exc)
+    except Exception as exc:  # any compiler failure means "run eager"
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        if requested is None:
+            log.warning("eager quantizers: torch.compile does not work on %s here (%s: %s)", acc.device, type(exc).__name__, first_line)
+            return False
+        raise RunError(f"--fuse-quantizers: torch.compile does not work on {acc.device} here "
+                       f"({type(exc).__name__}: {first_line}); run with --eager-quantizers") from exc
+    return requested is not False
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices/kernels; none on biases, norms, steps, offsets, embeddings."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
@@ -180,11 +225,15 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, recipe: Recipe, train_set: Any,
                      val_set: Any, kd_mode: str, teacher: nn.Module | None = None, soft_labels: Path | None = None,
-                     save_every: int = 0, fuse_quantizers: bool = False, show_progress: bool = False) -> RunInfo:
+                     save_every: int = 0, fuse_quantizers: bool | None = None, compile_model: bool = False,
+                     show_progress: bool = False) -> RunInfo:
     """Prepare `model` with `recipe`, calibrate it, train it (unless the recipe is calibration only), keep run.json.
 
     `info` describes the run (source, architecture, data config, classes, ...); its progress fields are
-    updated after each epoch and its status set to done, interrupted or failed. Returns the final RunInfo.
+    updated after each epoch and its status set to done, interrupted or failed. `fuse_quantizers` None
+    chooses the fused quantizer kernels where they compute what the eager ones do (see `_use_fused`);
+    `compile_model` trains a `torch.compile`d model (the quantizers then stay eager inside it).
+    Returns the final RunInfo.
     """
     acc, out, rt = session.accelerator, session.out, recipe.train
     micro = rt.batch_size // rt.grad_accum
@@ -208,19 +257,15 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
         calibrate(qmodel, torch.utils.data.DataLoader(TransformedDataset(train_set, eval_transform(cfg)), batch_sampler=sampler))
         if acc.is_main_process:
             atomic_write(out / RECIPE_FILE, recipe.to_toml())
-    if fuse_quantizers and rt.enabled:
-        try:
-            check_fused_kernels(acc.device)
-        except Exception as exc:  # any compiler failure means "run without the flag"
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise RunError(f"--fuse-quantizers: torch.compile does not work on {acc.device} here "
-                           f"({type(exc).__name__}: {first_line}); run without --fuse-quantizers") from exc
-        set_quantizers_fused(qmodel, True)
+    fused = _use_fused(fuse_quantizers, compile_model, acc) if rt.enabled else False
+    set_quantizers_fused(qmodel, fused)
+    compile_model = compile_model and rt.enabled
     if session.resuming:
-        info = replace(read_run_info(out), status="running", versions=info.versions, fused_quantizers=fuse_quantizers)
+        info = replace(read_run_info(out), status="running", versions=info.versions, fused_quantizers=fused,
+                       compiled=compile_model)
     else:
-        info = replace(info, identity=session.identity, status="running", epochs_done=0, fused_quantizers=fuse_quantizers,
-                       epochs=rt.epochs if rt.enabled else 0, mixed_precision=str(acc.mixed_precision))
+        info = replace(info, identity=session.identity, status="running", epochs_done=0, fused_quantizers=fused,
+                       compiled=compile_model, epochs=rt.epochs if rt.enabled else 0, mixed_precision=str(acc.mixed_precision))
 
     def record(state: TrainState, status: str = "running") -> None:
         nonlocal info
@@ -251,6 +296,8 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
         tracker = OscillationTracker(qmodel, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze)
     optimizer = torch.optim.AdamW(_param_groups(qmodel, rt.weight_decay), lr=rt.lr)
     prepared_model, optimizer = acc.prepare(qmodel, optimizer)
+    if compile_model:  # compiles on the first step; Trainer.raw (evaluation, checkpoints) stays the plain module
+        prepared_model = torch.compile(prepared_model)
     tr = Trainer(acc, prepared_model, optimizer, recipe, out, train_items, val_set, cfg, num_classes, micro, steps_per_epoch,
                  kd_mode, teacher, tracker, obr_layers, save_every, show_progress, on_epoch=record)
     state = TrainState()

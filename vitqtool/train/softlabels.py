@@ -10,18 +10,28 @@ from a generator seeded by (seed, image index). Per crop the store keeps
 
 i.e. `9 + 4k` bytes per crop (29 for k = 5). The teacher runs on the crop *as stored* (the box is
 rounded to fixed point before cropping), so a replay reproduces its input pixels exactly. Tensors go
-to safetensors shards of contiguous images plus a `manifest.json`; the store is written to a
-temporary folder and renamed into place.
+to safetensors shards of contiguous images plus a `manifest.json`.
+
+Writing scales out and resumes: the store is built in a staging folder beside `out` (`.NAME.partial`,
+locked against a second writer) that holds `plan.json` (the manifest to be) and every finished shard,
+each written atomically. Under N processes (`accelerate launch`) process r labels shards r, r+N, ...;
+since every crop is drawn from (seed, image index) and the teacher batches never cross a shard, the
+shards do not depend on which process made them, and the finished store is bitwise the one a single
+process writes. A killed run leaves its finished shards; `--resume` labels the rest. When all shards
+exist, the main process writes `manifest.json` and renames the folder to `out`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +41,17 @@ from torch import Tensor, nn
 
 from ..core.artifacts import SoftLabelManifest
 from ..data import ImageDataset, train_transform
-from ..errors import DataError, RunError
-from ..fileio import check_folder_target, save_safetensors, write_json
+from ..errors import DataError, RunError, VitqError
+from ..fileio import LOCK_FILE, TEMP_MARK, atomic_write, check_folder_target, folder_lock, save_safetensors, write_json
 from ..progress import progress_bar
 from .sampling import mix_seed
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+PLAN = "plan.json"  # in the staging folder: the manifest the finished store will have
 BOX_SCALE = 65535  # uint16 fixed point for box fractions
-SHARD_BYTES = 256 * 2**20  # target size of one shard
+SHARD_BYTES = 64 * 2**20  # target size of one shard: the unit processes split and a killed run redoes
 _CROP_SALT = 0xC0FFEE  # separates the crop-drawing stream of MultiCropDataset from other uses of mix_seed
 
 
@@ -93,7 +104,8 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
                          ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, seed: int = 0,
                          batch_size: int = 64, teacher_id: str = "", dataset_id: str = "",
                          show_progress: bool = False, images_per_shard: int | None = None,
-                         overwrite: bool = False, num_workers: int = 0) -> Path:
+                         overwrite: bool = False, resume: bool = False, num_workers: int = 0,
+                         process_index: int = 0, num_processes: int = 1) -> "SoftLabelRun":
     """Run `teacher` over `crops` stored random-resized crops per image of `dataset` and write a soft-label store.
 
     Args:
@@ -106,10 +118,14 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
         batch_size: crops per teacher forward (at least; chunks of one image are not split).
         num_workers: DataLoader worker processes that draw and replay crops while the teacher runs.
         images_per_shard: images per safetensors shard (default: about SHARD_BYTES per shard).
+        resume: finish the unfinished store of a killed run with the same settings (its shards are kept).
+        process_index, num_processes: this process among those labelling together (torch.distributed
+            initialised when more than one); every process calls this with the same arguments.
     Returns:
-        `out` as a Path.
+        A SoftLabelRun: the store's path, its shard count, the shards found finished, the images labelled now.
     Raises:
-        DataError for a teacher/dataset class mismatch or bad parameters; RunError when `out` is taken.
+        DataError for a teacher/dataset class mismatch or bad parameters; RunError when `out` is taken, or holds an
+        unfinished store that `resume` does not continue; BusyError when another writer holds the store.
     """
     out = Path(out)
     base, base_indices = _dataset_identity(dataset)
@@ -123,56 +139,195 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
         raise DataError(f"{num_classes} classes do not fit the int16 class indices of the soft-label format")
     if n == 0:
         raise DataError(f"dataset '{base.spec}' [{base.split}] is empty; nothing to label")
-    check_store_out(out, overwrite)
 
     transform = train_transform(data_config, scale, ratio, hflip)
     bpc = bytes_per_crop(topk)
     per_shard = images_per_shard or max(1, SHARD_BYTES // (crops * bpc))
+    shards = [{"file": f"shard-{k:05d}.safetensors", "first": first, "count": min(per_shard, n - first)}
+              for k, first in enumerate(range(0, n, per_shard))]
+    manifest = SoftLabelManifest(
+        teacher=teacher_id or type(teacher).__name__,
+        teacher_input_size=list(transform.size),
+        dataset={"id": dataset_id or f"{base.spec}[{base.split}]", "spec": base.spec, "split": base.split,
+                 "fingerprint": base.fingerprint, "length": len(base), "images": n, "num_classes": num_classes},
+        crops=crops, topk=topk, scale=list(transform.scale), ratio=list(transform.ratio), hflip=transform.hflip,
+        seed=seed, bytes_per_crop=bpc,
+        encoding={"boxes": "uint16 [N, K, 4] x0,y0,w,h as value/65535", "flips": "uint8 [N, K]",
+                  "indices": "int16 [N, K, k]", "probs": "float16 [N, K, k]"},
+        shards=shards, indices=None if base_indices == list(range(n)) else base_indices)
+    plan = manifest.to_dict()
+    staging = staging_folder(out)
+    group = _Group(process_index, num_processes, next(teacher.parameters()).device)
+    is_main = process_index == 0
+    start = time.perf_counter()
+    with contextlib.ExitStack() as held:
+        locked = []
+
+        def open_store() -> str | None:
+            if not is_main:
+                return None
+            held.enter_context(folder_lock(staging))  # held until the store is in place: one writer per store
+            locked.append(True)
+            return _open_staging(out, staging, plan, overwrite, resume)
+
+        try:
+            if group.agree(open_store) == "done":
+                return SoftLabelRun(out, len(shards), len(shards), 0, 0.0)
+            done = {s["file"] for s in shards if (staging / s["file"]).is_file()}
+            mine = [s for k, s in enumerate(shards) if k % num_processes == process_index and s["file"] not in done]
+            labelled = _label_shards(teacher, dataset, base_indices, transform, mine, staging, crops, topk, batch_size,
+                                     num_classes, num_workers, seed, show_progress and is_main)
+            group.agree(lambda: _finish_store(staging, out, shards, plan) if is_main else None)
+        except BaseException:
+            if locked and not any(staging.glob("shard-*.safetensors")):  # nothing worth resuming
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+    seconds = time.perf_counter() - start
+    images = group.total(sum(s["count"] for s in mine))
+    log.info("soft labels: %d of %d shards labelled by %d process(es) (%d images x %d crops, %d this process) in %.1fs; %s",
+             len(shards) - len(done), len(shards), num_processes, images, crops, labelled, seconds, out)
+    return SoftLabelRun(out, len(shards), len(done), images, seconds)
+
+
+@dataclass(frozen=True)
+class SoftLabelRun:
+    """What one `generate_soft_labels` call did."""
+
+    out: Path              # the finished store
+    shards: int            # shards in the store
+    shards_done: int       # shards a killed run had finished (kept by --resume)
+    images_labelled: int   # images labelled by this call, all processes together
+    seconds: float
+
+
+def staging_folder(out: Path) -> Path:
+    """Where the store `out` is built (and a killed build waits for `--resume`): `.NAME.partial` beside it."""
+    return out.parent / f".{out.name}.partial"
+
+
+class _Group:
+    """The processes labelling together: rank, size, and the two collectives the store needs (no-ops alone).
+
+    `device` is where this process's tensors for a collective live (its teacher's: NCCL reduces CUDA tensors only).
+    """
+
+    def __init__(self, index: int, size: int, device: torch.device) -> None:
+        self.index, self.size, self.device = index, size, device
+
+    def agree(self, work: Any) -> Any:
+        """Wait for every process, run `work` (main process), and raise its error (or return its result) on every process."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        try:
+            result, error = work(), None
+        except Exception as exc:
+            result, error = None, exc
+        if self.size == 1:
+            if error is not None:
+                raise error
+            return result
+        box = [(result, None if error is None else (type(error), str(error)))]
+        dist.broadcast_object_list(box, src=0)
+        if error is not None and self.index == 0:
+            raise error
+        result, failure = box[0]
+        if failure is not None:  # the main process's one-line error, as this process's own
+            raise (failure[0] if issubclass(failure[0], VitqError) else RunError)(failure[1])
+        return result
+
+    def total(self, value: int) -> int:
+        """`value` summed over the processes."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+def _open_staging(out: Path, staging: Path, plan: dict, overwrite: bool, resume: bool) -> str:
+    """Check `out` and the (locked) staging folder against `plan`: "done" (nothing to do), or "go" with a plan.json in place."""
+    other = staging.is_dir() and (staging / PLAN).is_file()
+    if resume and not other:
+        if _same_store(out, plan):
+            log.info("'%s' is already a finished store with these settings; nothing to resume", out)
+            shutil.rmtree(staging)  # made just now for the lock
+            return "done"
+        raise RunError(f"nothing to resume for '{out}' (no unfinished store in '{staging}'); run without --resume")
+    if other and not (resume or overwrite):
+        have = len(list(staging.glob("shard-*.safetensors")))
+        raise RunError(f"'{out}' has an unfinished soft-label store ({have} of its shards in '{staging}'); pass --resume to "
+                       "finish it or --overwrite to start over")
+    if not resume:
+        check_store_out(out, overwrite)
+    if other and resume:
+        recorded = json.loads((staging / PLAN).read_text())
+        diff = sorted(k for k in set(plan) | set(recorded) if plan.get(k) != recorded.get(k))
+        if diff:
+            raise RunError(f"the unfinished store in '{staging}' was started with other settings ({', '.join(diff)}); "
+                           "resume with the original flags or pass --overwrite to start over")
+        return "go"
+    for entry in staging.iterdir():  # a fresh start: clear an unfinished store (--overwrite), keep the lock
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    write_json(staging / PLAN, plan)
+    return "go"
+
+
+def _same_store(out: Path, plan: dict) -> bool:
+    """Whether `out` is a finished store whose manifest is `plan`."""
+    try:
+        return json.loads((out / MANIFEST).read_text()) == json.loads(json.dumps(plan))
+    except (OSError, ValueError):
+        return False
+
+
+def _finish_store(staging: Path, out: Path, shards: list[dict], plan: dict) -> None:
+    """Main process, all shards written: check them, write manifest.json, rename the folder into place."""
+    missing = [s["file"] for s in shards if not (staging / s["file"]).is_file()]
+    if missing:
+        raise RunError(f"soft-label shards {', '.join(missing[:3])} are missing in '{staging}' (with several machines, --out "
+                       "must be on a filesystem they all share); rerun with --resume")
+    for entry in staging.iterdir():  # temporary files of killed writers
+        if TEMP_MARK in entry.name:
+            entry.unlink()
+    (staging / PLAN).unlink()
+    write_json(staging / MANIFEST, plan)
+    _move_into_place(staging, out)
+    (out / LOCK_FILE).unlink(missing_ok=True)  # the lock stays held (open file) until the caller's block ends
+
+
+def _label_shards(teacher: nn.Module, dataset: Any, base_indices: list[int], transform: Any, shards: list[dict],
+                  folder: Path, crops: int, topk: int, batch_size: int, num_classes: int, num_workers: int, seed: int,
+                  show_progress: bool) -> int:
+    """Label `shards` and write each atomically into `folder` as soon as it is done; returns the images labelled."""
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards, start = [], time.perf_counter()
+    total = sum(s["count"] for s in shards)
+    start, done = time.perf_counter(), 0
     try:
         with progress_bar(show_progress, "{task.fields[rate]}") as bar:
-            task = bar.add_task("soft labels", total=n, rate="") if bar is not None else None
+            task = bar.add_task("soft labels", total=total, rate="") if bar is not None else None
 
-            def on_image(done: int) -> None:
+            def on_image(count: int) -> None:
                 if bar is not None:
-                    rate = done * crops / max(time.perf_counter() - start, 1e-9)
-                    bar.update(task, completed=done, rate=f"{rate:.0f} crops/s")
+                    rate = (done + count) * crops / max(time.perf_counter() - start, 1e-9)
+                    bar.update(task, completed=done + count, rate=f"{rate:.0f} crops/s")
 
-            for shard_no, first in enumerate(range(0, n, per_shard)):
-                count = min(per_shard, n - first)
+            for shard in shards:
+                first, count = shard["first"], shard["count"]
                 jobs = _CropJobs(dataset, base_indices, transform, first, count, crops, batch_size, seed)
                 tensors = _label_shard(teacher, jobs, first, count, topk, batch_size, num_classes, num_workers, device,
                                        on_image)
-                name = f"shard-{shard_no:05d}.safetensors"
-                save_safetensors(tmp / name, tensors)
-                shards.append({"file": name, "first": first, "count": count})
-        seconds = time.perf_counter() - start
-        manifest = SoftLabelManifest(
-            teacher=teacher_id or type(teacher).__name__,
-            teacher_input_size=list(transform.size),
-            dataset={"id": dataset_id or f"{base.spec}[{base.split}]", "spec": base.spec, "split": base.split,
-                     "fingerprint": base.fingerprint, "length": len(base), "images": n, "num_classes": num_classes},
-            crops=crops, topk=topk, scale=list(transform.scale), ratio=list(transform.ratio), hflip=transform.hflip,
-            seed=seed, bytes_per_crop=bpc,
-            encoding={"boxes": "uint16 [N, K, 4] x0,y0,w,h as value/65535", "flips": "uint8 [N, K]",
-                      "indices": "int16 [N, K, k]", "probs": "float16 [N, K, k]"},
-            shards=shards, seconds=round(seconds, 3),
-            indices=None if base_indices == list(range(n)) else base_indices)
-        write_json(tmp / MANIFEST, manifest.to_dict())
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                atomic_write(folder / shard["file"], functools.partial(save_safetensors, tensors=tensors), shared=True)
+                done += count
     finally:
         teacher.train(was_training)
-    log.info("wrote soft labels for %d images x %d crops to %s in %.1fs", n, crops, out, seconds)
-    return out
+    return done
 
 
 class _CropJobs(torch.utils.data.Dataset):
@@ -242,17 +397,23 @@ def _label_shard(teacher: nn.Module, jobs: _CropJobs, first: int, count: int, to
         if sum(w[2] for w in where) >= batch_size:
             flush()
         if c0 + n == crops:
-            on_image(index + 1)
+            on_image(row + 1)
     if pending:
         flush()
     return {"boxes": boxes, "flips": flips, "indices": indices, "probs": probs}
 
 
-def check_store_out(out: Path, overwrite: bool) -> None:
-    """Refuse (RunError) an --out that is a file, or a non-empty folder without `overwrite`."""
+def check_store_out(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse (RunError) an --out that is a file, a non-empty folder without `overwrite`, or one with an unfinished
+    store (neither `resume` nor `overwrite`); cheap, for before the teacher is loaded."""
     check_folder_target(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if resume or overwrite:
+        return
+    if out.is_dir() and any(out.iterdir()):
         raise RunError(f"'{out}' already exists and is not empty; pass another --out or --overwrite to replace it")
+    if (staging_folder(out) / PLAN).is_file():
+        raise RunError(f"'{out}' has an unfinished soft-label store in '{staging_folder(out)}'; pass --resume to finish it "
+                       "or --overwrite to start over")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
