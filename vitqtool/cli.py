@@ -405,14 +405,14 @@ def analyze_cmd(
     budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
-    method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (cached block inputs) or naive (full forward per module).")] = "fast",
+    method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (exact KL, cached block inputs), naive (exact KL, full forward per module), taylor (one-pass second-order estimate), auto (fast unless predicted to take over 2 minutes, else taylor).")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion (--compare: several models side by side)."""
     if what not in ("weights", "acts", "both"):
         raise typer.BadParameter("must be weights, acts or both", param_hint="--what")
-    if method not in ("fast", "naive"):
-        raise typer.BadParameter("must be fast or naive", param_hint="--method")
+    if method not in ("auto", "fast", "naive", "taylor"):
+        raise typer.BadParameter("must be auto, fast, naive or taylor", param_hint="--method")
     if budget_bits is not None and keep is not None:
         raise typer.BadParameter("pass only one of --budget-bits and --keep", param_hint="--keep")
     if compare:
@@ -435,7 +435,8 @@ def analyze_cmd(
     if as_json:
         emit_json(summary)
         return
-    render_table(f"most sensitive modules ({summary['what']} at W{summary['bits']}A{summary['bits']} alone)", [
+    render_table(f"most sensitive modules ({summary['what']} at W{summary['bits']}A{summary['bits']} alone; "
+                 f"{summary['method']}: {summary['method_description']})", [
         {"#": m["rank"], "module": m["name"], "KL": m["kl"], "Δloss": m["delta_loss"], "Δtop-1": m["delta_top1"],
          "agree %": m["top1_agreement"]} for m in summary["top_sensitive"]])
     render_table("variation by module type (means over blocks)", [
@@ -481,7 +482,8 @@ def _compare(models: list[str], *, model_args: list[str], run: list[str], weight
         return
     labels = [m["label"] for m in comparison["models"]]
     render_table(f"variation compared at W{comparison['bits']}A{comparison['bits']} on {comparison['images']} images "
-                 f"of {comparison['data']} [{comparison['split']}]", table_rows(comparison), ["measure", *labels])
+                 f"of {comparison['data']} [{comparison['split']}]; sensitivity {comparison['method']}", table_rows(comparison),
+                 ["measure", *labels])
     if comparison.get("files"):
         _stderr_console().print(f"comparison written to {out} (open {out}/index.html; each model's report in its subfolder)")
 

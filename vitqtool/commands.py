@@ -38,6 +38,7 @@ from .export.layout import META_VITQ
 from .export.reader import read_header
 from .export.writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs
 from .fileio import check_file_target, check_folder_target, library_versions
+from .progress import phase, progress_bar
 from .recipe import Recipe, load_recipe
 from .train import (FPResult, generate_soft_labels, open_run, resolve_kd_mode, run_quantization, seed_everything)
 from .train import train_fp as train_fp_module
@@ -433,7 +434,7 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
             out: Path | str | None = None, weights: str | Path | None = None, random_init: bool = False,
             model_args: dict | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
             run: Path | str | None = None, budget_bits: float | None = None, keep: int | None = None,
-            plots: bool = True, method: str = "fast", show_progress: bool = False) -> dict[str, Any]:
+            plots: bool = True, method: str = "auto", show_progress: bool = False) -> dict[str, Any]:
     """Variation, sensitivity (and oscillation) report of an FP model quantized with `recipe` at `bits`.
 
     Args:
@@ -455,24 +456,33 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
     if out is not None:
         check_folder_target(out)
     t0 = time.perf_counter()
-    loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
-    if loaded.kind != "fp":
-        raise ModelError(f"analyze takes an FP model, '{model}' is already quantized; pass the FP model and the run folder as --run")
-    rec = load_recipe(recipe, set_fields={"quant.bits": bits})
-    cfg = loaded.data_config
-    calibration = make_eval_loader(stratified_sample(load_dataset(data, "train"), rec.calibration.batches * batch_size), cfg, batch_size)
-    dataset = load_dataset(data, split)
-    batch_list = list(make_eval_loader(stratified_sample(dataset, batches * batch_size), cfg, batch_size))
-    model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
-    labels_valid = model_classes == dataset.num_classes
-    if not labels_valid:
-        log.warning("model has %d classes, dataset %d: reporting KL and top-1 agreement only (no loss/top-1)", model_classes, dataset.num_classes)
-    oscillation = None
-    if run is not None:
-        if not is_run_dir(run):
-            raise RunError(f"--run '{run}' is not a vitqtool run folder (no run.json); pass the --out folder of `quantize`")
-        _, state = load_checkpoint(run, "last")
-        oscillation = oscillation_rows(load_run_model(run, "last"), state, str(run))
+    with progress_bar(show_progress) as bar:
+        with phase(bar, "load model") as advance:
+            loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
+            advance()
+        if loaded.kind != "fp":
+            raise ModelError(f"analyze takes an FP model, '{model}' is already quantized; pass the FP model and the run folder as --run")
+        rec = load_recipe(recipe, set_fields={"quant.bits": bits})
+        cfg = loaded.data_config
+        with phase(bar, "load data", batches) as advance:
+            calibration = make_eval_loader(stratified_sample(load_dataset(data, "train"), rec.calibration.batches * batch_size), cfg, batch_size)
+            dataset = load_dataset(data, split)
+            batch_list = []
+            for batch in make_eval_loader(stratified_sample(dataset, batches * batch_size), cfg, batch_size):
+                batch_list.append(batch)
+                advance()
+        model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
+        labels_valid = model_classes == dataset.num_classes
+        if not labels_valid:
+            log.warning("model has %d classes, dataset %d: reporting KL and top-1 agreement only (no loss/top-1)", model_classes, dataset.num_classes)
+        oscillation = None
+        if run is not None:
+            if not is_run_dir(run):
+                raise RunError(f"--run '{run}' is not a vitqtool run folder (no run.json); pass the --out folder of `quantize`")
+            with phase(bar, "load run") as advance:
+                _, state = load_checkpoint(run, "last")
+                oscillation = oscillation_rows(load_run_model(run, "last"), state, str(run))
+                advance()
     load_seconds = time.perf_counter() - t0
     report = analyze_model(loaded.model, recipe=rec, calibration_batches=calibration, batches=batch_list,
                            labels_valid=labels_valid, source=loaded.source, data=data, split=split, what=what,
@@ -485,7 +495,7 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
 def compare(models: list[str], *, labels: list[str] | None = None, data: str = "builtin:mnist5k", split: str = "validation",
             bits: int = 2, what: str = "both", out: Path | str | None = None, random_init: bool = False,
             model_args: list[dict | None] | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
-            runs: dict[str, Path | str] | None = None, plots: bool = True, method: str = "fast",
+            runs: dict[str, Path | str] | None = None, plots: bool = True, method: str = "auto",
             show_progress: bool = False) -> dict[str, Any]:
     """`analyze` several FP models on the same images and bits and put the paper's variation measures side by side.
 
