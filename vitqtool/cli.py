@@ -271,6 +271,7 @@ def _export_format(value: str) -> str:
 
 @app.command("export")
 def export_cmd(
+    ctx: typer.Context,
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
     out: Annotated[Path, typer.Option("--out", help="The file to write (.safetensors; .onnx with --format onnx; a folder with --format hf).")],
     dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32).")] = "float32",
@@ -284,8 +285,11 @@ def export_cmd(
 ) -> None:
     """Write a quantized run as a packed low-bit safetensors file that `vitqtool.load` rebuilds (or as ONNX, compressed-tensors, transformers)."""
     from .commands import export as run_export
+    from .progress import phase, progress_bar
 
-    result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which, format=fmt)
+    # one phase: reading the run, writing and (with --verify) reloading and checking show at least a heartbeat line
+    with progress_bar(_show_progress(ctx, as_json)) as bar, phase(bar, f"export ({fmt})" + (" --verify" if verify else "")):
+        result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which, format=fmt)
     if as_json:
         emit_json(result)
         return
@@ -409,6 +413,9 @@ def analyze_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion (--compare: several models side by side)."""
+    # OpenMP threads that wait by spinning make every small op 5-13x slower when other processes share the cores
+    # (measured on a loaded 2-core machine, docs/analyze.md); read when torch loads, so only before its first import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if what not in ("weights", "acts", "both"):
         raise typer.BadParameter("must be weights, acts or both", param_hint="--what")
     if method not in ("auto", "fast", "naive", "taylor"):

@@ -38,7 +38,7 @@ from .export.layout import META_VITQ
 from .export.reader import read_header
 from .export.writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs
 from .fileio import check_file_target, check_folder_target, library_versions
-from .progress import phase, progress_bar
+from .progress import phase, progress_bar, track
 from .recipe import Recipe, load_recipe
 from .train import (FPResult, generate_soft_labels, open_run, resolve_kd_mode, run_quantization, seed_everything)
 from .train import train_fp as train_fp_module
@@ -110,7 +110,8 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
             raise ValueError("evaluate(nn.Module) needs data_config")
         net, cfg, source, kind = model, data_config, type(model).__name__, "module"
     else:
-        loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
+        with progress_bar(show_progress) as bar, phase(bar, "load model"):
+            loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
         net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
     dataset = load_dataset(data, split, image_column, label_column)
     check_num_classes(dataset, cfg.get("num_classes", dataset.num_classes))
@@ -124,7 +125,8 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
         net = prepare(net, rec)
         train_set = load_dataset(data, "train", image_column, label_column)
         n_calib = calib_batches or rec.calibration.batches
-        calibrate(net, itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib))
+        calibrate(net, track(itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib), "calibration", total=n_calib,
+                             enabled=show_progress))
         quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
     loader = make_eval_loader(dataset, cfg, batch_size)
     labels = cfg.get("labels")  # class names of a transformers checkpoint (id2label)
@@ -182,13 +184,15 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
                 "teacher_model_args": teacher_model_args or {}}
     with open_run(Path(out), identity, resume=resume, overwrite=overwrite, mixed_precision=mixed_precision) as session:
         seed_everything(rt.seed)
-        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
-        train_ds, val_ds, validation = _train_and_validation(data, limit_train, limit_val, image_column, label_column)
-        num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
-        check_num_classes(train_ds, num_classes)
-        teacher_model = None
-        if kd_mode == "online":
-            teacher_model = _resolve_teacher(teacher, teacher_weights, teacher_model_args, loaded, num_classes)
+        show = show_progress and session.accelerator.is_main_process
+        with progress_bar(show) as bar, phase(bar, "load model and data"):
+            loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+            train_ds, val_ds, validation = _train_and_validation(data, limit_train, limit_val, image_column, label_column)
+            num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
+            check_num_classes(train_ds, num_classes)
+            teacher_model = None
+            if kd_mode == "online":
+                teacher_model = _resolve_teacher(teacher, teacher_weights, teacher_model_args, loaded, num_classes)
         info = RunInfo(identity=session.identity, source_model=loaded.source, architecture=loaded.architecture,
                        model_args=loaded.model_args, data_config=loaded.data_config, data=data, num_classes=num_classes,
                        seed=rt.seed, recipe=rec.name, bits=rec.quant.bits, kd_mode=kd_mode,
@@ -263,12 +267,13 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
     """
     out = Path(out)
     check_store_out(out, overwrite)
-    dataset = load_dataset(data, split)
-    if teacher is None:
-        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
-    else:
-        loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
-                               model_args=teacher_model_args if teacher_model_args is not None else model_args)
+    with progress_bar(show_progress) as bar, phase(bar, "load model and data"):
+        dataset = load_dataset(data, split)
+        if teacher is None:
+            loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+        else:
+            loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
+                                   model_args=teacher_model_args if teacher_model_args is not None else model_args)
     check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
     target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = loaded.model.to(target)

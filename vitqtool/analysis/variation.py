@@ -120,17 +120,21 @@ class ActivationRecorder:
 def weight_rows(model: nn.Module, blocks: list[str], advance: Callable[..., None] | None = None) -> list[dict[str, Any]]:
     """Statistics of every quantized Linear/Conv weight, per tensor and per output channel, at its initialised step."""
     out = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, QUANT_LAYERS):
-            continue
-        w = mod.weight.detach()
-        st = RunningStats({"per_channel": channel_groups(1)})  # one update of w[None]: output channels are dim 1
-        st.update(w[None], fake_quant(mod.w_quant, w)[None])
-        st.update_tails(w)
-        block = block_of(name, blocks)
-        out.append({"name": name, "type": module_type(name, block), "block": block, "shape": list(w.shape),
-                    "params": w.numel(), "bits": mod.w_quant.spec.bits, **st.result(),
-                    "boundary_share": boundary_share(mod.w_quant, w)})
-        if advance is not None:
-            advance()
+    with one_cpu_thread():
+        for name, mod in model.named_modules():
+            if isinstance(mod, QUANT_LAYERS):
+                out.append(_weight_row(name, mod, blocks))
+                if advance is not None:
+                    advance()
     return out
+
+
+def _weight_row(name: str, mod: nn.Module, blocks: list[str]) -> dict[str, Any]:
+    """One quantized layer's row of `weight_rows`."""
+    w = mod.weight.detach()
+    st = RunningStats({"per_channel": channel_groups(1)})  # one update of w[None]: output channels are dim 1
+    st.update(w[None], fake_quant(mod.w_quant, w)[None])
+    st.update_tails(w)
+    block = block_of(name, blocks)
+    return {"name": name, "type": module_type(name, block), "block": block, "shape": list(w.shape), "params": w.numel(),
+            "bits": mod.w_quant.spec.bits, **st.result(), "boundary_share": boundary_share(mod.w_quant, w)}
