@@ -233,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--methods needs taylor and at least one exact method (fast or naive)")
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = [measure_model(m, a.work, methods, a.repeats, a.naive_sample) for m in a.models.split(",") if m]
+    results = []
+    for name in [m for m in a.models.split(",") if m]:
+        results.append(measure_model(name, a.work, methods, a.repeats, a.naive_sample))
+        (a.work / f"result-{name}.json").write_text(json.dumps(results[-1], indent=1))  # kept if a later model fails
     cmd = "python " + " ".join([str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:]))
     publish(markdown(results, a.threads, a.repeats, cmd, time.perf_counter() - t0), a.md, {"results": results})
     return 0

@@ -371,7 +371,7 @@ def test_oscillation_rows_from_a_run_checkpoint(tmp_path) -> None:
     assert rows["blocks.1.attn.v"]["boundary_share"] == pytest.approx(float(((v - v.floor() - 0.5).abs() < 0.05).double().mean()))
 
 
-PHASES = {"fast": ("load model", "load data", "calibration", "weight statistics", "statistics + FP cache", "statistics (tails)",
+PHASES = {"fast": ("load model", "load data", "calibration", "weight statistics", "statistics + FP reference", "statistics (tails)",
                    "sensitivity (fast)", "report and plots"),
           "taylor": ("load model", "load data", "calibration", "weight statistics", "statistics",
                      "sensitivity (taylor) + statistics (tails)", "report and plots")}

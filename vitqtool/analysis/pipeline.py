@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import get_adapter
+from ..arch import Adapter, get_adapter
 from ..core.prepare import calibrate, prepare
 from ..errors import DataError, ModelError, RecipeError
 from ..progress import phase, progress_bar
@@ -20,8 +20,8 @@ from ..quant import QUANT_LAYERS, quantizers_disabled
 from ..recipe import Recipe
 from .allocation import allocate
 from .estimate import MICRO_BATCH, taylor_sensitivity
-from .sensitivity import (EXACT, METHODS, WHAT, SensitivityProbe, build_units, choose_method, group_units, logit_metrics,
-                          predicted_seconds, rank_rows)
+from .sensitivity import (EXACT, METHODS, WHAT, SensitivityProbe, Unit, build_units, choose_method, group_units,
+                          logit_metrics, predicted_seconds, rank_rows)
 from .report import summarize, write_report
 from .variation import ActivationRecorder, weight_rows
 
@@ -88,31 +88,9 @@ def analyze_model(model: nn.Module, *, recipe: Recipe, calibration_batches: Iter
         with phase(bar, "weight statistics", sum(1 for _ in _quant_layers(qmodel))) as advance:
             wrows = weight_rows(qmodel, blocks, advance)
         recorder = ActivationRecorder(qmodel)
-        if used in EXACT:
-            with phase(bar, "statistics + FP cache", len(batches)) as advance, recorder.first_pass():
-                probe = SensitivityProbe(qmodel, adapter, batches, method=used, labels_valid=labels_valid, advance=advance)
-            with phase(bar, "statistics (tails)", len(batches)) as advance:
-                _forward_all(qmodel, batches, recorder.second_pass, advance)
-            seconds["statistics"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            with phase(bar, f"sensitivity ({used})", len(everything)) as advance:
-                results = []
-                for u in everything:
-                    results.append(probe.measure(u))
-                    advance()
-            fp = probe.fp
-        else:
-            with phase(bar, "statistics", len(batches)) as advance:
-                _forward_all(qmodel, batches, recorder.first_pass, advance)
-            seconds["statistics"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            micro = sum(-(-b[0].shape[0] // MICRO_BATCH) for b in batches)
-            with phase(bar, "sensitivity (taylor) + statistics (tails)", micro) as advance:
-                kls, fp_logits = taylor_sensitivity(qmodel, everything, batches, forward_context=recorder.second_pass,
-                                                    advance=advance)
-            labels = [b[1] for b in batches]
-            fp = logit_metrics(fp_logits, fp_logits, labels, labels_valid)
-            results = [{"kl": kl, "top1_agreement": None, "loss": None, "top1": None} for kl in kls]
+        sensitivity = _exact if used in EXACT else _estimate
+        results, fp, seconds["statistics"], t0 = sensitivity(bar, qmodel, adapter, batches, recorder, used, labels_valid,
+                                                             everything, t0)
         arows = recorder.rows(blocks)
         n_units, n_blocks = len(units), len(block_units)
         sens = {"metric": "kl", "method": used, "method_requested": method, "method_note": note,
@@ -141,6 +119,38 @@ def analyze_model(model: nn.Module, *, recipe: Recipe, calibration_batches: Iter
                 report["files"] = write_report(report, Path(out), plots=plots, advance=advance)
             report["summary"]["files"] = report["files"]
     return report
+
+
+def _exact(bar: Any, model: nn.Module, adapter: Adapter, batches: list, recorder: ActivationRecorder, method: str,
+           labels_valid: bool, units: list[Unit], t0: float) -> tuple[list[dict[str, Any]], dict[str, Any], float, float]:
+    """Statistics passes (the first on the probe's FP pass) and the exact KL of every unit.
+
+    Returns (results per unit, FP metrics, seconds of the statistics since `t0`, start time of the sensitivity phase).
+    """
+    with phase(bar, "statistics + FP reference", len(batches)) as advance, recorder.first_pass():
+        probe = SensitivityProbe(model, adapter, batches, method=method, labels_valid=labels_valid, advance=advance)
+    with phase(bar, "statistics (tails)", len(batches)) as advance:
+        _forward_all(model, batches, recorder.second_pass, advance)
+    t1 = time.perf_counter()
+    results = []
+    with phase(bar, f"sensitivity ({method})", len(units)) as advance:
+        for u in units:
+            results.append(probe.measure(u))
+            advance()
+    return results, probe.fp, t1 - t0, t1
+
+
+def _estimate(bar: Any, model: nn.Module, adapter: Adapter, batches: list, recorder: ActivationRecorder, method: str,
+              labels_valid: bool, units: list[Unit], t0: float) -> tuple[list[dict[str, Any]], dict[str, Any], float, float]:
+    """The first statistics pass, then the estimate with the second statistics pass riding on its forward (as `_exact`)."""
+    with phase(bar, "statistics", len(batches)) as advance:
+        _forward_all(model, batches, recorder.first_pass, advance)
+    t1 = time.perf_counter()
+    micro = sum(-(-b[0].shape[0] // MICRO_BATCH) for b in batches)
+    with phase(bar, "sensitivity (taylor) + statistics (tails)", micro) as advance:
+        kls, fp_logits = taylor_sensitivity(model, units, batches, forward_context=recorder.second_pass, advance=advance)
+    fp = logit_metrics(fp_logits, fp_logits, [b[1] for b in batches], labels_valid)
+    return [{"kl": kl, "top1_agreement": None, "loss": None, "top1": None} for kl in kls], fp, t1 - t0, t1
 
 
 def _counted(batches: Iterable, advance: Callable[..., None], count: list[int]) -> Iterator:
