@@ -190,7 +190,7 @@ def demo_accuracy(work: Path, fp: Path, alloc: dict[str, dict[str, Any]]) -> lis
     return rows
 
 
-def markdown(results: list[dict[str, Any]], threads: int, repeats: int, cmd: str, wall: float) -> list[str]:
+def markdown(results: list[dict[str, Any]], threads: int, repeats: int, cmd: str, wall: float | None) -> list[str]:
     """The tables of the README / docs."""
     lines = ["| model | input | units (measured) | naive s | fast s | taylor s | taylor / fast | Spearman modules | Spearman all "
              "| top-10 overlap | 2.5-bit allocation shared |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -209,9 +209,15 @@ def markdown(results: list[dict[str, Any]], threads: int, repeats: int, cmd: str
         for row in demo["accuracy"]:
             label = row["allocation"] + (f" (same layers as {row['same_as']})" if row.get("same_as") else "")
             lines.append(f"| {label} | {len(row['layers'])} | {row['average_bits']:.3f} | {row['ptq']:.2f} | {row['vaq']:.2f} |")
-    lines += ["", (f"Command: `{cmd}`, {threads} torch thread(s), {repeats} round(s) (median), 128 images; wall time "
-                   f"{wall / 60:.1f} min on {os.cpu_count()} CPU cores ({platform.machine()}, Python {platform.python_version()}), "
-                   f"shared with other jobs (load average at the end: {os.getloadavg()[0]:.1f}).")]
+    machine = f"{os.cpu_count()} CPU cores ({platform.machine()}, Python {platform.python_version()}), shared with other jobs"
+    if wall is not None:
+        lines += ["", (f"Command: `{cmd}`, {threads} torch thread(s), {repeats} round(s) (median), 128 images; wall time "
+                       f"{wall / 60:.1f} min on {machine} (load average at the end: {os.getloadavg()[0]:.1f}).")]
+    else:
+        lines += ["", f"Combined by `{cmd}` from separate runs on {machine}:"]
+        lines += [f"- {r['model']}: `{r.get('command', '(command not recorded)')}`"
+                  + (f", {r['wall_s'] / 60:.1f} min, load average at the end {r['load_end']:.1f}" if "wall_s" in r else "")
+                  for r in results]
     return lines
 
 
@@ -224,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitqtool-sensitivity")
     p.add_argument("--md", type=Path, default=None, help="also write the markdown tables (and a .json record) to this file")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: tables from WORK/result-MODEL.json of earlier runs")
     a = p.parse_args(argv)
+    cmd = "python " + " ".join([str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:]))
+    if a.report_only:
+        results = [json.loads((a.work / f"result-{m}.json").read_text()) for m in a.models.split(",") if m]
+        publish(markdown(results, a.threads, a.repeats, cmd, None), a.md, {"results": results})
+        return 0
     import torch
 
     torch.set_num_threads(a.threads)
@@ -235,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = []
     for name in [m for m in a.models.split(",") if m]:
+        t1 = time.perf_counter()
         results.append(measure_model(name, a.work, methods, a.repeats, a.naive_sample))
+        results[-1].update(command=cmd, wall_s=time.perf_counter() - t1, load_end=os.getloadavg()[0])
         (a.work / f"result-{name}.json").write_text(json.dumps(results[-1], indent=1))  # kept if a later model fails
-    cmd = "python " + " ".join([str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:]))
     publish(markdown(results, a.threads, a.repeats, cmd, time.perf_counter() - t0), a.md, {"results": results})
     return 0
 
