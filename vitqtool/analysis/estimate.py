@@ -88,15 +88,15 @@ def probe_vectors(probs: Tensor, probes: int, generator: torch.Generator) -> tup
 
 
 @contextlib.contextmanager
-def _captured(points: dict[str, Point]) -> Iterator[dict[str, list[tuple[Tensor, Tensor]]]]:
-    """Forward hooks keeping (input, output) of every point; a quantizer's output becomes its own autograd node."""
-    calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in points}
+def _captured(points: dict[str, Point]) -> Iterator[dict[str, list[tuple[Tensor, Tensor, tuple[int, int]]]]]:
+    """Forward hooks keeping (input, output, their versions) of every point; a quantizer's output becomes its own node."""
+    calls: dict[str, list[tuple[Tensor, Tensor, tuple[int, int]]]] = {name: [] for name in points}
     handles = []
     for name, point in points.items():
         def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> Tensor:
             if isinstance(mod, Quantizer):
                 out = out.view_as(out)  # a disabled quantizer returns its input; the gradient at its output is wanted
-            calls[name].append((args[0], out))
+            calls[name].append((args[0], out, (args[0]._version, out._version)))
             return out
         handles.append(point.module.register_forward_hook(hook))
     try:
@@ -107,8 +107,13 @@ def _captured(points: dict[str, Point]) -> Iterator[dict[str, list[tuple[Tensor,
 
 
 @torch.no_grad()
-def _delta(model: nn.Module, point: Point, x: Tensor, y: Tensor) -> Tensor:
-    """The point's perturbation: its output with the unit's quantizers on minus the FP output `y`."""
+def _delta(point: Point, x: Tensor, y: Tensor, versions: tuple[int, int]) -> Tensor:
+    """The point's perturbation: its output with the unit's quantizers on minus the FP output `y`.
+
+    Raises ValueError when the model changed the point's input or output in place after the point ran.
+    """
+    if (x._version, y._version) != versions:
+        raise ValueError(f"{point.name}: its input or output was modified in place after it ran; the estimate cannot use it")
     x = x.detach()
     if isinstance(point.module, Quantizer):
         return fake_quant(point.module, x) - x
@@ -173,19 +178,19 @@ def _micro_batch(model: nn.Module, points: dict[str, Point], images: Tensor, pro
     with quantizers_disabled(model), torch.enable_grad(), _captured(points) as calls:
         with forward_context() if forward_context is not None else contextlib.nullcontext():
             logits = model(images.detach().requires_grad_())
-    flat = [(name, x, y) for name, cs in calls.items() for x, y in cs]
-    for name, _, y in flat:
+    flat = [(name, x, y, versions) for name, cs in calls.items() for x, y, versions in cs]
+    for name, _, y, _ in flat:
         if y.shape[0] % n:
             raise ValueError(f"{name}: output rows {y.shape[0]} are not a multiple of the {n} images (not batch-major)")
-    deltas = [_delta(model, points[name], x, y) for name, x, y in flat]
+    deltas = [_delta(points[name], x, y, versions) for name, x, y, versions in flat]
     vectors, weight = probe_vectors(torch.softmax(logits.detach().double(), -1), probes, generator)
-    outputs = [y for _, _, y in flat]
+    outputs = [y for _, _, y, _ in flat]
     scores = {name: torch.zeros(n, len(vectors), dtype=torch.float64) for name in points}
     for m, v in enumerate(vectors):
         grads = torch.autograd.grad(logits, outputs, grad_outputs=v.to(logits.dtype), retain_graph=m < len(vectors) - 1,
                                     allow_unused=True)
         with torch.no_grad():
-            for (name, _, _), g, d in zip(flat, grads, deltas):
+            for (name, *_), g, d in zip(flat, grads, deltas):
                 if g is not None:  # per image <g, delta>: a batched dot product (float32, BLAS)
                     scores[name][:, m] += (g.reshape(n, 1, -1) @ d.reshape(n, -1, 1)).flatten().double()
     return logits.detach(), scores, weight
