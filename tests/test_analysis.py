@@ -321,8 +321,10 @@ def test_cli_analyze_tiny_deit_and_swin(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["bits"] == 2 and summary["images"] == 8 and len(summary["top_sensitive"]) == 10
+    assert summary["method"] == "fast" and summary["method_note"] is None  # auto: a tiny model's exact pass takes seconds
     report = json.loads((out / "analysis.json").read_text())
     assert report["schema"] == "vitqtool.analysis/1" and len(report["sensitivity"]["modules"]) == 2 * 6 + 2
+    assert report["sensitivity"]["method_requested"] == "auto" and 0 < report["sensitivity"]["predicted_exact_seconds"] < 120
     kls = [m["kl"] for m in report["sensitivity"]["modules"]]
     assert kls == sorted(kls, reverse=True)
     assert summary["oscillation"]["tracked"] and report["oscillation"]["modules"]

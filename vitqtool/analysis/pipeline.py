@@ -71,10 +71,10 @@ def analyze_model(model: nn.Module, *, recipe: Recipe, calibration_batches: Iter
         qmodel = prepare(model, recipe, inplace=True).eval()
         adapter = get_adapter(qmodel)
         blocks = adapter.block_names(qmodel)
-        calibrated, t1 = [0], time.perf_counter()
+        calibrated = {"images": 0, "seconds": 0.0}
         with phase(bar, "calibration", _len(calibration_batches)) as advance:
-            calibrate(qmodel, _counted(calibration_batches, advance, calibrated))
-        forward_seconds = (time.perf_counter() - t1) * n_images / max(calibrated[0], 1)  # one FP pass over the analysis images
+            calibrate(qmodel, _timed(calibration_batches, advance, calibrated))
+        forward_seconds = calibrated["seconds"] * n_images / max(calibrated["images"], 1)  # an FP pass over the analysis images
         seconds["load_calibrate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -153,11 +153,14 @@ def _estimate(bar: Any, model: nn.Module, adapter: Adapter, batches: list, recor
     return [{"kl": kl, "top1_agreement": None, "loss": None, "top1": None} for kl in kls], fp, t1 - t0, t1
 
 
-def _counted(batches: Iterable, advance: Callable[..., None], count: list[int]) -> Iterator:
-    """`batches`, advancing the progress after each one and counting its images into `count[0]`."""
+def _timed(batches: Iterable, advance: Callable[..., None], totals: dict[str, float]) -> Iterator:
+    """`batches`, advancing the progress after each; adds each batch's images and the time its consumer spent on it
+    (the calibration forward, not the data loading) to `totals`."""
     for batch in batches:
+        start = time.perf_counter()
         yield batch
-        count[0] += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+        totals["seconds"] += time.perf_counter() - start
+        totals["images"] += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
         advance()
 
 
