@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import json
 import os
 import platform
 import re

@@ -1,4 +1,5 @@
-"""`analyze`: statistics against direct computations, sensitivity ranking, fast == naive, overrides round trip, CLI."""
+"""`analyze`: statistics against direct computations, sensitivity ranking, fast == naive, the one-pass estimate against
+the exact KL (by hand and by rank), the method choice, progress in every phase, overrides round trip, CLI."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from torch import nn
 
 from vitqtool import core, quant
 from vitqtool.analysis.allocation import allocate, overrides_toml
-from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units
+from vitqtool.analysis.estimate import probe_vectors, taylor_sensitivity
+from vitqtool.analysis.sensitivity import (SensitivityProbe, build_units, choose_method, group_units, logit_metrics, predicted_seconds,
+                                           spearman, top_overlap)
 from vitqtool.analysis.stats import (
     RunningStats, boundary_share, channel_groups, head_groups, kurtosis, outlier_ratio, range_spread, sqnr_db,
 )
@@ -30,6 +33,7 @@ from vitqtool.recipe import load_recipe
 
 VIT_ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 SWIN_ARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 32, "depths": (1, 1), "num_heads": (1, 2), "num_classes": 10}
+RESNET_ARGS = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8, "num_classes": 10, "zero_init_last": False}
 
 
 def _np_excess_kurtosis(x: np.ndarray) -> float:
@@ -156,19 +160,115 @@ def test_fast_and_naive_sensitivity_agree(name: str, args: dict) -> None:
     assert max(kl_fast) > 0
 
 
-def test_sensitivity_ranks_a_module_with_weight_outliers_first() -> None:
+PLANTED = {"vit_tiny_patch16_224": (VIT_ARGS, "blocks.0.mlp.fc1"), "swin_tiny_patch4_window7_224": (SWIN_ARGS, "layers.0.blocks.0.mlp.fc1")}
+
+
+@pytest.mark.parametrize("name", sorted(PLANTED))
+def test_exact_and_estimated_sensitivity_find_a_module_with_weight_outliers(name: str) -> None:
+    args, planted = PLANTED[name]
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_ARGS).eval()
+    model = timm.create_model(name, pretrained=False, **args).eval()
     with torch.no_grad():
-        fc1 = model.blocks[0].mlp.fc1.weight
+        fc1 = model.get_submodule(planted).weight
         fc1.view(-1)[::97] *= 60.0  # a few huge outliers: the MSE step either clips them or crushes the rest
     q = core.prepare(model, "vaq", bits=2)
     core.calibrate(q, [torch.randn(8, 3, 32, 32)])
     adapter = get_family(q)
     units = build_units(q, "weights", adapter.block_names(q))
-    probe = SensitivityProbe(q, adapter, [(torch.randn(8, 3, 32, 32), torch.arange(8))], "fast")
-    kl = {u.name: probe.measure(u)["kl"] for u in units}
-    assert max(kl, key=kl.get) == "blocks.0.mlp.fc1"
+    batches = [(torch.randn(8, 3, 32, 32), torch.arange(8))]
+    probe = SensitivityProbe(q, adapter, batches, "fast")
+    exact = [probe.measure(u)["kl"] for u in units]
+    estimate, _ = taylor_sensitivity(q, units, batches)
+    names = [u.name for u in units]
+    assert names[exact.index(max(exact))] == planted
+    assert planted in [names[i] for i in sorted(range(len(units)), key=lambda i: -estimate[i])[:3]]
+    assert spearman(exact, estimate) >= 0.8
+
+
+@pytest.mark.parametrize("name,args,floor", [("vit_tiny_patch16_224", VIT_ARGS, 0.8), ("swin_tiny_patch4_window7_224", SWIN_ARGS, 0.8),
+                                             ("resnet18", RESNET_ARGS, 0.8)])
+def test_estimate_ranks_units_and_groups_like_the_exact_kl(name: str, args: dict, floor: float) -> None:
+    model = _tiny(name, args)
+    adapter = get_family(model)
+    units = build_units(model, "both", adapter.block_names(model))
+    everything = units + group_units(units, "block") + group_units(units, "type")
+    batches = [(torch.randn(16, 3, 32, 32), torch.arange(16) % 10) for _ in range(2)]
+    probe = SensitivityProbe(model, adapter, batches, "fast")
+    exact = [probe.measure(u)["kl"] for u in everything]
+    estimate, fp_logits = taylor_sensitivity(model, everything, batches)
+    assert spearman(exact[:len(units)], estimate[:len(units)]) >= floor
+    assert spearman(exact, estimate) >= floor
+    assert top_overlap(exact, estimate, 5) >= 3
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fp_logits, probe.fp_logits))  # the estimate's pass is the FP model
+    assert [q.enabled for _, q in quant.iter_quantizers(model)] == [True] * len(list(quant.iter_quantizers(model)))
+
+
+class _Head(nn.Module):
+    """A quantized linear classifier: its logits are linear in the weight perturbation, so the estimate has no linearisation error."""
+
+    def __init__(self, bits: int, classes: int) -> None:
+        super().__init__()
+        self.fc = quant.QLinear.from_float(nn.Linear(6, classes), QuantSpec(bits), None)
+        self.fc.w_quant.init_from_weight(self.fc.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _fisher_kl(head: _Head, x: torch.Tensor) -> float:
+    """1/N sum_n 1/2 dz^T (diag(p) - p p^T) dz with dz = x (Q(W) - W)^T, by hand."""
+    with torch.no_grad():
+        with quant.quantizers_disabled(head):
+            p = torch.softmax(head(x).double(), -1)
+        dz = (x @ (head.fc.w_quant(head.fc.weight) - head.fc.weight).T).double()
+        return float(0.5 * ((dz * dz * p).sum(1) - (dz * p).sum(1) ** 2).mean())
+
+
+def test_estimate_is_the_fisher_quadratic_form_and_the_kl_for_small_perturbations() -> None:
+    torch.manual_seed(0)
+    head = _Head(bits=2, classes=4)
+    x = torch.randn(64, 6)
+    units = build_units(head, "weights", [])
+    # 4 classes <= 4 probes: the basis vectors give F exactly
+    kl, _ = taylor_sensitivity(head, units, [(x, torch.zeros(64, dtype=torch.long))], probes=4, micro_batch=16)
+    assert kl[0] == pytest.approx(_fisher_kl(head, x), rel=1e-6)
+    # 3 Rademacher probes per image are unbiased: within a few percent over 4,000 images
+    many = torch.randn(4000, 6)
+    kl, _ = taylor_sensitivity(head, units, [(many, torch.zeros(4000, dtype=torch.long))], probes=3, micro_batch=1000)
+    assert kl[0] == pytest.approx(_fisher_kl(head, many), rel=0.05)
+    # at 8 bits the second-order expansion is the exact KL(FP || Q) up to a few percent
+    fine = _Head(bits=8, classes=4)
+    kl, fp = taylor_sensitivity(fine, units, [(x, torch.zeros(64, dtype=torch.long))], probes=4)
+    with torch.no_grad():
+        exact = logit_metrics([fine(x)], fp, [], False)["kl"]
+    assert exact > 0 and kl[0] == pytest.approx(exact, rel=0.05)
+
+
+def test_probe_vectors_factor_the_fisher_matrix() -> None:
+    p = torch.softmax(torch.randn(3, 5, dtype=torch.float64), -1)
+    fisher = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    gen = torch.Generator().manual_seed(0)
+    basis, w = probe_vectors(p, 5, gen)
+    assert w == 1.0 and torch.allclose(sum(v[:, :, None] * v[:, None, :] for v in basis), fisher)
+    sampled, w = probe_vectors(p, 4, gen)
+    assert w == 0.25 and len(sampled) == 4 and all(torch.allclose(v.sum(-1), torch.zeros(3, dtype=torch.float64)) for v in sampled)
+
+
+def test_auto_method_by_predicted_cost() -> None:
+    model = _tiny("vit_tiny_patch16_224", VIT_ARGS)
+    blocks = get_family(model).block_names(model)
+    units = build_units(model, "both", blocks)
+    # fast: one FP pass plus each block unit's share of the blocks from its own; naive: a full pass per unit
+    shares = sum((len(blocks) - blocks.index(u.block)) / len(blocks) if u.block else 1.0 for u in units)
+    assert predicted_seconds(units, blocks, 2.0, "fast") == pytest.approx(2.0 * (1 + shares))
+    assert predicted_seconds(units, blocks, 2.0, "naive") == pytest.approx(2.0 * (1 + len(units)))
+    assert choose_method("auto", 60.0) == ("fast", None)
+    method, note = choose_method("auto", 1800.0)
+    assert method == "taylor" and "about 30 min" in note and "--method fast" in note
+    assert choose_method("naive", 1e6) == ("naive", None)
+    assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    assert spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(0.8660254, rel=1e-6)  # ties share their mean rank
+    assert top_overlap([4, 3, 2, 1], [1, 3, 4, 2], 2) == 1
 
 
 # ----------------------------------------------------------------------------------- allocation
@@ -221,8 +321,10 @@ def test_cli_analyze_tiny_deit_and_swin(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["bits"] == 2 and summary["images"] == 8 and len(summary["top_sensitive"]) == 10
+    assert summary["method"] == "fast" and summary["method_note"] is None  # auto: a tiny model's exact pass takes seconds
     report = json.loads((out / "analysis.json").read_text())
     assert report["schema"] == "vitqtool.analysis/1" and len(report["sensitivity"]["modules"]) == 2 * 6 + 2
+    assert report["sensitivity"]["method_requested"] == "auto" and 0 < report["sensitivity"]["predicted_exact_seconds"] < 120
     kls = [m["kl"] for m in report["sensitivity"]["modules"]]
     assert kls == sorted(kls, reverse=True)
     assert summary["oscillation"]["tracked"] and report["oscillation"]["modules"]
@@ -269,3 +371,27 @@ def test_oscillation_rows_from_a_run_checkpoint(tmp_path) -> None:
     layer = model.blocks[1].attn.v
     v = (layer.weight / layer.w_quant.step.clamp(min=1e-4)).clamp(-2, 1).detach()
     assert rows["blocks.1.attn.v"]["boundary_share"] == pytest.approx(float(((v - v.floor() - 0.5).abs() < 0.05).double().mean()))
+
+
+PHASES = {"fast": ("load model", "load data", "calibration", "weight statistics", "statistics + FP reference", "statistics (tails)",
+                   "sensitivity (fast)", "report and plots"),
+          "taylor": ("load model", "load data", "calibration", "weight statistics", "statistics",
+                     "sensitivity (taylor) + statistics (tails)", "report and plots")}
+
+
+@pytest.mark.parametrize("method", sorted(PHASES))
+def test_every_phase_of_analyze_prints_a_progress_line_without_a_terminal(method, capsys, monkeypatch, tmp_path) -> None:
+    from vitqtool.cli import main
+
+    monkeypatch.setenv("VITQ_PROGRESS_SECONDS", "0.01")
+    deit = json.dumps({"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 10})
+    code = main(["analyze", "deit_tiny_patch16_224", "--random-init", "--model-args", deit, "--batches", "2", "--batch-size", "4",
+                 "--method", method, "--out", str(tmp_path / method)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = err.splitlines()
+    for name in PHASES[method]:
+        assert any(line.startswith(f"{name}: ") and "elapsed" in line for line in lines), (name, err)
+    assert "\r" not in err and "━" not in err
+    report = json.loads((tmp_path / method / "analysis.json").read_text())
+    assert report["sensitivity"]["method"] == method and report["summary"]["method"] == method

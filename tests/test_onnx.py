@@ -266,9 +266,9 @@ def test_cli_export_onnx_verify_then_evaluate_and_inspect(tmp_path, trained, cap
 
 
 def test_refusals_are_one_line_errors(tmp_path, trained, capsys, monkeypatch):
-    from vitqtool.arch.vit import ViTAdapter
+    from vitqtool.families.vit import ViTFamily
 
-    monkeypatch.setattr(ViTAdapter, "onnx_refusal", "its attention has no traceable form yet")  # what a family plugin may say
+    monkeypatch.setattr(ViTFamily, "onnx_refusal", "its attention has no traceable form yet")  # what a family plugin may say
     model = core.prepare(trained["fp"], "vaq")
     core.calibrate(model, [trained["val"][0][0][:8]])
     with pytest.raises(ExportFormatError, match="does not support VisionTransformer: its attention has no traceable form yet"):
@@ -369,7 +369,7 @@ def test_every_family_exports_integer_onnx_that_agrees_with_vitqtool_load(tmp_pa
     st, out = tmp_path / "w4.safetensors", tmp_path / "w4.onnx"
     export_model(model, st, architecture=loaded.architecture, model_args=loaded.model_args, data_config=cfg, recipe=recipe,
                  source="test", metrics={"data": DATA})
-    summary = commands.export(st, out, format="onnx", verify=True)
+    summary = commands.export(st, out, format="onnx", verify=True).to_dict()
     checked = summary["verify"]
     loaded_back = vitqtool.load(st)
     assert checked["images"] == 256 and checked["top1_torch"] >= 30.0, "the model did not learn (chance is 10%)"

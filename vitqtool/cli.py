@@ -288,6 +288,7 @@ def _formats_help() -> str:
 
 @app.command("export")
 def export_cmd(
+    ctx: typer.Context,
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
     out: Annotated[Path, typer.Option("--out", help="The file (or, for folder formats, the folder) to write.")],
     dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32); formats that store float32 only refuse the others.")] = "float32",
@@ -298,8 +299,11 @@ def export_cmd(
 ) -> None:
     """Write a quantized run as a packed low-bit safetensors file that `vitqtool.load` rebuilds, or in another export format."""
     from .commands import export as run_export
+    from .progress import phase, progress_bar
 
-    result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which, format=fmt)
+    # one phase: reading the run, writing and (with --verify) reloading and checking show at least a heartbeat line
+    with progress_bar(_show_progress(ctx, as_json)) as bar, phase(bar, f"export ({fmt})" + (" --verify" if verify else "")):
+        result = run_export(run_or_checkpoint, out, dtype=dtype, verify=verify, which=which, format=fmt)
     if as_json:
         emit_json(result.to_dict())
         return
@@ -421,14 +425,17 @@ def analyze_cmd(
     budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
-    method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (cached block inputs) or naive (full forward per module).")] = "fast",
+    method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (exact KL, cached block inputs), naive (exact KL, full forward per module), taylor (one-pass second-order estimate), auto (fast unless predicted to take over 2 minutes, else taylor).")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion (--compare: several models side by side)."""
+    # OpenMP threads that wait by spinning make every small op 5-13x slower when other processes share the cores
+    # (measured on a loaded 2-core machine, docs/analyze.md); read when torch loads, so only before its first import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if what not in ("weights", "acts", "both"):
         raise typer.BadParameter("must be weights, acts or both", param_hint="--what")
-    if method not in ("fast", "naive"):
-        raise typer.BadParameter("must be fast or naive", param_hint="--method")
+    if method not in ("auto", "fast", "naive", "taylor"):
+        raise typer.BadParameter("must be auto, fast, naive or taylor", param_hint="--method")
     if budget_bits is not None and keep is not None:
         raise typer.BadParameter("pass only one of --budget-bits and --keep", param_hint="--keep")
     if compare:
@@ -451,7 +458,8 @@ def analyze_cmd(
     if as_json:
         emit_json(summary)
         return
-    render_table(f"most sensitive modules ({summary['what']} at W{summary['bits']}A{summary['bits']} alone)", [
+    render_table(f"most sensitive modules ({summary['what']} at W{summary['bits']}A{summary['bits']} alone; "
+                 f"{summary['method']}: {summary['method_description']})", [
         {"#": m["rank"], "module": m["name"], "KL": m["kl"], "Δloss": m["delta_loss"], "Δtop-1": m["delta_top1"],
          "agree %": m["top1_agreement"]} for m in summary["top_sensitive"]])
     render_table("variation by module type (means over blocks)", [
@@ -497,7 +505,8 @@ def _compare(models: list[str], *, model_args: list[str], run: list[str], weight
         return
     labels = [m["label"] for m in comparison["models"]]
     render_table(f"variation compared at W{comparison['bits']}A{comparison['bits']} on {comparison['images']} images "
-                 f"of {comparison['data']} [{comparison['split']}]", table_rows(comparison), ["measure", *labels])
+                 f"of {comparison['data']} [{comparison['split']}]; sensitivity {comparison['method']}", table_rows(comparison),
+                 ["measure", *labels])
     if comparison.get("files"):
         _stderr_console().print(f"comparison written to {out} (open {out}/index.html; each model's report in its subfolder)")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import math
 import time
@@ -30,6 +29,7 @@ from .data.sampling import HOLDOUT_FRACTION, HOLDOUT_SEED
 from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
 from .export import FORMATS, ExportFormat, ExportSource, ExportSummary, find_format, get_format
 from .fileio import check_file_target, check_folder_target, library_versions
+from .progress import phase, progress_bar, track
 from .recipe import Recipe, load_recipe
 from .train import (FPResult, check_launch, generate_soft_labels, open_run, resolve_kd_mode, run_quantization,
                     seed_everything)
@@ -107,7 +107,8 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
             raise ValueError("evaluate(nn.Module) needs data_config")
         net, cfg, source, kind = model, data_config, type(model).__name__, "module"
     else:
-        loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
+        with progress_bar(show_progress) as bar, phase(bar, "load model"):
+            loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
         net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
     dataset = load_dataset(data, split, image_column, label_column)
     check_num_classes(dataset, cfg.get("num_classes", dataset.num_classes))
@@ -121,7 +122,8 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
         net = prepare(net, rec)
         train_set = load_dataset(data, "train", image_column, label_column)
         n_calib = calib_batches or rec.calibration.batches
-        calibrate(net, itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib))
+        calibrate(net, track(itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib), "calibration", total=n_calib,
+                             enabled=show_progress))
         quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
     loader = make_eval_loader(dataset, cfg, batch_size)
     labels = cfg.get("labels")  # class names of a transformers checkpoint (id2label)
@@ -183,13 +185,15 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
                 "teacher_model_args": teacher_model_args or {}}
     with open_run(Path(out), identity, resume=resume, overwrite=overwrite, mixed_precision=mixed_precision) as session:
         seed_everything(rt.seed)
-        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
-        train_ds, val_ds, validation = _train_and_validation(data, limit_train, limit_val, image_column, label_column)
-        num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
-        check_num_classes(train_ds, num_classes)
-        teacher_model = None
-        if kd_mode == "online":
-            teacher_model = _resolve_teacher(teacher, teacher_weights, teacher_model_args, loaded, num_classes)
+        show = show_progress and session.accelerator.is_main_process
+        with progress_bar(show) as bar, phase(bar, "load model and data"):
+            loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+            train_ds, val_ds, validation = _train_and_validation(data, limit_train, limit_val, image_column, label_column)
+            num_classes = int(loaded.data_config.get("num_classes") or train_ds.num_classes)
+            check_num_classes(train_ds, num_classes)
+            teacher_model = None
+            if kd_mode == "online":
+                teacher_model = _resolve_teacher(teacher, teacher_weights, teacher_model_args, loaded, num_classes)
         info = RunInfo(identity=session.identity, source_model=loaded.source, architecture=loaded.architecture,
                        model_args=loaded.model_args, data_config=loaded.data_config, data=data, num_classes=num_classes,
                        seed=rt.seed, recipe=rec.name, bits=rec.quant.bits, kd_mode=kd_mode,
@@ -274,12 +278,13 @@ def softlabels(model: str, out: str | Path, data: str = "builtin:mnist5k", split
     check_launch()
     state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group under accelerate launch
     seed_everything(seed)  # a --random-init teacher is then the same on every process
-    dataset = load_dataset(data, split)
-    if teacher is None:
-        loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
-    else:
-        loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
-                               model_args=teacher_model_args if teacher_model_args is not None else model_args)
+    with progress_bar(show_progress and state.is_main_process) as bar, phase(bar, "load model and data"):
+        dataset = load_dataset(data, split)
+        if teacher is None:
+            loaded = resolve_model(model, weights=weights, random_init=random_init, model_args=model_args)
+        else:
+            loaded = resolve_model(teacher, weights=teacher_weights, random_init=random_init,
+                                   model_args=teacher_model_args if teacher_model_args is not None else model_args)
     check_num_classes(dataset, int(getattr(loaded.model, "num_classes", dataset.num_classes)))
     net = loaded.model.to(torch.device(device) if device else state.device)
     used: Any = stratified_sample(dataset, limit)
@@ -389,7 +394,7 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
             out: Path | str | None = None, weights: str | Path | None = None, random_init: bool = False,
             model_args: dict | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
             run: Path | str | None = None, budget_bits: float | None = None, keep: int | None = None,
-            plots: bool = True, method: str = "fast", show_progress: bool = False) -> dict[str, Any]:
+            plots: bool = True, method: str = "auto", show_progress: bool = False) -> dict[str, Any]:
     """Variation, sensitivity (and oscillation) report of an FP model quantized with `recipe` at `bits`.
 
     Args:
@@ -411,24 +416,33 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
     if out is not None:
         check_folder_target(out)
     t0 = time.perf_counter()
-    loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
-    if loaded.kind != "fp":
-        raise ModelError(f"analyze takes an FP model, '{model}' is already quantized; pass the FP model and the run folder as --run")
-    rec = load_recipe(recipe, set_fields={"quant.bits": bits})
-    cfg = loaded.data_config
-    calibration = make_eval_loader(stratified_sample(load_dataset(data, "train"), rec.calibration.batches * batch_size), cfg, batch_size)
-    dataset = load_dataset(data, split)
-    batch_list = list(make_eval_loader(stratified_sample(dataset, batches * batch_size), cfg, batch_size))
-    model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
-    labels_valid = model_classes == dataset.num_classes
-    if not labels_valid:
-        log.warning("model has %d classes, dataset %d: reporting KL and top-1 agreement only (no loss/top-1)", model_classes, dataset.num_classes)
-    oscillation = None
-    if run is not None:
-        if not is_run_dir(run):
-            raise RunError(f"--run '{run}' is not a vitqtool run folder (no run.json); pass the --out folder of `quantize`")
-        _, state = load_checkpoint(run, "last")
-        oscillation = oscillation_rows(load_run_model(run, "last"), state, str(run))
+    with progress_bar(show_progress) as bar:
+        with phase(bar, "load model") as advance:
+            loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args)
+            advance()
+        if loaded.kind != "fp":
+            raise ModelError(f"analyze takes an FP model, '{model}' is already quantized; pass the FP model and the run folder as --run")
+        rec = load_recipe(recipe, set_fields={"quant.bits": bits})
+        cfg = loaded.data_config
+        with phase(bar, "load data", batches) as advance:
+            calibration = make_eval_loader(stratified_sample(load_dataset(data, "train"), rec.calibration.batches * batch_size), cfg, batch_size)
+            dataset = load_dataset(data, split)
+            batch_list = []
+            for batch in make_eval_loader(stratified_sample(dataset, batches * batch_size), cfg, batch_size):
+                batch_list.append(batch)
+                advance()
+        model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
+        labels_valid = model_classes == dataset.num_classes
+        if not labels_valid:
+            log.warning("model has %d classes, dataset %d: reporting KL and top-1 agreement only (no loss/top-1)", model_classes, dataset.num_classes)
+        oscillation = None
+        if run is not None:
+            if not is_run_dir(run):
+                raise RunError(f"--run '{run}' is not a vitqtool run folder (no run.json); pass the --out folder of `quantize`")
+            with phase(bar, "load run") as advance:
+                _, state = load_checkpoint(run, "last")
+                oscillation = oscillation_rows(load_run_model(run, "last"), state, str(run))
+                advance()
     load_seconds = time.perf_counter() - t0
     report = analyze_model(loaded.model, recipe=rec, calibration_batches=calibration, batches=batch_list,
                            labels_valid=labels_valid, source=loaded.source, data=data, split=split, what=what,
@@ -441,7 +455,7 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
 def compare(models: list[str], *, labels: list[str] | None = None, data: str = "builtin:mnist5k", split: str = "validation",
             bits: int = 2, what: str = "both", out: Path | str | None = None, random_init: bool = False,
             model_args: list[dict | None] | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
-            runs: dict[str, Path | str] | None = None, plots: bool = True, method: str = "fast",
+            runs: dict[str, Path | str] | None = None, plots: bool = True, method: str = "auto",
             show_progress: bool = False) -> dict[str, Any]:
     """`analyze` several FP models on the same images and bits and put the paper's variation measures side by side.
 

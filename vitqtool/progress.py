@@ -2,7 +2,11 @@
 
 With no terminal (CI logs, `nohup`, pipes) a rich bar would only print once at the end, so a plain
 line (`description done/total, extra fields, elapsed, eta`) is printed every `VITQ_PROGRESS_SECONDS`
-seconds (default 30) and when the work ends. Silent when disabled (`--json`, `--quiet`).
+seconds (default 30) for every unfinished task, even one stuck in a single long step (a heartbeat
+thread), and once when a task completes. Silent when disabled (`--json`, `--quiet`).
+
+A command made of several phases opens one `progress_bar` and runs each phase inside `phase(bar, ...)`,
+so every phase shows on a terminal and leaves at least one line in a log.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -25,28 +30,47 @@ class PlainProgress:
     def __init__(self, columns: tuple[str, ...], interval: float, stream: Any) -> None:
         self.columns, self.interval, self.stream = columns, interval, stream
         self.tasks: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # the heartbeat thread prints too
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
         now = time.monotonic()
-        self.tasks.append({"description": description, "total": total, "completed": completed, "fields": fields,
-                           "start": now, "start_completed": completed, "printed": now})
-        return len(self.tasks) - 1
+        with self._lock:
+            self.tasks.append({"description": description, "total": total, "completed": completed, "fields": fields,
+                               "start": now, "start_completed": completed, "printed": now, "final": False})
+            return len(self.tasks) - 1
 
-    def update(self, task_id: int, completed: float | None = None, advance: float = 0, **fields: Any) -> None:
-        task = self.tasks[task_id]
-        task["completed"] = (task["completed"] if completed is None else completed) + advance
-        task["fields"].update(fields)
-        now = time.monotonic()
-        if now - task["printed"] >= self.interval:
-            self._print(task, now)
+    def update(self, task_id: int, completed: float | None = None, advance: float = 0, total: float | None = None,
+               **fields: Any) -> None:
+        with self._lock:
+            task = self.tasks[task_id]
+            task["completed"] = (task["completed"] if completed is None else completed) + advance
+            if total is not None:
+                task["total"] = total
+            task["fields"].update(fields)
+            now = time.monotonic()
+            if task["total"] and task["completed"] >= task["total"] and not task["final"]:
+                task["final"] = True  # a completed task prints its last line at once
+                self._print(task, now)
+            elif now - task["printed"] >= self.interval:
+                self._print(task, now)
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
+    def tick(self) -> None:
+        """A line for every unfinished task not printed for an interval (called by the heartbeat thread)."""
+        with self._lock:
+            now = time.monotonic()
+            for task in self.tasks:
+                if not task["final"] and now - task["printed"] >= self.interval:
+                    self._print(task, now)
+
     def finish(self) -> None:
-        now = time.monotonic()
-        for task in self.tasks:
-            self._print(task, now)
+        with self._lock:
+            now = time.monotonic()
+            for task in self.tasks:
+                if not task["final"]:
+                    self._print(task, now)
 
     def _print(self, task: dict[str, Any], now: float) -> None:
         task["printed"] = now
@@ -59,10 +83,16 @@ class PlainProgress:
                 parts.append(column.format(task=view))
         parts.append(f"elapsed {_clock(elapsed)}")
         rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else 0
-        if total and rate > 0:
+        if total and rate > 0 and done < total:
             parts.append(f"eta {_clock((total - done) / rate)}")
         self.stream.write(", ".join(parts) + "\n")
         self.stream.flush()
+
+
+def _heartbeat(plain: PlainProgress, stop: threading.Event) -> None:
+    """Every interval, a line for each unfinished task (a phase in one long step still shows in the log)."""
+    while not stop.wait(plain.interval):
+        plain.tick()
 
 
 def _clock(seconds: float) -> str:
@@ -85,9 +115,16 @@ def progress_bar(enabled: bool, *extra_columns: str) -> Iterator[Any | None]:
         return
     if not sys.stderr.isatty():
         plain = PlainProgress(extra_columns, _interval(), sys.stderr)
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(plain, stop), name="vitqtool-progress", daemon=True)
+        if plain.interval > 0:  # with 0 every update prints already
+            beat.start()
         try:
             yield plain
         finally:
+            stop.set()
+            if beat.is_alive():
+                beat.join()
             plain.finish()
         return
     from rich.console import Console
@@ -116,3 +153,26 @@ def _len(items: Iterable) -> int | None:
         return len(items)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+@contextlib.contextmanager
+def phase(bar: Any | None, description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
+    """One phase of a longer command as a task of `bar` (a `progress_bar`, or None when disabled).
+
+    Yields `advance(n=1)`; when the phase ends without an error its task is marked complete (total = steps
+    done, at least 1), which prints its final line in a log and fills its bar on a terminal.
+    """
+    if bar is None:
+        yield lambda n=1: None
+        return
+    task = bar.add_task(description, total=total)
+    done = 0.0
+
+    def advance(n: float = 1) -> None:
+        nonlocal done
+        done += n
+        bar.advance(task, n)
+
+    yield advance
+    final = max(done, 1.0)
+    bar.update(task, total=final, completed=final)

@@ -11,7 +11,8 @@ at the edge bits, are left out):
   input, attn@V, MLP hidden, conv inputs; attention's Q/K/V and softmax operands are ViT-only and left
   out of these), plus the spread across heads (mean of the per-head `max/min` of Q/K/V and attn@V;
   null for models without heads);
-- sensitivity: quartiles of the per-module KL(FP || Q) with only that layer quantized, `max/min` and `q3/q1`;
+- sensitivity: quartiles of the per-module KL(FP || Q) with only that layer quantized, `max/min` and `q3/q1`
+  (exact or estimated: `method`, per model when `auto` chose differently);
 - oscillation (when the model has a `quantize` run): share of block-layer weights whose flip EMA exceeds
   the run's threshold (weighted by parameters) and share within 0.05 of a rounding boundary.
 """
@@ -120,7 +121,7 @@ def model_measures(label: str, report: dict[str, Any]) -> dict[str, Any]:
     a_ratio, a_cv = _spread([a["range"] for a in acts])
     row: dict[str, Any] = {
         "label": label, "model": report["model"], "architecture": report["architecture"],
-        "fp_top1": report["sensitivity"]["fp"]["top1"], "layers": len(ws),
+        "method": report["sensitivity"]["method"], "fp_top1": report["sensitivity"]["fp"]["top1"], "layers": len(ws),
         "w_range_ratio_modules": w_ratio, "w_range_cv_modules": w_cv,
         "w_range_ratio_channels": _group(ws, "per_channel", "range_ratio"), "w_range_cv_channels": _group(ws, "per_channel", "range_cv"),
         "w_kurtosis": finite_mean([w["kurtosis"] for w in ws]), "w_kurtosis_max": max((w["kurtosis"] for w in ws), default=None),
@@ -138,8 +139,10 @@ def model_measures(label: str, report: dict[str, Any]) -> dict[str, Any]:
 def compare_reports(labels: list[str], reports: list[dict[str, Any]], folders: list[str | None]) -> dict[str, Any]:
     """The comparison document: settings shared by the reports and one row of measures per model (+ its report folder)."""
     first = reports[0]
+    methods = [r["sensitivity"]["method"] for r in reports]
+    method = methods[0] if len(set(methods)) == 1 else ", ".join(f"{label}: {m}" for label, m in zip(labels, methods))
     return {"schema": SCHEMA, "data": first["data"], "split": first["split"], "bits": first["bits"], "images": first["images"],
-            "recipe": first["recipe"], "what": first["sensitivity"]["what"], "method": first["sensitivity"]["method"],
+            "recipe": first["recipe"], "what": first["sensitivity"]["what"], "method": method,
             "measures": MEASURES,
             "models": [{**model_measures(label, r), "report": folder} for label, r, folder in zip(labels, reports, folders)]}
 

@@ -15,12 +15,14 @@ import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
 from ..fileio import atomic_write, finite_or_none, new_dirs_removed_on_failure, staging_dir, translate_write_errors
 from .allocation import overrides_toml
+from .sensitivity import DESCRIPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     osc = report.get("oscillation")
     return {
         "model": report["model"], "data": report["data"], "split": report["split"], "bits": report["bits"],
-        "what": sens["what"], "method": sens["method"], "images": report["images"], "fp": sens["fp"],
+        "what": sens["what"], "method": sens["method"], "method_description": DESCRIPTIONS[sens["method"]],
+        "method_note": sens.get("method_note"), "images": report["images"], "fp": sens["fp"],
         "top_sensitive": [{k: m[k] for k in SENS_FIELDS} for m in sens["modules"][:TOP]],
         "by_type": by_type, "by_block": by_block,
         "oscillation": None if osc is None else {
@@ -108,7 +111,7 @@ def csv_bytes(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> dict[str, str]:
+def write_report(report: dict[str, Any], out: Path, plots: bool = True, advance: Callable[..., None] | None = None) -> dict[str, str]:
     """Write analysis.json, CSVs, PNGs (if possible), overrides.toml (if allocated) and index.html into `out`.
 
     Everything is written into a staging folder first and moved into `out` only when all of it was
@@ -134,7 +137,7 @@ def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> dict[
                        f"{alloc['base_average_bits']:.3f} -> {alloc['average_bits']:.3f}\n"
                        f"use: vitqtool quantize MODEL --recipe {report['recipe']} --bits {report['bits']} --overrides overrides.toml")
             put("overrides.toml", overrides_toml(alloc, comment).encode())
-        images = {key: Path(path).name for key, path in (render_plots(report, stage) if plots else {}).items()}
+        images = {key: Path(path).name for key, path in (render_plots(report, stage, advance) if plots else {}).items()}
         for key, name in images.items():
             files[key] = str(out / name)
         files["analysis.json"] = str(out / "analysis.json")
@@ -171,8 +174,8 @@ def save_png(plt: Any, fig: Any, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def render_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
-    """PNG plots into `out`; {} with a warning when matplotlib is not installed."""
+def render_plots(report: dict[str, Any], out: Path, advance: Callable[..., None] | None = None) -> dict[str, str]:
+    """PNG plots into `out` (`advance()` after each); {} with a warning when matplotlib is not installed."""
     plt = pyplot()
     if plt is None:
         return {}
@@ -181,13 +184,15 @@ def render_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     def save(fig: Any, name: str) -> None:
         save_png(plt, fig, out / name)
         made[name] = str(out / name)
+        if advance is not None:
+            advance()
 
     mods = report["sensitivity"]["modules"]
     shown = mods[:40]
     fig, ax = plt.subplots(figsize=(8, 0.22 * len(shown) + 1.2))
     ax.barh([m["name"] for m in shown][::-1], [max(m["kl"], 1e-12) for m in shown][::-1], color="tab:red")
     ax.set_xscale("log")
-    ax.set_xlabel("KL(FP || quantized) of the logits")
+    ax.set_xlabel("KL(FP || quantized) of the logits" + (" (second-order estimate)" if report["sensitivity"]["method"] == "taylor" else ""))
     ax.set_title(f"Sensitivity: only this module at W{report['bits']}/A{report['bits']} ({report['sensitivity']['what']}); top {len(shown)} of {len(mods)}")
     ax.tick_params(axis="y", labelsize=7)
     save(fig, "sensitivity.png")
@@ -278,7 +283,7 @@ def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
     s = report["summary"]
     parts = [f"<h1>vitqtool analyze: {html.escape(str(report['model']))}</h1>",
              f"<p>{html.escape(str(report['data']))} [{html.escape(report['split'])}], {report['images']} images, "
-             f"W{report['bits']}/A{report['bits']} recipe {html.escape(report['recipe'])}, sensitivity of {s['what']} ({s['method']})</p>",
+             f"W{report['bits']}/A{report['bits']} recipe {html.escape(report['recipe'])}, sensitivity of {s['what']}: {s['method']}, {html.escape(s['method_description'])}</p>",
              "<h2>Most sensitive modules</h2>", html_table(s["top_sensitive"]),
              "<h2>Variation by module type</h2>", html_table(s["by_type"]),
              "<h2>Variation by block</h2>", html_table(s["by_block"])]

@@ -5,17 +5,20 @@ quantizer such as Q/K/V or the softmax output) only that unit's quantizers are e
 is run on the analysis batches: KL(FP || Q) of the logits, change of the cross-entropy loss, top-1
 and top-1 agreement with the FP model.
 
-Methods (identical numbers, different cost):
+Exact methods (identical numbers, different cost):
 - `naive`: one full forward pass per unit and batch.
-- `fast`: the FP inputs of every block (segment) are cached once (arch adapter `block_inputs`); a
+- `fast`: the FP inputs of every block (segment) are cached once (the family plugin's `block_inputs`); a
   unit inside block i is evaluated from block i's cached input (`run_from`), so the embedding and
   blocks 0..i-1 are never recomputed. Units outside every block run from the input of the tail when
   they execute after the last block, else the full forward.
+The estimate `taylor` (estimate.py) costs a handful of passes whatever the number of units; `auto`
+picks it when the exact `fast` pass is predicted to take longer than `AUTO_LIMIT_SECONDS`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +30,11 @@ from ..quant import QUANT_LAYERS, iter_quantizers, quantizers_disabled
 from .variation import block_of, module_type
 
 WHAT = ("weights", "acts", "both")
-METHODS = ("fast", "naive")
+EXACT = ("fast", "naive")
+METHODS = ("auto", *EXACT, "taylor")
+DESCRIPTIONS = {"fast": "exact KL (cached block inputs)", "naive": "exact KL (full forward per unit)",
+                "taylor": "second-order estimate of the KL (one pass)"}
+AUTO_LIMIT_SECONDS = 120.0  # `auto`: the exact `fast` method when predicted to take at most this long, else `taylor`
 FULL = -1  # start index meaning "full forward from the images"
 
 
@@ -85,9 +92,9 @@ class SensitivityProbe:
     """FP reference (and, for `fast`, cached block inputs) over fixed batches; `measure()` one unit at a time."""
 
     def __init__(self, model: nn.Module, adapter: Family, batches: list[tuple[Tensor, Tensor]],
-                 method: str = "fast", labels_valid: bool = True) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+                 method: str = "fast", labels_valid: bool = True, advance: Callable[..., None] | None = None) -> None:
+        if method not in EXACT:
+            raise ValueError(f"method must be one of {', '.join(EXACT)}, got {method!r}")
         self.model, self.adapter, self.method, self.labels_valid = model, adapter, method, labels_valid
         self.blocks: list[str] = adapter.block_names(model)
         self.quantizers = dict(iter_quantizers(model))
@@ -96,11 +103,11 @@ class SensitivityProbe:
         self.hidden: list[list[Tensor]] = []
         self.fp_logits: list[Tensor] = []
         self._order: dict[str, int] = {}
-        self._cache()
-        self.fp = self._metrics(self.fp_logits)
+        self._cache(advance)
+        self.fp = logit_metrics(self.fp_logits, self.fp_logits, self.labels, labels_valid)
 
     @torch.no_grad()
-    def _cache(self) -> None:
+    def _cache(self, advance: Callable[..., None] | None = None) -> None:
         """FP forward over every batch: logits, block inputs (fast) and the execution order of quantizers/blocks."""
         named = dict(self.model.named_modules())
         events: list[str] = []
@@ -120,6 +127,8 @@ class SensitivityProbe:
                     for h in handles:
                         h.remove()
                     self._order = self._start_indices(events)
+                if advance is not None:
+                    advance()
         for h in handles:
             h.remove()
 
@@ -157,20 +166,47 @@ class SensitivityProbe:
             logits = []
             for i, images in enumerate(self.images):
                 logits.append(self.model(images) if start == FULL else self.adapter.run_from(self.model, start, self.hidden[i][start]))
-        return self._metrics(logits)
+        return logit_metrics(logits, self.fp_logits, self.labels, self.labels_valid)
 
-    def _metrics(self, logits: list[Tensor]) -> dict[str, Any]:
-        n = sum(x.shape[0] for x in logits)
-        kl = agree = 0.0
-        for q, fp in zip(logits, self.fp_logits):
-            lq, lp = F.log_softmax(q.double(), -1), F.log_softmax(fp.double(), -1)
-            kl += float(F.kl_div(lq, lp, log_target=True, reduction="sum"))
-            agree += float((q.argmax(-1) == fp.argmax(-1)).sum())
-        out: dict[str, Any] = {"kl": kl / n, "top1_agreement": 100.0 * agree / n, "loss": None, "top1": None}
-        if self.labels_valid:
-            out["loss"] = sum(float(F.cross_entropy(q.double(), y, reduction="sum")) for q, y in zip(logits, self.labels)) / n
-            out["top1"] = 100.0 * sum(float((q.argmax(-1) == y).sum()) for q, y in zip(logits, self.labels)) / n
-        return out
+
+def logit_metrics(logits: list[Tensor], fp_logits: list[Tensor], labels: list[Tensor], labels_valid: bool) -> dict[str, Any]:
+    """KL(FP || these logits) per image, top-1 agreement with FP, and (when the labels are valid) loss and top-1."""
+    n = sum(x.shape[0] for x in logits)
+    kl = agree = 0.0
+    for q, fp in zip(logits, fp_logits):
+        lq, lp = F.log_softmax(q.double(), -1), F.log_softmax(fp.double(), -1)
+        kl += float(F.kl_div(lq, lp, log_target=True, reduction="sum"))
+        agree += float((q.argmax(-1) == fp.argmax(-1)).sum())
+    out: dict[str, Any] = {"kl": kl / n, "top1_agreement": 100.0 * agree / n, "loss": None, "top1": None}
+    if labels_valid:
+        out["loss"] = sum(float(F.cross_entropy(q.double(), y, reduction="sum")) for q, y in zip(logits, labels)) / n
+        out["top1"] = 100.0 * sum(float((q.argmax(-1) == y).sum()) for q, y in zip(logits, labels)) / n
+    return out
+
+
+def predicted_seconds(units: list[Unit], blocks: list[str], forward_seconds: float, method: str) -> float:
+    """Predicted wall time of an exact method: one FP pass plus, per unit, the share of the model it reruns.
+
+    `fast` reruns from the unit's block (block i of n: (n - i) / n of a forward; blocks of a family cost
+    about the same: Swin halves the tokens and doubles the width per stage), units outside blocks and
+    unit groups spanning blocks a full forward; `naive` a full forward per unit.
+    """
+    index = {b: i for i, b in enumerate(blocks)}
+    share = 0.0
+    for u in units:
+        share += (len(blocks) - index[u.block]) / len(blocks) if method == "fast" and u.block in index else 1.0
+    return forward_seconds * (1.0 + share)
+
+
+def choose_method(requested: str, predicted_exact: float, limit: float = AUTO_LIMIT_SECONDS) -> tuple[str, str | None]:
+    """The method to run and, when `auto` chose the estimate, the one-line reason to show."""
+    if requested != "auto":
+        return requested, None
+    if predicted_exact <= limit:
+        return "fast", None
+    minutes = predicted_exact / 60
+    return "taylor", (f"the exact sensitivity pass would take about {minutes:.0f} min here; using the one-pass "
+                      f"second-order estimate (--method taylor); pass --method fast for the exact KL of every unit")
 
 
 def rank_rows(units: list[Unit], results: list[dict[str, Any]], fp: dict[str, Any]) -> list[dict[str, Any]]:
@@ -186,3 +222,33 @@ def rank_rows(units: list[Unit], results: list[dict[str, Any]], fp: dict[str, An
         row["rank"] = i
     return rows
 
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks of `values` from 1 (smallest); tied values share their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equally long sequences (Pearson correlation of their ranks)."""
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var > 0 else 0.0
+
+
+def top_overlap(a: list[float], b: list[float], k: int = 10) -> int:
+    """How many of the `k` largest entries of `a` are among the `k` largest of `b` (same positions)."""
+    top = lambda v: set(sorted(range(len(v)), key=lambda i: -v[i])[:k])  # noqa: E731
+    return len(top(a) & top(b))

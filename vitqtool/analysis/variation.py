@@ -9,14 +9,14 @@ model-agnostic. The grouping of each activation follows its role: channels last 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..quant import QUANT_LAYERS, QConv2d, Quantizer, QuantAttention, iter_quantizers
-from .stats import Grouper, RunningStats, boundary_share, channel_groups, fake_quant, head_groups, spatial_groups, token_groups
+from .stats import Grouper, RunningStats, boundary_share, channel_groups, fake_quant, head_groups, one_cpu_thread, row_chunks, spatial_groups, token_groups
 
 HEAD_SPLIT = ("q_quant", "k_quant", "v_quant", "qkv_quant", "proj.a_quant")  # [.., heads * head_dim] tensors
 
@@ -87,7 +87,9 @@ class ActivationRecorder:
                 if name not in self.stats:
                     self.stats[name] = RunningStats(_groupers(x, name in self._conv_inputs, self._attention[name]))
                     self.shapes[name] = list(x.shape[1:])
-                self.stats[name].update(x, fake_quant(mod, x))
+                with one_cpu_thread():  # quantized chunk by chunk: the copies stay in cache
+                    for part in row_chunks(x):
+                        self.stats[name].update(part, fake_quant(mod, part))
             handles.append(q.register_forward_pre_hook(hook))
         try:
             yield
@@ -115,18 +117,24 @@ class ActivationRecorder:
 
 
 @torch.no_grad()
-def weight_rows(model: nn.Module, blocks: list[str]) -> list[dict[str, Any]]:
+def weight_rows(model: nn.Module, blocks: list[str], advance: Callable[..., None] | None = None) -> list[dict[str, Any]]:
     """Statistics of every quantized Linear/Conv weight, per tensor and per output channel, at its initialised step."""
     out = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, QUANT_LAYERS):
-            continue
-        w = mod.weight.detach()
-        st = RunningStats({"per_channel": channel_groups(0)})
-        st.update(w, fake_quant(mod.w_quant, w))
-        st.update_tails(w)
-        block = block_of(name, blocks)
-        out.append({"name": name, "type": module_type(name, block), "block": block, "shape": list(w.shape),
-                    "params": w.numel(), "bits": mod.w_quant.spec.bits, **st.result(),
-                    "boundary_share": boundary_share(mod.w_quant, w)})
+    with one_cpu_thread():
+        for name, mod in model.named_modules():
+            if isinstance(mod, QUANT_LAYERS):
+                out.append(_weight_row(name, mod, blocks))
+                if advance is not None:
+                    advance()
     return out
+
+
+def _weight_row(name: str, mod: nn.Module, blocks: list[str]) -> dict[str, Any]:
+    """One quantized layer's row of `weight_rows`."""
+    w = mod.weight.detach()
+    st = RunningStats({"per_channel": channel_groups(1)})  # one update of w[None]: output channels are dim 1
+    st.update(w[None], fake_quant(mod.w_quant, w)[None])
+    st.update_tails(w)
+    block = block_of(name, blocks)
+    return {"name": name, "type": module_type(name, block), "block": block, "shape": list(w.shape), "params": w.numel(),
+            "bits": mod.w_quant.spec.bits, **st.result(), "boundary_share": boundary_share(mod.w_quant, w)}

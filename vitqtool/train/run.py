@@ -27,9 +27,9 @@ from ..core.runs import METRICS_FILE, RECIPE_FILE, is_run_dir, load_checkpoint, 
 from ..data import TransformedDataset, eval_transform
 from ..errors import RecipeError, RunError
 from ..fileio import LOCK_FILE, atomic_write, folder_lock
+from ..progress import track
 from ..quant import FusedMismatch, OscillationTracker, check_fused_kernels, quant_layers, set_quantizers_fused
 from ..recipe import Recipe
-from .checkpoint import seed_everything
 from .loop import RunInterrupted, Trainer, TrainState, append_metrics, restore, save, train, validate
 from .sampling import CALIBRATION, AugmentedDataset, ShardedBatchSampler
 from .softlabels import MultiCropDataset, SoftLabelStore
@@ -254,7 +254,8 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
         n_calib = min(recipe.calibration.batches * rt.grad_accum, len(train_set) // (micro * acc.num_processes))
         sampler = ShardedBatchSampler(len(train_set), micro, acc.num_processes, acc.process_index, rt.seed, 0, n_calib,
                                       stream=CALIBRATION)
-        calibrate(qmodel, torch.utils.data.DataLoader(TransformedDataset(train_set, eval_transform(cfg)), batch_sampler=sampler))
+        calibrate(qmodel, track(torch.utils.data.DataLoader(TransformedDataset(train_set, eval_transform(cfg)), batch_sampler=sampler),
+                                "calibration", total=n_calib, enabled=show_progress and acc.is_main_process))
         if acc.is_main_process:
             atomic_write(out / RECIPE_FILE, recipe.to_toml())
     fused = _use_fused(fuse_quantizers, compile_model, acc) if rt.enabled else False
