@@ -56,6 +56,22 @@ class QuantPolicy:
         return QuantSpec(self.bits, signed=False, learned_offset=True, method=self.method)
 
 
+@dataclass(frozen=True)
+class NormPair:
+    """A norm whose output reaches only `linears`, through the one input quantizer `quantizer` (names in the quantized model).
+
+    The norm's affine acts on the last dimension, which is the Linears' input dimension, and nothing between
+    the norm and the quantizer mixes channels, so a per-channel scale folds exactly into the norm and the
+    Linears (`quant/reparam.py`). `shift` is False where something in between (zero padding) would not
+    commute with a per-channel shift, leaving a scale-only fold.
+    """
+
+    norm: str
+    quantizer: str
+    linears: tuple[str, ...]
+    shift: bool = True
+
+
 class Family(abc.ABC):
     """One model family: its allow-list, quantized rewrite, block-by-block execution and stock names."""
 
@@ -93,6 +109,12 @@ class Family(abc.ABC):
         if leaf in QKV_PARTS:
             return f"{head}.qkv" if head else "qkv", QKV_PARTS.index(leaf)
         return path, None
+
+    # ---- post-training quantization (core/ptq.py); family knowledge, kept apart from the layout methods above
+
+    def norm_pairs(self, model: nn.Module) -> list[NormPair]:
+        """The norm -> input quantizer -> Linear pairs of the quantized `model` that `ln-channel` reparameterizes; none by default."""
+        return []
 
 
 def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
@@ -223,3 +245,11 @@ def check_mlp(mlp: nn.Module, where: str) -> None:
     require(is_identity(getattr(mlp, "norm", None)), f"{where}.mlp.norm", f"a norm inside the MLP ({type(mlp.norm).__name__}, scale_mlp_norm)")
     require(class_name(mlp.act) in GELU_CLASSES, f"{where}.mlp.act",
             f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU)")
+
+
+def block_norm_pairs(block: nn.Module, where: str, attn_path: str, shift: bool = True) -> list[NormPair]:
+    """The two pairs of a pre-norm block (`norm1` -> attention at `attn_path`, a QuantAttention; `norm2` -> `mlp.fc1`)."""
+    attn = block.get_submodule(attn_path)
+    qkv = ("q", "k", "v") if attn.split else ("qkv",)
+    return [NormPair(f"{where}.norm1", f"{where}.{attn_path}.input_quant", tuple(f"{where}.{attn_path}.{p}" for p in qkv), shift),
+            NormPair(f"{where}.norm2", f"{where}.mlp.fc1.a_quant", (f"{where}.mlp.fc1",))]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
+from .base import Family, NormPair, QuantPolicy, block_norm_pairs, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
 from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
                      squash_processor_config)
 
@@ -201,3 +201,7 @@ class ViTFamily(Family):
             hidden = hidden[:, :keep] + last.drop_path1(last.ls1(attn))
             hidden = hidden + last.drop_path2(last.ls2(last.mlp(last.norm2(hidden))))
         return model.forward_head(model.norm(hidden))
+
+    def norm_pairs(self, model: nn.Module) -> list[NormPair]:
+        """Per block: norm1 -> attention input quantizer -> q, k, v (or the fused qkv); norm2 -> fc1's input quantizer -> fc1."""
+        return [pair for i, block in enumerate(model.blocks) for pair in block_norm_pairs(block, f"blocks.{i}", "attn")]
