@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks.ladder import fmt  # noqa: E402
 from benchmarks.paired import describe, paired  # noqa: E402
 
 ROWS = ("ptq", "ptq+reparam", "ptq-recon", "ptq-recon+qdrop", "vaq", "vaq-from-recon")
@@ -207,14 +208,6 @@ def prepare_models(work: Path, names: list[str], crops: int) -> dict[str, dict]:
 def load_cells(work: Path) -> list[dict]:
     """Every finished cell's record."""
     return [json.loads(p.read_text()) for p in sorted((work / "cells").glob("*/*.json"))]
-
-
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def render(cells: list[dict], models: dict[str, dict], bits: list[int], cfg: dict) -> list[str]:

@@ -44,14 +44,15 @@ def _stock(name: str, args: dict, seed: int = 0, **extra) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------ reparameterization
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_ln_channel_reparameterization_keeps_fp_logits_and_equalises_channel_ranges(family):
+@pytest.mark.parametrize("family,recipe", [("vit", "ptq-recon"), ("deit", "ptq-recon"), ("swin", "ptq-recon"), ("deit", "lsq")],
+                         ids=["vit", "deit", "swin", "deit-fused-qkv"])
+def test_ln_channel_reparameterization_keeps_fp_logits_and_equalises_channel_ranges(family, recipe):
     name, args = FAMILIES[family]
     stock = _stock(name, args)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = stock(x)
-    model = core.prepare(stock, "ptq-recon")
+    model = core.prepare(stock, recipe)
     pairs = get_family(model).norm_pairs(model)
     norms_before = {p.norm: model.get_submodule(p.norm).weight.detach().clone() for p in pairs}
     summary = reparameterize(model, [x[:4], x[4:]])
@@ -237,6 +238,24 @@ def recon_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("recon") / "run"
     commands.quantize(TINY_DEIT[0], out=out, **RECON)
     return out
+
+
+def test_qat_starts_from_reparameterized_and_reconstructed_steps(tmp_path):
+    extra = tmp_path / "init.toml"
+    extra.write_text('[calibration]\nreparam = "ln-channel"\n\n[reconstruct]\nblocks = true\niters = 5\nimages = 24\n')
+    info = commands.quantize(TINY_DEIT[0], out=tmp_path / "run", recipe="lsq", overrides=[extra], epochs=1, batch_size=16, **RUN)
+    assert info.status == "done" and info.epochs_done == 1 and info.step == 3
+    assert info.calibration["reparam"]["pairs"] == 4 and len(info.calibration["reconstruct"]["blocks"]) == 2
+
+
+def test_evaluate_quantizes_with_a_reconstructing_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(load_recipe("ptq-recon", set_fields={"reconstruct.iters": 4, "reconstruct.images": 16}).to_toml())
+    result = commands.evaluate(TINY_DEIT[0], random_init=True, model_args=RUN["model_args"], recipe=str(recipe), bits=3,
+                               limit=16, batch_size=8)
+    done = result["quantized"]["calibration"]
+    assert result["quantized"]["bits"] == 3 and done["images"] == 4 * 8 and done["reparam"]["pairs"] == 4
+    assert done["reconstruct"]["images"] == 16 and [b["name"] for b in done["reconstruct"]["blocks"]] == ["blocks.0", "blocks.1"]
 
 
 def test_ptq_recon_run_records_what_it_did(recon_run):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .calibrate import quantizers_disabled
+from .calibrate import run_fp_observed
 
 MIN_RELATIVE_RANGE = 1e-3  # a channel's scale is at least this share of the mean (dead channels: no huge weight columns)
 
@@ -41,17 +41,7 @@ def channel_ranges(model: nn.Module, modules: dict[str, nn.Module], batches: Ite
             high[name] = torch.maximum(high[name], hi) if name in high else hi
         return hook
 
-    hooks = [mod.register_forward_pre_hook(hook_for(name)) for name, mod in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with quantizers_disabled(model):
-            for batch in batches:
-                (forward or (lambda m, x: m(x)))(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_fp_observed(model, {mod: hook_for(name) for name, mod in modules.items()}, batches, forward)
     missing = [name for name in modules if name not in high]
     if missing:
         raise ValueError(f"calibration batches never reached: {', '.join(missing[:5])}")
