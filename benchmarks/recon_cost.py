@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from benchmarks.report_md import publish  # noqa: E402
 from vitqtool import core, quant  # noqa: E402
-from vitqtool.arch import get_adapter  # noqa: E402
+from vitqtool.families import get_family  # noqa: E402
 from vitqtool.demo import DEMO  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 
@@ -47,12 +47,12 @@ def measure(name: str, args: dict, size: int, steps: int, repeats: int) -> dict:
     """Seconds per learning step and per 1,000 cached images for the first block of the model."""
     settings = load_recipe("ptq-recon").reconstruct
     model = core.prepare(timm.create_model(name, **args).eval(), load_recipe("ptq-recon", set_fields={"quant.bits": 4}))
-    adapter = get_adapter(model)
+    family = get_family(model)
     images = torch.randn(8, 3, size, size)
     core.calibrate(model, [images])
     with torch.no_grad():
-        x = adapter.block_inputs(model, images)[0]
-    block = model.get_submodule(adapter.block_names(model)[0])
+        x = family.block_inputs(model, images)[0]
+    block = model.get_submodule(family.block_names(model)[0])
     batch = settings.batch_size
     inputs = x[:1].expand(batch, *x.shape[1:]).contiguous() + torch.randn(batch, *x.shape[1:]) * 0.1
     with torch.no_grad():

@@ -299,7 +299,7 @@ def test_ptq_recon_export_verifies_bit_exact_and_runs_in_onnxruntime_with_intege
     from vitqtool.export.onnx_export import integer_matmuls, optimized_op_counts, verify_onnx
 
     exported = commands.export(recon_run, tmp_path / "m.safetensors", verify=True)
-    assert exported["verify"]["max_abs_diff"] == 0.0
+    assert exported.verify["max_abs_diff"] == 0.0
     loaded = commands.load(tmp_path / "m.safetensors")
     header = json.loads(read_header(tmp_path / "m.safetensors")[1]["vitqtool"])
     assert header["recipe"]["reconstruct"]["blocks"] and header["recipe"]["calibration"]["reparam"] == "ln-channel"
