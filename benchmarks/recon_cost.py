@@ -3,7 +3,9 @@
     nice python benchmarks/recon_cost.py                 # demo ViT, demo ResNet block, DeiT-T and DeiT-S at 224 px, 1 thread
     python benchmarks/recon_cost.py --threads 2 --steps 10
 
-For one block of each model (random weights: the cost does not depend on them), timed with `--threads` torch threads:
+For one block of each model (random weights: the cost does not depend on them), with `--threads` torch threads, in
+process CPU seconds (steadier than wall time on a shared machine; with one thread they are the compute time; the
+median wall time per step is in the JSON record):
 - learning: `--steps` reconstruction steps of `reconstruct.batch_size` images (forward + backward through the block with
   soft rounding, both optimisers), median of `--repeats` timings -> seconds per 1,000 images passed through the block,
   and per block at the recipe's `reconstruct.iters` steps;
@@ -15,6 +17,7 @@ Writes OUT/recon_cost.md and prints it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -57,22 +60,23 @@ def measure(name: str, args: dict, size: int, steps: int, repeats: int) -> dict:
     inputs = x[:1].expand(batch, *x.shape[1:]).contiguous() + torch.randn(batch, *x.shape[1:]) * 0.1
     with torch.no_grad():
         targets = block(inputs)
-    cfg = quant.ReconstructConfig(iters=steps, batch_size=batch)
-    learn = []
+    cfg = dataclasses.replace(settings, iters=steps)
+    learn, learn_wall, cache = [], [], []
     for r in range(repeats):
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         quant.reconstruct_block(block, inputs, inputs, targets, cfg, torch.Generator().manual_seed(r))
-        learn.append((time.perf_counter() - start) / steps)
-    cache = []
+        learn.append((time.process_time() - cpu) / steps)
+        learn_wall.append((time.perf_counter() - wall) / steps)
     with torch.no_grad():
         for _ in range(repeats):
-            start = time.perf_counter()
+            cpu = time.process_time()
             for _ in range(2):
                 block(inputs)
-            cache.append((time.perf_counter() - start) / (2 * batch) * 1000)
+            cache.append((time.process_time() - cpu) / (2 * batch) * 1000)
     step = statistics.median(learn)
-    return {"step_s": step, "per_1k_images_s": step / batch * 1000, "per_block_s": step * settings.iters,
-            "cache_per_1k_s": statistics.median(cache), "stream_mb_per_1k": x[0].numel() * 4 * 1000 / 1e6}
+    return {"step_s": step, "step_wall_s": statistics.median(learn_wall), "per_1k_images_s": step / batch * 1000,
+            "per_block_s": step * settings.iters, "cache_per_1k_s": statistics.median(cache),
+            "stream_mb_per_1k": x[0].numel() * 4 * 1000 / 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_recipe("ptq-recon").reconstruct
     rows = {label: measure(*spec, a.steps, a.repeats) for label, spec in MODELS.items()}
     lines = [f"Block-wise reconstruction cost per block, first block of each model, W4A4 layout, {a.threads} torch thread(s), "
-             f"median of {a.repeats} timings of {a.steps} steps of {settings.batch_size} images; on a 2-core machine shared "
-             "with other jobs (absolute times vary with the load).", "",
-             f"| model | s per step | s per 1,000 images (learning) | s per block ({settings.iters} steps) | "
-             "s per 1,000 images (caching, per stream) | MB per 1,000 images per stream |", "|---|---|---|---|---|---|"]
+             f"process CPU seconds, median of {a.repeats} timings of {a.steps} steps of {settings.batch_size} images; "
+             "x86-64 machine with 2 cores shared with other jobs.", "",
+             f"| model | CPU s per step | CPU s per 1,000 images (learning) | CPU s per block ({settings.iters} steps) | "
+             "CPU s per 1,000 images (caching, per stream) | MB per 1,000 images per stream |", "|---|---|---|---|---|---|"]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['step_s']:.3f} | {r['per_1k_images_s']:.1f} | {r['per_block_s']:.0f} | "
                      f"{r['cache_per_1k_s']:.2f} | {r['stream_mb_per_1k']:.0f} |")

@@ -233,6 +233,18 @@ def test_ptq_calibrates_on_a_set_smaller_than_one_batch(tmp_path, capsys):
         commands.quantize(TINY_DEIT[0], recipe="lsq", out=tmp_path / "qat", **{**RUN, "limit_train": 20}, epochs=1)
 
 
+def test_cli_reconstruction_flags_and_progress_per_block(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITQ_PROGRESS_SECONDS", "0")  # stderr is not a terminal here: a plain line per update
+    code = main(["quantize", TINY_DEIT[0], "--random-init", "--model-args", json.dumps(RUN["model_args"]), "--recipe", "ptq-recon",
+                 "--limit-train", "24", "--limit-val", "16", "--recon-images", "16", "--recon-iters", "3",
+                 "--out", str(tmp_path / "run")])
+    assert code in (0, None)
+    err = capsys.readouterr().err
+    assert "reconstruct blocks.0: 3/3" in err and "reconstruct blocks.1: 3/3" in err
+    recon = json.loads((tmp_path / "run" / "run.json").read_text())["calibration"]["reconstruct"]
+    assert (recon["images"], recon["iters"]) == (16, 3)
+
+
 @pytest.fixture(scope="module")
 def recon_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("recon") / "run"

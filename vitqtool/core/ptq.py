@@ -79,14 +79,16 @@ def reparameterize(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any
 
 
 class ActivationCache:
-    """`n` activations of one shape, in memory or in a file-backed tensor under `folder` (when given)."""
+    """`n` activations of one shape, in memory or in a file-backed tensor under `folder` (when given, unlinked at once)."""
 
     def __init__(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, folder: Path | None, name: str) -> None:
         numel = n * math.prod(shape)
         if folder is None:
             self.data = torch.empty((n, *shape), dtype=dtype)
-        else:
-            self.data = torch.from_file(str(folder / f"{name}.bin"), shared=True, size=numel, dtype=dtype).view(n, *shape)
+        else:  # the mapping outlives the file's name: its disk space is freed when the tensor is
+            path = folder / f"{name}.bin"
+            self.data = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(n, *shape)
+            path.unlink()
 
     @staticmethod
     def nbytes(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -168,8 +170,6 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor]
     segment: name, output MSE against FP before and after (on the calibration images) and the learning's
     own figures. Raises ValueError when `batches` hold fewer than `n_images` images.
     """
-    cfg = quant.ReconstructConfig(iters=settings.iters, batch_size=settings.batch_size, lr=settings.lr, step_lr=settings.step_lr,
-                                  round_weight=settings.round_weight, warmup=settings.warmup, drop=settings.drop)
     names = get_family(model).block_names(model)
     device = next(model.parameters()).device
     records = []
@@ -185,7 +185,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor]
                 block, fp_block = model.get_submodule(name), fp_model.get_submodule(name)
                 targets = _map(fp_block, x_fp, streams, device)
                 if index >= start and any(isinstance(m, quant.QUANT_LAYERS) for m in block.modules()):
-                    record = _reconstruct_one(name, index, block, x_q, x_fp, targets, cfg, seed, bar, device)
+                    record = _reconstruct_one(name, index, block, x_q, x_fp, targets, settings, seed, bar, device)
                     records.append(record)
                     if on_block is not None:
                         on_block(index, record)
@@ -197,7 +197,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor]
 
 
 def _reconstruct_one(name: str, index: int, block: nn.Module, x_q: Tensor, x_fp: Tensor, targets: Tensor,
-                     cfg: quant.ReconstructConfig, seed: int, bar: Any, device: torch.device) -> dict:
+                     cfg: ReconstructSection, seed: int, bar: Any, device: torch.device) -> dict:
     """One segment: MSE before, learning (with a progress task), MSE after."""
     power = float(targets.float().pow(2).mean()) or 1.0
     before = quant.block_mse(block, x_q, targets, STREAM_BATCH)

@@ -8,13 +8,13 @@ from .modules import QUANT_LAYERS, QConv2d, QLinear, QuantAttention
 from .obr import obr_lambda, obr_loss, quant_layers
 from .oscillation import OscillationTracker
 from .overrides import apply_bit_overrides
-from .reconstruct import ReconstructConfig, SoftRounding, block_mse, reconstruct_block
+from .reconstruct import ReconstructSettings, SoftRounding, block_mse, reconstruct_block
 from .reparam import channel_factors, channel_ranges, fold_norm_scale_
 
 __all__ = [
     "GRANULARITIES", "MIN_STEP", "QUANTIZERS", "Quantizer", "QuantSpec", "make_quantizer", "register_quantizer",
     "LSQQuantizer", "check_fused_kernels", "QLinear", "QConv2d", "QuantAttention", "QUANT_LAYERS",
     "apply_bit_overrides", "calibrate", "obr_lambda", "obr_loss", "quant_layers", "OscillationTracker",
-    "ReconstructConfig", "SoftRounding", "block_mse", "reconstruct_block", "channel_factors", "channel_ranges", "fold_norm_scale_",
+    "ReconstructSettings", "SoftRounding", "block_mse", "reconstruct_block", "channel_factors", "channel_ranges", "fold_norm_scale_",
     "init_weight_steps", "iter_quantizers", "project_quantizers_", "quantizers_disabled", "set_quantizers_enabled", "set_quantizers_fused",
 ]

@@ -17,7 +17,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,17 +30,16 @@ ZETA, GAMMA = 1.1, -0.1        # AdaRound's stretch of the sigmoid, so h reaches
 BETA_START, BETA_END = 20.0, 2.0
 
 
-@dataclass(frozen=True)
-class ReconstructConfig:
-    """Settings of one block's reconstruction (the recipe's [reconstruct] section)."""
+class ReconstructSettings(Protocol):
+    """What one block's reconstruction reads (the recipe's [reconstruct] section has these fields)."""
 
-    iters: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3            # rounding variables (Adam)
-    step_lr: float = 1e-3       # steps and offsets (Adam, cosine to 0), relative: times each quantizer's own step
-    round_weight: float = 0.01  # weight of the mean rounding regulariser against the relative output error
-    warmup: float = 0.2         # share of the steps without the regulariser
-    drop: float = 0.0           # QDrop probability
+    iters: int           # optimiser steps
+    batch_size: int      # images per step
+    lr: float            # Adam lr of the rounding variables
+    step_lr: float       # Adam lr of steps and offsets (cosine to 0), relative: times each quantizer's own step
+    round_weight: float  # weight of the mean rounding regulariser against the relative output error
+    warmup: float        # share of the steps without the regulariser
+    drop: float          # QDrop probability
 
 
 class SoftRounding(nn.Module):
@@ -118,7 +117,7 @@ def block_mse(block: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int
     return total / max(1, count)
 
 
-def reconstruct_block(block: nn.Module, inputs: Tensor, fp_inputs: Tensor, targets: Tensor, cfg: ReconstructConfig,
+def reconstruct_block(block: nn.Module, inputs: Tensor, fp_inputs: Tensor, targets: Tensor, cfg: ReconstructSettings,
                       generator: torch.Generator, progress: Callable[[int, float], None] | None = None) -> dict:
     """Learn `block`'s weight rounding and steps so that `block(inputs)` matches `targets` (the FP block's outputs).
 
