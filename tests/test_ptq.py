@@ -17,12 +17,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tests.conftest import TINY_DEIT, TINY_SWIN, TINY_VIT  # noqa: E402
 from vitqtool import commands, core, quant  # noqa: E402
-from vitqtool.families import get_family  # noqa: E402
 from vitqtool.cli import main  # noqa: E402
-from vitqtool.core.ptq import ActivationCache, reconstruct, reparameterize  # noqa: E402
+from vitqtool.core import ptq  # noqa: E402
+from vitqtool.core.ptq import reconstruct, reparameterize  # noqa: E402
 from vitqtool.core.runs import CKPT_DIR, MODEL_FILE, RECON_FILE, read_index  # noqa: E402
 from vitqtool.errors import RecipeError  # noqa: E402
 from vitqtool.export.reader import read_header  # noqa: E402
+from vitqtool.families import get_family  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 
 FAMILIES = {"vit": TINY_VIT, "deit": TINY_DEIT, "swin": TINY_SWIN}
@@ -183,13 +184,13 @@ def test_reconstruction_caches_go_to_disk_beyond_the_memory_limit(monkeypatch):
     in_memory = copy.deepcopy(model)
     settings = load_recipe("ptq-recon", set_fields={"reconstruct.iters": 10}).reconstruct
     folders = []
-    original = ActivationCache.__init__
+    original = ptq.activation_cache
 
-    def spy(self, n, shape, dtype, folder, name):
+    def spy(n, shape, dtype, folder, name):
         folders.append(folder)
-        original(self, n, shape, dtype, folder, name)
+        return original(n, shape, dtype, folder, name)
 
-    monkeypatch.setattr(ActivationCache, "__init__", spy)
+    monkeypatch.setattr(ptq, "activation_cache", spy)
     reconstruct(in_memory, stock, [calib], 96, settings, seed=0)
     assert folders and all(f is None for f in folders)
     folders.clear()

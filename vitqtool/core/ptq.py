@@ -78,22 +78,20 @@ def reparameterize(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any
 # ----------------------------------------------------------------------------------------- reconstruction
 
 
-class ActivationCache:
-    """`n` activations of one shape, in memory or in a file-backed tensor under `folder` (when given, unlinked at once)."""
+def activation_cache(n: int, shape: tuple[int, ...], dtype: torch.dtype, folder: Path | None, name: str) -> Tensor:
+    """Room for `n` activations of one shape: in memory, or a file-backed tensor under `folder` (unlinked at once:
+    the mapping outlives the file's name, and its disk space is freed with the tensor)."""
+    if folder is None:
+        return torch.empty((n, *shape), dtype=dtype)
+    path = folder / f"{name}.bin"
+    data = torch.from_file(str(path), shared=True, size=n * math.prod(shape), dtype=dtype).view(n, *shape)
+    path.unlink()
+    return data
 
-    def __init__(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, folder: Path | None, name: str) -> None:
-        numel = n * math.prod(shape)
-        if folder is None:
-            self.data = torch.empty((n, *shape), dtype=dtype)
-        else:  # the mapping outlives the file's name: its disk space is freed when the tensor is
-            path = folder / f"{name}.bin"
-            self.data = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(n, *shape)
-            path.unlink()
 
-    @staticmethod
-    def nbytes(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        """Bytes `n` activations of `shape` take."""
-        return n * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+def cache_bytes(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes `n` activations of `shape` take."""
+    return n * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -103,9 +101,9 @@ class _Streams:
     folder: Path | None
     made: int = 0
 
-    def new(self, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> ActivationCache:
+    def new(self, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         self.made += 1
-        return ActivationCache(n, shape, dtype, self.folder, f"cache{self.made}")
+        return activation_cache(n, shape, dtype, self.folder, f"cache{self.made}")
 
 
 @torch.no_grad()
@@ -115,7 +113,7 @@ def _map(module: nn.Module, source: Tensor, streams: _Streams, device: torch.dev
     for lo in range(0, source.shape[0], STREAM_BATCH):
         y = module(source[lo:lo + STREAM_BATCH].to(device)).cpu()
         if out is None:
-            out = streams.new(source.shape[0], tuple(y.shape[1:]), y.dtype).data
+            out = streams.new(source.shape[0], tuple(y.shape[1:]), y.dtype)
         out[lo:lo + y.shape[0]] = y
     assert out is not None
     return out
@@ -136,12 +134,12 @@ def _stem_outputs(model: nn.Module, fp_model: nn.Module, batches: Iterable[Tenso
         xf = family.block_inputs(fp_model, images)[0].cpu()
         if streams is None:
             shape = tuple(xq.shape[1:])
-            on_disk = 4 * ActivationCache.nbytes(n, shape, xq.dtype) > memory_limit
+            on_disk = 4 * cache_bytes(n, shape, xq.dtype) > memory_limit
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vitq-recon-"))) if on_disk else None
             if on_disk:
-                log.info("reconstruction caches go to %s (%.1f GB per cache)", folder, ActivationCache.nbytes(n, shape, xq.dtype) / 1e9)
+                log.info("reconstruction caches go to %s (%.1f GB per cache)", folder, cache_bytes(n, shape, xq.dtype) / 1e9)
             streams = _Streams(folder)
-            caches = [streams.new(n, shape, xq.dtype).data, streams.new(n, shape, xf.dtype).data]
+            caches = [streams.new(n, shape, xq.dtype), streams.new(n, shape, xf.dtype)]
         caches[0][filled:filled + xq.shape[0]] = xq
         caches[1][filled:filled + xf.shape[0]] = xf
         filled += xq.shape[0]
