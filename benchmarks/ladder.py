@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks.paired import describe, paired  # noqa: E402
+
 
 def labels_reusable(store: Path, crops: int) -> bool:
     """Whether the soft-label store at `store` exists and holds `crops` crops per image (its typed manifest says)."""
@@ -169,14 +171,29 @@ def render(fp_top1: float, records: list[dict], bits: list[int], abl_bits: list[
                   "| variant | " + " | ".join(f"W{b}A{b}" for b in abl_bits) + " |", "|---|" + "---|" * len(abl_bits)]
         for m in ("vaq",) + ABLATIONS:
             lines.append(f"| {LABELS[m]} | " + " | ".join(fmt(table.get((m, b), [])) for b in abl_bits) + " |")
+    seeds = by_seed(records)
+    lines += ["", "Paired over seeds (each seed shares the FP model, calibration images and data order; mean difference "
+              "with its 95% confidence interval, paired t, and wins out of seeds):", ""]
+    lines += paired_lines(seeds, bits, METHODS, "vaq")
+    lines += paired_lines(seeds, [b for b in abl_bits], ABLATIONS + ("vaq",), "vaq")
     lines += ["", "Goals (issue 6):", ""]
-    lines += [f"- {g}" for g in goals(fp_top1, table, bits)]
+    lines += [f"- {g}" for g in goals(fp_top1, table, bits, seeds)]
     return "\n".join(lines) + "\n"
 
 
-def goals(fp_top1: float, table: dict, bits: list[int]) -> list[str]:
-    """The issue's goals, checked mechanically: vaq W4A4 >= FP; vaq W2A2 within 2 points of FP and above
-    every baseline by more than the seed spread (mean gap > std(vaq) + std(baseline))."""
+def by_seed(records: list[dict]) -> dict[tuple[str, int], dict[int, float]]:
+    """{(method, bits): {seed: top-1}} for paired comparisons."""
+    out: dict[tuple[str, int], dict[int, float]] = {}
+    for r in records:
+        out.setdefault((r["method"], r["bits"]), {})[r["seed"]] = r["top1"]
+    return out
+
+
+def goals(fp_top1: float, table: dict, bits: list[int], seeds: dict | None = None) -> list[str]:
+    """The issue's goals, checked mechanically: vaq W4A4 >= FP; vaq W2A2 within 2 points of FP and above every
+    baseline, paired over seeds (each seed shares the FP model, calibration images and data order): MET when the
+    95% confidence interval of the mean per-seed difference (paired t) lies above 0."""
+    seeds = seeds or {}
     out = []
     if ("vaq", 4) in table:
         m, _ = mean_std(table[("vaq", 4)])
@@ -186,11 +203,70 @@ def goals(fp_top1: float, table: dict, bits: list[int]) -> list[str]:
         out.append(f"vaq W2A2 within 2 points of FP: {'MET' if m >= fp_top1 - 2 else 'NOT MET'} ({m:.2f} vs FP {fp_top1:.2f}, {m - fp_top1:+.2f})")
         for b in ("ptq", "lsq", "lsq+kd"):
             if (b, 2) in table:
-                bm, bs = mean_std(table[(b, 2)])
-                ok = m - bm > s + bs
-                out.append(f"vaq W2A2 above {b} by more than the seed spread: {'MET' if ok else 'NOT MET'} "
-                           f"(gap {m - bm:+.2f}, spread std(vaq) + std({b}) = {s + bs:.2f})")
+                result = paired(seeds.get(("vaq", 2), {}), seeds.get((b, 2), {}))
+                ok = result is not None and result["ci"][0] > 0
+                out.append(f"vaq W2A2 above {b} (paired over seeds): {'MET' if ok else 'NOT MET'} ({describe(result, 'vaq', b)})")
     return out
+
+
+def paired_lines(seeds: dict, bits: list[int], methods: tuple[str, ...], reference: str) -> list[str]:
+    """`reference` against every other method at every bit width, paired over seeds."""
+    lines = []
+    for b in bits:
+        for m in methods:
+            if m != reference and (m, b) in seeds and (reference, b) in seeds:
+                lines.append(f"- W{b}A{b}: {describe(paired(seeds[(reference, b)], seeds[(m, b)]), reference, m)}")
+    return lines
+
+
+def demo_fp(work: Path, demo) -> tuple[Path, float, dict, float | None]:
+    """The demo's FP model in WORK/fp, trained once (seed 0) and reused while its settings match: (folder, top-1, settings,
+    training seconds). Retraining it deletes the soft labels and run folders made from the old one."""
+    import torch
+
+    from vitqtool.commands import train_fp
+
+    model_args = dict(demo.model_args)
+    fp_dir, fp_json = work / "fp", work / "fp.json"
+    fp_cfg = {"architecture": demo.architecture, "model_args": model_args, "data": demo.data, "epochs": demo.fp_epochs,
+              "batch_size": demo.fp_batch_size, "lr": demo.fp_lr, "weight_decay": demo.fp_weight_decay,
+              "warmup_epochs": demo.fp_warmup_epochs, "scale": list(demo.scale), "ratio": list(demo.ratio),
+              "hflip": demo.hflip, "seed": demo.seed}
+    if fp_json.is_file() and json.loads(fp_json.read_text())["config"] == fp_cfg and (fp_dir / "config.json").is_file():
+        fp_top1 = json.loads(fp_json.read_text())["top1"]
+        print(f"[ladder] FP model reused from {fp_dir}: top-1 {fp_top1:.2f}", flush=True)
+    else:
+        torch.set_num_threads(getattr(demo, "threads", 1))
+        print(f"[ladder] training the FP model ({demo.fp_epochs} epochs) ...", flush=True)
+        t = time.perf_counter()
+        shutil.rmtree(work / "softlabels", ignore_errors=True)  # labels of an older teacher
+        for old_runs in work.glob("runs*"):  # runs quantized from an older FP model
+            shutil.rmtree(old_runs)
+        fp = train_fp(demo.architecture, fp_dir, data=demo.data, model_args=model_args, epochs=demo.fp_epochs,
+                      batch_size=demo.fp_batch_size, lr=demo.fp_lr, weight_decay=demo.fp_weight_decay,
+                      warmup_epochs=demo.fp_warmup_epochs, scale=tuple(demo.scale), ratio=tuple(demo.ratio),
+                      hflip=demo.hflip, seed=demo.seed)
+        fp_top1 = fp.top1
+        fp_json.write_text(json.dumps({"config": fp_cfg, "top1": fp_top1, "seconds": round(time.perf_counter() - t, 1)}))
+        print(f"[ladder] FP top-1 {fp_top1:.2f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return fp_dir, fp_top1, fp_cfg, json.loads(fp_json.read_text()).get("seconds")
+
+
+def demo_soft_labels(work: Path, demo, fp_dir: Path, crops: int) -> tuple[Path, float | None]:
+    """The FP teacher's stored soft labels (`crops` per training image) in WORK/softlabels, made once: (folder, seconds)."""
+    import torch
+
+    from vitqtool.commands import softlabels
+
+    sl_dir = work / "softlabels"
+    if labels_reusable(sl_dir, crops):
+        return sl_dir, None
+    torch.set_num_threads(getattr(demo, "threads", 1))
+    print(f"[ladder] soft labels: {crops} crops per training image from the FP teacher ...", flush=True)
+    s = softlabels(str(fp_dir), sl_dir, data=demo.data, crops=crops, scale=tuple(demo.scale), ratio=tuple(demo.ratio),
+                   hflip=demo.hflip, seed=0, batch_size=256, overwrite=True)
+    print(f"[ladder] soft labels done ({s['seconds']:.0f} s, {s['crops_per_second']:.0f} crops/s)", flush=True)
+    return sl_dir, s["seconds"]
 
 
 # --------------------------------------------------------------------------- main
@@ -219,7 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where ladder.md/ladder.json go")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitqtool-ladder",
                    help="FP model, soft labels and run folders, reused when present (default: TMPDIR/vitqtool-ladder)")
+    p.add_argument("--collect", action="store_true",
+                   help="no runs: re-render OUT/ladder.md from the runs recorded in OUT/ladder.json (e.g. after a change of the tables)")
     a = p.parse_args(argv)
+    if a.collect:
+        recorded = json.loads((a.out / "ladder.json").read_text())
+        c = recorded["config"]
+        md = render(recorded["fp_top1"], recorded["runs"], c["bits"], c["ablation_bits"], c)
+        md += (f"\nCommand: `{c['command']}` — wall time {recorded['wall_seconds'] / 60:.1f} min on {c['machine']['cpus']} CPU cores"
+               f"{'' if recorded['complete'] else ' (partial)'}; tables re-rendered from ladder.json with `--collect`.\n")
+        (a.out / "ladder.md").write_text(md)
+        print(md, flush=True)
+        return 0
     demo = demo_config()
     a.batch_size = a.batch_size or getattr(demo, "qat_batch_size", 64)
     a.lr = a.lr or getattr(demo, "qat_lr", 1e-3)
@@ -241,43 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vitqtool.data import load_dataset
-    from vitqtool.commands import softlabels, train_fp
 
     t0 = time.perf_counter()
     model_args = dict(demo.model_args)
-    fp_dir, fp_json = work / "fp", work / "fp.json"
-    fp_cfg = {"architecture": demo.architecture, "model_args": model_args, "data": demo.data, "epochs": demo.fp_epochs,
-              "batch_size": demo.fp_batch_size, "lr": demo.fp_lr, "weight_decay": demo.fp_weight_decay,
-              "warmup_epochs": demo.fp_warmup_epochs, "scale": list(demo.scale), "ratio": list(demo.ratio),
-              "hflip": demo.hflip, "seed": demo.seed}
-    if fp_json.is_file() and json.loads(fp_json.read_text())["config"] == fp_cfg and (fp_dir / "config.json").is_file():
-        fp_top1 = json.loads(fp_json.read_text())["top1"]
-        print(f"[ladder] FP model reused from {fp_dir}: top-1 {fp_top1:.2f}", flush=True)
-    else:
-        torch.set_num_threads(getattr(demo, "threads", 1))
-        print(f"[ladder] training the FP model ({demo.fp_epochs} epochs) ...", flush=True)
-        t = time.perf_counter()
-        shutil.rmtree(work / "softlabels", ignore_errors=True)  # labels of an older teacher
-        for old_runs in work.glob("runs*"):  # runs quantized from an older FP model
-            shutil.rmtree(old_runs)
-        fp = train_fp(demo.architecture, fp_dir, data=demo.data, model_args=model_args, epochs=demo.fp_epochs,
-                      batch_size=demo.fp_batch_size, lr=demo.fp_lr, weight_decay=demo.fp_weight_decay,
-                      warmup_epochs=demo.fp_warmup_epochs, scale=tuple(demo.scale), ratio=tuple(demo.ratio),
-                      hflip=demo.hflip, seed=demo.seed)
-        fp_top1 = fp.top1
-        fp_json.write_text(json.dumps({"config": fp_cfg, "top1": fp_top1, "seconds": round(time.perf_counter() - t, 1)}))
-        print(f"[ladder] FP top-1 {fp_top1:.2f} ({time.perf_counter() - t:.0f} s)", flush=True)
-    fp_seconds = json.loads(fp_json.read_text()).get("seconds")
-
-    sl_dir = work / "softlabels"
-    sl_seconds = None
-    if not labels_reusable(sl_dir, a.crops):
-        torch.set_num_threads(getattr(demo, "threads", 1))
-        print(f"[ladder] soft labels: {a.crops} crops per training image from the FP teacher ...", flush=True)
-        s = softlabels(str(fp_dir), sl_dir, data=demo.data, crops=a.crops, scale=tuple(demo.scale), ratio=tuple(demo.ratio),
-                       hflip=demo.hflip, seed=0, batch_size=256, overwrite=True)
-        sl_seconds = s["seconds"]
-        print(f"[ladder] soft labels done ({s['seconds']:.0f} s, {s['crops_per_second']:.0f} crops/s)", flush=True)
+    fp_dir, fp_top1, fp_cfg, fp_seconds = demo_fp(work, demo)
+    sl_dir, sl_seconds = demo_soft_labels(work, demo, fp_dir, a.crops)
 
     n_train = len(load_dataset(demo.data, "train"))
     train_images = min(n_train, a.limit_train) if a.limit_train else n_train

@@ -108,7 +108,7 @@ def expected_integer_kernels(model) -> int:
     return n
 
 
-def _dequantize_only_accumulators(path) -> bool:
+def dequantize_only_accumulators(path) -> bool:
     """Whether every DequantizeLinear left in onnxruntime's optimized graph rescales an integer conv's int32 accumulator."""
     import tempfile
     from pathlib import Path
@@ -135,7 +135,7 @@ def test_optimized_graph_runs_every_quantized_matmul_as_integer(tmp_path, traine
     # per block: q, k, v (or qkv), QK^T, attn@V, proj, fc1, fc2; plus the patch embedding and the head
     assert integer_matmuls(counts) == expected_integer_kernels(model) == 3 * (8 if recipe == "vaq" else 6) + 2
     assert counts["MatMul"] + counts["FusedMatMul"] + counts["Gemm"] + counts["Conv"] + counts["MatMulNBits"] == 0  # nothing in float
-    assert _dequantize_only_accumulators(path)  # every other DQ was fused into an integer kernel
+    assert dequantize_only_accumulators(path)  # every other DQ was fused into an integer kernel
     assert summary["kernels"] == {"MatMulIntegerToFloat": layers - 1, "ConvInteger": 1}  # the patch embedding: a conv
     exported = onnx.load(str(path))
     assert sum(1 for n in exported.graph.node if n.op_type == "Sub" and "fc2.a_quant" in n.name) == 3  # the GELU offset

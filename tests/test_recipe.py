@@ -50,5 +50,5 @@ def test_bad_recipe_files_name_the_problem(tmp_path, text, match):
 
 
 def test_unknown_recipe_name_lists_builtins():
-    with pytest.raises(RecipeError, match="built-in recipes: lsq, ptq, vaq"):
+    with pytest.raises(RecipeError, match="built-in recipes: lsq, ptq, ptq-recon, vaq"):
         load_recipe("vqa")

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from .analysis import analyze_model, compare_reports, oscillation_rows, slug, write_comparison
 from .core.artifacts import RunInfo
 from .core.models import resolve_model
-from .core.prepare import calibrate, evaluate_model, prepare
+from .core.prepare import evaluate_model, prepare
+from .core.ptq import reconstruct
 from .core.runs import is_run_dir, load_checkpoint, load_run_model
 from .data import check_num_classes, holdout_split, load_dataset, make_eval_loader, stratified_sample
 from .data.sampling import HOLDOUT_FRACTION, HOLDOUT_SEED
@@ -33,6 +34,7 @@ from .progress import phase, progress_bar, track
 from .recipe import Recipe, load_recipe
 from .train import (FPResult, check_launch, generate_soft_labels, open_run, resolve_kd_mode, run_quantization,
                     seed_everything)
+from .train.post_training import calibrate_model
 from .train import train_fp as train_fp_module
 from .train.softlabels import bytes_per_crop, check_store_out
 
@@ -102,29 +104,35 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
 
     Returns a dict with top1, top5 (percent), loss, n, plus model/data/split/bits descriptions.
     """
-    if isinstance(model, nn.Module):
-        if data_config is None:
-            raise ValueError("evaluate(nn.Module) needs data_config")
-        net, cfg, source, kind = model, data_config, type(model).__name__, "module"
-    else:
-        with progress_bar(show_progress) as bar, phase(bar, "load model"):
+    if isinstance(model, nn.Module) and data_config is None:
+        raise ValueError("evaluate(nn.Module) needs data_config")
+    with progress_bar(show_progress and not isinstance(model, nn.Module)) as bar, phase(bar, "load model and data"):
+        if isinstance(model, nn.Module):
+            net, cfg, source, kind = model, data_config, type(model).__name__, "module"
+        else:
             loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
-        net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
-    dataset = load_dataset(data, split, image_column, label_column)
-    check_num_classes(dataset, cfg.get("num_classes", dataset.num_classes))
+            net, cfg, source, kind = loaded.model, loaded.data_config, loaded.source, loaded.kind
+        if (bits is not None or recipe is not None) and kind != "fp":
+            raise RecipeError("--bits/--recipe quantize an FP model; this model is already quantized")
+        dataset = load_dataset(data, split, image_column, label_column)
+        check_num_classes(dataset, cfg.get("num_classes", dataset.num_classes))
     dataset_classes, used_split = dataset.num_classes, dataset.split
     dataset = stratified_sample(dataset, limit)
     quantized_with = None
     if bits is not None or recipe is not None:
-        if kind != "fp":
-            raise RecipeError("--bits/--recipe quantize an FP model; this model is already quantized")
         rec = load_recipe(recipe or "ptq", set_fields={"quant.bits": bits})
-        net = prepare(net, rec)
+        fp_net, net = net, prepare(net, rec)
         train_set = load_dataset(data, "train", image_column, label_column)
-        n_calib = calib_batches or rec.calibration.batches
-        calibrate(net, track(itertools.islice(make_eval_loader(train_set, cfg, batch_size), n_calib), "calibration", total=n_calib,
-                             enabled=show_progress))
-        quantized_with = {"recipe": rec.name, "bits": rec.quant.bits}
+        n_calib = (calib_batches or rec.calibration.batches) * batch_size  # a class-stratified sample, as every --limit
+        calib = [images for images, _ in track(make_eval_loader(stratified_sample(train_set, n_calib), cfg, batch_size), "calibration data",
+                                                 total=math.ceil(n_calib / batch_size), enabled=show_progress)]
+        done = calibrate_model(net, rec, calib)
+        if rec.reconstruct.blocks:
+            recon_set = stratified_sample(train_set, rec.reconstruct.images)
+            blocks = reconstruct(net, fp_net, (b[0] for b in make_eval_loader(recon_set, cfg, batch_size)), len(recon_set),
+                                 rec.reconstruct, seed=rec.train.seed, show_progress=show_progress)
+            done["reconstruct"] = {"images": len(recon_set), "iters": rec.reconstruct.iters, "blocks": blocks}
+        quantized_with = {"recipe": rec.name, "bits": rec.quant.bits, "calibration": done}
     loader = make_eval_loader(dataset, cfg, batch_size)
     labels = cfg.get("labels")  # class names of a transformers checkpoint (id2label)
     result = evaluate_model(net, loader, dataset_classes, show_progress=show_progress, total=math.ceil(len(dataset) / batch_size),
@@ -140,15 +148,17 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
              random_init: bool = False, model_args: dict | None = None, teacher_weights: str | Path | None = None,
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
              warmup_epochs: float | None = None, grad_clip: float | None = None, grad_accum: int | None = None,
-             seed: int | None = None, calib_batches: int | None = None, overrides: list[Path] | None = None,
-             resume: bool = False, overwrite: bool = False, mixed_precision: str | None = None, limit_train: int | None = None,
+             seed: int | None = None, calib_batches: int | None = None, recon_images: int | None = None,
+             recon_iters: int | None = None, overrides: list[Path] | None = None, resume: bool = False,
+             overwrite: bool = False, mixed_precision: str | None = None, limit_train: int | None = None,
              save_every: int | None = None, limit_val: int | None = None, fuse_quantizers: bool | None = None,
              compile_model: bool = False,
              teacher_model_args: dict | None = None, image_column: str | None = None, label_column: str | None = None,
              show_progress: bool = False) -> RunInfo:
     """Quantize MODEL with a recipe (vaq QAT, lsq, or ptq calibration only) and write a run folder.
 
-    Flags override recipe fields; `limit_train`/`limit_val` take a seeded class-stratified sample of N
+    Flags override recipe fields (`recon_images`/`recon_iters`: the block-wise reconstruction's calibration
+    images and steps per block); `limit_train`/`limit_val` take a seeded class-stratified sample of N
     training/validation images (the same images in every command); a dataset without a validation split
     gets a seeded, class-stratified 10% of its training split held out (recorded in run.json);
     `mixed_precision` None keeps the launcher's setting (`accelerate launch --mixed_precision`);
@@ -170,7 +180,8 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     rec = load_recipe(recipe, override_files=overrides, set_fields={
         "quant.bits": bits, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
         "train.warmup_epochs": warmup_epochs, "train.grad_clip": grad_clip, "train.grad_accum": grad_accum,
-        "train.seed": seed, "calibration.batches": calib_batches})
+        "train.seed": seed, "calibration.batches": calib_batches, "reconstruct.images": recon_images,
+        "reconstruct.iters": recon_iters})
     soft_labels = Path(soft_labels) if soft_labels is not None else None
     kd_mode = resolve_kd_mode(rec, soft_labels) if rec.train.enabled else "none"
     rt = rec.train
@@ -348,6 +359,8 @@ def _export_source(path: Path, which: str) -> ExportSource:
         info = run.info
         top1 = info.best_top1 if which == "best" else info.last_top1
         metrics = {"top1": top1, "data": info.data, "split": "validation", "checkpoint": which} if top1 is not None else None
+        if info.calibration:  # what post-training did (reparameterization, reconstruction per block) travels with the file
+            metrics = {**(metrics or {}), "calibration": info.calibration}
         return ExportSource(run.model, run.data_config, run.recipe, info.architecture, info.model_args or {},
                             info.source_model or str(path), metrics, info.source_info(), info.data)
     fmt = find_format(path)

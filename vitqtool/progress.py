@@ -3,7 +3,9 @@
 With no terminal (CI logs, `nohup`, pipes) a rich bar would only print once at the end, so a plain
 line (`description done/total, extra fields, elapsed, eta`) is printed every `VITQ_PROGRESS_SECONDS`
 seconds (default 30) for every unfinished task, even one stuck in a single long step (a heartbeat
-thread), and once when a task completes. Silent when disabled (`--json`, `--quiet`).
+thread), and once when a task completes. Lines of the first interval are held back until it ends or the
+command succeeds, so a command that fails early on bad input prints its one error line and nothing else.
+Silent when disabled (`--json`, `--quiet`).
 
 A command made of several phases opens one `progress_bar` and runs each phase inside `phase(bar, ...)`,
 so every phase shows on a terminal and leaves at least one line in a log.
@@ -31,6 +33,8 @@ class PlainProgress:
         self.columns, self.interval, self.stream = columns, interval, stream
         self.tasks: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # the heartbeat thread prints too
+        self._started = time.monotonic()
+        self._held: list[str] | None = []  # lines of the first interval; None once released
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
         now = time.monotonic()
@@ -61,16 +65,31 @@ class PlainProgress:
         """A line for every unfinished task not printed for an interval (called by the heartbeat thread)."""
         with self._lock:
             now = time.monotonic()
+            if now - self._started >= self.interval:
+                self._release()
             for task in self.tasks:
                 if not task["final"] and now - task["printed"] >= self.interval:
                     self._print(task, now)
 
     def finish(self) -> None:
+        """The held lines, then a line for every unfinished task (the command is over)."""
         with self._lock:
+            self._release()
             now = time.monotonic()
             for task in self.tasks:
                 if not task["final"]:
                     self._print(task, now)
+
+    def discard(self) -> None:
+        """Drop the held lines (the command failed within its first interval: its error says enough)."""
+        with self._lock:
+            self._held = None
+
+    def _release(self) -> None:
+        if self._held:
+            self.stream.write("".join(self._held))
+            self.stream.flush()
+        self._held = None
 
     def _print(self, task: dict[str, Any], now: float) -> None:
         task["printed"] = now
@@ -85,7 +104,12 @@ class PlainProgress:
         rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else 0
         if total and rate > 0 and done < total:
             parts.append(f"eta {_clock((total - done) / rate)}")
-        self.stream.write(", ".join(parts) + "\n")
+        line = ", ".join(parts) + "\n"
+        if self._held is not None and now - self._started < self.interval:
+            self._held.append(line)
+            return
+        self._release()
+        self.stream.write(line)
         self.stream.flush()
 
 
@@ -119,13 +143,20 @@ def progress_bar(enabled: bool, *extra_columns: str) -> Iterator[Any | None]:
         beat = threading.Thread(target=_heartbeat, args=(plain, stop), name="vitqtool-progress", daemon=True)
         if plain.interval > 0:  # with 0 every update prints already
             beat.start()
+        failed = False
         try:
             yield plain
+        except BaseException:
+            failed = True  # the error is the last word: no closing lines, and none held from the first interval
+            raise
         finally:
             stop.set()
             if beat.is_alive():
                 beat.join()
-            plain.finish()
+            if failed:
+                plain.discard()
+            else:
+                plain.finish()
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

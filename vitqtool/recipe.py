@@ -1,6 +1,6 @@
 """Recipes: TOML data that says how to quantize and train (bits, overrides, KD, OBR, schedule).
 
-A recipe is a built-in name (`vaq`, `lsq`, `ptq`, files in `recipes/`) or a path to a TOML file.
+A recipe is a built-in name (`vaq`, `lsq`, `ptq`, `ptq-recon`, files in `recipes/`) or a path to a TOML file.
 Override files and CLI flags are merged on top, field by field; unknown keys and bad values are
 errors that name the key. The resolved recipe is written next to every run and inside every export.
 """
@@ -18,6 +18,7 @@ from typing import Any
 from .errors import RecipeError
 
 KD_MODES = ("auto", "online", "stored", "none")
+REPARAM_METHODS = ("none", "ln-channel")
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -65,9 +66,34 @@ class CalibrationSection:
     """Step-size initialisation (method.md §2)."""
 
     batches: int = 1             # calibration batches of training images
+    reparam: str = "none"        # "ln-channel": per-channel post-LayerNorm ranges folded into the norm and next layers
 
     def __post_init__(self) -> None:
         _check(self.batches >= 1, "calibration.batches", "an integer >= 1", self.batches)
+        _check(self.reparam in REPARAM_METHODS, "calibration.reparam", f"one of {', '.join(REPARAM_METHODS)}", self.reparam)
+
+
+@dataclass(frozen=True)
+class ReconstructSection:
+    """Block-wise reconstruction after calibration: learned rounding (AdaRound) and steps per block, QDrop optional."""
+
+    blocks: bool = False         # reconstruct every block (segment) of the model against its FP output
+    images: int = 1024           # calibration images (the first of the calibration order; fewer if the set is smaller)
+    iters: int = 1000            # optimiser steps per block
+    batch_size: int = 32         # images per step
+    lr: float = 1e-3             # Adam lr of the rounding variables
+    step_lr: float = 1e-3        # Adam lr of the steps and offsets (cosine to 0), relative: times each quantizer's step
+    round_weight: float = 0.01   # weight of the rounding regulariser (pushes soft rounding to 0 or 1)
+    warmup: float = 0.2          # share of the steps before the regulariser starts
+    drop: float = 0.0            # QDrop: probability that an activation skips its quantizer during reconstruction
+
+    def __post_init__(self) -> None:
+        for key in ("images", "iters", "batch_size"):
+            _check(getattr(self, key) >= 1, f"reconstruct.{key}", "an integer >= 1", getattr(self, key))
+        for key in ("lr", "step_lr", "round_weight"):
+            _check(_finite(getattr(self, key), 0.0), f"reconstruct.{key}", "a finite number >= 0", getattr(self, key))
+        for key in ("warmup", "drop"):
+            _check(_finite(getattr(self, key), 0.0) and getattr(self, key) < 1, f"reconstruct.{key}", "in [0, 1)", getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -162,6 +188,7 @@ class Recipe:
     description: str = ""
     quant: QuantSection = field(default_factory=QuantSection)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    reconstruct: ReconstructSection = field(default_factory=ReconstructSection)
     train: TrainSection = field(default_factory=TrainSection)
     kd: KDSection = field(default_factory=KDSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
@@ -178,7 +205,7 @@ class Recipe:
 
 
 _SECTION_CLASSES = {
-    "quant": QuantSection, "calibration": CalibrationSection, "train": TrainSection, "kd": KDSection,
+    "quant": QuantSection, "calibration": CalibrationSection, "reconstruct": ReconstructSection, "train": TrainSection, "kd": KDSection,
     "augment": AugmentSection, "obr": OBRSection, "oscillation": OscillationSection,
 }
 

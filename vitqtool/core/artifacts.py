@@ -166,6 +166,7 @@ class RunInfo(Artifact, format_name="vitqtool-run", version=1, error=RunError):
     validation: str = ""                     # which images validated the run (a split, or a held-out slice)
     mixed_precision: str = "no"              # the precision accelerate trained in (flag, or the launcher's)
     compiled: bool = False                   # trained with `--compile` (torch.compile of the QAT model)
+    calibration: dict | None = None          # what post-training did: images, reparameterization, reconstruction per block
 
     def source_info(self) -> dict[str, Any]:
         """The source-format fields an export records (none for a timm source)."""

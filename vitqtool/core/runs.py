@@ -8,6 +8,8 @@ Layout of a run folder::
     checkpoints/index.json {"last": "<dir>", "best": "<dir>"}, replaced atomically
     checkpoints/<dir>/     model.safetensors (every parameter and quantizer buffer) +
                            state.pt (CheckpointState; plain tensors/containers, read with weights_only=True)
+    reconstruct.safetensors  while a block-wise reconstruction runs: the model after the last finished
+                           block + progress in its metadata (train.post_training); removed when the run ends
 
 Writing lives in `train.checkpoint`; this module only reads, so evaluation, export and analysis can
 rebuild a run's model without the training code.
@@ -36,6 +38,7 @@ CKPT_DIR = "checkpoints"
 INDEX = "index.json"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+RECON_FILE = "reconstruct.safetensors"
 
 
 @dataclass

@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from . import beit, cait, convnext, eva, resnet, swin, swinv2, vit, vit_relpos  # noqa: F401  (registration)
 from . import sret  # noqa: F401  (registration; sret_model registers SReT with timm)
-from .base import FAMILIES, Family, QuantPolicy, get_family, quantize_model_, register_family
+from .base import FAMILIES, Family, NormPair, QuantPolicy, get_family, quantize_model_, register_family
 
-__all__ = ["FAMILIES", "Family", "QuantPolicy", "get_family", "quantize_model_", "register_family"]
+__all__ = ["FAMILIES", "Family", "NormPair", "QuantPolicy", "get_family", "quantize_model_", "register_family"]

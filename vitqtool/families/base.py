@@ -59,6 +59,22 @@ class QuantPolicy:
         return QuantSpec(self.bits, signed=False, learned_offset=True, method=self.method)
 
 
+@dataclass(frozen=True)
+class NormPair:
+    """A norm whose output reaches only `linears`, through the one input quantizer `quantizer` (names in the quantized model).
+
+    The norm's affine acts on the last dimension, which is the Linears' input dimension, and nothing between
+    the norm and the quantizer mixes channels, so a per-channel scale folds exactly into the norm and the
+    Linears (`quant/reparam.py`). `shift` is False where something in between (zero padding) would not
+    commute with a per-channel shift, leaving a scale-only fold.
+    """
+
+    norm: str
+    quantizer: str
+    linears: tuple[str, ...]
+    shift: bool = True
+
+
 class Family(abc.ABC):
     """One model family: its allow-list, quantized rewrite, block-by-block execution and stock names."""
 
@@ -117,6 +133,12 @@ class Family(abc.ABC):
     def fp_layers(self, model: nn.Module) -> frozenset[str]:
         """Linear/Conv2d layers the quantized layout keeps in FP on purpose (the family's docs say why); none by default."""
         return frozenset()
+
+    # ---- post-training quantization (core/ptq.py); family knowledge, kept apart from the layout methods above
+
+    def norm_pairs(self, model: nn.Module) -> list[NormPair]:
+        """The norm -> input quantizer -> Linear pairs of the quantized `model` that `ln-channel` reparameterizes; none by default."""
+        return []
 
 
 def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
@@ -260,3 +282,11 @@ def check_mlp(mlp: nn.Module, where: str) -> None:
     require(is_identity(getattr(mlp, "norm", None)), f"{where}.mlp.norm", f"a norm inside the MLP ({type(mlp.norm).__name__}, scale_mlp_norm)")
     require(class_name(mlp.act) in GELU_CLASSES, f"{where}.mlp.act",
             f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU, GELU-tanh or QuickGELU)")
+
+
+def block_norm_pairs(block: nn.Module, where: str, attn_path: str, shift: bool = True) -> list[NormPair]:
+    """The two pairs of a pre-norm block (`norm1` -> attention at `attn_path`, a QuantAttention; `norm2` -> `mlp.fc1`)."""
+    attn = block.get_submodule(attn_path)
+    qkv = ("q", "k", "v") if attn.split else ("qkv",)
+    return [NormPair(f"{where}.norm1", f"{where}.{attn_path}.input_quant", tuple(f"{where}.{attn_path}.{p}" for p in qkv), shift),
+            NormPair(f"{where}.norm2", f"{where}.mlp.fc1.a_quant", (f"{where}.mlp.fc1",))]

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import (QuantPolicy, SegmentedFamily, check_mlp, class_name, is_identity, quantize_conv, quantize_linear,
-                   register_family, require)
+from .base import (NormPair, QuantPolicy, SegmentedFamily, block_norm_pairs, check_mlp, class_name, is_identity, quantize_conv,
+                   quantize_linear, register_family, require)
 from .hf_map import (Names, TransformersMap, bool_field, check_field, int_field, int_list_field, pair_field, prob_field,
                      squash_processor_config)
 from .vit import PROCESSOR_TYPES
@@ -191,3 +191,13 @@ class SwinFamily(SegmentedFamily):
     def window_attention(self, stock: nn.Module, policy: QuantPolicy) -> nn.Module:
         """The quantized replacement of one stock window-attention module."""
         return SwinQuantWindowAttention(stock, policy)
+
+    def norm_pairs(self, model: nn.Module) -> list[NormPair]:
+        """As ViT's, inside each window; a block that zero-pads its windows (resolution not a multiple of the
+        window) gets a scale-only fold of norm1, since the padded zeros would not take a shift."""
+        pairs = []
+        for si, stage in enumerate(model.layers):
+            for bi, block in enumerate(stage.blocks):
+                padded = any(r % w for r, w in zip(block.input_resolution, block.window_size))
+                pairs += block_norm_pairs(block, f"layers.{si}.blocks.{bi}", "attn.core", shift=not padded)
+        return pairs

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Mapping
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from .base import Family, QuantPolicy, class_name, quantize_conv, quantize_linear, register_family, require
+from .base import Family, NormPair, QuantPolicy, block_norm_pairs, class_name, quantize_conv, quantize_linear, register_family, require
 from .blocks import check_block_mlp, quantize_block_mlp
 from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
                      squash_processor_config, sub_config)
@@ -293,3 +293,10 @@ class ViTFamily(Family):
             hidden = hidden[:, :keep] + last.drop_path1(last.ls1(attn))
             hidden = hidden + last.drop_path2(last.ls2(last.mlp(last.norm2(hidden))))
         return model.forward_head(model.norm(hidden))
+
+    def norm_pairs(self, model: nn.Module) -> list[NormPair]:
+        """Per pre-norm block: norm1 -> attention input quantizer -> q, k, v (or the fused qkv); norm2 -> fc1's input
+        quantizer -> fc1. Post-norm, parallel and split-SwiGLU blocks have no such pairs (their norms feed no lone quantizer)."""
+        return [pair for i, block in enumerate(model.blocks)
+                if class_name(block) == BLOCK and isinstance(block.attn, ViTQuantAttention) and hasattr(block.mlp, "fc1")
+                for pair in block_norm_pairs(block, f"blocks.{i}", "attn")]

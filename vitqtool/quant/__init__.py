@@ -9,11 +9,14 @@ from .modules import QUANT_LAYERS, FusedProjections, QConv2d, QLinear, QuantAtte
 from .obr import obr_lambda, obr_loss, quant_layers
 from .oscillation import OscillationTracker
 from .overrides import apply_bit_overrides
+from .reconstruct import ReconstructSettings, SoftRounding, block_mse, reconstruct_block
+from .reparam import channel_factors, channel_ranges, fold_norm_scale_
 
 __all__ = [
     "GRANULARITIES", "MIN_STEP", "QUANTIZERS", "Quantizer", "QuantSpec", "make_quantizer", "register_quantizer",
     "FusedMismatch", "LSQQuantizer", "check_fused_kernels", "QLinear", "QConv2d", "QuantAttention", "QuantAttentionPool", "QuantGLU",
     "QUANT_LAYERS", "FusedProjections", "attend", "slice_rows",
     "apply_bit_overrides", "calibrate", "obr_lambda", "obr_loss", "quant_layers", "OscillationTracker",
+    "ReconstructSettings", "SoftRounding", "block_mse", "reconstruct_block", "channel_factors", "channel_ranges", "fold_norm_scale_",
     "init_weight_steps", "iter_quantizers", "project_quantizers_", "quantizers_disabled", "set_quantizers_enabled", "set_quantizers_fused",
 ]

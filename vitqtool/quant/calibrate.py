@@ -77,6 +77,26 @@ def init_weight_steps(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def run_fp_observed(model: nn.Module, hooks: dict[nn.Module, Callable], batches: Iterable[Tensor],
+                    forward: Callable[[nn.Module, Tensor], object] | None = None) -> int:
+    """FP forwards (every quantizer off, eval mode) over `batches` with a forward pre-hook on each module; returns the batch count."""
+    handles = [mod.register_forward_pre_hook(hook) for mod, hook in hooks.items()]
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        with quantizers_disabled(model):
+            for batch in batches:
+                (forward or (lambda m, x: m(x)))(model, batch)
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return n
+
+
+@torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn.Module, Tensor], object] | None = None) -> dict[str, float]:
     """Initialise every step: weights from the weights, activations from FP forwards over `batches`.
 
@@ -88,24 +108,14 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn
     act = {name: q for name, q in iter_quantizers(model) if q.kind == "act"}
     sums: dict[str, Tensor] = {}
     calls: dict[str, int] = {}
-    hooks = []
-    for name, q in act.items():
-        def hook(mod: Quantizer, args: tuple, name: str = name) -> None:
+
+    def hook_for(name: str) -> Callable:
+        def hook(mod: Quantizer, args: tuple) -> None:
             sums[name] = sums.get(name, 0.0) + mod.activation_statistic(args[0]).double()  # float64: the sum is exact, so batch splits and processes agree
             calls[name] = calls.get(name, 0) + 1
-        hooks.append(q.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        with quantizers_disabled(model):
-            for batch in batches:
-                (forward or (lambda m, x: m(x)))(model, batch)
-                n += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+        return hook
+
+    n = run_fp_observed(model, {q: hook_for(name) for name, q in act.items()}, batches, forward)
     if n == 0:
         raise ValueError("calibration needs at least one batch")
     names = sorted(sums)

@@ -8,6 +8,7 @@ keeps run.json (`RunInfo`) up to date. Resolving MODEL/data specs happens in `vi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -22,16 +23,16 @@ from torch import nn
 
 from ..core.artifacts import RunInfo
 from ..core.models import load_strict
-from ..core.prepare import calibrate, prepare
-from ..core.runs import METRICS_FILE, RECIPE_FILE, is_run_dir, load_checkpoint, read_index, read_run_info, write_run_info
-from ..data import TransformedDataset, eval_transform
+from ..core.prepare import prepare
+from ..core.runs import (METRICS_FILE, RECIPE_FILE, RECON_FILE, is_run_dir, load_checkpoint, read_index, read_run_info,
+                         write_run_info)
 from ..errors import RecipeError, RunError
 from ..fileio import LOCK_FILE, atomic_write, folder_lock
-from ..progress import track
 from ..quant import FusedMismatch, OscillationTracker, check_fused_kernels, quant_layers, set_quantizers_fused
 from ..recipe import Recipe
 from .loop import RunInterrupted, Trainer, TrainState, append_metrics, restore, save, train, validate
-from .sampling import CALIBRATION, AugmentedDataset, ShardedBatchSampler
+from .post_training import calibrate_model, calibration_batches, load_reconstruction, reconstruct_run
+from .sampling import AugmentedDataset
 from .softlabels import MultiCropDataset, SoftLabelStore
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,14 @@ def _prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool, i
                            f"process{plural}); resume with {fix}")
         if diff:
             raise RunError(f"'{out}' holds a run with different settings ({', '.join(diff)}); resume with the original flags, or use --overwrite or another --out")
-        if not read_index(out):
+        if not read_index(out) and not (out / RECON_FILE).is_file():
             raise RunError(f"nothing to resume in '{out}': the run stopped before its first checkpoint; start it again without --resume")
         return True
     contents = _contents(out)
     if contents:
         if not has_run and not (out / "checkpoints").exists():
             raise RunError(f"'{out}' exists, is not empty and is not a vitqtool run; choose another --out")
-        if not overwrite and read_index(out):
+        if not overwrite and (read_index(out) or (out / RECON_FILE).is_file()):
             raise RunError(f"'{out}' already holds a run; pass --resume to continue it or --overwrite to start over")
         if not overwrite:
             log.info("'%s' holds a run that stopped before its first checkpoint; starting over", out)
@@ -238,24 +239,27 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
     acc, out, rt = session.accelerator, session.out, recipe.train
     micro = rt.batch_size // rt.grad_accum
     cfg, num_classes = info.data_config, info.num_classes
-    if len(train_set) < micro * acc.num_processes:
+    if rt.enabled and len(train_set) < micro * acc.num_processes:
         raise RunError(f"{len(train_set)} training images are fewer than one global batch "
                        f"({micro} x {acc.num_processes} processes); lower --batch-size")
     if teacher is not None:
         teacher = teacher.eval().requires_grad_(False).to(acc.device)
+    trained = session.resuming and bool(read_index(out))  # a training checkpoint exists: post-training is done
+    fp_reference = copy.deepcopy(model).to(acc.device) if recipe.reconstruct.blocks and not trained else None
     qmodel = prepare(model, recipe, inplace=True).to(acc.device)
-    if session.resuming:
+    recon_start, calibration = 0, None
+    if trained:
         model_sd, payload = load_checkpoint(out, "last")
         load_strict(qmodel, model_sd, f"last checkpoint of '{out}'")
+    elif session.resuming:  # stopped during the block-wise reconstruction
+        recon_start, calibration = load_reconstruction(out, qmodel)
+        log.info("resuming the reconstruction of '%s' at segment %d", out, recon_start)
     else:
         # A calibration batch is one optimiser step's images (batch_size x processes); each process
         # calibrates on its micro-batch slices of them and quant.calibrate averages the statistics over
         # processes, so every rank gets identical steps, equal to one process with the global batch.
-        n_calib = min(recipe.calibration.batches * rt.grad_accum, len(train_set) // (micro * acc.num_processes))
-        sampler = ShardedBatchSampler(len(train_set), micro, acc.num_processes, acc.process_index, rt.seed, 0, n_calib,
-                                      stream=CALIBRATION)
-        calibrate(qmodel, track(torch.utils.data.DataLoader(TransformedDataset(train_set, eval_transform(cfg)), batch_sampler=sampler),
-                                "calibration", total=n_calib, enabled=show_progress and acc.is_main_process))
+        calibration = calibrate_model(qmodel, recipe, calibration_batches(train_set, recipe, cfg, micro, acc,
+                                                                           show_progress and acc.is_main_process))
         if acc.is_main_process:
             atomic_write(out / RECIPE_FILE, recipe.to_toml())
     fused = _use_fused(fuse_quantizers, compile_model, acc) if rt.enabled else False
@@ -266,7 +270,8 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
                        compiled=compile_model)
     else:
         info = replace(info, identity=session.identity, status="running", epochs_done=0, fused_quantizers=fused,
-                       compiled=compile_model, epochs=rt.epochs if rt.enabled else 0, mixed_precision=str(acc.mixed_precision))
+                       compiled=compile_model, epochs=rt.epochs if rt.enabled else 0, mixed_precision=str(acc.mixed_precision),
+                       calibration=calibration)
 
     def record(state: TrainState, status: str = "running") -> None:
         nonlocal info
@@ -278,6 +283,27 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_run_info(out, info)
+    if fp_reference is not None:
+        try:
+            calibration = reconstruct_run(out, qmodel, fp_reference, recipe, train_set, cfg, calibration or {},
+                                          is_main=acc.is_main_process, show_progress=show_progress, start=recon_start)
+        except BaseException as exc:  # the reconstruction file keeps the finished blocks for --resume
+            if acc.is_main_process:
+                with contextlib.suppress(OSError):
+                    write_run_info(out, replace(info, status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"))
+            raise
+        del fp_reference
+        info = replace(info, calibration=calibration)
+        if acc.is_main_process:
+            write_run_info(out, info)
+    if fuse_quantizers and rt.enabled:
+        try:
+            check_fused_kernels(acc.device)
+        except Exception as exc:  # any compiler failure means "run without the flag"
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise RunError(f"--fuse-quantizers: torch.compile does not work on {acc.device} here "
+                           f"({type(exc).__name__}: {first_line}); run without --fuse-quantizers") from exc
+        set_quantizers_fused(qmodel, True)
 
     if kd_mode == "stored":
         store = SoftLabelStore.open(soft_labels)
@@ -302,7 +328,7 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
     tr = Trainer(acc, prepared_model, optimizer, recipe, out, train_items, val_set, cfg, num_classes, micro, steps_per_epoch,
                  kd_mode, teacher, tracker, obr_layers, save_every, show_progress, on_epoch=record)
     state = TrainState()
-    if session.resuming:
+    if trained:
         state = restore(tr, payload)
         if acc.is_main_process:
             _keep_metrics_until(out, state.step)
@@ -322,5 +348,7 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
                 write_run_info(out, replace(info, status=status))
         raise
     record(state, "done")
+    if acc.is_main_process:
+        (out / RECON_FILE).unlink(missing_ok=True)  # the checkpoints hold the reconstructed model now
     acc.wait_for_everyone()
     return info
