@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,9 @@ from .train.softlabels import bytes_per_crop, check_store_out
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResolvedModel", "analyze", "compare", "end_processes", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
-           "train_fp"]
+__all__ = ["ResolvedModel", "analyze", "compare", "default_run_folder", "end_processes", "evaluate", "export", "inspect", "load",
+           "quantize", "resolve_any", "softlabels", "train_fp"]
+RUNS_FOLDER = Path("runs")  # where `quantize` puts a run when no `out` is given
 
 
 @dataclass
@@ -132,7 +134,22 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
     return {**result, "labels": labels, "model": source, "kind": kind, "data": data, "split": used_split, "quantized": quantized_with}
 
 
-def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq", data: str = "builtin:mnist5k", out: Path,
+def default_run_folder(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
+                       overrides: list[Path] | None = None) -> Path:
+    """Where `quantize` writes when no `out` is given: `runs/<model>-w<b>a<b>-<recipe>`.
+
+    `<model>` is the last part of the MODEL spec (a timm name, a folder's name, an hf-hub repo's name) and `<b>`
+    the bits the recipe resolves to with `bits` and `overrides`; an existing run there is refused as for any `out`.
+    """
+    rec = load_recipe(recipe, override_files=overrides, set_fields={"quant.bits": bits})
+    spec = str(model).removeprefix("hf-hub:").partition("@")[0].rstrip("/\\")
+    name = Path(spec).name or Path(spec).resolve().name
+    part = lambda text: re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"  # noqa: E731
+    return RUNS_FOLDER / f"{part(name)}-w{rec.quant.bits}a{rec.quant.bits}-{part(rec.name)}"
+
+
+def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq", data: str = "builtin:mnist5k",
+             out: Path | None = None,
              teacher: str | None = None, soft_labels: Path | None = None, weights: str | Path | None = None,
              random_init: bool = False, model_args: dict | None = None, teacher_weights: str | Path | None = None,
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
@@ -154,12 +171,17 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     every process calibrates on the same training images. Checkpoints every `save_every` steps and
     each epoch; `resume=True` continues exactly.
 
+    `out` None writes to `default_run_folder(model, ...)` (`runs/<model>-w<b>a<b>-<recipe>`).
+
     Returns:
         The run's RunInfo (what run.json holds); the run folder `out` is loadable with `evaluate` and `export`.
     Raises:
         RecipeError, ModelError, DataError for bad input; RunError for a run folder that holds
         another run, a non-finite loss, or a failed checkpoint write; RunInterrupted (exit 130) on SIGINT.
     """
+    if out is None:
+        out = default_run_folder(model, bits=bits, recipe=recipe, overrides=overrides)
+        log.info("no out given: writing the run to %s", out)
     rec = load_recipe(recipe, override_files=overrides, set_fields={
         "quant.bits": bits, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
         "train.warmup_epochs": warmup_epochs, "train.grad_clip": grad_clip, "train.grad_accum": grad_accum,
