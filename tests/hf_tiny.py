@@ -1,4 +1,4 @@
-"""Tiny random transformers ViT / DeiT / Swin checkpoints saved with save_pretrained, for the transformers tests."""
+"""Tiny random transformers ViT / DeiT / Swin / Swin V2 / ConvNeXt V2 checkpoints saved with save_pretrained, for the transformers tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 LABELS = [f"digit_{i}" for i in range(10)]
 VIT_KW = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
 SWIN_KW = dict(image_size=32, patch_size=2, window_size=4, depths=[2, 2], num_heads=[3, 6], embed_dim=24)
-FAMILIES = ("vit", "deit", "deit_distilled", "swin")
+CONVNEXTV2_KW = dict(image_size=32, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1])
+FAMILIES = ("vit", "deit", "deit_distilled", "swin", "swinv2", "convnextv2")
 
 
 def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -23,6 +24,8 @@ def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         "deit": (tf.DeiTForImageClassification, tf.DeiTConfig, VIT_KW),
         "deit_distilled": (tf.DeiTForImageClassificationWithTeacher, tf.DeiTConfig, VIT_KW),
         "swin": (tf.SwinForImageClassification, tf.SwinConfig, SWIN_KW),
+        "swinv2": (tf.Swinv2ForImageClassification, tf.Swinv2Config, SWIN_KW),
+        "convnextv2": (tf.ConvNextV2ForImageClassification, tf.ConvNextV2Config, CONVNEXTV2_KW),
     }[family]
     config = config_cls(**{**kw, **overrides}, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
     torch.manual_seed(seed)

@@ -87,7 +87,7 @@ def test_planted_outlier_channel_ranks_its_conv_first() -> None:
     ("resnet18", {**RESNET[1], "act_layer": "prelu"}, "act1", "layer type PReLU"),
     ("resnet18", {**RESNET[1], "block_args": {"attn_layer": "se"}}, "layer1.0.se.gate", "layer type Sigmoid"),
     ("resnet18", {**RESNET[1], "block_args": {"attn_layer": "eca"}}, "layer1.0.se.conv", "layer type Conv1d"),
-    ("convnext_atto", {**CONVNEXT[1], "use_grn": True}, "stages.0.blocks.0.mlp.grn", "layer type GlobalResponseNorm"),
+    ("convnext_atto", {**CONVNEXT[1], "act_layer": "silu"}, "stages.0.blocks.0.mlp.act", "layer type SiLU"),
 ])
 def test_unsupported_layers_are_refused_by_name(name: str, args: dict, where: str, feature: str) -> None:
     with pytest.raises(ModelError, match=rf"^{where}: {feature}"):

@@ -21,7 +21,7 @@ from vitqtool.errors import ExportFormatError  # noqa: E402
 from vitqtool.export import export_hf_model, read_hf_export  # noqa: E402
 from vitqtool.families import get_family  # noqa: E402
 from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.quant import QLinear, iter_quantizers  # noqa: E402
+from vitqtool.quant import QConv2d, QLinear, iter_quantizers  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -72,6 +72,14 @@ def _hf_module(timm_name: str, names, family) -> str:
     ("swin", "vaq", 4, True),
 ])
 def test_export_decompresses_bit_exact_and_loads_in_transformers(tmp_path, family, recipe, bits, per_channel):
+    check_hf_export(build(family, seed=7), tmp_path, recipe, bits, per_channel,
+                    packed_layers=(2 if family == "deit_distilled" else 1) + (6 * 2 if family != "swin" else 6 * 4 + 1))
+
+
+def check_hf_export(hf_fp: torch.nn.Module, tmp_path, recipe: str, bits: int, per_channel: bool, packed_layers: int,
+                    no_slot: tuple[str, ...] = NO_CT_SLOT) -> None:
+    """Export a quantized `hf_fp`, then check it with compressed-tensors and transformers (the steps below);
+    `no_slot`: the quantizer names (suffixes) the compressed-tensors schema has no slot for in this family."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_name
@@ -79,7 +87,6 @@ def test_export_decompresses_bit_exact_and_loads_in_transformers(tmp_path, famil
 
     from vitqtool.families.hf_map import table, timm_spec
 
-    hf_fp = build(family, seed=7)
     loaded, rec, qmodel = _quantized(save(hf_fp, tmp_path / "src"), recipe, bits, per_channel)
     out = tmp_path / "export"
     summary = export_hf_model(qmodel, out, architecture=loaded.architecture, model_args=loaded.model_args,
@@ -100,9 +107,8 @@ def test_export_decompresses_bit_exact_and_loads_in_transformers(tmp_path, famil
     names = table(timm_spec({k: v for k, v in config.items() if k != "quantization_config"}))
     vitq = {_hf_module(n, names, get_family(qmodel)): w for n, w in _dequantized_weights(qmodel).items()}
     packed = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
-    assert packed == sorted(vitq) and len(packed) == (2 if family == "deit_distilled" else 1) + (
-        6 * 2 if family != "swin" else 6 * 4 + 1)
-    decompressed = {k: v for k, v in tensors.items() if not k.endswith(("_scale", "_packed", "_shape"))}
+    assert packed == sorted(vitq) and len(packed) == packed_layers
+    decompressed = {k: v for k, v in tensors.items() if not k.endswith((".weight_scale", ".input_scale", ".output_scale", "_packed", "_shape"))}
     for module in packed:
         groups = [g for g in ct.config_groups.values() if any(match_name(module, t) for t in g.targets)]
         assert len(groups) == 1, module
@@ -131,13 +137,14 @@ def test_export_decompresses_bit_exact_and_loads_in_transformers(tmp_path, famil
     assert type(ct_model) is cls
     partial = copy.deepcopy(qmodel)
     for name, q in iter_quantizers(partial):
-        q.enabled = not name.endswith(NO_CT_SLOT)
+        q.enabled = not name.endswith(no_slot)
     with torch.no_grad():
         got = ct_model(pixel_values=x).logits
         assert (got - partial(x)).abs().max() <= 1e-5
         assert (got - expected).abs().max() > 1e-3  # the kept quantizers matter: they are not silently dropped
     rows = qc["vitqtool"]["extra_quantizers"]
-    assert rows and all(r["quantizer"].endswith(NO_CT_SLOT + ("patch_embed.proj.w_quant",)) for r in rows)
+    convs = {f"{n}.w_quant" for n, m in qmodel.named_modules() if isinstance(m, QConv2d)}  # stored dequantized
+    assert rows and all(r["quantizer"].endswith(no_slot) or r["quantizer"] in convs for r in rows)
 
 
 def test_targets_match_saved_and_in_memory_names(tmp_path):

@@ -188,3 +188,23 @@ def test_a_step_at_the_floor_still_learns():
         opt.step()
         project_quantizers_(q)
     assert q.step.item() > 5e-4  # measured 1.09e-3; the clamp-in-forward version stayed at 1e-4
+
+
+def test_a_quantizer_applied_twice_per_forward_calibrates_on_the_mean_over_its_calls():
+    from vitqtool.quant import calibrate
+
+    class Twice(torch.nn.Module):  # one layer applied twice, as a weight-shared recursive block is
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = QLinear.from_float(torch.nn.Linear(6, 6), QuantSpec(4), QuantSpec(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(3 * self.layer(x))
+
+    model = Twice()
+    batches = [torch.randn(5, 6), torch.randn(5, 6)]
+    with torch.no_grad():
+        seen = [t.abs().mean() for x in batches for t in (x, 3 * torch.nn.functional.linear(x, model.layer.weight, model.layer.bias))]
+    stats = calibrate(model, batches)
+    assert stats["layer.a_quant"] == pytest.approx(float(sum(seen)) / 4, rel=1e-6)
+    assert model.layer.a_quant.step.item() == pytest.approx(2 * float(sum(seen)) / 4 / math.sqrt(7), rel=1e-5)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ModelError, WeightsError
 from ..families import hf_map
+from ..families.base import convert_checkpoint
 from . import hf_models
 from .weights import SAFETENSORS_EXTS, TORCH_EXTS, first_line, load_state_dict_file, load_strict
 from ..fileio import atomic_write, json_default, save_safetensors, state_dict_for_safetensors
@@ -125,7 +126,7 @@ def _from_timm_name(spec: str, weights: str | Path | None, random_init: bool, ex
     if weights is not None or random_init:
         model = _create(name, pretrained=False, kwargs=extra)
         if weights is not None:
-            load_strict(model, load_state_dict_file(weights), f"weights file '{weights}'")
+            load_weights_file(model, weights)
         return _finish(model, arch, extra, spec)
 
     # pretrained weights: timm drops the classifier and loads non-strictly when num_classes differs,
@@ -183,7 +184,7 @@ def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra
     except Exception as exc:
         raise _pretrained_error(spec, exc) from exc
     if weights is not None:
-        load_strict(model, load_state_dict_file(weights), f"weights file '{weights}'")
+        load_weights_file(model, weights)
     arch = model.pretrained_cfg.get("architecture") or type(model).__name__
     args = {k: v for k, v in (getattr(model, "_model_args", None) or {}).items() if k != "pretrained_model_args"}
     args.update(extra)
@@ -243,8 +244,13 @@ def _from_path(path: Path, spec: str, weights: str | Path | None, random_init: b
                 "add them, pass --weights FILE, or --random-init"
             )
     if weights_file is not None:
-        load_strict(model, load_state_dict_file(weights_file), f"weights file '{weights_file}'")
+        load_weights_file(model, weights_file)
     return _finish(model, arch.partition(".")[0], args, spec)
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file strictly, after its family converts another published layout it knows (e.g. its authors')."""
+    load_strict(model, convert_checkpoint(model, load_state_dict_file(path)), f"weights file '{path}'")
 
 
 def _timm_kwargs(model_args: dict) -> dict:
@@ -288,9 +294,10 @@ def _from_transformers_folder(folder: Path, config: dict[str, Any], source: str,
     data_config = resolve_data_config(model, args)
     if preprocessor is not None:
         size = data_config["input_size"][1:]
+        pp_where = str(folder / hf_models.PREPROCESSOR)
         data_config.update(hf_map.data_config_from_preprocessor(
-            preprocessor, int(args["in_chans"]), (int(size[0]), int(size[1])), spec.map.processor_types,
-            str(folder / hf_models.PREPROCESSOR)))
+            spec.map.generic_processor(preprocessor, pp_where), int(args["in_chans"]), (int(size[0]), int(size[1])),
+            spec.map.processor_types, pp_where))
     else:
         logger.info("'%s' has no %s; using timm's defaults for %s", folder, hf_models.PREPROCESSOR, spec.architecture)
     data_config["labels"] = hf_map.labels_from_config(config, where)

@@ -42,9 +42,9 @@ from ..core.prepare import prepare
 from ..errors import ExportFormatError, RecipeError, VitqError
 from ..families import Family, get_family
 from ..families.base import QKV_PARTS
-from ..families.hf_map import TRAINING_ARGS, HFSpec, module_names, table, timm_spec
+from ..families.hf_map import TRAINING_ARGS, HFSpec, hf_view, module_names, table, timm_spec
 from ..fileio import file_mode, json_default, library_versions, save_safetensors, staging_dir, translate_write_errors
-from ..quant import QConv2d, QLinear, Quantizer
+from ..quant import QConv2d, QLinear, QuantAttention, Quantizer
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
 from .digest import DIGEST_KEY, content_digest
@@ -75,6 +75,7 @@ class Slot:
     column: bool = False               # scale stored as [n, 1] (compressed-tensors channel scales)
     in_json: bool = False              # kept in quantization_config.vitqtool.tensors (no compressed-tensors slot)
     applies_to: str = ""               # for in_json quantizers: the transformers module and tensor it quantizes
+    view: tuple[int, ...] | None = None  # fp: the shape transformers stores the tensor in (`Names.hf_view`)
 
 
 @dataclass
@@ -126,9 +127,9 @@ def plan(model: nn.Module, spec: HFSpec) -> tuple[list[Slot], dict[str, Scheme]]
 def _fp_slot(family: Family, key: str, owner: str, leaf: str, names: dict, hf_modules) -> Slot:
     fp_key = family.stock_name(key)[0]  # a parameter row of the key map (e.g. a position-bias table)
     if fp_key in names:
-        return Slot(key, "fp", names[fp_key].hf)
+        return Slot(key, "fp", names[fp_key].hf, view=names[fp_key].hf_view)
     mods, split = hf_modules(owner)
-    return Slot(key, "fp", tuple(f"{m}.{leaf}" for m in mods), split=split)
+    return Slot(key, "fp", tuple(f"{m}.{leaf}" for m in mods), split=split, view=hf_view(fp_key, names))
 
 
 def _quantizer_slot(model: nn.Module, family: Family, key: str, owner: str, leaf: str, q: Quantizer, hf_modules,
@@ -150,7 +151,7 @@ def _quantizer_slot(model: nn.Module, family: Family, key: str, owner: str, leaf
             schemes[m].input_bits = bits
         return Slot(key, "scale", tuple(f"{m}.input_scale" for m in mods))
     attn_qkv = names.get(family.stock_name(parent)[0] + ".qkv")
-    if role_of_state == "scale" and symmetric and attn_qkv is not None and role in ("input_quant", "qkv_quant", *(f"{n}_quant" for n in QKV_PARTS)):
+    if role_of_state == "scale" and symmetric and attn_qkv is not None and _on_projection(layer, role):
         if role == "input_quant":
             mods, suffix = attn_qkv.hf, "input_scale"
         elif role == "qkv_quant":
@@ -165,6 +166,16 @@ def _quantizer_slot(model: nn.Module, family: Family, key: str, owner: str, leaf
         return Slot(key, "scale", tuple(f"{m}.{suffix}" for m in mods))
     return Slot(key, role_of_state, in_json=True,
                 applies_to=_applies_to(parent, role, layer, attn_qkv, hf_modules))
+
+
+def _on_projection(attn: nn.Module | None, role: str) -> bool:
+    """Whether attention quantizer `role` is the shared input or sees its projections' outputs unchanged (its
+    compressed-tensors slots: q/k/v input_scale, output_scale); e.g. cosine attention's Q/K quantizers are not."""
+    if not isinstance(attn, QuantAttention):
+        return False
+    outputs = set(attn.projection_outputs)
+    return (role == "input_quant" or (role == "qkv_quant" and outputs == set(QKV_PARTS))
+            or (role in (f"{n}_quant" for n in QKV_PARTS) and role[0] in outputs))
 
 
 def _applies_to(parent: str, role: str, layer: nn.Module | None, attn_qkv: Any, hf_modules) -> str:
@@ -300,6 +311,7 @@ def _tensors(model: nn.Module, slots: list[Slot]) -> tuple[dict[str, Tensor], di
                 for k, part in zip(slot.hf, parts):
                     tensors[k] = part.reshape(-1, 1).contiguous().clone() if slot.column else part.reshape(-1).contiguous().clone()
             else:
+                value = value.reshape(slot.view) if slot.view is not None else value
                 put(slot.hf, value.float() if value.is_floating_point() else value, slot.split)
     return tensors, kept
 
@@ -479,7 +491,8 @@ def _assemble(folder: Path, model: nn.Module, slots: list[Slot], tensors: dict[s
         elif slot.kind == "scale":
             out[slot.state_key] = gather(slot, lambda t: t.reshape(-1)).to(target.dtype).reshape(target.shape)
         elif slot.kind in ("fp", "conv_weight"):
-            out[slot.state_key] = gather(slot).to(target.dtype)
+            value = gather(slot).to(target.dtype)
+            out[slot.state_key] = value.reshape(target.shape) if slot.view is not None else value
     for slot in slots:  # weights last: they need their layer's step
         if slot.kind != "weight":
             continue

@@ -12,7 +12,7 @@ and names no family.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,6 +83,13 @@ class Family(abc.ABC):
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         """Logits from the input of segment `index` (`len(block_names)` = the tail)."""
 
+    def convert_checkpoint(self, model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A weights file in another published layout of the family (e.g. its authors' code) under `model`'s names.
+
+        The default, for families without one: unchanged. Loading stays strict after the conversion.
+        """
+        return dict(state_dict)
+
     def stock_name(self, path: str) -> tuple[str, int | None]:
         """The stock (FP timm) name of a quantized-layout module or state key, and which third of it (q, k, v) or None.
 
@@ -93,6 +100,10 @@ class Family(abc.ABC):
         if leaf in QKV_PARTS:
             return f"{head}.qkv" if head else "qkv", QKV_PARTS.index(leaf)
         return path, None
+
+    def fp_layers(self, model: nn.Module) -> frozenset[str]:
+        """Linear/Conv2d layers the quantized layout keeps in FP on purpose (the family's docs say why); none by default."""
+        return frozenset()
 
 
 def stage_segments(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
@@ -174,12 +185,18 @@ def get_family(model: nn.Module) -> Family:
     return family()
 
 
+def convert_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` under `model`'s own names when its family knows the file's layout; unchanged otherwise."""
+    family = FAMILIES.get(class_name(model))
+    return family().convert_checkpoint(model, state_dict) if family is not None else dict(state_dict)
+
+
 def quantize_model_(model: nn.Module, policy: QuantPolicy) -> nn.Module:
     """Check `model` against its family's allow-list, then rewrite it in place into the quantized layout."""
     family = get_family(model)
     family.check(model)
     family.quantize_(model, policy)
-    check_fully_quantized(model)
+    check_fully_quantized(model, family.fp_layers(model))
     return model
 
 
@@ -199,9 +216,9 @@ def quantize_conv(parent: nn.Module, attr: str, wspec: QuantSpec, aspec: QuantSp
     setattr(parent, attr, QConv2d.from_float(conv, wspec, aspec))
 
 
-def check_fully_quantized(model: nn.Module) -> None:
-    """Fail loudly, naming the module, if any float Linear/Conv2d was left behind by a rewrite."""
-    left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+def check_fully_quantized(model: nn.Module, keep: frozenset[str] = frozenset()) -> None:
+    """Fail loudly, naming the module, if any float Linear/Conv2d outside `keep` was left behind by a rewrite."""
+    left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and name not in keep]
     if left:
         raise ModelError(f"these layers have no quantization rule in the family and would stay float: {', '.join(left[:8])}")
 

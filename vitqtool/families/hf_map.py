@@ -63,6 +63,7 @@ class Names:
     timm: str
     hf: tuple[str, ...]
     runtime: tuple[str, ...] | None = None  # transformers >= 5 in-memory module names, for Linear layers
+    hf_view: tuple[int, ...] | None = None  # transformers stores the same elements in this shape (e.g. (1, 1, 1, -1))
 
     @property
     def runtime_names(self) -> tuple[str, ...]:
@@ -102,6 +103,10 @@ class TransformersMap(abc.ABC):
     def processor_config(self, data_config: Mapping[str, Any]) -> dict[str, Any] | None:
         """An image-processor config equivalent to `data_config` for an export folder, or None when there is none."""
         return None
+
+    def generic_processor(self, pp: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+        """`pp` in the fields `data_config_from_preprocessor` reads; a processor with fields of its own translates them."""
+        return pp
 
     def architecture(self, model_args: Mapping[str, Any]) -> str:
         """The timm entry point whose signature agrees most with the converted args (model_args set the rest)."""
@@ -365,6 +370,11 @@ def _stats(pp: Mapping[str, Any], name: str, channels: int, where: str) -> tuple
 _PIL_CODES = {name: code for code, name in _PIL_RESAMPLE.items()}
 
 
+def pil_resample(interpolation: str | None, default: str = "bilinear") -> int:
+    """The PIL resampling code an image processor stores for a timm interpolation name."""
+    return _PIL_CODES.get(str(interpolation or default), _PIL_CODES[default])
+
+
 def squash_processor_config(data_config: Mapping[str, Any], plain_type: str, crop_type: str) -> dict[str, Any] | None:
     """An image-processor config (`plain_type`, or `crop_type` when it center-crops) equivalent to a squash-mode
     data config; None for other crop modes, which these processors cannot express."""
@@ -406,6 +416,12 @@ def hf_sources(key: str, names: Mapping[str, Names]) -> tuple[str, ...] | None:
     return None if row is None else tuple(f"{h}.{leaf}" for h in row.hf)
 
 
+def hf_view(key: str, names: Mapping[str, Names]) -> tuple[int, ...] | None:
+    """The shape transformers stores timm state key `key` in, when its row says it differs (None: the same shape)."""
+    row = names.get(key) or names.get(key.rpartition(".")[0])
+    return None if row is None else row.hf_view
+
+
 def to_timm_state(state: Mapping[str, Tensor], spec: HFSpec, model: nn.Module, where: str) -> dict[str, Tensor]:
     """Convert a transformers state dict to `model`'s timm keys, using every tensor exactly once.
 
@@ -429,6 +445,9 @@ def to_timm_state(state: Mapping[str, Tensor], spec: HFSpec, model: nn.Module, w
         parts = [state[s] for s in sources]
         value = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         used.update(sources)
+        view = hf_view(key, names)
+        if view is not None and value.numel() == target.numel() and tuple(value.shape) == tuple(target.reshape(view).shape):
+            value = value.reshape(target.shape)  # the timm tensor, stored in transformers' shape
         if tuple(value.shape) != tuple(target.shape):
             mismatched.append(f"{'+'.join(sources)} {tuple(value.shape)} vs timm {key} {tuple(target.shape)}")
             continue

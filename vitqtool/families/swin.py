@@ -14,7 +14,7 @@ neighbours in the same order.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from torch import Tensor, nn
 
@@ -30,7 +30,7 @@ from .vit import PROCESSOR_TYPES
 class SwinMap(TransformersMap):
     """`SwinForImageClassification`: a timm SwinTransformer V1 with average pooling."""
 
-    hf_class, model_type = "SwinForImageClassification", "swin"
+    hf_class, model_type, prefix = "SwinForImageClassification", "swin", "swin"
     fields = frozenset({"image_size", "patch_size", "num_channels", "embed_dim", "depths", "num_heads", "window_size",
                         "mlp_ratio", "qkv_bias", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate",
                         "hidden_act", "use_absolute_embeddings", "layer_norm_eps", "num_layers", "hidden_size"})
@@ -79,29 +79,36 @@ class SwinMap(TransformersMap):
         return (model_args["embed_dim"], sum(model_args["depths"]), model_args["num_heads"][0], model_args["patch_size"])
 
     def key_map(self, model_args: Mapping[str, Any]) -> list[Names]:
-        rows = [Names("patch_embed.proj", ("swin.embeddings.patch_embeddings.projection",)),
-                Names("patch_embed.norm", ("swin.embeddings.norm",))]
+        p = self.prefix
+        rows = [Names("patch_embed.proj", (f"{p}.embeddings.patch_embeddings.projection",)),
+                Names("patch_embed.norm", (f"{p}.embeddings.norm",))]
         for s, depth in enumerate(model_args["depths"]):
             if s > 0:  # transformers: the end of stage s - 1; timm: the start of stage s
-                merge = f"swin.encoder.layers.{s - 1}.downsample"
+                merge = f"{p}.encoder.layers.{s - 1}.downsample"
                 rows += [Names(f"layers.{s}.downsample.norm", (f"{merge}.norm",)),
                          Names(f"layers.{s}.downsample.reduction", (f"{merge}.reduction",))]
             for b in range(depth):
-                hf, t = f"swin.encoder.layers.{s}.blocks.{b}", f"layers.{s}.blocks.{b}"
+                hf, t = f"{p}.encoder.layers.{s}.blocks.{b}", f"layers.{s}.blocks.{b}"
                 rows += [
                     Names(f"{t}.norm1", (f"{hf}.layernorm_before",)),
-                    Names(f"{t}.attn.qkv", tuple(f"{hf}.attention.self.{n}" for n in ("query", "key", "value")),
-                          tuple(f"{hf}.attention.{n}_proj" for n in "qkv")),
-                    Names(f"{t}.attn.relative_position_bias_table", (f"{hf}.attention.self.relative_position_bias_table",)),
-                    Names(f"{t}.attn.proj", (f"{hf}.attention.output.dense",), (f"{hf}.attention.o_proj",)),
+                    *self.attention_rows(f"{t}.attn", hf),
                     Names(f"{t}.norm2", (f"{hf}.layernorm_after",)),
                     Names(f"{t}.mlp.fc1", (f"{hf}.intermediate.dense",), (f"{hf}.mlp.fc1",)),
                     Names(f"{t}.mlp.fc2", (f"{hf}.output.dense",), (f"{hf}.mlp.fc2",)),
                 ]
-        return rows + [Names("norm", ("swin.layernorm",)), Names("head.fc", ("classifier",))]
+        return rows + [Names("norm", (f"{p}.layernorm",)), Names("head.fc", ("classifier",))]
+
+    def attention_rows(self, attn: str, block: str) -> list[Names]:
+        """The rows of timm window attention `attn` (e.g. `layers.0.blocks.1.attn`) in transformers block `block`."""
+        return [
+            Names(f"{attn}.qkv", tuple(f"{block}.attention.self.{n}" for n in ("query", "key", "value")),
+                  tuple(f"{block}.attention.{n}_proj" for n in "qkv")),
+            Names(f"{attn}.relative_position_bias_table", (f"{block}.attention.self.relative_position_bias_table",)),
+            Names(f"{attn}.proj", (f"{block}.attention.output.dense",), (f"{block}.attention.o_proj",)),
+        ]
 
     def recomputed_buffers(self, model_args: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return [(f"swin.encoder.layers.{s}.blocks.{b}.attention.self.relative_position_index",
+        return [(f"{self.prefix}.encoder.layers.{s}.blocks.{b}.attention.self.relative_position_index",
                  f"layers.{s}.blocks.{b}.attn.relative_position_index")
                 for s, depth in enumerate(model_args["depths"]) for b in range(depth)]
 
@@ -146,18 +153,22 @@ class SwinFamily(SegmentedFamily):
     patterns = ("swin_*",)
     transformers = (SwinMap(),)
     stem_attr, stages_attr, pre_head_attr = "patch_embed", "layers", "norm"  # segments: patch merging, then blocks, per stage
+    # the timm classes the layout accepts ("module.QualName")
+    block_type: ClassVar[str] = "timm.models.swin_transformer.SwinTransformerBlock"
+    attention_type: ClassVar[str] = "timm.models.swin_transformer.WindowAttention"
+    merging_type: ClassVar[str] = "timm.models.swin_transformer.PatchMerging"
 
     def check(self, model: nn.Module) -> None:
         require(type(model.patch_embed.proj) is nn.Conv2d, "patch_embed.proj", f"patch embedding {type(model.patch_embed.proj).__name__}")
         for si, stage in enumerate(model.layers):
-            require(is_identity(stage.downsample) or class_name(stage.downsample) == "timm.models.swin_transformer.PatchMerging",
+            require(is_identity(stage.downsample) or class_name(stage.downsample) == self.merging_type,
                     f"layers.{si}.downsample", f"downsampling {type(stage.downsample).__name__}")
             for bi, block in enumerate(stage.blocks):
                 where = f"layers.{si}.blocks.{bi}"
-                require(class_name(block) == "timm.models.swin_transformer.SwinTransformerBlock", where,
-                        f"block type {type(block).__name__} (only timm SwinTransformerBlock)")
-                require(class_name(block.attn) == "timm.models.swin_transformer.WindowAttention", f"{where}.attn",
-                        f"attention type {type(block.attn).__name__} (only timm WindowAttention)")
+                require(class_name(block) == self.block_type, where,
+                        f"block type {type(block).__name__} (only timm {self.block_type.rpartition('.')[2]})")
+                require(class_name(block.attn) == self.attention_type, f"{where}.attn",
+                        f"attention type {type(block.attn).__name__} (only timm {self.attention_type.rpartition('.')[2]})")
                 check_mlp(block.mlp, where)
 
     def stock_name(self, path: str) -> tuple[str, int | None]:
@@ -170,9 +181,13 @@ class SwinFamily(SegmentedFamily):
             if not is_identity(stage.downsample):
                 quantize_linear(stage.downsample, "reduction", policy.weight(edge=True), None)
             for block in stage.blocks:
-                block.attn = SwinQuantWindowAttention(block.attn, policy)
+                block.attn = self.window_attention(block.attn, policy)
                 quantize_linear(block.mlp, "fc1", policy.weight(), policy.act())
                 quantize_linear(block.mlp, "fc2", policy.weight(), policy.gelu_out())
         if isinstance(model.head.fc, nn.Linear):
             quantize_linear(model.head, "fc", policy.weight(edge=True), policy.act(edge=True))
         return model
+
+    def window_attention(self, stock: nn.Module, policy: QuantPolicy) -> nn.Module:
+        """The quantized replacement of one stock window-attention module."""
+        return SwinQuantWindowAttention(stock, policy)

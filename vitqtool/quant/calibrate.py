@@ -80,16 +80,19 @@ def init_weight_steps(model: nn.Module) -> int:
 def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn.Module, Tensor], object] | None = None) -> dict[str, float]:
     """Initialise every step: weights from the weights, activations from FP forwards over `batches`.
 
-    Returns the statistic (LSQ: mean |x|) seen by each activation quantizer (after averaging across processes).
-    Raises ValueError when `batches` is empty.
+    Returns the statistic (LSQ: mean |x|) seen by each activation quantizer, averaged over its calls (a quantizer
+    of a module that runs several times per forward, e.g. a weight-shared recursive block, sees each of them)
+    and across processes. Raises ValueError when `batches` is empty.
     """
     init_weight_steps(model)
     act = {name: q for name, q in iter_quantizers(model) if q.kind == "act"}
     sums: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
     hooks = []
     for name, q in act.items():
         def hook(mod: Quantizer, args: tuple, name: str = name) -> None:
             sums[name] = sums.get(name, 0.0) + mod.activation_statistic(args[0]).double()  # float64: the sum is exact, so batch splits and processes agree
+            calls[name] = calls.get(name, 0) + 1
         hooks.append(q.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
@@ -106,7 +109,8 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn
     if n == 0:
         raise ValueError("calibration needs at least one batch")
     names = sorted(sums)
-    stats = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names]) / n if names else torch.zeros(0, dtype=torch.float64)
+    stats = (torch.stack([torch.as_tensor(sums[k] / calls[k], dtype=torch.float64) for k in names]) if names
+             else torch.zeros(0, dtype=torch.float64))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = next(model.parameters()).device
         stats = stats.to(device)

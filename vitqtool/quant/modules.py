@@ -7,7 +7,7 @@ quantizer disabled they compute exactly what the float module computes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,10 @@ class QuantAttention(nn.Module):
     softmax output; `attn @ V` quantized as the input of `proj`. `attn_bias` (relative position bias,
     window mask) is added to the logits by the caller's family adapter.
     """
+
+    # the projections whose output its Q/K/V quantizer sees unchanged (what compressed-tensors' output_activations
+    # mean); a subclass that transforms an operand between projection and quantizer leaves that projection out
+    projection_outputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
 
     def __init__(self, dim: int, num_heads: int, qkv: nn.Linear, proj: nn.Linear, scale: float, bits: int,
                  split: bool = True, per_channel: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
