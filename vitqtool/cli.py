@@ -131,7 +131,7 @@ def render_table(title: str, rows: list[dict[str, Any]], columns: list[str] | No
     from rich.table import Table
 
     columns = columns or (list(rows[0]) if rows else [])
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # as wide as its title: a title is never wrapped mid-number
     for c in columns:
         table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left",
                          overflow="fold")  # a narrow terminal folds a long path or number, never cuts it to "…"

@@ -402,14 +402,26 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
 
     Args:
         model: MODEL spec (timm name, hf-hub:..., local folder) of the FP model.
-        data, split: analysis data (`batches x batch_size` evenly spaced images of `split`); step sizes are calibrated
-            on as many evenly spaced "train" images as the recipe's calibration batches hold, first.
+        data: dataset spec; step sizes are calibrated first on as many evenly spaced "train" images as the recipe's
+            calibration batches hold.
+        split: the analysed split (`batches x batch_size` evenly spaced images of it).
         bits: weight/activation bits inside blocks (edge layers keep the recipe's edge bits).
-        what, method, budget_bits, keep, out, plots: as `analysis.analyze_model`.
-        batches, batch_size: analysis images = batches x batch_size.
+        what: sensitivity of "weights", "acts" or "both" of each module.
+        out: report folder (analysis.json, CSVs, PNGs, index.html, overrides.toml); None writes nothing.
+        weights: local weights file for a timm MODEL name.
+        random_init: build the model with random weights.
+        model_args: extra `timm.create_model` arguments.
+        recipe: the recipe whose layout is analysed.
+        batches: analysis batches.
+        batch_size: images per batch.
         run: a `quantize` run folder, for the oscillation section.
+        budget_bits: suggest bits: the average weight bits of the block layers (writes overrides.toml).
+        keep: suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).
+        plots: render PNGs (needs matplotlib, the `vitqtool[plots]` extra).
+        method: "fast" (cached block inputs) or "naive" (full forward per module); same numbers.
+        show_progress: progress on stderr.
     Returns:
-        The report dict (schema in the README; `report["summary"]` is what `--json` prints).
+        The report dict (schema `vitqtool.analysis/1`; `report["summary"]` is what `--json` prints).
     Raises:
         ModelError, DataError, RecipeError, RunError on bad input.
 
@@ -459,7 +471,17 @@ def compare(models: list[str], *, labels: list[str] | None = None, data: str = "
         model_args: `timm.create_model` arguments per model (same order as `models`).
         runs: label -> `quantize` run folder of that model, for its oscillating-weight share.
         out: comparison folder (comparison.json/.csv, PNGs, index.html) with each model's own report in a subfolder.
-        data, split, bits, what, random_init, recipe, batches, batch_size, plots, method: as `analyze`, for every model.
+        data: dataset spec, as `analyze`.
+        split: the analysed split, as `analyze`.
+        bits: weight/activation bits inside blocks, for every model.
+        what: sensitivity of "weights", "acts" or "both", as `analyze`.
+        random_init: build every model with random weights.
+        recipe: the recipe whose layout is analysed, for every model.
+        batches: analysis batches, as `analyze`.
+        batch_size: images per batch, as `analyze`.
+        plots: render the overlaid PNGs and each model's own.
+        method: sensitivity method, as `analyze`.
+        show_progress: progress on stderr.
     Returns:
         The comparison (schema `vitqtool.compare/1`: settings, `measures`, one row per model in `models`).
     Raises:
