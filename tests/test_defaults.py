@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_DEIT
+from tests.conftest import TINY_DEIT, TINY_VIT
 from vitqtool.cli import main
 
 SMALL = ["--epochs", "1", "--batch-size", "8", "--limit-train", "16", "--limit-val", "16", "--calib-batches", "1"]
@@ -66,7 +66,7 @@ def test_default_run_folder_names_the_model_bits_and_recipe():
 
 
 def test_analyze_without_data_says_the_report_is_on_digits(capsys, tmp_path):
-    argv = ["analyze", TINY_DEIT[0], "--random-init", "--model-args", json.dumps(TINY_DEIT[1]), "--batches", "1",
+    argv = ["analyze", TINY_VIT[0], "--random-init", "--model-args", json.dumps(TINY_VIT[1]), "--batches", "1",
             "--batch-size", "8", "--no-plots", "--what", "weights", "--json"]
     code, out, err = run_main(capsys, [*argv, "--out", str(tmp_path / "a")])
     assert code == 0, err
@@ -85,8 +85,21 @@ def test_a_table_without_terminal_keeps_long_paths_and_numbers_whole(capsys, mon
     render_table("exports", [{"model": "W2A2", "file": path, "bytes": 123456789012345, "top-1 %": 84.9}])
     out = capsys.readouterr().out
     assert path in out and "123456789012345" in out and "…" not in out
+    render_table("bit allocation: average weight bits 2.000 -> 2.500", [{"module": "blocks.0.mlp.fc2", "bits": 4}])
+    assert "average weight bits 2.000 -> 2.500" in capsys.readouterr().out  # a title wider than its table stays whole
     monkeypatch.setenv("COLUMNS", "60")  # COLUMNS is honoured: the table folds, it still cuts nothing
     render_table("exports", [{"model": "W2A2", "file": path, "bytes": 123456789012345}])
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 60 and "…" not in out
     assert "".join(line.strip("│ ") for line in out.splitlines()).count("w2.safetensors") == 1
+
+
+def test_vitqtool_export_stays_the_function_when_the_export_subpackage_is_imported():
+    import vitqtool
+    import vitqtool.export  # binds the subpackage to its parent, which used to hide the function
+    from vitqtool.commands import export
+
+    assert vitqtool.export is export and callable(vitqtool.export)
+    from vitqtool.export import FORMATS  # the subpackage itself still imports
+
+    assert "safetensors" in FORMATS
