@@ -1,4 +1,4 @@
-"""Tiny random transformers ViT / DeiT / Swin / Swin V2 / ConvNeXt V2 checkpoints saved with save_pretrained, for the transformers tests."""
+"""Tiny random transformers ViT / DeiT / Swin / Swin V2 / ConvNeXt V2 / BEiT / data2vec-vision checkpoints saved with save_pretrained, for the transformers tests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ LABELS = [f"digit_{i}" for i in range(10)]
 VIT_KW = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
 SWIN_KW = dict(image_size=32, patch_size=2, window_size=4, depths=[2, 2], num_heads=[3, 6], embed_dim=24)
 CONVNEXTV2_KW = dict(image_size=32, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1])
-FAMILIES = ("vit", "deit", "deit_distilled", "swin", "swinv2", "convnextv2")
+# BEiT with per-layer relative position bias, an absolute position embedding and mean pooling; data2vec-vision with
+# the shared relative position bias and class-token pooling
+BEIT_KW = dict(VIT_KW, use_relative_position_bias=True, use_absolute_position_embeddings=True, layer_scale_init_value=0.1)
+DATA2VEC_KW = dict(VIT_KW, use_shared_relative_position_bias=True, use_mean_pooling=False, layer_scale_init_value=0.1)
+FAMILIES = ("vit", "deit", "deit_distilled", "swin", "swinv2", "convnextv2", "beit", "data2vec_vision")
 
 
 def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -26,6 +30,8 @@ def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         "swin": (tf.SwinForImageClassification, tf.SwinConfig, SWIN_KW),
         "swinv2": (tf.Swinv2ForImageClassification, tf.Swinv2Config, SWIN_KW),
         "convnextv2": (tf.ConvNextV2ForImageClassification, tf.ConvNextV2Config, CONVNEXTV2_KW),
+        "beit": (tf.BeitForImageClassification, tf.BeitConfig, BEIT_KW),
+        "data2vec_vision": (tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig, DATA2VEC_KW),
     }[family]
     config = config_cls(**{**kw, **overrides}, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
     torch.manual_seed(seed)

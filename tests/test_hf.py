@@ -1,4 +1,4 @@
-"""transformers ViT / DeiT / Swin checkpoints in: logits equal transformers', strict key map, config refusals, data config, CLI."""
+"""transformers ViT / DeiT / Swin / BEiT / data2vec-vision checkpoints in: logits equal transformers', strict key map, config refusals, data config, CLI."""
 
 import os
 
@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import vitqtool  # noqa: E402
-from tests.hf_tiny import LABELS, build, edit_config, hub_cache, save  # noqa: E402
+from tests.hf_tiny import FAMILIES, LABELS, build, edit_config, hub_cache, save  # noqa: E402
 from vitqtool.cli import app, main  # noqa: E402
 from vitqtool.errors import ModelError, WeightsError  # noqa: E402
 from vitqtool.core.models import resolve_model  # noqa: E402
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
     """family -> (transformers model, folder with model.safetensors, folder with pytorch_model.bin)."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for i, family in enumerate(("vit", "deit", "deit_distilled", "swin")):
+    for i, family in enumerate(FAMILIES):
         model = build(family, seed=i)
         out[family] = (model, save(model, root / f"{family}_st"), save(model, root / f"{family}_bin", weights="bin"))
     return out
@@ -41,7 +41,8 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("family,arch", [("vit", "vit_tiny_patch16_224"), ("deit", "deit_tiny_patch16_224"),
                                          ("deit_distilled", "deit_tiny_distilled_patch16_224"),
-                                         ("swin", "swin_tiny_patch4_window7_224")])
+                                         ("swin", "swin_tiny_patch4_window7_224"), ("beit", "beit_base_patch16_224"),
+                                         ("data2vec_vision", "beit_base_patch16_224")])
 def test_logits_match_transformers_fp_and_prepared(tiny, family, arch):
     hf_model, st_folder, bin_folder = tiny[family]
     x = _x()
@@ -108,13 +109,25 @@ def test_sharded_checkpoint_loads_and_its_index_is_checked(tiny, tmp_path):
         resolve_model(str(folder))
 
 
-def test_swin_stored_relative_position_index_is_checked(tiny, tmp_path):
-    """Older transformers saved Swin's relative_position_index: it must equal what timm computes, then it is dropped."""
-    folder = shutil.copytree(tiny["swin"][1], tmp_path / "swin")
+# family -> (the timm buffer that holds the index, the keys older transformers checkpoints stored it under)
+STORED_INDEX = {
+    "swin": ("layers.0.blocks.0.attn.relative_position_index",
+             [f"swin.encoder.layers.{s}.blocks.{b}.attention.self.relative_position_index" for s in range(2) for b in range(2)]),
+    "beit": ("blocks.0.attn.relative_position_index",
+             [f"beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_index" for i in range(2)]),
+    "data2vec_vision": ("rel_pos_bias.relative_position_index",
+                        ["data2vec_vision.encoder.relative_position_bias.relative_position_index"]),
+}
+
+
+@pytest.mark.parametrize("family", list(STORED_INDEX))
+def test_stored_relative_position_index_is_checked(tiny, tmp_path, family):
+    """Older transformers saved relative_position_index: it must equal what timm computes, then it is dropped."""
+    folder = shutil.copytree(tiny[family][1], tmp_path / family)
     ref = resolve_model(str(folder))
     state = load_file(str(folder / "model.safetensors"))
-    index = ref.model.layers[0].blocks[0].attn.relative_position_index
-    keys = [f"swin.encoder.layers.{s}.blocks.{b}.attention.self.relative_position_index" for s in range(2) for b in range(2)]
+    buffer, keys = STORED_INDEX[family]
+    index = ref.model.get_buffer(buffer)
     save_file({**state, **{k: index.clone() for k in keys}}, str(folder / "model.safetensors"))
     with torch.no_grad():
         assert torch.equal(resolve_model(str(folder)).model(_x()), ref.model(_x()))
@@ -132,6 +145,9 @@ def test_swin_stored_relative_position_index_is_checked(tiny, tmp_path):
     ("swin", {"use_absolute_embeddings": True}, "use_absolute_embeddings"),
     ("swin", {"layer_norm_eps": 1e-6}, "layer_norm_eps"),
     ("swin", {"image_size": [32, 48]}, "image_size"),
+    ("beit", {"use_mask_token": True}, "use_mask_token"),
+    ("beit", {"image_size": [32, 48]}, "image_size"),
+    ("data2vec_vision", {"hidden_act": "gelu_new"}, "hidden_act"),
 ])
 def test_unsupported_config_fields_are_refused_by_name(tiny, tmp_path, family, changes, field):
     folder = shutil.copytree(tiny[family][1], tmp_path / family)
@@ -256,6 +272,10 @@ def _pipeline(spec: str, tmp_path, family: str) -> None:
 
 def test_cli_pipeline_on_a_folder(tiny, tmp_path):
     _pipeline(str(tiny["swin"][2]), tmp_path, "swin")  # the pytorch_model.bin folder
+
+
+def test_cli_pipeline_on_a_beit_folder(tiny, tmp_path):
+    _pipeline(str(tiny["beit"][1]), tmp_path, "beit")
 
 
 def test_cli_pipeline_on_a_cached_hub_id(tiny, tmp_path, monkeypatch):

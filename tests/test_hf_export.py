@@ -1,4 +1,4 @@
-"""export --format hf: compressed-tensors decompresses every weight bit for bit, transformers loads the folder, round trip."""
+"""export --format hf (ViT, DeiT, Swin, BEiT, data2vec-vision): compressed-tensors decompresses every weight bit for bit, transformers loads the folder, round trip."""
 
 import os
 
@@ -70,6 +70,8 @@ def _hf_module(timm_name: str, names, family) -> str:
     ("deit", "vaq", 3, False),
     ("deit_distilled", "lsq", 4, True),   # fused qkv with one step (split across query/key/value on export)
     ("swin", "vaq", 4, True),
+    ("beit", "vaq", 3, False),            # q/v biases outside the projection, per-layer relative position bias
+    ("data2vec_vision", "lsq", 2, True),  # fused qkv + q/v biases, shared relative position bias
 ])
 def test_export_decompresses_bit_exact_and_loads_in_transformers(tmp_path, family, recipe, bits, per_channel):
     check_hf_export(build(family, seed=7), tmp_path, recipe, bits, per_channel,

@@ -10,6 +10,8 @@ file that compressed-tensors decompresses (`PackedQuantizationCompressor`) into 
 - split q/k/v projections become the stock fused `qkv`: codes stacked row-wise, packed at the widest of
   the three bit widths (a narrower code is exact there too), a per-output-channel scale `[3*dim, 1]`
   that repeats each of the q, k and v steps (exact: the decompressed rows are the q, k, v weights);
+  where the stock model has separate q, k, v projections (`Family.stock_name` of `q` is a whole layer),
+  each keeps its own layer and the attention's shared input quantizer is the input scale of each;
 - signed, offset-free Linear inputs become compressed-tensors' static `input_scale` (the shared
   attention-input quantizer is `qkv.input_scale`); activation quantizers without a compressed-tensors
   slot (Q, K, V outputs, softmax, the GELU output with its learned offset) are listed, with their
@@ -90,6 +92,15 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
 
     with torch.no_grad():
         for name, attn in attentions.items():
+            if attn.split and family.stock_name(f"{name}.q")[1] is None:
+                # the stock model has separate q, k, v projections: each is written as its own layer, with the
+                # attention's shared input quantizer as its input scale
+                for part in ("q", "k", "v"):
+                    layer = getattr(attn, part)
+                    put_layer(rename(f"{name}.{part}"), layer.w_quant.codes(layer.weight).cpu(), layer.w_quant.spec.bits,
+                              _step(layer.w_quant), layer.bias, attn.input_quant, layer.w_quant.spec.per_channel)
+                    done.add(f"{name}.{part}")
+                continue
             parts = [attn.q, attn.k, attn.v] if attn.split else [attn.qkv]
             codes = torch.cat([p.w_quant.codes(p.weight).cpu() for p in parts])
             bits = max(p.w_quant.spec.bits for p in parts)

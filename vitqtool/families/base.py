@@ -90,6 +90,12 @@ class Family(abc.ABC):
         """
         return dict(state_dict)
 
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "Family":
+        """The family instance for `model` (stock or rewritten); a family whose stock names depend on the model's
+        configuration reads it here."""
+        return cls()
+
     def stock_name(self, path: str) -> tuple[str, int | None]:
         """The stock (FP timm) name of a quantized-layout module or state key, and which third of it (q, k, v) or None.
 
@@ -182,7 +188,7 @@ def get_family(model: nn.Module) -> Family:
     if family is None:
         supported = ", ".join(dict.fromkeys(p for f in FAMILIES.values() for p in f.patterns))
         raise ModelError(f"model class {type(model).__name__} is not a supported family (supported timm architectures: {supported})")
-    return family()
+    return family.for_model(model)
 
 
 def convert_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -288,7 +288,7 @@ def data_config_from_preprocessor(pp: Mapping[str, Any], num_channels: int, mode
         raise ModelError(f"{where}: field '{field_name}' = {kind!r} is not mapped (supported: {', '.join(sorted(processor_types))})")
     for key in sorted(pp):
         if key not in _PROCESSOR_FIELDS:
-            if key.startswith("do_"):
+            if key.startswith("do_") and pp[key] is not False:  # a step switched off (e.g. do_reduce_labels) is harmless
                 raise ModelError(f"{where}: field '{key}' switches on a processing step vitqtool does not map")
             log.info("%s: ignoring field '%s'", where, key)
     if pp.get("do_resize", True) is not True:

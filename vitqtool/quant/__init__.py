@@ -3,6 +3,7 @@
 from .base import GRANULARITIES, MIN_STEP, QUANTIZERS, Quantizer, QuantSpec, make_quantizer, register_quantizer
 from .calibrate import (calibrate, init_weight_steps, iter_quantizers, project_quantizers_, quantizers_disabled,
                         set_quantizers_enabled, set_quantizers_fused)
+from .glu import QuantGLU
 from .lsq import LSQQuantizer, check_fused_kernels
 from .modules import QUANT_LAYERS, QConv2d, QLinear, QuantAttention
 from .obr import obr_lambda, obr_loss, quant_layers
@@ -11,7 +12,7 @@ from .overrides import apply_bit_overrides
 
 __all__ = [
     "GRANULARITIES", "MIN_STEP", "QUANTIZERS", "Quantizer", "QuantSpec", "make_quantizer", "register_quantizer",
-    "LSQQuantizer", "check_fused_kernels", "QLinear", "QConv2d", "QuantAttention", "QUANT_LAYERS",
+    "LSQQuantizer", "check_fused_kernels", "QLinear", "QConv2d", "QuantAttention", "QuantGLU", "QUANT_LAYERS",
     "apply_bit_overrides", "calibrate", "obr_lambda", "obr_loss", "quant_layers", "OscillationTracker",
     "init_weight_steps", "iter_quantizers", "project_quantizers_", "quantizers_disabled", "set_quantizers_enabled", "set_quantizers_fused",
 ]

@@ -7,6 +7,7 @@ quantizer disabled they compute exactly what the float module computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -88,20 +89,42 @@ class QuantAttention(nn.Module):
     output when not split); `Q K^T * scale + bias` and softmax in FP; an unsigned quantizer on the
     softmax output; `attn @ V` quantized as the input of `proj`. `attn_bias` (relative position bias,
     window mask) is added to the logits by the caller's family adapter.
+
+    Options some ViT variants need, all FP and all applied before the quantizer that follows them:
+    - `qkv` given as three separate projections (used as they are, not copied; split layout only);
+    - `q_bias` / `v_bias`: biases of the q and v projections stored outside a bias-free projection
+      (the k projection has none), added to the projection output before its quantizer;
+    - `q_norm` / `k_norm`: per-head norms of Q and K, and `rotate`, a function forward applies to the
+      per-head Q and K (`[B, heads, N, head_dim]`, e.g. a rotary position embedding): the Q and K
+      quantizers see the normalised, rotated values, so the integer matmul does too;
+    - `norm`: a norm of `attn @ V` before `proj`, whose input quantizer then sees the norm's output.
     """
 
     # the projections whose output its Q/K/V quantizer sees unchanged (what compressed-tensors' output_activations
     # mean); a subclass that transforms an operand between projection and quantizer leaves that projection out
     projection_outputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
 
-    def __init__(self, dim: int, num_heads: int, qkv: nn.Linear, proj: nn.Linear, scale: float, bits: int,
-                 split: bool = True, per_channel: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 method: str = "lsq") -> None:
+    def __init__(self, dim: int, num_heads: int, qkv: nn.Linear | tuple[nn.Linear, nn.Linear, nn.Linear], proj: nn.Linear,
+                 scale: float, bits: int, split: bool = True, per_channel: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, method: str = "lsq", *, q_bias: nn.Parameter | None = None,
+                 v_bias: nn.Parameter | None = None, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                 norm: nn.Module | None = None) -> None:
         super().__init__()
-        if qkv.out_features % 3:
+        parts = qkv if isinstance(qkv, tuple) else None
+        if parts is not None:
+            if not split:
+                raise ValueError("separate q/k/v projections need the split layout (split=True)")
+            if len({p.out_features for p in parts}) != 1:
+                raise ValueError(f"q/k/v projections have different widths {[p.out_features for p in parts]}")
+            width = parts[0].out_features
+        elif qkv.out_features % 3:
             raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
+        else:
+            width = qkv.out_features // 3
+        if (q_bias is not None or v_bias is not None) and (qkv.bias is not None if parts is None else parts[0].bias is not None):
+            raise ValueError("q_bias/v_bias are for a bias-free projection; this one has a bias")
         self.num_heads = num_heads
-        self.head_dim = qkv.out_features // 3 // num_heads
+        self.head_dim = width // num_heads
         self.scale = scale
         self.split = split
         wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
@@ -109,14 +132,16 @@ class QuantAttention(nn.Module):
         self.input_quant = make_quantizer(aspec, "act")
         if split:
             for i, name in enumerate(("q", "k", "v")):
-                part = _slice_linear(qkv, i)
+                part = parts[i] if parts is not None else _slice_linear(qkv, i)
                 setattr(self, name, QLinear.from_float(part, wspec, None))
                 setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
         else:
             self.qkv = QLinear.from_float(qkv, wspec, None)
             self.qkv_quant = make_quantizer(aspec, "act")
+        self.q_bias, self.v_bias = q_bias, v_bias
+        self.q_norm, self.k_norm, self.norm = q_norm, k_norm, norm
         self.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
-        self.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V
+        self.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V (after `norm`)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -124,20 +149,43 @@ class QuantAttention(nn.Module):
         b, n, _ = t.shape
         return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None) -> Tensor:
+    def _position(self, t: Tensor, bias: Tensor | None, norm: nn.Module | None,
+                  rotate: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """A `[B, N, heads * head_dim]` projection output with its outside bias, per-head norm and rotation applied."""
+        if bias is not None:
+            t = t + bias
+        if norm is None and rotate is None:
+            return t
+        heads = self._heads(t)
+        if norm is not None:
+            heads = norm(heads)
+        if rotate is not None:
+            heads = rotate(heads)
+        return heads.transpose(1, 2).reshape(t.shape)
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None,
+                rotate: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Attend over all tokens of `x`; outputs only the first `num_queries` tokens when given.
 
         Every quantizer is elementwise, so computing a subset of the queries gives exactly those rows.
+        `rotate` (e.g. a rotary position embedding) is applied to the per-head Q and K before their quantizers.
         """
         b, n, _ = x.shape
         nq = n if num_queries is None else num_queries
+        if rotate is not None and nq != n:
+            raise ValueError("a rotated attention computes every query (num_queries is not supported with rotate)")
         x = self.input_quant(x)
         if self.split:
-            q = self._heads(self.q_quant(self.q(x[:, :nq])))
-            k = self._heads(self.k_quant(self.k(x)))
-            v = self._heads(self.v_quant(self.v(x)))
+            q = self._heads(self.q_quant(self._position(self.q(x[:, :nq]), self.q_bias, self.q_norm, rotate)))
+            k = self._heads(self.k_quant(self._position(self.k(x), None, self.k_norm, rotate)))
+            v = self._heads(self.v_quant(self._position(self.v(x), self.v_bias, None, None)))
         else:
-            qkv = self.qkv_quant(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(x)
+            if any(t is not None for t in (self.q_bias, self.v_bias, self.q_norm, self.k_norm, rotate)):
+                q, k, v = qkv.chunk(3, dim=-1)
+                qkv = torch.cat([self._position(q, self.q_bias, self.q_norm, rotate), self._position(k, None, self.k_norm, rotate),
+                                 self._position(v, self.v_bias, None, None)], dim=-1)
+            qkv = self.qkv_quant(qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q = q[:, :, :nq]
         attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -146,6 +194,8 @@ class QuantAttention(nn.Module):
         attn = self.softmax_quant(attn.softmax(dim=-1))
         attn = self.attn_drop(attn)
         out = (attn @ v).transpose(1, 2).reshape(b, nq, -1)
+        if self.norm is not None:
+            out = self.norm(out)
         return self.proj_drop(self.proj(out))
 
 
