@@ -371,12 +371,11 @@ def quantize_cmd(
 
     if mixed_precision not in (None, "no", "fp16", "bf16"):
         raise typer.BadParameter(f"must be no, fp16 or bf16, got {mixed_precision!r}", param_hint="--mixed-precision")
+    default_out = out is None
     if out is None:
         from .commands import default_run_folder
 
         out = default_run_folder(model, bits=bits, recipe=recipe, overrides=overrides)
-        if not (ctx.obj or {}).get("quiet", False) and os.environ.get("RANK", "0") == "0":
-            _stderr_console().print(f"run folder: {out} (no --out given)")
     info = run_quantize(model, bits=bits, recipe=recipe, data=data, out=out, teacher=teacher, soft_labels=soft_labels,
                            weights=weights, random_init=random_init, model_args=parse_model_args(model_args),
                            teacher_weights=teacher_weights, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -395,6 +394,8 @@ def quantize_cmd(
         emit_json(summary)
     else:
         render_table(f"quantize {summary['model']} -> {out}", [summary], ["recipe", "bits", "kd", "epochs", "steps", "best_top1", "last_top1"])
+    if default_out and not (ctx.obj or {}).get("quiet", False):
+        _stderr_console().print(f"run folder: {out} (no --out given)")
 
 
 @app.command("analyze")
@@ -428,14 +429,13 @@ def analyze_cmd(
     if budget_bits is not None and keep is not None:
         raise typer.BadParameter("pass only one of --budget-bits and --keep", param_hint="--keep")
     source = ctx.get_parameter_source("data")  # typer's own (vendored) click: compare the enum by name
-    if source is not None and source.name == "DEFAULT" and not (ctx.obj or {}).get("quiet", False):
-        _stderr_console().print(f"note: no --data given, so the report is on {data} (the built-in digits); pass --data "
-                                "with the model's own images for a representative report")
+    note = source is not None and source.name == "DEFAULT" and not (ctx.obj or {}).get("quiet", False)
     if compare:
         _compare(models, data=data, split=split, bits=bits, what=what, out=out, weights=weights, random_init=random_init,
                  model_args=model_args or [], recipe=recipe or "vaq", batches=batches, batch_size=batch_size, run=run or [],
                  allocation=budget_bits is not None or keep is not None, plots=not no_plots, method=method, as_json=as_json,
                  show_progress=_show_progress(ctx, as_json))
+        _digits_note(note, data)
         return
     from .commands import analyze
 
@@ -448,6 +448,7 @@ def analyze_cmd(
                      batch_size=batch_size, run=Path(run[0]) if run else None, budget_bits=budget_bits, keep=keep, plots=not no_plots,
                      method=method, show_progress=_show_progress(ctx, as_json))
     summary = report["summary"]
+    _digits_note(note, data)
     if as_json:
         emit_json(summary)
         return
@@ -468,6 +469,13 @@ def analyze_cmd(
         render_table("oscillation", [summary["oscillation"]])
     if summary.get("files"):
         _stderr_console().print(f"report written to {out} ({len(summary['files'])} files; open {out}/index.html)", highlight=False)
+
+
+def _digits_note(show: bool, data: str) -> None:
+    """After an analysis on the default data: say it ran on the built-in digits, not on the model's own images."""
+    if show:
+        _stderr_console().print(f"note: no --data given, so the report is on {data} (the built-in digits); pass --data "
+                                "with the model's own images for a representative report")
 
 
 def _compare(models: list[str], *, model_args: list[str], run: list[str], weights: Optional[Path], allocation: bool,
