@@ -1,4 +1,5 @@
-"""Checks every model family's tests make: FP equivalence after prepare, fast sensitivity, transformers logits, config refusals."""
+"""Checks every model family's tests make: FP equivalence after prepare, fast sensitivity, transformers logits, config
+refusals, PTQ -> exports -> the stock model's view."""
 
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ def images(n: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def spread_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every parameter off its init (zero-initialised norms, GRN or gates would hide a wrong rewrite); eval mode."""
+def spread_(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
+    """Move every parameter off its init (zero-initialised norms, GRN or gates would hide a wrong rewrite); eval mode.
+
+    Where 0.2 gives logits of order 15 (SigLIP's attention pool), timm's own fused and explicit attention paths
+    already differ by ~1e-5 (float summation order): such models take `scale=0.1` (logits of order 1).
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
     return model.eval()
 
 
@@ -78,3 +83,27 @@ def assert_config_refused(folder: Path, tmp_path: Path, changes: dict, field: st
     with pytest.raises(ModelError) as err:
         resolve_model(str(copy))
     assert f"'{field}'" in str(err.value) and "\n" not in str(err.value)
+
+
+def assert_quantize_and_export(name: str, args: dict, tmp_path: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """PTQ run -> safetensors export (verify: max |diff| 0; `vitqtool.load` bit-exact) -> compressed-tensors view
+    (verify) that decompresses into a state dict the stock timm model loads strictly. Returns the run's quantized
+    model and that state dict."""
+    import timm
+
+    from vitqtool import commands
+    from vitqtool.core.runs import load_run_model
+    from vitqtool.export import source_state_dict
+
+    info = commands.quantize(name, bits=3, recipe="ptq", out=tmp_path / "run", random_init=True, model_args=args,
+                             calib_batches=1, batch_size=8, limit_train=16, limit_val=16)
+    assert info.status == "done"
+    assert commands.export(tmp_path / "run", tmp_path / "m.safetensors", verify=True).verify["max_abs_diff"] == 0.0
+    model = load_run_model(tmp_path / "run").model.eval()
+    with torch.no_grad():
+        assert torch.equal(vitqtool.load(tmp_path / "m.safetensors")(images()), model(images()))
+    view = commands.export(tmp_path / "run", tmp_path / "view.safetensors", verify=True, format="compressed-tensors")
+    assert view.verify["max_abs_diff"] <= 1e-4
+    state = source_state_dict(tmp_path / "view.safetensors")  # decompressed by compressed-tensors
+    timm.create_model(name, pretrained=False, **args).load_state_dict(state, strict=True)
+    return model, state

@@ -1,4 +1,4 @@
-"""Tiny random transformers ViT / DeiT / Swin / Swin V2 / ConvNeXt V2 / BEiT / data2vec-vision checkpoints saved with save_pretrained, for the transformers tests."""
+"""Tiny random transformers ViT / DeiT / Swin / Swin V2 / ConvNeXt V2 / BEiT / data2vec-vision / SigLIP checkpoints saved with save_pretrained, for the transformers tests."""
 
 from __future__ import annotations
 
@@ -16,7 +16,14 @@ CONVNEXTV2_KW = dict(image_size=32, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 
 # the shared relative position bias and class-token pooling
 BEIT_KW = dict(VIT_KW, use_relative_position_bias=True, use_absolute_position_embeddings=True, layer_scale_init_value=0.1)
 DATA2VEC_KW = dict(VIT_KW, use_shared_relative_position_bias=True, use_mean_pooling=False, layer_scale_init_value=0.1)
-FAMILIES = ("vit", "deit", "deit_distilled", "swin", "swinv2", "convnextv2", "beit", "data2vec_vision")
+FAMILIES = ("vit", "deit", "deit_distilled", "swin", "swinv2", "convnextv2", "beit", "data2vec_vision", "siglip")
+
+
+def _siglip_config(id2label: dict, label2id: dict, **vision):
+    """A SiglipConfig whose vision tower is `vision` (the classification model builds no text tower)."""
+    import transformers as tf
+
+    return tf.SiglipConfig(vision_config=vision, id2label=id2label, label2id=label2id)
 
 
 def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -32,6 +39,7 @@ def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         "convnextv2": (tf.ConvNextV2ForImageClassification, tf.ConvNextV2Config, CONVNEXTV2_KW),
         "beit": (tf.BeitForImageClassification, tf.BeitConfig, BEIT_KW),
         "data2vec_vision": (tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig, DATA2VEC_KW),
+        "siglip": (tf.SiglipForImageClassification, _siglip_config, VIT_KW),  # VIT_KW and overrides: the vision tower
     }[family]
     config = config_cls(**{**kw, **overrides}, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
     torch.manual_seed(seed)

@@ -97,8 +97,8 @@ def test_unsupported_family_and_block_named():
     with pytest.raises(ModelError, match="not a supported family"):
         core.prepare(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10), "vaq")
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
-                          num_heads=2, num_classes=10, qk_norm=True)
-    with pytest.raises(ModelError, match=r"blocks\.0\.attn: qk_norm"):
+                          num_heads=2, num_classes=10, attn_layer="diff")
+    with pytest.raises(ModelError, match=r"blocks\.0\.attn: attention type DiffAttention"):
         core.prepare(m, "vaq")
 
 
@@ -106,12 +106,11 @@ VIT_SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_
 
 
 @pytest.mark.parametrize("name,extra,where,feature", [
-    ("vit_tiny_patch16_224", {"scale_mlp_norm": True}, r"blocks\.0\.mlp\.norm", "norm inside the MLP"),
     ("vit_tiny_patch16_224", {"act_layer": "silu"}, r"blocks\.0\.mlp\.act", "activation SiLU"),
-    ("vit_tiny_patch16_224", {"qk_norm": True}, r"blocks\.0\.attn", "qk_norm"),
-    ("vit_tiny_patch16_224", {"global_pool": "map"}, "attn_pool", "attention pooling"),
+    ("vit_tiny_patch16_224", {"attn_layer": "diff"}, r"blocks\.0\.attn", "attention type DiffAttention"),
+    ("vit_tiny_patch16_224", {"global_pool": "prr"}, "attn_pool", "attention pooling AttentionPoolPrr"),
     ("swin_tiny_patch4_window7_224", {}, r"layers\.1\.blocks\.0\.mlp\.act", "SiLU"),
-], ids=["scale_mlp_norm", "silu", "qk_norm", "map_pool", "swin_silu"])
+], ids=["silu", "diff_attention", "prr_pool", "swin_silu"])
 def test_allow_list_refuses_features_the_rewrite_does_not_implement(name, extra, where, feature):
     if name.startswith("vit"):
         model = timm.create_model(name, pretrained=False, **VIT_SMALL, **extra)
@@ -126,7 +125,8 @@ def test_allow_list_refuses_features_the_rewrite_does_not_implement(name, extra,
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("extra", [{"act_layer": "gelu_tanh"}, {"reg_tokens": 2}], ids=["gelu_tanh", "reg_tokens"])
+@pytest.mark.parametrize("extra", [{"act_layer": "gelu_tanh"}, {"reg_tokens": 2}, {"qk_norm": True, "scale_mlp_norm": True}],
+                         ids=["gelu_tanh", "reg_tokens", "qk_norm_mlp_norm"])
 def test_vit_variants_the_rewrite_covers_are_fp_equivalent(extra):
     stock = timm.create_model("vit_tiny_patch16_224", pretrained=False, **extra, **VIT_SMALL).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -227,6 +227,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
           "versions": library_versions("safetensors")}
     config = {k: v for k, v in copy.deepcopy(source_config).items() if k != "torch_dtype"}
     config["dtype"] = "float32"
+    config = spec.map.export_config(config)
     config[META_QCONFIG] = {**compressed_tensors_config(schemes, spec), META_VITQ: vq}
     vq[DIGEST_KEY] = content_digest(tensors, _digested_metadata(config[META_QCONFIG]))
     preprocessor = preprocessor_config if preprocessor_config is not None else spec.map.processor_config(data_config)

@@ -36,7 +36,7 @@ from ..core.models import load_strict, resolve_model
 from ..errors import ExportFormatError
 from ..families import get_family
 from ..fileio import atomic_write, save_safetensors
-from ..quant import QUANT_LAYERS, QuantAttention, Quantizer, iter_quantizers
+from ..quant import QUANT_LAYERS, FusedProjections, Quantizer, iter_quantizers
 from .layout import FP_DTYPES, PACK_FORMAT, iter_standalone_quantizers, state_map
 from .digest import DIGEST_KEY, content_digest
 from .digest import check_digest as digest_check
@@ -74,7 +74,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
     def rename(name: str) -> str:
         return family.stock_name(name)[0]
 
-    attentions = {n: m for n, m in model.named_modules() if isinstance(m, QuantAttention)}
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, FusedProjections)}
     tensors: dict[str, Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}  # stock layer -> scheme row
     done: set[str] = set()  # rewritten-model layers already written
@@ -91,17 +91,17 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
         layers[stock] = {"bits": bits, "per_channel": per_channel, "act_bits": in_q.spec.bits if _ct_input(in_q) else None}
 
     with torch.no_grad():
-        for name, attn in attentions.items():
-            if attn.split and family.stock_name(f"{name}.q")[1] is None:
-                # the stock model has separate q, k, v projections: each is written as its own layer, with the
-                # attention's shared input quantizer as its input scale
-                for part in ("q", "k", "v"):
-                    layer = getattr(attn, part)
+        for name, mod in fused.items():
+            part_names, in_quant = mod.fused_parts()
+            parts = [mod.get_submodule(p) for p in part_names]
+            if len(parts) > 1 and family.stock_name(f"{name}.{part_names[0]}")[1] is None:
+                # the stock model keeps these projections apart (e.g. separate q, k, v): each is written as its own
+                # layer, with the shared input quantizer as its input scale
+                for part, layer in zip(part_names, parts):
                     put_layer(rename(f"{name}.{part}"), layer.w_quant.codes(layer.weight).cpu(), layer.w_quant.spec.bits,
-                              _step(layer.w_quant), layer.bias, attn.input_quant, layer.w_quant.spec.per_channel)
+                              _step(layer.w_quant), layer.bias, in_quant, layer.w_quant.spec.per_channel)
                     done.add(f"{name}.{part}")
                 continue
-            parts = [attn.q, attn.k, attn.v] if attn.split else [attn.qkv]
             codes = torch.cat([p.w_quant.codes(p.weight).cpu() for p in parts])
             bits = max(p.w_quant.spec.bits for p in parts)
             if len(parts) == 1 and not parts[0].w_quant.spec.per_channel:
@@ -111,9 +111,9 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
             biases = [p.bias for p in parts]
             bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
             if bias is None and any(b is not None for b in biases):
-                raise ExportFormatError(f"'{name}': q, k and v disagree on having a bias; they cannot be fused into qkv")
-            put_layer(rename(f"{name}.{'q' if attn.split else 'qkv'}"), codes, bits, steps, bias, attn.input_quant, per_channel)
-            done.update(f"{name}.{p}" for p in (("q", "k", "v") if attn.split else ("qkv",)))
+                raise ExportFormatError(f"'{name}': {', '.join(part_names)} disagree on having a bias; they cannot be fused")
+            put_layer(rename(f"{name}.{part_names[0]}"), codes, bits, steps, bias, in_quant, per_channel)
+            done.update(f"{name}.{p}" for p in part_names)
         for name, layer in model.named_modules():
             if isinstance(layer, QUANT_LAYERS) and name not in done:
                 codes = layer.w_quant.codes(layer.weight).cpu()
@@ -124,7 +124,7 @@ def source_view_tensors(model: nn.Module, architecture: str, model_args: dict,
             if entry.kind == "fp" and entry.state_key.rpartition(".")[0] not in layer_names:
                 tensors[rename(entry.state_key)] = file[entry.file_key]
     _check_keys(tensors, layers, stock_state)
-    return tensors, _quantization_config(layers, stock_state, model), _activation_table(model, attentions)
+    return tensors, _quantization_config(layers, stock_state, model), _activation_table(model, fused)
 
 
 def _check_keys(tensors: dict[str, Tensor], layers: dict[str, dict], stock_state: dict[str, Tensor]) -> None:
@@ -158,9 +158,9 @@ def _quantization_config(layers: dict[str, dict], stock_state: dict[str, Tensor]
             "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None}
 
 
-def _activation_table(model: nn.Module, attentions: dict[str, QuantAttention]) -> dict[str, dict[str, Any]]:
+def _activation_table(model: nn.Module, fused: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
     """Activation quantizers compressed-tensors has no slot for, by rewritten-model name, with their step and offset."""
-    shared_inputs = {f"{n}.input_quant" for n in attentions}
+    shared_inputs = {id(m.fused_parts()[1]) for m in fused.values()}  # written as the projections' input_scale
     table: dict[str, dict[str, Any]] = {}
 
     def row(q: Quantizer, role: str) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def _activation_table(model: nn.Module, attentions: dict[str, QuantAttention]) -
                 "scale": float(_step(q)), "offset": q.offset_value()}
 
     for name, q in iter_standalone_quantizers(model):
-        if name not in shared_inputs:
+        if id(q) not in shared_inputs:
             table[name] = row(q, name.rpartition(".")[2].removesuffix("_quant"))
     for name, layer in model.named_modules():
         if isinstance(layer, QUANT_LAYERS) and layer.a_quant is not None and not _ct_input(layer.a_quant):

@@ -6,7 +6,7 @@ or `hf_map.timm_spec(config)` and names no family. A new family is one module he
 
 from __future__ import annotations
 
-from . import beit, convnext, eva, resnet, swin, swinv2, vit  # noqa: F401  (registration)
+from . import beit, cait, convnext, eva, resnet, swin, swinv2, vit, vit_relpos  # noqa: F401  (registration)
 from . import sret  # noqa: F401  (registration; sret_model registers SReT with timm)
 from .base import FAMILIES, Family, QuantPolicy, get_family, quantize_model_, register_family
 

@@ -20,11 +20,14 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QConv2d, QLinear, QuantSpec
-from .hf_map import TransformersMap, register_transformers
+from .hf_map import UNMAPPED, TransformersMap, register_transformers
 
 FAMILIES: dict[str, type["Family"]] = {}  # "module.QualName" of an accepted timm model class -> family, filled by @register_family
 QKV_PARTS = ("q", "k", "v")  # the projections a fused qkv Linear is split into (method.md §4)
-GELU_CLASSES = ("torch.nn.modules.activation.GELU", "timm.layers.activations.GELU", "timm.layers.activations.GELUTanh")
+# activations whose output the fc2-input quantizer (unsigned + learned offset) fits: GELU and its approximations, all
+# bounded below by a small negative dip (GELU -0.170, QuickGELU x*sigmoid(1.702x) -0.164) and unbounded above
+GELU_CLASSES = ("torch.nn.modules.activation.GELU", "timm.layers.activations.GELU", "timm.layers.activations.GELUTanh",
+                "timm.layers.activations.QuickGELU")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Family(abc.ABC):
     name: ClassVar[str]
     patterns: ClassVar[tuple[str, ...]]  # timm model-name globs of the family, for messages
     transformers: ClassVar[tuple[TransformersMap, ...]] = ()  # its transformers classes (none: not loadable from one)
+    unmapped: ClassVar[tuple[tuple[str, str], ...]] = ()  # (transformers class, why no timm model computes it): refused by name
 
     @abc.abstractmethod
     def check(self, model: nn.Module) -> None:
@@ -173,6 +177,7 @@ def register_family(*model_classes: str) -> Callable[[type[Family]], type[Family
             FAMILIES[name] = cls
         for hf in cls.transformers:
             register_transformers(hf)
+        UNMAPPED.update(cls.unmapped)
         return cls
     return add
 
@@ -222,6 +227,12 @@ def quantize_conv(parent: nn.Module, attr: str, wspec: QuantSpec, aspec: QuantSp
     setattr(parent, attr, QConv2d.from_float(conv, wspec, aspec))
 
 
+def quantize_mlp(mlp: nn.Module, policy: QuantPolicy) -> None:
+    """A `check_mlp` MLP: fc1 reads a norm's output or the residual stream (signed), fc2 the GELU's (unsigned + offset)."""
+    quantize_linear(mlp, "fc1", policy.weight(), policy.act())
+    quantize_linear(mlp, "fc2", policy.weight(), policy.gelu_out())
+
+
 def check_fully_quantized(model: nn.Module, keep: frozenset[str] = frozenset()) -> None:
     """Fail loudly, naming the module, if any float Linear/Conv2d outside `keep` was left behind by a rewrite."""
     left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and name not in keep]
@@ -245,4 +256,4 @@ def check_mlp(mlp: nn.Module, where: str) -> None:
     require(class_name(mlp) == "timm.layers.mlp.Mlp", f"{where}.mlp", f"MLP type {type(mlp).__name__} (only timm Mlp)")
     require(is_identity(getattr(mlp, "norm", None)), f"{where}.mlp.norm", f"a norm inside the MLP ({type(mlp.norm).__name__}, scale_mlp_norm)")
     require(class_name(mlp.act) in GELU_CLASSES, f"{where}.mlp.act",
-            f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU)")
+            f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU, GELU-tanh or QuickGELU)")

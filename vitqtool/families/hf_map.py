@@ -104,6 +104,14 @@ class TransformersMap(abc.ABC):
         """An image-processor config equivalent to `data_config` for an export folder, or None when there is none."""
         return None
 
+    def unread(self, model_args: Mapping[str, Any]) -> tuple[str, ...]:
+        """Key prefixes of tensors the transformers class holds but its classification forward never reads: not loaded."""
+        return ()
+
+    def export_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The config.json an export writes from the source's (e.g. without the modules of `unread`, which it lacks)."""
+        return config
+
     def generic_processor(self, pp: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         """`pp` in the fields `data_config_from_preprocessor` reads; a processor with fields of its own translates them."""
         return pp
@@ -116,6 +124,7 @@ class TransformersMap(abc.ABC):
 
 
 TRANSFORMERS: dict[str, TransformersMap] = {}  # transformers class name -> its map, filled by `register_transformers`
+UNMAPPED: dict[str, str] = {}  # transformers class name -> why no timm model computes it, filled by `register_family`
 
 
 def register_transformers(hf_map: TransformersMap) -> None:
@@ -156,19 +165,36 @@ def timm_spec(config: Mapping[str, Any], where: str = "config.json") -> HFSpec:
     if config.get("model_type") != hf_map.model_type:
         raise ModelError(f"{where}: model_type {config.get('model_type')!r} does not match architectures "
                          f"[{hf_map.hf_class}] (expected {hf_map.model_type!r}); fix the config")
-    known = hf_map.fields | hf_map.ignored | _LABEL_FIELDS | _GENERIC_IGNORED | set(_GENERIC_OFF)
-    unknown = sorted(k for k in config if k not in known)
+    _check_fields(config, hf_map.fields | hf_map.ignored | _LABEL_FIELDS, hf_map.hf_class, where)
+    num_classes = len(labels_from_config(config, where))
+    args = hf_map.model_args(config, where)
+    args["num_classes"] = num_classes
+    return HFSpec(hf_map, hf_map.architecture(args), args)
+
+
+def _check_fields(config: Mapping[str, Any], known: frozenset[str] | set[str], hf_class: str, where: str) -> None:
+    """Refuse a field the map does not know (besides the generic ones) and a generic feature switched on."""
+    unknown = sorted(k for k in config if k not in known | _GENERIC_IGNORED | set(_GENERIC_OFF))
     if unknown:
-        raise ModelError(f"{where}: field '{unknown[0]}' is not covered by vitqtool's {hf_map.hf_class} map"
+        raise ModelError(f"{where}: field '{unknown[0]}' is not covered by vitqtool's {hf_class} map"
                          f"{' (also: ' + ', '.join(unknown[1:4]) + ')' if len(unknown) > 1 else ''}; "
                          "remove it if your transformers version ignores it")
     for name, off in _GENERIC_OFF.items():
         if name in config and config[name] not in (off, None):
             raise ModelError(f"{where}: field '{name}' = {config[name]!r} is not supported (only {off!r})")
-    num_classes = len(labels_from_config(config, where))
-    args = hf_map.model_args(config, where)
-    args["num_classes"] = num_classes
-    return HFSpec(hf_map, hf_map.architecture(args), args)
+
+
+def sub_config(config: Mapping[str, Any], name: str, model_type: str, fields: frozenset[str], hf_class: str,
+               where: str) -> dict[str, Any]:
+    """A nested config (a tower's `vision_config`), checked like a whole one; its own labels, if any, are not read."""
+    sub = config.get(name)
+    if not isinstance(sub, dict):
+        raise ModelError(f"{where}: field '{name}' must be an object, found {type(sub).__name__}")
+    inner = f"{where} {name}"
+    if sub.get("model_type", model_type) != model_type:
+        raise ModelError(f"{inner}: field 'model_type' = {sub['model_type']!r} is not supported (expected {model_type!r})")
+    _check_fields(sub, fields | _LABEL_FIELDS, hf_class, inner)
+    return sub
 
 
 def _map_of(config: Mapping[str, Any], where: str) -> TransformersMap:
@@ -176,6 +202,8 @@ def _map_of(config: Mapping[str, Any], where: str) -> TransformersMap:
     archs = config.get("architectures")
     if not isinstance(archs, list) or len(archs) != 1:
         raise ModelError(f"{where}: field 'architectures' must name exactly one class (found {archs!r}); supported: {supported}")
+    if archs[0] in UNMAPPED:
+        raise ModelError(f"{where}: {archs[0]} is not converted: {UNMAPPED[archs[0]]}")
     if archs[0] not in TRANSFORMERS:
         raise ModelError(f"{where}: field 'architectures' names {archs[0]!r}, which vitqtool does not convert; supported: {supported}")
     return TRANSFORMERS[archs[0]]
@@ -430,6 +458,7 @@ def to_timm_state(state: Mapping[str, Tensor], spec: HFSpec, model: nn.Module, w
         or a stored relative_position_index that differs from the one timm computes.
     """
     names = table(spec)
+    unread = spec.map.unread(spec.model_args)
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -460,7 +489,11 @@ def to_timm_state(state: Mapping[str, Tensor], spec: HFSpec, model: nn.Module, w
                 raise WeightsError(f"{where}: '{hf_key}' differs from the index timm computes for this window size; "
                                    "the checkpoint's window_size does not match its config")
             used.add(hf_key)
-    leftover = sorted(set(state) - used)
+    dropped = sorted(k for k in set(state) - used if k.startswith(unread))
+    if dropped:
+        log.info("%s: not loading %d tensors %s never reads for classification (%s)", where, len(dropped), spec.hf_class,
+                 ", ".join(dropped[:_MAX_SHOWN]))
+    leftover = sorted(set(state) - used - set(dropped))
     problems = []
     if missing:
         problems.append(f"missing keys {_shown(missing)}")

@@ -1,8 +1,12 @@
-"""The ViT family: timm `VisionTransformer` (ViT, DeiT) and `VisionTransformerDistilled`, method.md §3 layout.
+"""The ViT family: timm `VisionTransformer` (ViT, DeiT, CLIP, SigLIP, DINOv2) and `VisionTransformerDistilled`, method.md §3 layout.
 
 Per block: the fused `qkv` Attention becomes a `QuantAttention` (split q/k/v with their own steps,
-quantized Q/K/V, softmax output and attn@V); MLP fc1/fc2 become QLinear with fc2's input (the GELU
-output) unsigned with a learned offset. Patch embedding and classifier heads are 8-bit.
+quantized Q/K/V, softmax output and attn@V); MLP fc1/fc2 become QLinear with fc2's input (the GELU,
+GELU-tanh or QuickGELU output) unsigned with a learned offset. Patch embedding and classifier heads
+are 8-bit. SigLIP's attention-pool head (`global_pool='map'`) becomes a `QuantAttentionPool` plus its
+quantized MLP at the block bits (`ViTQuantAttentionPool`); `ParallelThingsBlock`s are quantized branch
+by branch like plain blocks, a `ParallelScalingBlock`'s in-projection is split into fc1/q/k/v
+(`ViTQuantParallelScalingBlock`). The quantized layers live in `vit_layers.py`; docs/families.md says why.
 
 transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
 - ViT/DeiT LayerNorms use `layer_norm_eps` (1e-12 by default; timm's ViT default is 1e-6), so the
@@ -10,19 +14,29 @@ transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
 - `DeiTForImageClassification` runs the distillation token through the encoder but reads only the
   class token: that is a timm ViT with one register token (`reg_tokens=1`, pooled on the class token).
   `DeiTForImageClassificationWithTeacher` averages both heads: timm's `deit_*_distilled` in eval mode.
+- `SiglipForImageClassification` mean-pools every token of the vision tower's output (after its final
+  LayerNorm) into the classifier: timm's `vit_*_siglip_gap_*` (no class token, `global_pool='avg'`,
+  `fc_norm=False`). It never reads the tower's attention-pool head (`vision_model.head`): not loaded,
+  and an export writes `vision_use_head: false`. Its position table is an `nn.Embedding` ([N, D]).
+- `Dinov2ForImageClassification` (and its register variant) classify `[class token, mean of patch
+  tokens]`: no timm pooling computes that concatenation, so they are refused by name.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Mapping
 
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..quant import QuantAttention
-from .base import Family, QuantPolicy, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
+from .base import Family, QuantPolicy, class_name, quantize_conv, quantize_linear, register_family, require
+from .blocks import check_block_mlp, quantize_block_mlp
 from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
-                     squash_processor_config)
+                     squash_processor_config, sub_config)
+from .vit_layers import (BLOCK, PARALLEL_BLOCK, POST_NORM_BLOCK, SCALING_BLOCK, SCALING_PARTS, ViTQuantAttention, ViTQuantAttentionPool,
+                         ViTQuantParallelScalingBlock, check_attention, check_attention_pool, check_parallel_scaling,
+                         quantize_attention)
 
 PROCESSOR_TYPES = frozenset({"ViTImageProcessor", "ViTImageProcessorFast", "ViTImageProcessorPil", "ViTFeatureExtractor",
                              "DeiTImageProcessor", "DeiTImageProcessorFast", "DeiTImageProcessorPil", "DeiTFeatureExtractor"})
@@ -47,33 +61,19 @@ class ViTMap(TransformersMap):
 
     def model_args(self, config: Mapping[str, Any], where: str) -> dict[str, Any]:
         check_field(config, "hidden_act", "gelu", where, "only exact GELU (nn.GELU) is mapped to timm")
-        dim = int_field(config, "hidden_size", where, 768)
-        heads = int_field(config, "num_attention_heads", where, 12)
-        if dim % heads:
-            raise ModelError(f"{where}: field 'num_attention_heads' ({heads}) does not divide hidden_size ({dim})")
-        check_field(config, "head_dim", dim // heads, where, "timm ViT heads are hidden_size / num_attention_heads wide")
-        hidden = int_field(config, "intermediate_size", where, 3072)
-        mlp_ratio = hidden / dim
-        if int(dim * mlp_ratio) != hidden:
-            raise ModelError(f"{where}: field 'intermediate_size' ({hidden}) is not int(hidden_size * ratio) for any float ratio")
-        eps = config.get("layer_norm_eps", 1e-12)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ModelError(f"{where}: field 'layer_norm_eps' must be a small positive number, found {eps!r}")
+        args = tower_args(config, where, eps_default=1e-12)
+        check_field(config, "head_dim", args["embed_dim"] // args["num_heads"], where,
+                    "timm ViT heads are hidden_size / num_attention_heads wide")
         hidden_drop = prob_field(config, "hidden_dropout_prob", where)
         return {
-            "img_size": pair_field(config, "image_size", where, 224), "patch_size": pair_field(config, "patch_size", where, 16),
-            "in_chans": int_field(config, "num_channels", where, 3), "embed_dim": dim,
-            "depth": int_field(config, "num_hidden_layers", where, 12), "num_heads": heads, "mlp_ratio": mlp_ratio,
-            "qkv_bias": bool_field(config, "qkv_bias", where, True), NORM_EPS_ARG: float(eps), "global_pool": "token",
-            "class_token": True,
+            **args, "qkv_bias": bool_field(config, "qkv_bias", where, True), "global_pool": "token", "class_token": True,
             # training only (eval is dropout-free); timm also drops after the GELU, transformers does not
             "pos_drop_rate": hidden_drop, "proj_drop_rate": hidden_drop,
             "attn_drop_rate": prob_field(config, "attention_probs_dropout_prob", where),
         }
 
     def signature(self, model_args: Mapping[str, Any]) -> tuple[Any, ...]:
-        patch = model_args["patch_size"]
-        return (model_args["embed_dim"], model_args["depth"], model_args["num_heads"], patch if isinstance(patch, int) else patch[0])
+        return tower_signature(model_args)
 
     def key_map(self, model_args: Mapping[str, Any]) -> list[Names]:
         p = self.prefix
@@ -100,6 +100,31 @@ class ViTMap(TransformersMap):
         return squash_processor_config(data_config, "ViTImageProcessor", "DeiTImageProcessor")
 
 
+def tower_args(config: Mapping[str, Any], where: str, eps_default: float) -> dict[str, Any]:
+    """timm ViT kwargs from the fields every transformers ViT-style tower shares (width, depth, heads, MLP, norm eps, sizes)."""
+    dim = int_field(config, "hidden_size", where, 768)
+    heads = int_field(config, "num_attention_heads", where, 12)
+    if dim % heads:
+        raise ModelError(f"{where}: field 'num_attention_heads' ({heads}) does not divide hidden_size ({dim})")
+    hidden = int_field(config, "intermediate_size", where, 3072)
+    mlp_ratio = hidden / dim
+    if int(dim * mlp_ratio) != hidden:
+        raise ModelError(f"{where}: field 'intermediate_size' ({hidden}) is not int(hidden_size * ratio) for any float ratio")
+    eps = config.get("layer_norm_eps", eps_default)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ModelError(f"{where}: field 'layer_norm_eps' must be a small positive number, found {eps!r}")
+    return {"img_size": pair_field(config, "image_size", where, 224), "patch_size": pair_field(config, "patch_size", where, 16),
+            "in_chans": int_field(config, "num_channels", where, 3), "embed_dim": dim,
+            "depth": int_field(config, "num_hidden_layers", where, 12), "num_heads": heads, "mlp_ratio": mlp_ratio,
+            NORM_EPS_ARG: float(eps)}
+
+
+def tower_signature(model_args: Mapping[str, Any]) -> tuple[Any, ...]:
+    """(width, depth, heads, patch): what the closest timm name is chosen on."""
+    patch = model_args["patch_size"]
+    return (model_args["embed_dim"], model_args["depth"], model_args["num_heads"], patch if isinstance(patch, int) else patch[0])
+
+
 class DeiTMap(ViTMap):
     """`DeiTForImageClassification`: the distillation token runs through the encoder, no head reads it (a register token)."""
 
@@ -122,57 +147,123 @@ class DeiTDistilledMap(ViTMap):
     heads = (("head", "cls_classifier"), ("head_dist", "distillation_classifier"))
 
 
-class ViTQuantAttention(QuantAttention):
-    """QuantAttention with timm's ViT Attention call signature."""
+SIGLIP_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}  # transformers -> timm act_layer
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,  # type: ignore[override]
-                num_queries: int | None = None) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("attention masks are not supported by the quantized ViT attention")
-        return super().forward(x, num_queries=num_queries)
+
+class SiglipMap(TransformersMap):
+    """`SiglipForImageClassification`: the SigLIP vision tower mean-pooled over all tokens after its final norm."""
+
+    hf_class, model_type = "SiglipForImageClassification", "siglip"
+    fields = frozenset({"vision_config"})
+    ignored = frozenset({"text_config", "initializer_factor"})  # the classification model builds no text tower
+    vision_fields = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                               "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
+                               "vision_use_head", "model_type"})
+    processor_types = PROCESSOR_TYPES | {"SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil"}
+    timm_names = (("vit_base_patch16_siglip_gap_224", (768, 12, 12, 16)), ("vit_base_patch32_siglip_gap_256", (768, 12, 12, 32)),
+                  ("vit_large_patch16_siglip_gap_256", (1024, 24, 16, 16)), ("vit_so400m_patch14_siglip_gap_224", (1152, 27, 16, 14)),
+                  ("vit_so400m_patch16_siglip_gap_256", (1152, 27, 16, 16)))
+
+    def model_args(self, config: Mapping[str, Any], where: str) -> dict[str, Any]:
+        vision = sub_config(config, "vision_config", "siglip_vision_model", self.vision_fields, self.hf_class, where)
+        where = f"{where} vision_config"
+        act = vision.get("hidden_act", "gelu_pytorch_tanh")
+        if act not in SIGLIP_ACTS:
+            raise ModelError(f"{where}: field 'hidden_act' = {act!r} is not supported (mapped: {', '.join(SIGLIP_ACTS)})")
+        bool_field(vision, "vision_use_head", where, True)  # the head is never read for classification (`unread`)
+        return {**tower_args(vision, where, eps_default=1e-6), "qkv_bias": True, "class_token": False, "global_pool": "avg",
+                "fc_norm": False, "act_layer": SIGLIP_ACTS[act],
+                "attn_drop_rate": prob_field(vision, "attention_dropout", where)}  # training only
+
+    def signature(self, model_args: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tower_signature(model_args)
+
+    def key_map(self, model_args: Mapping[str, Any]) -> list[Names]:
+        p = "vision_model"
+        rows = [Names("pos_embed", (f"{p}.embeddings.position_embedding.weight",), hf_view=(-1, model_args["embed_dim"])),
+                Names("patch_embed.proj", (f"{p}.embeddings.patch_embedding",))]
+        for i in range(model_args["depth"]):
+            hf = f"{p}.encoder.layers.{i}"
+            rows += [
+                Names(f"blocks.{i}.norm1", (f"{hf}.layer_norm1",)),
+                Names(f"blocks.{i}.attn.qkv", tuple(f"{hf}.self_attn.{n}_proj" for n in "qkv")),
+                Names(f"blocks.{i}.attn.proj", (f"{hf}.self_attn.out_proj",)),
+                Names(f"blocks.{i}.norm2", (f"{hf}.layer_norm2",)),
+                Names(f"blocks.{i}.mlp.fc1", (f"{hf}.mlp.fc1",)),
+                Names(f"blocks.{i}.mlp.fc2", (f"{hf}.mlp.fc2",)),
+            ]
+        return rows + [Names("norm", (f"{p}.post_layernorm",)), Names("head", ("classifier",))]
+
+    def unread(self, model_args: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("vision_model.head.",)  # the tower's attention-pool head: SiglipForImageClassification mean-pools instead
+
+    def export_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, "vision_config": {**config["vision_config"], "vision_use_head": False}}
+
+    def processor_config(self, data_config: Mapping[str, Any]) -> dict[str, Any] | None:
+        return squash_processor_config(data_config, "SiglipImageProcessor", "DeiTImageProcessor")
+
+
+DINOV2_POOLING = ("its classifier reads [class token, mean of the patch tokens] concatenated (2 x hidden_size inputs), "
+                  "which no timm VisionTransformer pooling computes; timm's DINOv2 models (vit_*_dinov2) are supported")
 
 
 @register_family("timm.models.vision_transformer.VisionTransformer", "timm.models.deit.VisionTransformerDistilled")
 class ViTFamily(Family):
-    """timm VisionTransformer with plain pre-norm blocks, fused-qkv attention and a GELU MLP."""
+    """timm VisionTransformer with pre-norm (or parallel) blocks, fused-qkv attention, a GELU MLP, token/avg/MAP pooling."""
 
     name = "vit"
     patterns = ("vit_*", "deit_*", "deit3_*")
-    transformers = (ViTMap(), DeiTMap(), DeiTDistilledMap())
+    transformers = (ViTMap(), DeiTMap(), DeiTDistilledMap(), SiglipMap())
+    unmapped = (("Dinov2ForImageClassification", DINOV2_POOLING), ("Dinov2WithRegistersForImageClassification", DINOV2_POOLING))
 
     def check(self, model: nn.Module) -> None:
-        require(getattr(model, "attn_pool", None) is None, "attn_pool", "attention pooling (global_pool='map')")
+        if getattr(model, "attn_pool", None) is not None:
+            check_attention_pool(model.attn_pool)
         # register tokens (e.g. a transformers DeiT's distillation token that no head reads) are FP prefix tokens like
         # cls_token: the rewrite leaves the embedding alone and `run_from` keeps every prefix row
         require(type(model.patch_embed.proj) is nn.Conv2d, "patch_embed.proj", f"patch embedding {type(model.patch_embed.proj).__name__}")
         for i, block in enumerate(model.blocks):
             where = f"blocks.{i}"
-            require(class_name(block) == "timm.models.vision_transformer.Block", where,
-                    f"block type {type(block).__name__} (only timm Block)")
-            attn = block.attn
-            require(class_name(attn) == "timm.layers.attention.Attention", f"{where}.attn",
-                    f"attention type {type(attn).__name__} (only timm Attention)")
-            require(is_identity(attn.q_norm) and is_identity(attn.k_norm), f"{where}.attn", f"qk_norm ({type(attn.q_norm).__name__})")
-            require(is_identity(attn.norm), f"{where}.attn", f"scale_norm ({type(attn.norm).__name__})")
-            require(getattr(attn, "gate", None) is None, f"{where}.attn", "gated attention")
-            require(type(attn.qkv) is nn.Linear and type(attn.proj) is nn.Linear, f"{where}.attn", "non-Linear qkv/proj")
-            check_mlp(block.mlp, where)
+            if class_name(block) == PARALLEL_BLOCK:
+                for j, (attn, ffn) in enumerate(zip(block.attns, block.ffns)):
+                    check_attention(attn.attn, f"{where}.attns.{j}.attn")
+                    check_block_mlp(ffn.mlp, f"{where}.ffns.{j}")
+                continue
+            if class_name(block) == SCALING_BLOCK:
+                check_parallel_scaling(block, where)
+                continue
+            require(class_name(block) in (BLOCK, POST_NORM_BLOCK), where, f"block type {type(block).__name__} "
+                    "(only timm Block, ResPostBlock, ParallelThingsBlock and ParallelScalingBlock)")
+            check_attention(block.attn, f"{where}.attn")
+            check_block_mlp(block.mlp, where)
 
     def quantize_(self, model: nn.Module, policy: QuantPolicy) -> nn.Module:
         quantize_conv(model.patch_embed, "proj", policy.weight(edge=True), policy.act(edge=True))
-        for block in model.blocks:
-            attn = block.attn
-            block.attn = ViTQuantAttention(
-                attn.qkv.in_features, attn.num_heads, attn.qkv, attn.proj, attn.scale, policy.bits,
-                split=policy.split_qkv, per_channel=policy.per_channel,
-                attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p, method=policy.method,
-            )
-            quantize_linear(block.mlp, "fc1", policy.weight(), policy.act())
-            quantize_linear(block.mlp, "fc2", policy.weight(), policy.gelu_out())
+        for i, block in enumerate(model.blocks):
+            if class_name(block) == SCALING_BLOCK:
+                model.blocks[i] = ViTQuantParallelScalingBlock(block, policy)
+                continue
+            pairs = zip(block.attns, block.ffns) if class_name(block) == PARALLEL_BLOCK else [(block, block)]
+            for attn_parent, mlp_parent in pairs:
+                quantize_attention(attn_parent, policy)
+                quantize_block_mlp(mlp_parent, policy)
+        if getattr(model, "attn_pool", None) is not None:
+            model.attn_pool = ViTQuantAttentionPool(model.attn_pool, policy)
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
                 quantize_linear(model, head, policy.weight(edge=True), policy.act(edge=True))
         return model
+
+    def stock_name(self, path: str) -> tuple[str, int | None]:
+        """The attention pool's split `k`/`v` are the halves of its stock `kv`, its `q` is the stock `q` (not a qkv
+        third); a parallel-scaling block's `fc1`, `q`, `k`, `v` (its direct children) are the row blocks of `in_proj`."""
+        head, _, leaf = path.rpartition(".")
+        if head == "attn_pool" and leaf in ("q", "k", "v"):
+            return ("attn_pool.q", None) if leaf == "q" else ("attn_pool.kv", ("k", "v").index(leaf))
+        if re.fullmatch(r"blocks\.\d+", head) and leaf in SCALING_PARTS:
+            return f"{head}.in_proj", SCALING_PARTS.index(leaf)
+        return super().stock_name(path)
 
     def block_names(self, model: nn.Module) -> list[str]:
         return [f"blocks.{i}" for i in range(len(model.blocks))]
@@ -193,7 +284,8 @@ class ViTFamily(Family):
         """
         blocks = list(model.blocks[index:])
         keep = model.num_prefix_tokens if model.global_pool == "token" else 0
-        last = blocks.pop() if blocks and keep and isinstance(blocks[-1].attn, ViTQuantAttention) else None
+        last = (blocks.pop() if blocks and keep and class_name(blocks[-1]) == BLOCK  # pre-norm: the formula below
+                and isinstance(blocks[-1].attn, ViTQuantAttention) else None)
         for block in blocks:
             hidden = block(hidden)
         if last is not None:

@@ -8,13 +8,16 @@ quantizer disabled they compute exactly what the float module computes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import QuantSpec, make_quantizer
+from .base import Quantizer, QuantSpec, make_quantizer
+
+QKV = ("q", "k", "v")  # the parts a fused qkv Linear is split into (method.md §4)
+KV = ("k", "v")        # the parts a fused kv Linear (attention pooling) is split into
 
 
 def _attach_quantizers(layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None, out_channels: int,
@@ -98,6 +101,7 @@ class QuantAttention(nn.Module):
       per-head Q and K (`[B, heads, N, head_dim]`, e.g. a rotary position embedding): the Q and K
       quantizers see the normalised, rotated values, so the integer matmul does too;
     - `norm`: a norm of `attn @ V` before `proj`, whose input quantizer then sees the norm's output.
+    Subclasses that change what happens between the two matmuls (talking heads) reuse `project`.
     """
 
     # the projections whose output its Q/K/V quantizer sees unchanged (what compressed-tensors' output_activations
@@ -127,21 +131,13 @@ class QuantAttention(nn.Module):
         self.head_dim = width // num_heads
         self.scale = scale
         self.split = split
-        wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
-        aspec = QuantSpec(bits, signed=True, method=method)
-        self.input_quant = make_quantizer(aspec, "act")
-        if split:
-            for i, name in enumerate(("q", "k", "v")):
-                part = parts[i] if parts is not None else _slice_linear(qkv, i)
-                setattr(self, name, QLinear.from_float(part, wspec, None))
-                setattr(self, f"{name}_quant", make_quantizer(aspec, "act"))
+        if not split:
+            projections = {"qkv": qkv}
         else:
-            self.qkv = QLinear.from_float(qkv, wspec, None)
-            self.qkv_quant = make_quantizer(aspec, "act")
+            projections = dict(zip(QKV, parts if parts is not None else [_slice_linear(qkv, i) for i in range(3)]))
+        _attention_layers(self, projections, proj, bits, per_channel, method)
         self.q_bias, self.v_bias = q_bias, v_bias
-        self.q_norm, self.k_norm, self.norm = q_norm, k_norm, norm
-        self.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
-        self.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V (after `norm`)
+        self.q_norm, self.k_norm, self.norm = q_norm, k_norm, norm  # norm: of attn @ V, before proj's input quantizer
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -163,6 +159,25 @@ class QuantAttention(nn.Module):
             heads = rotate(heads)
         return heads.transpose(1, 2).reshape(t.shape)
 
+    def project(self, x: Tensor, num_queries: int, rotate: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantized Q (of the first `num_queries` tokens), K and V of `x`, heads first: `[batch, heads, tokens, head_dim]`."""
+        b, n, _ = x.shape
+        if rotate is not None and num_queries != n:
+            raise ValueError("a rotated attention computes every query (num_queries is not supported with rotate)")
+        x = self.input_quant(x)
+        if self.split:
+            q = self._heads(self.q_quant(self._position(self.q(x[:, :num_queries]), self.q_bias, self.q_norm, rotate)))
+            k = self._heads(self.k_quant(self._position(self.k(x), None, self.k_norm, rotate)))
+            v = self._heads(self.v_quant(self._position(self.v(x), self.v_bias, None, None)))
+            return q, k, v
+        qkv = self.qkv(x)
+        if any(t is not None for t in (self.q_bias, self.v_bias, self.q_norm, self.k_norm, rotate)):
+            q, k, v = qkv.chunk(3, dim=-1)
+            qkv = torch.cat([self._position(q, self.q_bias, self.q_norm, rotate), self._position(k, None, self.k_norm, rotate),
+                             self._position(v, self.v_bias, None, None)], dim=-1)
+        q, k, v = self.qkv_quant(qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q[:, :, :num_queries], k, v
+
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None,
                 rotate: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Attend over all tokens of `x`; outputs only the first `num_queries` tokens when given.
@@ -172,40 +187,115 @@ class QuantAttention(nn.Module):
         """
         b, n, _ = x.shape
         nq = n if num_queries is None else num_queries
-        if rotate is not None and nq != n:
-            raise ValueError("a rotated attention computes every query (num_queries is not supported with rotate)")
-        x = self.input_quant(x)
-        if self.split:
-            q = self._heads(self.q_quant(self._position(self.q(x[:, :nq]), self.q_bias, self.q_norm, rotate)))
-            k = self._heads(self.k_quant(self._position(self.k(x), None, self.k_norm, rotate)))
-            v = self._heads(self.v_quant(self._position(self.v(x), self.v_bias, None, None)))
-        else:
-            qkv = self.qkv(x)
-            if any(t is not None for t in (self.q_bias, self.v_bias, self.q_norm, self.k_norm, rotate)):
-                q, k, v = qkv.chunk(3, dim=-1)
-                qkv = torch.cat([self._position(q, self.q_bias, self.q_norm, rotate), self._position(k, None, self.k_norm, rotate),
-                                 self._position(v, self.v_bias, None, None)], dim=-1)
-            qkv = self.qkv_quant(qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            q = q[:, :, :nq]
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if attn_bias is not None:
-            attn = attn + attn_bias[..., :nq, :]
-        attn = self.softmax_quant(attn.softmax(dim=-1))
-        attn = self.attn_drop(attn)
-        out = (attn @ v).transpose(1, 2).reshape(b, nq, -1)
+        q, k, v = self.project(x, nq, rotate)
+        bias = attn_bias[..., :nq, :] if attn_bias is not None else None
+        out = attend(q, k, v, self.scale, self.softmax_quant, self.attn_drop, bias).transpose(1, 2).reshape(b, nq, -1)
         if self.norm is not None:
             out = self.norm(out)
         return self.proj_drop(self.proj(out))
 
+    def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
+        """The child projections that are one stock Linear's rows, in order (the stock `qkv`; the family's
+        `stock_name` says when the stock model keeps them apart), and their shared input quantizer."""
+        return (QKV if self.split else ("qkv",)), self.input_quant
 
-def _slice_linear(fused: nn.Linear, index: int) -> nn.Linear:
-    """The `index`-th third of a fused qkv Linear as its own Linear (exact copy of the rows)."""
-    out = fused.out_features // 3
-    part = nn.Linear(fused.in_features, out, bias=fused.bias is not None, device=fused.weight.device, dtype=fused.weight.dtype)
+
+class QuantAttentionPool(nn.Module):
+    """Multi-head attention of learned latent queries over the tokens (attention pooling), quantized as `QuantAttention`.
+
+    Layout (method.md §3 with the queries taken from a learned latent instead of the tokens): the latent (an FP
+    parameter, like a class token) is the input of a b-bit `q` projection through its own signed input quantizer;
+    the tokens feed the `k` and `v` projections (split from the fused `kv` Linear with their own weight steps, or
+    one fused `kv` with one step when `split=False`) through one shared signed `input_quant`; Q, K and V are
+    quantized signed, the softmax output unsigned, and `attn @ V` as the input of the b-bit `proj`.
+    Returns `[batch, latents, dim]` after `proj` (the caller adds the MLP and the pooling over latents).
+    """
+
+    def __init__(self, latent: nn.Parameter, q: nn.Linear, kv: nn.Linear, proj: nn.Linear, num_heads: int, scale: float,
+                 bits: int, split: bool = True, per_channel: bool = False, proj_drop: float = 0.0, method: str = "lsq") -> None:
+        super().__init__()
+        if kv.out_features != 2 * q.out_features:
+            raise ValueError(f"kv projection has {kv.out_features} outputs, not twice the query width {q.out_features}")
+        self.num_heads = num_heads
+        self.head_dim = q.out_features // num_heads
+        self.scale = scale
+        self.split = split
+        self.latent = latent
+        kv_parts = {name: _slice_linear(kv, i, len(KV)) for i, name in enumerate(KV)} if split else {"kv": kv}
+        wspec, aspec = _attention_layers(self, kv_parts, proj, bits, per_channel, method)
+        self.q = QLinear.from_float(q, wspec, aspec)  # q.a_quant quantizes the latent
+        self.q_quant = make_quantizer(aspec, "act")
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self._heads(self.q_quant(self.q(self.latent.expand(b, -1, -1))))
+        x = self.input_quant(x)
+        if self.split:
+            k, v = self._heads(self.k_quant(self.k(x))), self._heads(self.v_quant(self.v(x)))
+        else:
+            k, v = self.kv_quant(self.kv(x)).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attend(q, k, v, self.scale, self.softmax_quant).transpose(1, 2).reshape(b, q.shape[2], -1)
+        return self.proj_drop(self.proj(out))
+
+    def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
+        """The child projections that make up the stock fused `kv` Linear, in order, and their shared input quantizer."""
+        return (KV if self.split else ("kv",)), self.input_quant
+
+
+def _attention_layers(module: nn.Module, projections: dict[str, nn.Linear], proj: nn.Linear, bits: int, per_channel: bool,
+                      method: str) -> tuple[QuantSpec, QuantSpec]:
+    """Give an attention `module` its shared signed `input_quant`, the b-bit `projections` (name -> Linear, input
+    quantized by `input_quant`) each with a signed output quantizer `<name>_quant`, the unsigned `softmax_quant` and
+    the b-bit `proj` whose input (attn @ V) is quantized signed. Returns the (weight, activation) specs."""
+    wspec = QuantSpec(bits, signed=True, granularity="channel" if per_channel else "tensor", method=method)
+    aspec = QuantSpec(bits, signed=True, method=method)
+    module.input_quant = make_quantizer(aspec, "act")
+    for name, linear in projections.items():
+        setattr(module, name, QLinear.from_float(linear, wspec, None))
+        setattr(module, f"{name}_quant", make_quantizer(aspec, "act"))
+    module.softmax_quant = make_quantizer(QuantSpec(bits, signed=False, method=method), "act")
+    module.proj = QLinear.from_float(proj, wspec, aspec)  # proj.a_quant quantizes attn @ V
+    return wspec, aspec
+
+
+@runtime_checkable
+class FusedProjections(Protocol):
+    """A module whose child projections (split for their own weight steps) are one fused Linear in the stock model."""
+
+    def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
+        """The child projections that are one stock Linear's rows, in order, and the quantizer of their shared input
+        (the family's `stock_name` says when the stock model keeps them as separate layers instead)."""
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, softmax_quant: Quantizer, attn_drop: nn.Module | None = None,
+           attn_bias: Tensor | None = None) -> Tensor:
+    """`softmax(Q K^T * scale + bias)`, quantized unsigned, times V (heads first: `[batch, heads, tokens, head_dim]`)."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if attn_bias is not None:
+        attn = attn + attn_bias
+    attn = softmax_quant(attn.softmax(dim=-1))
+    if attn_drop is not None:
+        attn = attn_drop(attn)
+    return attn @ v
+
+
+def _slice_linear(fused: nn.Linear, index: int, parts: int = 3) -> nn.Linear:
+    """The `index`-th of `parts` equal row blocks of a fused Linear (qkv, kv) as its own Linear (exact copy of the rows)."""
+    out = fused.out_features // parts
+    return slice_rows(fused, index * out, (index + 1) * out)
+
+
+def slice_rows(fused: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """Output rows `start:stop` of a fused Linear (one of the projections it fuses) as their own Linear (an exact copy)."""
+    part = nn.Linear(fused.in_features, stop - start, bias=fused.bias is not None, device=fused.weight.device,
+                     dtype=fused.weight.dtype)
     with torch.no_grad():
-        part.weight.copy_(fused.weight[index * out:(index + 1) * out])
+        part.weight.copy_(fused.weight[start:stop])
         if fused.bias is not None:
-            part.bias.copy_(fused.bias[index * out:(index + 1) * out])
+            part.bias.copy_(fused.bias[start:stop])
     return part
-
