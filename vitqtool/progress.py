@@ -3,9 +3,6 @@
 With no terminal (CI logs, `nohup`, pipes) a rich bar would only print once at the end, so a plain
 line (`description done/total, extra fields, elapsed, eta`) is printed every `VITQ_PROGRESS_SECONDS`
 seconds (default 30) and when the work ends. Silent when disabled (`--json`, `--quiet`).
-
-Every rich console of the package comes from `console()`: without a terminal it prints at full width
-(or `COLUMNS`), so a log keeps whole lines, paths and numbers.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ LOG_WIDTH = 10_000  # a console without a terminal and without COLUMNS: wide eno
 
 
 def console(stderr: bool = False) -> Any:
-    """A rich Console on stdout (or stderr) that never reads markup in what it prints (text from data).
+    """The package's rich Console on stdout (or stderr); it never reads markup in what it prints (text from data).
 
     On a terminal it takes the terminal's width. Without one (CI logs, pipes) rich would assume 80
     columns, wrap long lines and cut table cells to `…`; there it takes `COLUMNS` when set, else a
