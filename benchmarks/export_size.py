@@ -27,9 +27,9 @@ from vitqtool.recipe import load_recipe  # noqa: E402
 MODELS = ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224")
 
 
-def measure(name: str, bits: int, dtype: str, folder: Path) -> dict:
-    """Export one model and return its sizes (bytes) and the ratio to the FP32 safetensors of the FP model."""
-    loaded = resolve_model(name, random_init=True)
+def measure(name: str, bits: int, dtype: str, folder: Path, model_args: dict | None = None) -> dict:
+    """Export one model (random init, `model_args` for timm) and return its sizes and the ratio to the FP32 safetensors."""
+    loaded = resolve_model(name, random_init=True, model_args=model_args)
     fp32 = folder / f"{name}.fp32.safetensors"
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(fp32))
     recipe = load_recipe("vaq", set_fields={"quant.bits": bits})

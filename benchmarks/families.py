@@ -1,8 +1,8 @@
 """Coverage of timm's ViT-like and CNN families: every architecture accepted and FP-exact, or refused with its one-line reason.
 
-    python benchmarks/families.py                        # every module below; writes results/families.{md,json}, README block
-    python benchmarks/families.py --modules eva,beit     # some timm modules only (prints; README and results left alone)
-    python benchmarks/families.py --no-readme            # write the results, leave README.md alone
+    python benchmarks/families.py                        # every module below; writes results/families.{md,json}, the docs block
+    python benchmarks/families.py --modules eva,beit     # some timm modules only (prints; docs and results left alone)
+    python benchmarks/families.py --no-docs              # write the results, leave the docs page alone
 
 For each architecture of `timm.list_models(module=M)`, M in MODULES plus the timm module of every class a
 vitqtool family registers (so a newly merged family is covered on the next run):
@@ -45,6 +45,7 @@ from benchmarks.report_md import publish  # noqa: E402
 MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "vision_transformer_relpos", "eva", "beit", "cait",
            "swin_transformer", "swin_transformer_v2", "convnext", "resnet", "sret_model")
 START, END = "<!-- families:start -->", "<!-- families:end -->"
+COVERAGE_PAGE = ROOT / "docs" / "reference" / "inputs.md"  # its block between START and END is this script's summary
 EXACT = 1e-5
 TIMEOUT_S = 120  # per architecture and step
 
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--md", type=Path, default=None,
                    help="markdown output (default for a full run: benchmarks/results/families.md; a partial run only prints)")
-    p.add_argument("--no-readme", action="store_true", help="leave README.md's families block alone")
+    p.add_argument("--no-docs", action="store_true", help="leave the families block of docs/reference/inputs.md alone")
     a = p.parse_args(argv)
 
     import timm
@@ -325,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     full = not a.modules and a.limit is None
     publish(lines, a.md or (ROOT / "benchmarks" / "results" / "families.md" if full else None),
             {"seconds": seconds, "modules": modules, "rows": rows})
-    if full and not a.no_readme:
-        replace_block(ROOT / "README.md", [about, "", *summary])
+    if full and not a.no_docs:
+        replace_block(COVERAGE_PAGE, [about, "", *summary])
     return 0 if counts["crashed"] == 0 else 1
 
 

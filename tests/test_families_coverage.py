@@ -1,4 +1,4 @@
-"""benchmarks/families.py on a few architectures: statuses, the one-line reasons, the summary and the README block."""
+"""benchmarks/families.py on a few architectures: statuses, the one-line reasons, the summary and the block it writes into the docs."""
 
 import pytest
 

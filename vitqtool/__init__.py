@@ -7,6 +7,8 @@ torch and timm load on first use of a function that needs them.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -37,3 +39,15 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'vitqtool' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+class _Package(types.ModuleType):
+    """The package module: importing the subpackage `vitqtool.export` must not replace the function `vitqtool.export`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return  # the import system binds a submodule to its parent; the public function of that name wins
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

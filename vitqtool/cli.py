@@ -89,16 +89,16 @@ LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="L
 
 def _stderr_console():
     """Console on stderr that never reads markup in what it prints (paths, keys and messages come from data)."""
-    from rich.console import Console
+    from .progress import console
 
-    return Console(stderr=True, markup=False, highlight=False)
+    return console(stderr=True)
 
 
 def _stdout_console():
     """Console on stdout that never reads markup (table titles and cells come from data)."""
-    from rich.console import Console
+    from .progress import console
 
-    return Console(markup=False, highlight=False)
+    return console()
 
 
 def _error_line(label: str, message: str) -> Any:
@@ -131,9 +131,10 @@ def render_table(title: str, rows: list[dict[str, Any]], columns: list[str] | No
     from rich.table import Table
 
     columns = columns or (list(rows[0]) if rows else [])
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # as wide as its title: a title is never wrapped mid-number
     for c in columns:
-        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left",
+                         overflow="fold")  # a narrow terminal folds a long path or number, never cuts it to "…"
     for row in rows:
         table.add_row(*(_fmt(row.get(c)) for c in columns))
     _stdout_console().print(table)
@@ -347,7 +348,7 @@ def inspect_cmd(
 def quantize_cmd(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="FP MODEL spec to quantize (timm name, hf-hub:..., model folder).")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints); default runs/<model>-w<bits>a<bits>-<recipe>. A folder holding a run is refused unless --resume or --overwrite.")] = None,
     bits: BitsOpt = None,
     recipe: Annotated[str, typer.Option("--recipe", help="vaq (QAT, the paper), lsq (baseline), ptq (calibration only), ptq-recon (PTQ with reparameterization and block reconstruction), or a .toml path.")] = "vaq",
     data: DataOpt = "builtin:mnist5k",
@@ -387,6 +388,11 @@ def quantize_cmd(
 
     if mixed_precision not in (None, "no", "fp16", "bf16"):
         raise typer.BadParameter(f"must be no, fp16 or bf16, got {mixed_precision!r}", param_hint="--mixed-precision")
+    default_out = out is None
+    if out is None:
+        from .commands import default_run_folder
+
+        out = default_run_folder(model, bits=bits, recipe=recipe, overrides=overrides)
     info = run_quantize(model, bits=bits, recipe=recipe, data=data, out=out, teacher=teacher, soft_labels=soft_labels,
                            weights=weights, random_init=random_init, model_args=parse_model_args(model_args),
                            teacher_weights=teacher_weights, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -406,6 +412,8 @@ def quantize_cmd(
         emit_json(summary)
     else:
         render_table(f"quantize {summary['model']} -> {out}", [summary], ["recipe", "bits", "kd", "epochs", "steps", "best_top1", "last_top1"])
+    if default_out and not (ctx.obj or {}).get("quiet", False):
+        _stderr_console().print(f"run folder: {out} (no --out given)")
 
 
 @app.command("analyze")
@@ -441,11 +449,14 @@ def analyze_cmd(
         raise typer.BadParameter("must be auto, fast, naive or taylor", param_hint="--method")
     if budget_bits is not None and keep is not None:
         raise typer.BadParameter("pass only one of --budget-bits and --keep", param_hint="--keep")
+    source = ctx.get_parameter_source("data")  # typer's own (vendored) click: compare the enum by name
+    note = source is not None and source.name == "DEFAULT" and not (ctx.obj or {}).get("quiet", False)
     if compare:
         _compare(models, data=data, split=split, bits=bits, what=what, out=out, weights=weights, random_init=random_init,
                  model_args=model_args or [], recipe=recipe or "vaq", batches=batches, batch_size=batch_size, run=run or [],
                  allocation=budget_bits is not None or keep is not None, plots=not no_plots, method=method, as_json=as_json,
                  show_progress=_show_progress(ctx, as_json))
+        _digits_note(note, data)
         return
     from .commands import analyze
 
@@ -458,6 +469,7 @@ def analyze_cmd(
                      batch_size=batch_size, run=Path(run[0]) if run else None, budget_bits=budget_bits, keep=keep, plots=not no_plots,
                      method=method, show_progress=_show_progress(ctx, as_json))
     summary = report["summary"]
+    _digits_note(note, data)
     if as_json:
         emit_json(summary)
         return
@@ -479,6 +491,13 @@ def analyze_cmd(
         render_table("oscillation", [summary["oscillation"]])
     if summary.get("files"):
         _stderr_console().print(f"report written to {out} ({len(summary['files'])} files; open {out}/index.html)", highlight=False)
+
+
+def _digits_note(show: bool, data: str) -> None:
+    """After an analysis on the default data: say it ran on the built-in digits, not on the model's own images."""
+    if show:
+        _stderr_console().print(f"note: no --data given, so the report is on {data} (the built-in digits); pass --data "
+                                "with the model's own images for a representative report")
 
 
 def _compare(models: list[str], *, model_args: list[str], run: list[str], weights: Optional[Path], allocation: bool,
@@ -536,7 +555,7 @@ def demo_cmd(
 
     table = Table(title=f"vitqtool demo: {result['config']['architecture']} on {result['config']['data']} [validation]")
     for c in ("model", "top-1 %", "top-5 %", "file", "size", "vs FP", "verify max|diff|"):
-        table.add_column(c, justify="left" if c in ("model", "file") else "right")
+        table.add_column(c, justify="left" if c in ("model", "file") else "right", overflow="fold")
     for m in result["models"]:
         table.add_row(m["model"], f"{m['top1']:.2f}", f"{m['top5']:.2f}", m["file"], size(m["bytes"]),
                       f"{m['size_ratio_vs_fp']:.1f}x", _fmt(m["verify_max_abs_diff"]))

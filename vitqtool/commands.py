@@ -11,6 +11,7 @@ import copy
 import itertools
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,9 @@ from .train.softlabels import bytes_per_crop, check_store_out
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResolvedModel", "analyze", "compare", "end_processes", "evaluate", "export", "inspect", "load", "quantize", "resolve_any", "softlabels",
-           "train_fp"]
+__all__ = ["ResolvedModel", "analyze", "compare", "default_run_folder", "end_processes", "evaluate", "export", "inspect", "load",
+           "quantize", "resolve_any", "softlabels", "train_fp"]
+RUNS_FOLDER = Path("runs")  # where `quantize` puts a run when no `out` is given
 
 
 @dataclass
@@ -143,7 +145,22 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
     return {**result, "labels": labels, "model": source, "kind": kind, "data": data, "split": used_split, "quantized": quantized_with}
 
 
-def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq", data: str = "builtin:mnist5k", out: Path,
+def default_run_folder(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
+                       overrides: list[Path] | None = None) -> Path:
+    """Where `quantize` writes when no `out` is given: `runs/<model>-w<b>a<b>-<recipe>`.
+
+    `<model>` is the last part of the MODEL spec (a timm name, a folder's name, an hf-hub repo's name) and `<b>`
+    the bits the recipe resolves to with `bits` and `overrides`; an existing run there is refused as for any `out`.
+    """
+    rec = load_recipe(recipe, override_files=overrides, set_fields={"quant.bits": bits})
+    spec = str(model).removeprefix("hf-hub:").partition("@")[0].rstrip("/\\")
+    name = Path(spec).name or Path(spec).resolve().name
+    part = lambda text: re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"  # noqa: E731
+    return RUNS_FOLDER / f"{part(name)}-w{rec.quant.bits}a{rec.quant.bits}-{part(rec.name)}"
+
+
+def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq", data: str = "builtin:mnist5k",
+             out: Path | None = None,
              teacher: str | None = None, soft_labels: Path | None = None, weights: str | Path | None = None,
              random_init: bool = False, model_args: dict | None = None, teacher_weights: str | Path | None = None,
              epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
@@ -171,12 +188,17 @@ def quantize(model: str, *, bits: int | None = None, recipe: str | Path = "vaq",
     each epoch; `resume=True` continues exactly, also on another number of processes when the global
     batch (`batch_size` x processes) is kept (docs/scaling.md).
 
+    `out` None writes to `default_run_folder(model, ...)` (`runs/<model>-w<b>a<b>-<recipe>`).
+
     Returns:
         The run's RunInfo (what run.json holds); the run folder `out` is loadable with `evaluate` and `export`.
     Raises:
         RecipeError, ModelError, DataError for bad input; RunError for a run folder that holds
         another run, a non-finite loss, or a failed checkpoint write; RunInterrupted (exit 130) on SIGINT.
     """
+    if out is None:
+        out = default_run_folder(model, bits=bits, recipe=recipe, overrides=overrides)
+        log.info("no out given: writing the run to %s", out)
     rec = load_recipe(recipe, override_files=overrides, set_fields={
         "quant.bits": bits, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
         "train.warmup_epochs": warmup_epochs, "train.grad_clip": grad_clip, "train.grad_accum": grad_accum,
@@ -412,14 +434,26 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
 
     Args:
         model: MODEL spec (timm name, hf-hub:..., local folder) of the FP model.
-        data, split: analysis data (`batches x batch_size` evenly spaced images of `split`); step sizes are calibrated
-            on as many evenly spaced "train" images as the recipe's calibration batches hold, first.
+        data: dataset spec; step sizes are calibrated first on as many evenly spaced "train" images as the recipe's
+            calibration batches hold.
+        split: the analysed split (`batches x batch_size` evenly spaced images of it).
         bits: weight/activation bits inside blocks (edge layers keep the recipe's edge bits).
-        what, method, budget_bits, keep, out, plots: as `analysis.analyze_model`.
-        batches, batch_size: analysis images = batches x batch_size.
+        what: sensitivity of "weights", "acts" or "both" of each module.
+        out: report folder (analysis.json, CSVs, PNGs, index.html, overrides.toml); None writes nothing.
+        weights: local weights file for a timm MODEL name.
+        random_init: build the model with random weights.
+        model_args: extra `timm.create_model` arguments.
+        recipe: the recipe whose layout is analysed.
+        batches: analysis batches.
+        batch_size: images per batch.
         run: a `quantize` run folder, for the oscillation section.
+        budget_bits: suggest bits: the average weight bits of the block layers (writes overrides.toml).
+        keep: suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).
+        plots: render PNGs (needs matplotlib, the `vitqtool[plots]` extra).
+        method: "fast" (cached block inputs) or "naive" (full forward per module); same numbers.
+        show_progress: progress on stderr.
     Returns:
-        The report dict (schema in the README; `report["summary"]` is what `--json` prints).
+        The report dict (schema `vitqtool.analysis/1`; `report["summary"]` is what `--json` prints).
     Raises:
         ModelError, DataError, RecipeError, RunError on bad input.
 
@@ -478,7 +512,17 @@ def compare(models: list[str], *, labels: list[str] | None = None, data: str = "
         model_args: `timm.create_model` arguments per model (same order as `models`).
         runs: label -> `quantize` run folder of that model, for its oscillating-weight share.
         out: comparison folder (comparison.json/.csv, PNGs, index.html) with each model's own report in a subfolder.
-        data, split, bits, what, random_init, recipe, batches, batch_size, plots, method: as `analyze`, for every model.
+        data: dataset spec, as `analyze`.
+        split: the analysed split, as `analyze`.
+        bits: weight/activation bits inside blocks, for every model.
+        what: sensitivity of "weights", "acts" or "both", as `analyze`.
+        random_init: build every model with random weights.
+        recipe: the recipe whose layout is analysed, for every model.
+        batches: analysis batches, as `analyze`.
+        batch_size: images per batch, as `analyze`.
+        plots: render the overlaid PNGs and each model's own.
+        method: sensitivity method, as `analyze`.
+        show_progress: progress on stderr.
     Returns:
         The comparison (schema `vitqtool.compare/1`: settings, `measures`, one row per model in `models`).
     Raises:

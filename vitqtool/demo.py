@@ -28,6 +28,7 @@ from rich.text import Text
 from .commands import analyze, evaluate, export, quantize, softlabels, train_fp
 from .export.formats import ExportSummary
 from .fileio import atomic_write, write_json
+from .progress import console
 
 FP_STAMP = "demo.json"  # written into out/fp next to config.json: the settings the FP model was trained with
 
@@ -144,10 +145,7 @@ def demo(out: Path = Path("vitqtool-demo"), *, quick: bool = False, config: Demo
     out.mkdir(parents=True, exist_ok=True)
     if log is None:
         if show_progress:
-            from rich.console import Console
-
-            console = Console(stderr=True, markup=False, highlight=False)
-            log = console.print
+            log = console(stderr=True).print
         else:
             log = lambda text: None  # noqa: E731
     steps: list[dict[str, Any]] = []

@@ -24,6 +24,23 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 DEFAULT_INTERVAL = 30.0
+LOG_WIDTH = 10_000  # a console without a terminal and without COLUMNS: wide enough that no line wraps
+
+
+def console(stderr: bool = False) -> Any:
+    """The package's rich Console on stdout (or stderr); it never reads markup in what it prints (text from data).
+
+    On a terminal it takes the terminal's width. Without one (CI logs, pipes) rich would assume 80
+    columns, wrap long lines and cut table cells to `…`; there it takes `COLUMNS` when set, else a
+    width no line reaches.
+    """
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    terminal = bool(isatty and isatty())
+    width = None if terminal or os.environ.get("COLUMNS", "").isdigit() else LOG_WIDTH
+    return Console(stderr=stderr, markup=False, highlight=False, width=width)
 
 
 class PlainProgress:

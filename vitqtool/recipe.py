@@ -100,18 +100,18 @@ class ReconstructSection:
 class TrainSection:
     """Optimiser, schedule and loop settings; `enabled = false` means calibration only (PTQ)."""
 
-    enabled: bool = True
-    epochs: int = 150
+    enabled: bool = True         # false: calibration only (post-training quantization), no training
+    epochs: int = 150            # passes over the training images, each image once per pass
     batch_size: int = 128        # images per optimiser step and process (each gives crops_per_image crops with stored KD)
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
+    lr: float = 5e-4             # peak learning rate of AdamW (cosine decay to min_lr)
+    weight_decay: float = 1e-4   # AdamW weight decay
+    warmup_epochs: float = 0.0   # linear warmup before the cosine decay, in epochs
+    min_lr: float = 0.0          # learning rate at the end of the cosine decay
     grad_clip: float = 0.0       # max gradient norm; 0 = off
-    grad_accum: int = 1
+    grad_accum: int = 1          # micro-batches per optimiser step (batch_size must be a multiple of it)
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
-    seed: int = 0
-    num_workers: int = 0
+    seed: int = 0                # seed of the data order, crops, calibration batches and random init
+    num_workers: int = 0         # data-loading worker processes
 
     def __post_init__(self) -> None:
         for key, low in (("epochs", 0), ("batch_size", 1), ("grad_accum", 1), ("seed", 0), ("num_workers", 0)):
@@ -125,9 +125,9 @@ class KDSection:
     """Knowledge distillation (method.md §5)."""
 
     mode: str = "auto"           # auto: stored soft labels if given, else online; online; stored; none
-    temperature: float = 1.0
-    hard_label_weight: float = 0.0
-    crops_per_image: int = 4
+    temperature: float = 1.0     # softmax temperature of online KD (stored soft labels are used as stored)
+    hard_label_weight: float = 0.0  # weight of the hard-label cross-entropy (online KD or none; 0 with stored labels)
+    crops_per_image: int = 4     # stored crops each image contributes per epoch (stored KD)
 
     def __post_init__(self) -> None:
         if self.mode not in KD_MODES:
@@ -141,9 +141,9 @@ class KDSection:
 class AugmentSection:
     """Random-resized crop (+ flip) for training and for stored soft-label crops."""
 
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 4 / 3)
-    hflip: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range, fractions of the image
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # random-resized-crop aspect-ratio range
+    hflip: bool = True           # flip each crop horizontally with probability 0.5
 
     def __post_init__(self) -> None:
         _check(_pair(self.scale) and 0 < self.scale[0] <= self.scale[1] <= 1, "augment.scale", "[low, high] with 0 < low <= high <= 1", list(self.scale))
@@ -154,9 +154,9 @@ class AugmentSection:
 class OBRSection:
     """Oscillation-aware bin regularization (method.md §6)."""
 
-    enabled: bool = True
-    start_fraction: float = 0.25
-    max_lambda: float = 0.01
+    enabled: bool = True         # add lambda(t) * L_OBR to the training loss
+    start_fraction: float = 0.25  # share of the steps with lambda = 0 before the cosine ramp starts
+    max_lambda: float = 0.01     # lambda at the end of training
     modules: tuple[str, ...] = ("*",)  # globs over quantized Linear/Conv names
 
     def __post_init__(self) -> None:
@@ -169,11 +169,11 @@ class OBRSection:
 class OscillationSection:
     """Oscillation tracking of integer weight codes (Nagel et al. 2022)."""
 
-    track: bool = True
-    momentum: float = 1e-3
-    threshold: float = 0.005
-    freeze: bool = False
-    log_every: int = 50
+    track: bool = True           # count integer-code flips that reverse direction (EMA per weight)
+    momentum: float = 1e-3       # EMA momentum of the flip frequency
+    threshold: float = 0.005     # a weight oscillates when its flip EMA is above this
+    freeze: bool = False         # freeze oscillating weights at their current code
+    log_every: int = 50          # steps between oscillation records in metrics.jsonl
 
     def __post_init__(self) -> None:
         _check(_finite(self.momentum) and 0 < self.momentum <= 1, "oscillation.momentum", "in (0, 1]", self.momentum)
