@@ -114,7 +114,7 @@ def test_measures_by_hand() -> None:
         "activations": [act("b0.fc1.a_quant", "b0", 2.0, 0.0), act("b1.fc1.a_quant", "b1", 8.0, 4.0),
                         act("b1.attn.softmax_quant", "b1", 1.0, 50.0, per_head={"range_ratio": 9.0}),
                         act("b1.attn.v_quant", "b1", 1.0, 50.0, per_head={"range_ratio": 3.0})],
-        "sensitivity": {"fp": {"top1": 90.0}, "modules": [
+        "sensitivity": {"method": "fast", "fp": {"top1": 90.0}, "modules": [
             {"name": n, "block": b, "weight_bits": w, "kl": kl} for n, b, w, kl in
             [("b0.fc1", "b0", 2, 0.5), ("b1.fc1", "b1", 2, 0.1), ("b1.attn.softmax_quant", "b1", None, 9.0), ("stem", None, 8, 7.0)]]},
         "oscillation": {"run": "r", "tracked": True, "modules": [

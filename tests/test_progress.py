@@ -53,3 +53,20 @@ def test_failed_phase_is_not_marked_complete() -> None:
         raise RuntimeError("boom")
     bar.finish()
     assert stream.getvalue().startswith("export (onnx) --verify: 0,")
+
+
+def test_a_command_that_fails_early_prints_only_its_error_and_one_that_succeeds_keeps_its_lines(capsys) -> None:
+    """Lines of a command's first interval are held: dropped when it fails, written when it succeeds."""
+    from vitqtool.progress import held_lines
+
+    with pytest.raises(ValueError), held_lines():
+        with progress_bar(True) as bar, phase(bar, "load model"):
+            pass
+        with progress_bar(True) as bar, phase(bar, "load data"):
+            raise ValueError("bad data")
+    assert capsys.readouterr().err == ""
+    with held_lines():
+        with progress_bar(True) as bar, phase(bar, "load model"):
+            pass
+        assert capsys.readouterr().err == ""  # held for the first interval (30 s by default)
+    assert capsys.readouterr().err.startswith("load model: 1/1")

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .errors import Terminated, VitqError
+from .progress import held_lines
 
 app = typer.Typer(
     name="vitqtool",
@@ -597,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     debug = os.environ.get("VITQ_DEBUG") == "1"
     try:
-        with _termination_raises():
+        with _termination_raises(), held_lines():
             app(args=argv, standalone_mode=True)  # usage errors print themselves and raise SystemExit(2)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

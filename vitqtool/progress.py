@@ -3,8 +3,8 @@
 With no terminal (CI logs, `nohup`, pipes) a rich bar would only print once at the end, so a plain
 line (`description done/total, extra fields, elapsed, eta`) is printed every `VITQ_PROGRESS_SECONDS`
 seconds (default 30) for every unfinished task, even one stuck in a single long step (a heartbeat
-thread), and once when a task completes. Lines of the first interval are held back until it ends or the
-command succeeds, so a command that fails early on bad input prints its one error line and nothing else.
+thread), and once when a task completes. Lines of a command's first interval are held back until it ends
+or the command succeeds (`held_lines`), so a command that fails early on bad input prints its one error line.
 Silent when disabled (`--json`, `--quiet`).
 
 A command made of several phases opens one `progress_bar` and runs each phase inside `phase(bar, ...)`,
@@ -14,6 +14,7 @@ so every phase shows on a terminal and leaves at least one line in a log.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import threading
@@ -43,15 +44,88 @@ def console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, markup=False, highlight=False, width=width)
 
 
+class LineGate:
+    """Where plain progress lines go: held back for the first `interval` seconds, then written to `stream`.
+
+    `release()` writes what is held (the command succeeded), `discard()` drops it (the command failed early:
+    its one error line says enough). Thread-safe: the heartbeat thread writes too.
+    """
+
+    def __init__(self, interval: float, stream: Any) -> None:
+        self.interval, self.stream = interval, stream
+        self._started = time.monotonic()
+        self._held: list[str] | None = []  # None once released or discarded
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            if self._held is not None and time.monotonic() - self._started < self.interval:
+                self._held.append(line)
+                return
+            self._release()
+            self.stream.write(line)
+            self.stream.flush()
+
+    def poll(self) -> None:
+        """Release the held lines once the first interval is over."""
+        with self._lock:
+            if time.monotonic() - self._started >= self.interval:
+                self._release()
+
+    def release(self) -> None:
+        with self._lock:
+            self._release()
+
+    def discard(self) -> None:
+        with self._lock:
+            self._held = None
+
+    def _release(self) -> None:
+        if self._held:
+            self.stream.write("".join(self._held))
+            self.stream.flush()
+        self._held = None
+
+
+# the gate of the running CLI command (`held_lines`), shared by every progress bar the command opens
+_COMMAND_GATE: contextvars.ContextVar[LineGate | None] = contextvars.ContextVar("vitqtool_progress_gate", default=None)
+
+
+@contextlib.contextmanager
+def held_lines() -> Iterator[None]:
+    """Hold the plain progress lines of the block's first interval; drop them if the block raises.
+
+    The CLI runs each command inside it, so a command that fails early on bad input prints its one error
+    line, whatever phases it went through before failing.
+    """
+    gate = LineGate(_interval(), sys.stderr)
+    token = _COMMAND_GATE.set(gate)
+    try:
+        yield
+    except SystemExit as exc:  # how a Typer command ends, successful or not
+        if exc.code in (0, None):
+            gate.release()
+        else:
+            gate.discard()
+        raise
+    except BaseException:
+        gate.discard()
+        raise
+    else:
+        gate.release()
+    finally:
+        _COMMAND_GATE.reset(token)
+
+
 class PlainProgress:
     """The part of rich's Progress API the package uses, printing plain lines at a steady interval."""
 
-    def __init__(self, columns: tuple[str, ...], interval: float, stream: Any) -> None:
+    def __init__(self, columns: tuple[str, ...], interval: float, stream: Any, gate: LineGate | None = None) -> None:
         self.columns, self.interval, self.stream = columns, interval, stream
+        self.gate = gate or LineGate(interval, stream)
+        self._own_gate = gate is None  # else a command's gate (`held_lines`) decides when its lines go out
         self.tasks: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # the heartbeat thread prints too
-        self._started = time.monotonic()
-        self._held: list[str] | None = []  # lines of the first interval; None once released
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
         now = time.monotonic()
@@ -82,31 +156,20 @@ class PlainProgress:
         """A line for every unfinished task not printed for an interval (called by the heartbeat thread)."""
         with self._lock:
             now = time.monotonic()
-            if now - self._started >= self.interval:
-                self._release()
+            self.gate.poll()
             for task in self.tasks:
                 if not task["final"] and now - task["printed"] >= self.interval:
                     self._print(task, now)
 
     def finish(self) -> None:
-        """The held lines, then a line for every unfinished task (the command is over)."""
+        """A line for every unfinished task (the bar is closed); the held lines go out unless a command holds them."""
         with self._lock:
-            self._release()
             now = time.monotonic()
             for task in self.tasks:
                 if not task["final"]:
                     self._print(task, now)
-
-    def discard(self) -> None:
-        """Drop the held lines (the command failed within its first interval: its error says enough)."""
-        with self._lock:
-            self._held = None
-
-    def _release(self) -> None:
-        if self._held:
-            self.stream.write("".join(self._held))
-            self.stream.flush()
-        self._held = None
+        if self._own_gate:
+            self.gate.release()
 
     def _print(self, task: dict[str, Any], now: float) -> None:
         task["printed"] = now
@@ -121,13 +184,7 @@ class PlainProgress:
         rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else 0
         if total and rate > 0 and done < total:
             parts.append(f"eta {_clock((total - done) / rate)}")
-        line = ", ".join(parts) + "\n"
-        if self._held is not None and now - self._started < self.interval:
-            self._held.append(line)
-            return
-        self._release()
-        self.stream.write(line)
-        self.stream.flush()
+        self.gate.write(", ".join(parts) + "\n")
 
 
 def _heartbeat(plain: PlainProgress, stop: threading.Event) -> None:
@@ -155,25 +212,24 @@ def progress_bar(enabled: bool, *extra_columns: str) -> Iterator[Any | None]:
         yield None
         return
     if not sys.stderr.isatty():
-        plain = PlainProgress(extra_columns, _interval(), sys.stderr)
+        command_gate = _COMMAND_GATE.get()
+        plain = PlainProgress(extra_columns, _interval(), sys.stderr, command_gate)
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(plain, stop), name="vitqtool-progress", daemon=True)
         if plain.interval > 0:  # with 0 every update prints already
             beat.start()
-        failed = False
         try:
             yield plain
-        except BaseException:
-            failed = True  # the error is the last word: no closing lines, and none held from the first interval
+        except BaseException:  # the error is the last word: no closing lines, none held from the first interval
+            if command_gate is None:
+                plain.gate.discard()
             raise
+        else:
+            plain.finish()
         finally:
             stop.set()
             if beat.is_alive():
                 beat.join()
-            if failed:
-                plain.discard()
-            else:
-                plain.finish()
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
