@@ -59,7 +59,8 @@ def _configure_logging(verbose: int) -> None:
 
     logger = logging.getLogger("vitqtool")
     logger.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
-    handler = next((h for h in logger.handlers if getattr(h, "_vitqtool", False)), None)
+    handler = next((h for h in logger.handlers
+                    if isinstance(h, logging.StreamHandler) and getattr(h, "_vitqtool", False)), None)
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from .core.prepare import evaluate_model, prepare
 from .core.ptq import reconstruct
 from .core.runs import is_run_dir, load_checkpoint, load_run_model
 from .data import check_num_classes, holdout_split, load_dataset, make_eval_loader, stratified_sample
-from .data.sampling import HOLDOUT_FRACTION, HOLDOUT_SEED
+from .data.sampling import HOLDOUT_FRACTION, HOLDOUT_SEED, Sample
+from .data.sources import ImageDataset
 from .errors import DataError, ExportFormatError, ModelError, RecipeError, RunError
 from .export import FORMATS, ExportFormat, ExportSource, ExportSummary, find_format, get_format
 from .fileio import check_file_target, check_folder_target, library_versions
@@ -110,6 +112,7 @@ def evaluate(model: str | nn.Module, data: str = "builtin:mnist5k", split: str =
         raise ValueError("evaluate(nn.Module) needs data_config")
     with progress_bar(show_progress and not isinstance(model, nn.Module)) as bar, phase(bar, "load model and data"):
         if isinstance(model, nn.Module):
+            assert data_config is not None  # checked above
             net, cfg, source, kind = model, data_config, type(model).__name__, "module"
         else:
             loaded = resolve_any(str(model), weights=weights, random_init=random_init, model_args=model_args, num_classes=num_classes)
@@ -258,12 +261,14 @@ def _train_and_validation(data: str, limit_train: int | None, limit_val: int | N
     A dataset with no validation split (only `train`) gets a seeded, class-stratified slice of its
     training split held out, so the best checkpoint is never picked on training images.
     """
-    train_ds = load_dataset(data, "train", image_column, label_column)
-    val_ds = load_dataset(data, "validation", image_column, label_column)
-    validation = f"split '{val_ds.split}'"
-    if val_ds.split == train_ds.split:
-        train_ds, val_ds = holdout_split(train_ds)
-        validation = (f"{len(val_ds)} images held out of split '{train_ds.dataset.split}' "
+    train_all = load_dataset(data, "train", image_column, label_column)
+    val_all = load_dataset(data, "validation", image_column, label_column)
+    train_ds: ImageDataset | Sample = train_all
+    val_ds: ImageDataset | Sample = val_all
+    validation = f"split '{val_all.split}'"
+    if val_all.split == train_all.split:
+        train_ds, val_ds = holdout_split(train_all)
+        validation = (f"{len(val_ds)} images held out of split '{train_all.split}' "
                       f"({HOLDOUT_FRACTION:.0%}, class-stratified, seed {HOLDOUT_SEED})")
         log.warning("dataset '%s' has no validation split: validating on %s", data, validation)
     return stratified_sample(train_ds, limit_train), stratified_sample(val_ds, limit_val), validation
@@ -478,7 +483,7 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
             for batch in make_eval_loader(stratified_sample(dataset, batches * batch_size), cfg, batch_size):
                 batch_list.append(batch)
                 advance()
-        model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0))
+        model_classes = int(cfg.get("num_classes") or getattr(loaded.model, "num_classes", 0) or 0)
         labels_valid = model_classes == dataset.num_classes
         if not labels_valid:
             log.warning("model has %d classes, dataset %d: reporting KL and top-1 agreement only (no loss/top-1)", model_classes, dataset.num_classes)
@@ -502,7 +507,7 @@ def analyze(model: str, *, data: str = "builtin:mnist5k", split: str = "validati
 def compare(models: list[str], *, labels: list[str] | None = None, data: str = "builtin:mnist5k", split: str = "validation",
             bits: int = 2, what: str = "both", out: Path | str | None = None, random_init: bool = False,
             model_args: list[dict | None] | None = None, recipe: str | Path = "vaq", batches: int = 4, batch_size: int = 32,
-            runs: dict[str, Path | str] | None = None, plots: bool = True, method: str = "auto",
+            runs: Mapping[str, Path | str] | None = None, plots: bool = True, method: str = "auto",
             show_progress: bool = False) -> dict[str, Any]:
     """`analyze` several FP models on the same images and bits and put the paper's variation measures side by side.
 
@@ -544,7 +549,8 @@ def compare(models: list[str], *, labels: list[str] | None = None, data: str = "
     if stray:
         raise RunError(f"--run for {', '.join(stray)}, which is not a compared model ({', '.join(labels)})")
     folders = [slug(i, label) if out is not None else None for i, label in enumerate(labels, 1)]
-    reports = [analyze(spec, data=data, split=split, bits=bits, what=what, out=Path(out, folder) if folder else None,
+    reports = [analyze(spec, data=data, split=split, bits=bits, what=what,
+                       out=Path(out, folder) if out is not None and folder else None,
                        random_init=random_init, model_args=args, recipe=recipe, batches=batches, batch_size=batch_size,
                        run=runs.get(label), plots=plots, method=method, show_progress=show_progress)
                for spec, label, args, folder in zip(models, labels, per_model_args, folders)]

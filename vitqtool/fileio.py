@@ -98,8 +98,9 @@ def write_failure(path: Path, exc: BaseException) -> WriteError | None:
     if not isinstance(exc, OSError) and not _IO_FAILURE.search(text):
         return None
     reason = _REASONS.get(code) if code is not None else None
-    if reason is not None and getattr(exc, "strerror", None):
-        reason = f"{reason} ({exc.strerror})"
+    strerror = getattr(exc, "strerror", None)
+    if reason is not None and strerror:
+        reason = f"{reason} ({strerror})"
     if reason is None:
         with contextlib.suppress(OSError):
             if shutil.disk_usage(_existing_parent(path)).free < 1 << 20:

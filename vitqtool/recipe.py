@@ -11,6 +11,7 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,7 @@ def _recipe_source(name_or_path: str | Path) -> dict[str, Any]:
     text = str(name_or_path)
     if text.endswith(".toml") or "/" in text or Path(text).exists():
         return _read_toml(Path(text))
-    builtin = resources.files("vitqtool").joinpath("recipes", f"{text}.toml")
+    builtin = resources.files("vitqtool").joinpath("recipes").joinpath(f"{text}.toml")
     if not builtin.is_file():
         raise RecipeError(f"unknown recipe {text!r}; built-in recipes: {', '.join(builtin_recipes())}, or pass a .toml path")
     return tomllib.loads(builtin.read_text())
@@ -271,7 +272,13 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
             raise RecipeError(f"{where}: unknown key(s) in [{key}]: {', '.join(unknown)} (known: {', '.join(known)})")
         fields = {}
         for k, v in value.items():
-            default = known[k].default if known[k].default is not dataclasses.MISSING else known[k].default_factory()
+            spec = known[k]
+            if spec.default is not dataclasses.MISSING:
+                default = spec.default
+            elif spec.default_factory is not dataclasses.MISSING:
+                default = spec.default_factory()
+            else:  # every recipe field has a default; a new one without is a programming error
+                raise TypeError(f"recipe field {key}.{k} has no default")
             fields[k] = _coerce(v, default, f"{key}.{k}", where)
         try:
             kwargs[key] = cls(**fields)
@@ -313,7 +320,7 @@ def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
     return value
 
 
-def load_recipe(name_or_path: str | Path = "vaq", override_files: list[str | Path] | None = None,
+def load_recipe(name_or_path: str | Path | Recipe = "vaq", override_files: Sequence[str | Path] | None = None,
                 set_fields: dict[str, Any] | None = None) -> Recipe:
     """Resolve a recipe: base file, then override files in order, then dotted fields (`{"quant.bits": 2}`).
 

@@ -93,7 +93,7 @@ def analyze_model(model: nn.Module, *, recipe: Recipe, calibration_batches: Iter
                                                              everything, t0)
         arows = recorder.rows(blocks)
         n_units, n_blocks = len(units), len(block_units)
-        sens = {"metric": "kl", "method": used, "method_requested": method, "method_note": note,
+        sens: dict[str, Any] = {"metric": "kl", "method": used, "method_requested": method, "method_note": note,
                 "predicted_exact_seconds": predicted, "what": what, "fp": fp,
                 "modules": rank_rows(units, results[:n_units], fp),
                 "blocks": rank_rows(block_units, results[n_units:n_units + n_blocks], fp),

@@ -197,6 +197,8 @@ class RunningStats:
 
     def mean_std(self) -> tuple[float, float]:
         """Mean and population standard deviation of everything seen by `update`."""
+        if self.shift is None:
+            raise ValueError("no values seen: call update first")
         m1 = float(self.pos["sum"].sum()) / self.count
         var = max(float(self.pos["sumsq"].sum()) / self.count - m1 * m1, 0.0)
         return self.shift + m1, math.sqrt(var)
@@ -219,9 +221,12 @@ class RunningStats:
         """Per-tensor statistics plus one entry per group kind (ranges/std per group and their spread)."""
         mean, std = self.mean_std()
         lo, hi = self.extremes()
+        shift, higher = self.shift, self.higher
+        if shift is None or not isinstance(higher, Tensor):  # both set by the first update (mean_std checked it)
+            raise ValueError("no values seen: call update first")
         n = self.count
         m1 = float(self.pos["sum"].sum()) / n
-        e3, e4 = (float(h) / n for h in self.higher)
+        e3, e4 = (float(h) / n for h in higher)
         e2 = float(self.pos["sumsq"].sum()) / n
         m2 = e2 - m1 * m1
         m4 = e4 - 4 * m1 * e3 + 6 * m1 * m1 * e2 - 3 * m1**4
@@ -230,10 +235,10 @@ class RunningStats:
             "kurtosis": m4 / (m2 * m2) - 3.0 if m2 > 0 else 0.0,
         }
         if self.quantized:
-            signal = (e2 + 2 * self.shift * m1 + self.shift**2) * n  # sum of x^2 = sum of (d + shift)^2
+            signal = (e2 + 2 * shift * m1 + shift**2) * n  # sum of x^2 = sum of (d + shift)^2
             out["mse"] = float(self.noise) / n
             out["sqnr_db"] = _db(signal, float(self.noise))
-        if self.tail_count:
+        if self.tail_count and self.hist is not None:  # update_tails sets both
             out["outlier_ratio"] = int(self.outliers) / self.tail_count
             out["histogram"] = {"min": lo, "max": hi, "counts": [int(c) for c in self.hist.tolist()]}
         for name, fn in self.groups.items():
@@ -242,7 +247,7 @@ class RunningStats:
             members = pos["sum"].shape[1] * self.rows
             gmean = pos["sum"].sum(1) / members
             gstd = (pos["sumsq"].sum(1) / members - gmean * gmean).clamp(min=0).sqrt()
-            entry = range_spread(ranges)
+            entry: dict[str, Any] = range_spread(ranges)
             if ranges.numel() <= 64:  # heads and small group counts: keep the per-group values
                 entry["ranges"] = ranges.tolist()
                 entry["stds"] = gstd.tolist()

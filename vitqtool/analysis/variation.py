@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..quant import QUANT_LAYERS, QConv2d, Quantizer, QuantAttention, iter_quantizers
+from ..quant import QUANT_LAYERS, QConv2d, QLinear, Quantizer, QuantAttention, iter_quantizers
 from .stats import Grouper, RunningStats, boundary_share, channel_groups, fake_quant, head_groups, one_cpu_thread, row_chunks, spatial_groups, token_groups
 
 HEAD_SPLIT = ("q_quant", "k_quant", "v_quant", "qkv_quant", "proj.a_quant")  # [.., heads * head_dim] tensors
@@ -129,7 +129,7 @@ def weight_rows(model: nn.Module, blocks: list[str], advance: Callable[..., None
     return out
 
 
-def _weight_row(name: str, mod: nn.Module, blocks: list[str]) -> dict[str, Any]:
+def _weight_row(name: str, mod: QLinear | QConv2d, blocks: list[str]) -> dict[str, Any]:
     """One quantized layer's row of `weight_rows`."""
     w = mod.weight.detach()
     st = RunningStats({"per_channel": channel_groups(1)})  # one update of w[None]: output channels are dim 1

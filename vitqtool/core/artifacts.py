@@ -70,7 +70,9 @@ class Artifact:
         major = _major(version)
         if major is None:
             raise cls.ERROR(f"{where} has an invalid format_version {version!r}; the file is damaged")
-        if major > _major(cls.VERSION):
+        newest = _major(cls.VERSION)
+        assert newest is not None, f"{cls.__name__}.VERSION {cls.VERSION!r} is not a version"  # a class constant
+        if major > newest:
             raise cls.ERROR(f"{where} has {cls.FORMAT} format version {version}, newer than this vitqtool reads "
                             f"({cls.VERSION}); upgrade vitqtool")
         hints = typing.get_type_hints(cls)

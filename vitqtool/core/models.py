@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -185,7 +185,8 @@ def _from_hf_hub(spec: str, weights: str | Path | None, random_init: bool, extra
         raise _pretrained_error(spec, exc) from exc
     if weights is not None:
         load_weights_file(model, weights)
-    arch = model.pretrained_cfg.get("architecture") or type(model).__name__
+    pretrained_cfg = cast(dict, model.pretrained_cfg)  # timm sets this dict on every model it creates
+    arch = pretrained_cfg.get("architecture") or type(model).__name__
     args = {k: v for k, v in (getattr(model, "_model_args", None) or {}).items() if k != "pretrained_model_args"}
     args.update(extra)
     return _finish(model, arch, args, spec)

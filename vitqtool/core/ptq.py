@@ -58,10 +58,11 @@ def reparameterize(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any
     spreads, shifted = [], 0
     for pair in pairs:
         norm = model.get_submodule(pair.norm)
-        linears = [model.get_submodule(name) for name in pair.linears]
+        linears = [lin for lin in map(model.get_submodule, pair.linears) if isinstance(lin, nn.Linear)]
         weight = getattr(norm, "weight", None)
         bias = getattr(norm, "bias", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or any(lin.in_features != weight.numel() for lin in linears):
+        if (len(linears) != len(pair.linears) or not isinstance(weight, torch.Tensor) or weight.dim() != 1
+                or any(lin.in_features != weight.numel() for lin in linears)):
             raise ModelError(f"{pair.norm}: no per-channel affine matching the input of {', '.join(pair.linears)}; "
                              "ln-channel reparameterization cannot fold into it")
         use_shift = pair.shift and bias is not None and all(lin.bias is not None for lin in linears)

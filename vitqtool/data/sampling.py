@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sources import ImageDataset
+
 SAMPLE_SEED = 0          # one seed for every --limit, so commands agree on the images
 HOLDOUT_FRACTION = 0.1   # share of a train-only dataset held out for validation
 HOLDOUT_SEED = 0
@@ -36,6 +38,8 @@ def _stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
 
 class Sample(torch.utils.data.Subset):
     """A Subset that keeps its split's class count (`num_classes`) and can list its labels."""
+
+    dataset: ImageDataset | Sample  # what stratified_sample and holdout_split wrap (both have num_classes)
 
     @property
     def num_classes(self) -> int:

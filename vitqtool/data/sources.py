@@ -159,7 +159,7 @@ class HFImageDataset(ImageDataset):
                 if value.get("path"):
                     where += f" ({value['path']})"
                 data = value.get("bytes")
-                img = Image.open(io.BytesIO(data)) if data else Image.open(value["path"])
+                img: Image.Image = Image.open(io.BytesIO(data)) if data else Image.open(value["path"])
             elif isinstance(value, Image.Image):
                 img = value
             else:

@@ -207,7 +207,7 @@ def train_transform(
 class TransformedDataset(torch.utils.data.Dataset):
     """(uint8 image, label) -> (transform(image), label)."""
 
-    def __init__(self, dataset: ImageDataset, transform: Any) -> None:
+    def __init__(self, dataset: ImageDataset | torch.utils.data.Subset, transform: Any) -> None:
         self.dataset = dataset
         self.transform = transform
 
@@ -220,7 +220,7 @@ class TransformedDataset(torch.utils.data.Dataset):
 
 
 def make_eval_loader(
-    dataset: ImageDataset, data_config: dict, batch_size: int, num_workers: int = 0
+    dataset: ImageDataset | torch.utils.data.Subset, data_config: dict, batch_size: int, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
     """In-order loader of (float images [B, C, H, W], int64 labels [B]) with timm's eval transform."""
     return torch.utils.data.DataLoader(

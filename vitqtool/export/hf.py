@@ -193,7 +193,7 @@ def _applies_to(parent: str, role: str, layer: nn.Module | None, attn_qkv: Any, 
 
 
 def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, model_args: dict, data_config: dict,
-                    recipe: Recipe, source: str, source_config: dict, preprocessor_config: dict | None = None,
+                    recipe: Recipe, source: str, source_config: dict | None, preprocessor_config: dict | None = None,
                     metrics: dict | None = None, verify: bool = False,
                     verify_inputs: Iterable[Tensor] | None = None) -> dict[str, Any]:
     """Write a calibrated quantized model of a transformers checkpoint as a transformers folder `out`.
@@ -216,6 +216,7 @@ def export_hf_model(model: nn.Module, out: str | Path, *, architecture: str, mod
     """
     out = Path(out)
     spec = _spec(source_config, architecture, model_args)
+    assert source_config is not None  # _spec refuses a model without one
     require_calibrated(model)
     slots, schemes = plan(model, spec)
     tensors, kept = _tensors(model, slots)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ def _step(q: Quantizer) -> Tensor:
     return q.scale_values().float().cpu()
 
 
-def _ct_input(q: Quantizer | None) -> bool:
+def _ct_input(q: Quantizer | None) -> TypeGuard[Quantizer]:
     """Whether an input quantizer means in compressed-tensors what it means here (signed, no offset, enabled)."""
     return q is not None and q.enabled and q.spec.signed and not q.spec.learned_offset
 

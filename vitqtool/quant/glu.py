@@ -34,7 +34,7 @@ class QuantGLU(nn.Module):
                  drop: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
         self.packed = not isinstance(fc1, tuple)
-        if self.packed:
+        if not isinstance(fc1, tuple):
             if fc1.out_features % 2:
                 raise ValueError(f"a packed gated fc1 needs an even width, found {fc1.out_features}")
             self.fc1 = QLinear.from_float(fc1, wspec, aspec)

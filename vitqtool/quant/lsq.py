@@ -31,7 +31,11 @@ def _finish_grads(step_sum: Tensor, offset_sum: Tensor | None, grad_scale: Tenso
     takes, the float32 result is within 1 ulp of the correctly rounded sum, so eager and fused agree to 1 ulp.
     """
     grad_step = (step_sum.reshape(step.shape) * grad_scale).to(step.dtype)
-    grad_offset = (offset_sum * grad_scale).reshape(1).to(offset.dtype) if offset is not None else None
+    grad_offset = None
+    if offset is not None:
+        if offset_sum is None:
+            raise ValueError("an offset needs its gradient sum")
+        grad_offset = (offset_sum * grad_scale).reshape(1).to(offset.dtype)
     return grad_step, grad_offset
 
 
@@ -164,12 +168,13 @@ def check_fused_kernels(device: torch.device | str) -> None:
             os_ = offset.clone().requires_grad_(True) if offset is not None else None
             out = function.apply(xs, ss, os_, -4, 3, 0.5)
             out.backward(grad)
+            assert xs.grad is not None and ss.grad is not None  # backward sets the grads of leaves that require them
             results.append((out.detach(), xs.grad, ss.grad, os_.grad if os_ is not None else None))
         (out_e, gx_e, gs_e, go_e), (out_f, gx_f, gs_f, go_f) = results
         where = f"{'per-channel' if len(step_shape) > 1 else 'per-tensor'}{' with offset' if with_offset else ''} on {device}"
         if not (torch.equal(out_e, out_f) and torch.equal(gx_e, gx_f)):
             raise FusedMismatch(f"fused fake quantization ({where}) is not bitwise equal to the eager reference")
-        if ulps_apart(gs_e, gs_f) > 1 or (go_e is not None and ulps_apart(go_e, go_f) > 1):
+        if ulps_apart(gs_e, gs_f) > 1 or (go_e is not None and go_f is not None and ulps_apart(go_e, go_f) > 1):
             raise FusedMismatch(f"fused step/offset gradients ({where}) are more than 1 ulp from the eager reference")
 
 

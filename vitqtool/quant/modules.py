@@ -8,7 +8,7 @@ quantizer disabled they compute exactly what the float module computes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -18,24 +18,30 @@ from .base import Quantizer, QuantSpec, make_quantizer
 
 QKV = ("q", "k", "v")  # the parts a fused qkv Linear is split into (method.md §4)
 KV = ("k", "v")        # the parts a fused kv Linear (attention pooling) is split into
+_Layer = TypeVar("_Layer", "QLinear", "QConv2d")
 
 
-def _attach_quantizers(layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None, out_channels: int,
+def _attach_quantizers(layer: QLinear | QConv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None, out_channels: int,
                        device: torch.device | str | None) -> None:
     """Give `layer` its weight quantizer `w_quant` and (unless `act_spec` is None) input quantizer `a_quant`."""
     layer.w_quant = make_quantizer(weight_spec, "weight", out_channels).to(device)
     layer.a_quant = make_quantizer(act_spec, "act").to(device) if act_spec is not None else None
 
 
-def _share_parameters(q: nn.Module, float_layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> nn.Module:
+def _share_parameters(q: _Layer, float_layer: nn.Linear | nn.Conv2d, weight_spec: QuantSpec,
+                      act_spec: QuantSpec | None) -> _Layer:
     """Give a meta-built quantized layer the float layer's weight and bias Parameters and real quantizers."""
-    q.weight, q.bias = float_layer.weight, float_layer.bias
+    # torch's stubs type Linear.bias as Parameter and Conv2d.bias as Tensor | None; either is a Parameter or None here
+    q.weight, q.bias = float_layer.weight, float_layer.bias  # type: ignore[assignment]
     _attach_quantizers(q, weight_spec, act_spec, float_layer.weight.shape[0], float_layer.weight.device)
     return q
 
 
 class QLinear(nn.Linear):
     """`nn.Linear` whose weight (and, unless `act_spec` is None, input) is fake-quantized."""
+
+    w_quant: Quantizer  # set by _attach_quantizers; declared so readers see the type, not nn.Module.__getattr__'s
+    a_quant: Quantizer | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: QuantSpec, act_spec: QuantSpec | None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -59,6 +65,9 @@ class QLinear(nn.Linear):
 
 class QConv2d(nn.Conv2d):
     """`nn.Conv2d` whose weight and (unless `act_spec` is None) input are fake-quantized."""
+
+    w_quant: Quantizer  # as QLinear
+    a_quant: Quantizer | None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, weight_spec: QuantSpec,
                  act_spec: QuantSpec | None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -106,6 +115,11 @@ class QuantAttention(nn.Module):
 
     # the projections whose output its Q/K/V quantizer sees unchanged (what compressed-tensors' output_activations
     # mean); a subclass that transforms an operand between projection and quantizer leaves that projection out
+    # set by _attention_layers (the q/k/v or fused projections and their quantizers depend on `split`)
+    input_quant: Quantizer
+    softmax_quant: Quantizer
+    proj: QLinear
+
     projection_outputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
 
     def __init__(self, dim: int, num_heads: int, qkv: nn.Linear | tuple[nn.Linear, nn.Linear, nn.Linear], proj: nn.Linear,
@@ -114,27 +128,29 @@ class QuantAttention(nn.Module):
                  v_bias: nn.Parameter | None = None, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
                  norm: nn.Module | None = None) -> None:
         super().__init__()
-        parts = qkv if isinstance(qkv, tuple) else None
-        if parts is not None:
+        if isinstance(qkv, tuple):
             if not split:
                 raise ValueError("separate q/k/v projections need the split layout (split=True)")
-            if len({p.out_features for p in parts}) != 1:
-                raise ValueError(f"q/k/v projections have different widths {[p.out_features for p in parts]}")
-            width = parts[0].out_features
+            if len({p.out_features for p in qkv}) != 1:
+                raise ValueError(f"q/k/v projections have different widths {[p.out_features for p in qkv]}")
+            width = qkv[0].out_features
         elif qkv.out_features % 3:
             raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
         else:
             width = qkv.out_features // 3
-        if (q_bias is not None or v_bias is not None) and (qkv.bias is not None if parts is None else parts[0].bias is not None):
+        if (q_bias is not None or v_bias is not None) and (qkv[0] if isinstance(qkv, tuple) else qkv).bias is not None:
             raise ValueError("q_bias/v_bias are for a bias-free projection; this one has a bias")
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.scale = scale
         self.split = split
-        if not split:
-            projections = {"qkv": qkv}
+        projections: dict[str, nn.Linear]
+        if isinstance(qkv, tuple):  # split (checked above)
+            projections = dict(zip(QKV, qkv))
+        elif split:
+            projections = dict(zip(QKV, [_slice_linear(qkv, i) for i in range(3)], strict=True))
         else:
-            projections = dict(zip(QKV, parts if parts is not None else [_slice_linear(qkv, i) for i in range(3)]))
+            projections = {"qkv": qkv}
         _attention_layers(self, projections, proj, bits, per_channel, method)
         self.q_bias, self.v_bias = q_bias, v_bias
         self.q_norm, self.k_norm, self.norm = q_norm, k_norm, norm  # norm: of attn @ V, before proj's input quantizer
@@ -212,6 +228,10 @@ class QuantAttentionPool(nn.Module):
     quantized signed, the softmax output unsigned, and `attn @ V` as the input of the b-bit `proj`.
     Returns `[batch, latents, dim]` after `proj` (the caller adds the MLP and the pooling over latents).
     """
+
+    input_quant: Quantizer  # set by _attention_layers, as QuantAttention's
+    softmax_quant: Quantizer
+    proj: QLinear
 
     def __init__(self, latent: nn.Parameter, q: nn.Linear, kv: nn.Linear, proj: nn.Linear, num_heads: int, scale: float,
                  bits: int, split: bool = True, per_channel: bool = False, proj_drop: float = 0.0, method: str = "lsq") -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -24,22 +24,32 @@ from torch import Tensor, nn
 
 from .base import Quantizer
 from .calibrate import iter_quantizers
-from .modules import QUANT_LAYERS
+from .modules import QUANT_LAYERS, QConv2d, QLinear
 
 ZETA, GAMMA = 1.1, -0.1        # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
 BETA_START, BETA_END = 20.0, 2.0
 
 
 class ReconstructSettings(Protocol):
-    """What one block's reconstruction reads (the recipe's [reconstruct] section has these fields)."""
+    """What one block's reconstruction reads (the recipe's [reconstruct] section has these fields).
 
-    iters: int           # optimiser steps
-    batch_size: int      # images per step
-    lr: float            # Adam lr of the rounding variables
-    step_lr: float       # Adam lr of steps and offsets (cosine to 0), relative: times each quantizer's own step
-    round_weight: float  # weight of the mean rounding regulariser against the relative output error
-    warmup: float        # share of the steps without the regulariser
-    drop: float          # QDrop probability
+    Read-only properties, so a frozen dataclass (the recipe section) satisfies it.
+    """
+
+    @property
+    def iters(self) -> int: ...  # optimiser steps
+    @property
+    def batch_size(self) -> int: ...  # images per step
+    @property
+    def lr(self) -> float: ...  # Adam lr of the rounding variables
+    @property
+    def step_lr(self) -> float: ...  # Adam lr of steps and offsets (cosine to 0), relative: times each quantizer's step
+    @property
+    def round_weight(self) -> float: ...  # weight of the mean rounding regulariser against the relative output error
+    @property
+    def warmup(self) -> float: ...  # share of the steps without the regulariser
+    @property
+    def drop(self) -> float: ...  # QDrop probability
 
 
 class SoftRounding(nn.Module):
@@ -138,7 +148,8 @@ def reconstruct_block(block: nn.Module, inputs: Tensor, fp_inputs: Tensor, targe
     soft = [SoftRounding(q, layer.weight) for q, layer in zip(originals, layers)]
     steps = [p for q in originals + acts for p in q.parameters()]
     for layer, s in zip(layers, soft):
-        layer.w_quant = s
+        # SoftRounding stands in for the weight quantizer until _finish (or the finally below) puts it back
+        layer.w_quant = s  # type: ignore[assignment]
     for p in steps:
         p.requires_grad_(True)
     was_training = block.training
@@ -199,7 +210,8 @@ def reconstruct_block(block: nn.Module, inputs: Tensor, fp_inputs: Tensor, targe
 
 
 @torch.no_grad()
-def _finish(layers: list[nn.Module], soft: list[SoftRounding], originals: list[Quantizer], nearest: list[Tensor]) -> int:
+def _finish(layers: Sequence[QLinear | QConv2d], soft: list[SoftRounding], originals: list[Quantizer],
+            nearest: list[Tensor]) -> int:
     """Make the rounding hard, write `codes * step` into each weight, put the quantizers back; codes changed vs `nearest`."""
     changed = 0
     for layer, s, q, start in zip(layers, soft, originals, nearest):

@@ -89,7 +89,7 @@ def fold_norm_scale_(norm_weight: Tensor, norm_bias: Tensor | None, linears: Ite
     r, t = scale.double(), shift.double()
     for weight, bias in linears:
         w = weight.double()
-        if has_shift:
+        if has_shift and bias is not None:  # (a None bias with a shift was refused above)
             bias.copy_((bias.double() + w @ t).to(bias.dtype))
         weight.copy_((w * r).to(weight.dtype))
     if norm_bias is not None:

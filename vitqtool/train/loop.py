@@ -111,6 +111,7 @@ def task_loss(tr: Trainer, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor
     logits = tr.model(x)
     loss = kd.hard_label_weight * F.cross_entropy(logits.float(), y) if kd.hard_label_weight else logits.new_zeros(())
     if tr.kd_mode == "online":
+        assert tr.teacher is not None, "online KD runs are built with a teacher"
         with torch.no_grad():
             teacher_logits = tr.teacher(x)
         part = kd_loss(logits.float(), teacher_logits.float(), kd.temperature)
@@ -146,7 +147,7 @@ def save(tr: Trainer, state: TrainState, best: bool = False) -> None:
 
     acc = tr.accelerator
     rng = gather_object([capture_rng()]) if acc.num_processes > 1 else [capture_rng()]
-    error = [None]
+    error: list[str | None] = [None]
     if acc.is_main_process:
         payload = CheckpointState(
             train=dataclasses.asdict(state),

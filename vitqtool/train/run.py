@@ -216,7 +216,8 @@ def _use_fused(requested: bool | None, compile_model: bool, acc: Any) -> bool:
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices/kernels; none on biases, norms, steps, offsets, embeddings."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
@@ -305,7 +306,9 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
                            f"({type(exc).__name__}: {first_line}); run without --fuse-quantizers") from exc
         set_quantizers_fused(qmodel, True)
 
+    train_items: MultiCropDataset | AugmentedDataset
     if kd_mode == "stored":
+        assert soft_labels is not None, "resolve_kd_mode gives 'stored' only with soft_labels"
         store = SoftLabelStore.open(soft_labels)
         store.check(train_set, num_classes)
         train_items = MultiCropDataset(train_set, store, cfg, crops_per_image=recipe.kd.crops_per_image, seed=rt.seed)

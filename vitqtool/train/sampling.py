@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import train_transform
+from ..data import ImageDataset, train_transform
 
 
 def mix_seed(*values: int) -> int:
@@ -56,7 +56,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
 class AugmentedDataset(torch.utils.data.Dataset):
     """(uint8 image, label) -> (random-resized crop + flip, label), the crop drawn from (seed, epoch, index)."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, data_config: dict, scale: tuple[float, float],
+    def __init__(self, dataset: ImageDataset | torch.utils.data.Subset, data_config: dict, scale: tuple[float, float],
                  ratio: tuple[float, float], hflip: bool, seed: int) -> None:
         self.dataset = dataset
         self.transform = train_transform(data_config, scale, ratio, hflip)

@@ -143,8 +143,9 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
     transform = train_transform(data_config, scale, ratio, hflip)
     bpc = bytes_per_crop(topk)
     per_shard = images_per_shard or max(1, SHARD_BYTES // (crops * bpc))
-    shards = [{"file": f"shard-{k:05d}.safetensors", "first": first, "count": min(per_shard, n - first)}
-              for k, first in enumerate(range(0, n, per_shard))]
+    shards: list[dict[str, Any]] = [
+        {"file": f"shard-{k:05d}.safetensors", "first": first, "count": min(per_shard, n - first)}
+        for k, first in enumerate(range(0, n, per_shard))]
     manifest = SoftLabelManifest(
         teacher=teacher_id or type(teacher).__name__,
         teacher_input_size=list(transform.size),
