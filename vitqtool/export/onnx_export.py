@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..arch import get_adapter
+from ..families import get_family
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, library_versions
 from ..quant import QUANT_LAYERS
@@ -96,7 +96,7 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
     _require_onnx()
     import onnx
 
-    refusal = get_adapter(model).onnx_refusal
+    refusal = get_family(model).onnx_refusal
     if refusal:
         raise ExportFormatError(f"the ONNX export does not support {type(model).__name__}: {refusal}")
     require_calibrated(model, enabled_only=True)

@@ -139,9 +139,9 @@ class SwinQuantWindowAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         bias = self._rel_pos_bias()
         if mask is not None:  # mask: windows, N, N (0 / -100), windows vary fastest along the batch
-            num_win, n = mask.shape[0], x.shape[1]
-            bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(x.shape[0] // num_win, -1, -1, -1, -1)
-            bias = bias.reshape(-1, self.num_heads, n, n)
+            # the mask is repeated over the batch before the bias is added, so that no [windows, heads, N, N]
+            # sum of two constants exists (an ONNX trace would store it; the sums are the same)
+            bias = mask.repeat(x.shape[0] // mask.shape[0], 1, 1).unsqueeze(1) + bias
         return self.core(x, attn_bias=bias)
 
 
