@@ -96,7 +96,7 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
     _require_onnx()
     import onnx
 
-    refusal = get_family(model).onnx_refusal
+    refusal = get_family(model).onnx_refusal_for(model)
     if refusal:
         raise ExportFormatError(f"the ONNX export does not support {type(model).__name__}: {refusal}")
     require_calibrated(model, enabled_only=True)
