@@ -469,7 +469,7 @@ def test_new_family_tiny_model_exports_exact_fp_and_integer_w4a4(tmp_path, famil
     fp = spread_(timm.create_model(name, pretrained=False, **args))
     model = core.prepare(fp, load_recipe("vaq", set_fields={"quant.bits": 4}))
     x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    kw = dict(architecture=name, model_args=args, data_config=_DATA_CONFIG)
+    kw = {"architecture": name, "model_args": args, "data_config": _DATA_CONFIG}
     with quantizers_disabled(model):
         export_onnx_model(model, tmp_path / "fp.onnx", **kw)
     assert verify_onnx(fp, tmp_path / "fp.onnx", [x[:16]], threads=1)["max_abs_diff"] <= 1e-4

@@ -54,7 +54,7 @@ def token_permutation(n: int, training: bool, device: torch.device) -> Tensor:
     return torch.tensor(_eval_permutation(n), dtype=torch.long, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_permutation(n: int) -> tuple[int, ...]:
     """The fixed eval permutation of `n` tokens."""
     return tuple(random.Random(EVAL_PERMUTATION_SEED).sample(range(n), n))
