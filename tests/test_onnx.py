@@ -433,6 +433,7 @@ NEW_FAMILIES = {
     "siglip_map": ("vit_base_patch16_siglip_224", _S8),
     "clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224", _S8),
     "parallel": ("vit_small_patch16_18x2_224", _S8),
+    "parallel_scaling": ("vit_pwee_patch16_reg1_gap_256", _S8),
     "dinov2_giant": ("vit_giant_patch14_dinov2", {**_S8, "embed_dim": 96}),
     "norms": ("vit_tiny_patch16_224", {**_S8, "qk_norm": True, "scale_attn_norm": True, "scale_mlp_norm": True}),
     "res_post": ("vit_base_patch16_rpn_224", _S8),
@@ -452,7 +453,6 @@ NEW_FAMILIES = {
 NO_AGREEMENT_CHECK = {"sret"}
 REFUSED = {
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", _S4, "does not support Eva: timm's mixed-mode rotary embedding"),
-    "parallel_scaling": ("vit_pwee_patch16_reg1_gap_256", _S8, "does not support VisionTransformer: its ParallelScalingBlock"),
 }
 _DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 

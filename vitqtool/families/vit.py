@@ -217,13 +217,6 @@ class ViTFamily(Family):
     transformers = (ViTMap(), DeiTMap(), DeiTDistilledMap(), SiglipMap())
     unmapped = (("Dinov2ForImageClassification", DINOV2_POOLING), ("Dinov2WithRegistersForImageClassification", DINOV2_POOLING))
 
-    def onnx_refusal_for(self, model: nn.Module) -> str | None:
-        if any(isinstance(b, ViTQuantParallelScalingBlock) or class_name(b).endswith(".ParallelScalingBlock")
-               for b in getattr(model, "blocks", [])):
-            return ("its ParallelScalingBlock: torch.onnx records the trace's batch size in the block's head reshape, "
-                    "so the graph would run at that one batch size only")
-        return self.onnx_refusal
-
     def check(self, model: nn.Module) -> None:
         if getattr(model, "attn_pool", None) is not None:
             check_attention_pool(model.attn_pool)
