@@ -150,3 +150,57 @@ def test_transformers_folder_refuses_a_flipped_bit_and_an_edited_act_bits(tmp_pa
     config["quantization_config"]["vitqtool"]["layers"][HEAD]["act_bits"] = 7
     (edited / "config.json").write_text(json.dumps(config))
     _refused_everywhere(capsys, edited)
+
+
+def _rewrite_onnx(src: Path, dst: Path, edit_meta=None, flip: str | None = None, drop_digest: bool = False) -> Path:
+    """Copy an ONNX export with its vitqtool metadata edited, one bit of initializer `flip` flipped, or its digest dropped."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    meta = json.loads(proto.metadata_props[0].value)
+    if edit_meta is not None:
+        meta = edit_meta(meta)
+    if drop_digest:
+        del meta["content_digest"]
+    proto.metadata_props[0].value = json.dumps(meta)
+    if flip is not None:
+        init = next(i for i in proto.graph.initializer if i.name == flip)
+        array = numpy_helper.to_array(init).copy()
+        array.reshape(-1)[0] ^= 1 << 3
+        init.CopyFrom(numpy_helper.from_array(array, flip))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_onnx_export_refuses_a_flipped_bit_and_an_edited_act_bits(tmp_path, capsys, quantized):
+    pytest.importorskip("onnxruntime")
+    from vitqtool.export import export_onnx_model
+    from vitqtool.export.onnx_export import inspect_onnx, load_onnx
+
+    loaded, recipe, model = quantized
+    good = tmp_path / "m.onnx"
+    export_onnx_model(model, good, architecture=TINY_VIT[0], model_args=TINY_VIT[1], data_config=loaded.data_config, recipe=recipe)
+    summary = commands.inspect(good)
+    assert summary.format_version == "1.2" and summary.digest.startswith("sha256:") and len(summary.digest) == 71
+    flipped = _rewrite_onnx(good, tmp_path / "flip.onnx", flip="blocks.0.mlp.fc1.weight_packed4")  # 4-bit codes, two per byte
+    edited = _rewrite_onnx(good, tmp_path / "act7.onnx", edit_meta=_act_bits_7)
+    for bad in (flipped, edited):
+        with pytest.raises(ExportFormatError, match="content digest mismatch"):
+            load_onnx(bad)
+        _refused_everywhere(capsys, bad)
+    assert {r["name"]: r for r in inspect_onnx(edited, check_digest=False)["layers"]}[HEAD]["act_bits"] == 7
+    with pytest.raises(ExportFormatError, match="records a content digest and this file has none"):
+        load_onnx(_rewrite_onnx(good, tmp_path / "stripped.onnx", drop_digest=True))
+
+    def as_11(meta: dict) -> dict:  # written before digests: reads with a one-line notice
+        return {**meta, "format_version": "1.1"}
+
+    legacy = _rewrite_onnx(good, tmp_path / "v11.onnx", edit_meta=as_11, drop_digest=True)
+    capsys.readouterr()
+    assert main(["inspect", str(legacy), "--json"]) == 0
+    captured = capsys.readouterr()
+    notice = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(notice) == 1 and "has no content digest" in notice[0] and json.loads(captured.out)["digest"] is None
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_onnx(legacy)[0](x), load_onnx(good)[0](x))

@@ -27,6 +27,8 @@ from ..families import get_family
 from ..errors import ExportFormatError
 from ..fileio import atomic_write, library_versions
 from ..quant import QUANT_LAYERS
+from .digest import DIGEST_KEY, content_digest
+from .digest import check_digest as digest_check
 from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
 from .layout import require_calibrated, state_map
 from .onnx_graph import OPSET, build_graph
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 META_KEY = "vitqtool"
 ONNX_FORMAT = "vitqtool-onnx-qdq"
-ONNX_FORMAT_VERSION = "1.1"  # 1.1: one row per quantized layer (q, k, v apart) with its onnxruntime kernel
+ONNX_FORMAT_VERSION = "1.2"  # 1.1: one row per quantized layer (q, k, v apart) with its onnxruntime kernel; 1.2: content digest
+DIGEST_SINCE = "1.2"  # the first format version whose files record a content digest
 VERIFY_IMAGES = 256
 VERIFY_BATCH_SIZE = 32
 MIN_AGREEMENT = 99.0  # percent top-1 agreement with the torch model below which --verify fails
@@ -96,7 +99,7 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
     _require_onnx()
     import onnx
 
-    refusal = get_family(model).onnx_refusal
+    refusal = get_family(model).onnx_refusal_for(model)
     if refusal:
         raise ExportFormatError(f"the ONNX export does not support {type(model).__name__}: {refusal}")
     require_calibrated(model, enabled_only=True)
@@ -130,6 +133,8 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
         proto, tables = build_graph(model, input_size)
         meta.update(layers=tables.layers, activations=tables.activations)
         try:
+            meta = json.loads(json.dumps(meta))  # what a reader gets back (tuples as lists): the digest covers that
+            meta[DIGEST_KEY] = content_digest(_initializers(proto), _digested_metadata(meta))
             entry = proto.metadata_props.add()
             entry.key, entry.value = META_KEY, json.dumps(meta)
         except TypeError as exc:
@@ -180,8 +185,21 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(self.session.run(None, {"input": images.detach().cpu().float().numpy()})[0])
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The `vitqtool` metadata of an exported ONNX file (reads the graph without its weights' use)."""
+def _initializers(proto: Any) -> dict[str, Any]:
+    """Every initializer of the graph (integer weight codes, scales, zero points, biases) as a numpy array, by name."""
+    from onnx import numpy_helper
+
+    return {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+
+
+def _digested_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The metadata the content digest covers: the whole `vitqtool` entry (bits, act_bits, steps, ...) but the digest, as canonical JSON."""
+    return {META_KEY: json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True)}
+
+
+def read_onnx_metadata(path: str | Path, check_digest: bool = True) -> dict[str, Any]:
+    """The `vitqtool` metadata of an exported ONNX file, its content digest checked (format 1.2 and later) unless
+    `check_digest` is False."""
     _require_onnx()
     import onnx
 
@@ -203,6 +221,12 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
         raise ExportFormatError(f"'{path}': its vitqtool metadata is not a {ONNX_FORMAT} description; re-export it")
     if int(str(meta.get("format_version", "0")).partition(".")[0] or 0) > int(ONNX_FORMAT_VERSION.partition(".")[0]):
         raise ExportFormatError(f"'{path}' uses ONNX export format {meta.get('format_version')}, newer than this vitqtool reads; upgrade vitqtool")
+    try:
+        tensors = _initializers(proto)
+    except Exception as exc:  # a damaged initializer: numpy_helper raises several types
+        raise ExportFormatError(f"'{path}' has an unreadable initializer ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    digest_check(path, meta.get(DIGEST_KEY), tensors, _digested_metadata(meta), str(meta.get("format_version")), DIGEST_SINCE,
+                 check=check_digest)
     meta["_initializer_bytes"] = {init.name: len(init.raw_data) or _field_bytes(init) for init in proto.graph.initializer}
     return meta
 
@@ -220,10 +244,11 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, 
     return OnnxModel(path, threads), data_config
 
 
-def inspect_onnx(path: str | Path) -> dict[str, Any]:
-    """Per-layer bits and bytes, size vs float32 and the metadata of an exported ONNX file (same keys as `inspect`)."""
+def inspect_onnx(path: str | Path, check_digest: bool = True) -> dict[str, Any]:
+    """Per-layer bits and bytes, size vs float32 and the metadata of an exported ONNX file (same keys as `inspect`);
+    `check_digest=False` describes a file whose content digest does not match (forensic use)."""
     path = Path(path)
-    meta = read_onnx_metadata(path)
+    meta = read_onnx_metadata(path, check_digest=check_digest)
     sizes = meta.pop("_initializer_bytes")
     rows = []
     for name, row in meta["layers"].items():
@@ -248,6 +273,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "input_size": meta["data_config"].get("input_size"), "data_config": meta["data_config"],
         "kernels": dict(collections.Counter(r["kernel"] for r in rows)),
         "stays_float": STAYS_FLOAT if meta.get("quantized") else "everything (no quantizer was enabled)",
+        "digest": meta.get(DIGEST_KEY),
         "layers": rows,
     }
 
@@ -291,4 +317,4 @@ class OnnxFormat(ExportFormat):
         return LoadedExport(model, data_config, "onnx")
 
     def inspect(self, path: Path, check_digest: bool = True) -> ExportSummary:
-        return ExportSummary.from_dict(inspect_onnx(path), self.name)
+        return ExportSummary.from_dict(inspect_onnx(path, check_digest=check_digest), self.name)

@@ -336,10 +336,11 @@ def _lower_acts(g: Graph, tables: QuantTables) -> None:
     for node in [n for n in g.nodes.values() if n.domain == DOMAIN and n.op_type == "Act"]:
         name, y = _marker_name(g, node), node.output[0]
         info = tables.acts[name]
+        requantizes = info.offset is None and _requantizes_integer_matmul(g, node)
         g.remove(node)
         groups: dict[str, list] = collections.defaultdict(list)
         for use in _terminal_uses(g, y, 1.0):
-            groups[_code_type(info, use)].append(use)
+            groups["uint8" if requantizes else _code_type(info, use)].append(use)
         x = node.input[0]
         if info.offset is not None:
             x = g.op("Sub", [x, g.add_const(f"{name}.offset", np.float32(info.offset))], f"{name}/shifted")
@@ -353,6 +354,26 @@ def _lower_acts(g: Graph, tables: QuantTables) -> None:
             dtype = next(iter(codes), "uint8")
             t = codes[dtype] if codes else _quantize(g, x, name, info, dtype)
             _dequantize(g, t, name, info, dtype, 1.0, name_out=y)
+
+
+def _requantizes_integer_matmul(g: Graph, marker: Any) -> bool:
+    """Whether activation `marker` alone reads a quantized MatMul of quantized codes (no bias between them).
+
+    onnxruntime fuses DQ -> MatMul -> Q into QLinearMatMul only when the output codes have the input's type
+    (uint8) and then never falls back to MatMulIntegerToFloat: such a quantizer's codes are uint8 for every
+    reader (a K or V without a projection bias is then a u8 x u8 integer matmul instead of a float one).
+    """
+    x = marker.input[0]
+    mm = g.producer.get(x)
+    if mm is None or mm.op_type != "MatMul" or g.readers(x) != [marker] or x in g.outputs:
+        return False
+    w = g.producer.get(mm.input[1])
+    if w is None or w.op_type != "DequantizeLinear" or w.input[0] not in g.weights:
+        return False
+    a = g.producer.get(mm.input[0])
+    while a is not None and a.op_type in MOVEMENT:
+        a = g.producer.get(a.input[0])
+    return a is not None and ((a.domain == DOMAIN and a.op_type == "Act") or id(a) in g.dq)
 
 
 def _zero_point(info: ActInfo, dtype: str) -> int:

@@ -130,6 +130,11 @@ class Family(abc.ABC):
             return f"{head}.qkv" if head else "qkv", QKV_PARTS.index(leaf)
         return path, None
 
+    def onnx_refusal_for(self, model: nn.Module) -> str | None:
+        """Why `model` (stock or rewritten) cannot be exported to ONNX, in one line, or None; by default the family's
+        `onnx_refusal`. A family that exports except in some configurations names them here."""
+        return self.onnx_refusal
+
     def fp_layers(self, model: nn.Module) -> frozenset[str]:
         """Linear/Conv2d layers the quantized layout keeps in FP on purpose (the family's docs say why); none by default."""
         return frozenset()

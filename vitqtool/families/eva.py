@@ -96,6 +96,12 @@ class EvaFamily(Family):
     def __init__(self, separate_projections: bool = False) -> None:
         self.separate_projections = separate_projections
 
+    def onnx_refusal_for(self, model: nn.Module) -> str | None:
+        if getattr(model, "rope_mixed", False):
+            return ("timm's mixed-mode rotary embedding (rope_mixed): torch.onnx traces its class-token expand to a wrong "
+                    "shape, which onnxruntime rejects (invalid expand shape) at every batch size")
+        return self.onnx_refusal
+
     @classmethod
     def for_model(cls, model: nn.Module) -> "EvaFamily":
         """Separate q/k/v projections (EVA-02 base and larger) keep their stock names `q_proj`, `k_proj`, `v_proj`."""

@@ -28,6 +28,8 @@ FP models (the same with `attn.proj_q/k/v` instead of `attn.qkv`) load through `
 
 from __future__ import annotations
 
+import functools
+import random
 import re
 from collections.abc import Mapping, Sequence
 
@@ -42,9 +44,20 @@ EVAL_PERMUTATION_SEED = 0  # eval: the one token permutation of the recursive gr
 
 
 def token_permutation(n: int, training: bool, device: torch.device) -> Tensor:
-    """Training: a fresh permutation from torch's global RNG (as the released code); eval: a fixed seeded one."""
-    generator = None if training else torch.Generator().manual_seed(EVAL_PERMUTATION_SEED)
-    return torch.randperm(n, generator=generator).to(device)
+    """Training: a fresh permutation from torch's global RNG (as the released code); eval: a fixed seeded one.
+
+    The eval permutation is drawn by Python's `random` (seeded), not by a torch Generator in the forward: a trace
+    (the ONNX export) then records it as a constant index tensor, and it is the same on every torch version.
+    """
+    if training:
+        return torch.randperm(n).to(device)
+    return torch.tensor(_eval_permutation(n), dtype=torch.long, device=device)
+
+
+@functools.cache
+def _eval_permutation(n: int) -> tuple[int, ...]:
+    """The fixed eval permutation of `n` tokens."""
+    return tuple(random.Random(EVAL_PERMUTATION_SEED).sample(range(n), n))
 
 
 class SReTStem(nn.Module):

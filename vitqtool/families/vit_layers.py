@@ -114,8 +114,12 @@ class ViTQuantParallelScalingBlock(nn.Module):
         return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _normed(self, t: Tensor, norm: nn.Module) -> Tensor:
-        """`norm` over each head of a `[B, N, heads * head_dim]` projection output (timm's q/k norm; Identity: as is)."""
-        return norm(t.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+        """`norm` over each head of a `[B, N, heads * head_dim]` projection output (timm's q/k norm; Identity: as is).
+
+        A reshape from the tensor's own shape, not `unflatten`: torch.onnx traces `unflatten` with the trace's batch size fixed.
+        """
+        b, n, _ = t.shape
+        return norm(t.reshape(b, n, self.num_heads, self.head_dim)).flatten(-2)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
