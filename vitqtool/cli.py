@@ -379,7 +379,7 @@ def quantize_cmd(
     label_column: LabelColumnOpt = None,
     mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch --mixed_precision), else no.")] = None,
     fuse_quantizers: Annotated[Optional[bool], typer.Option("--fuse-quantizers/--eager-quantizers", help="Fake quantizers as one torch.compile'd kernel each (faster, less memory) or eager. Default: fused in float32 where they compute what eager does, else eager.")] = None,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the QAT model: faster steps after a first step that compiles (about a minute of CPU for deit_tiny).")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the QAT model: faster steps after a first step that compiles (about a minute of CPU for a tiny model).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
     as_json: JsonOpt = False,
