@@ -99,7 +99,8 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
     _require_onnx()
     import onnx
 
-    refusal = get_family(model).onnx_refusal_for(model)
+    family = get_family(model)
+    refusal = family.onnx_refusal_for(model)
     if refusal:
         raise ExportFormatError(f"the ONNX export does not support {type(model).__name__}: {refusal}")
     require_calibrated(model, enabled_only=True)
@@ -130,7 +131,7 @@ def export_onnx_model(model: nn.Module, out: str | Path, *, architecture: str, m
                                         "the file was not written")
 
     try:
-        proto, tables = build_graph(model, input_size)
+        proto, tables = build_graph(model, input_size, family.onnx_requantized_convs)
         meta.update(layers=tables.layers, activations=tables.activations)
         try:
             meta = json.loads(json.dumps(meta))  # what a reader gets back (tuples as lists): the digest covers that

@@ -248,11 +248,12 @@ class Graph:
 # ---------------------------------------------------------------------- entry point
 
 
-def build_graph(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[Any, GraphTables]:
+def build_graph(model: nn.Module, input_size: tuple[int, int, int], requantized_convs: bool = True) -> tuple[Any, GraphTables]:
     """The QDQ ONNX ModelProto of a prepared, calibrated vitqtool model (eval, CPU) and its layer/quantizer tables.
 
-    Input `[batch, *input_size]` (batch dynamic, image size fixed). Raises ExportFormatError when the model
-    cannot be traced.
+    Input `[batch, *input_size]` (batch dynamic, image size fixed). `requantized_convs=False` keeps every dense
+    quantized conv on ConvInteger (exact float bias) instead of QLinearConv. Raises ExportFormatError when the
+    model cannot be traced.
     """
     proto, tables = trace_model(model, input_size)
     g = Graph(proto)
@@ -261,7 +262,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[Any
     _lower_acts(g, tables)
     _fold_batchnorms(g)
     _float_layers(g)
-    _lower_convs(g)
+    _lower_convs(g, requantized_convs)
     out = GraphTables()
     _describe(g, tables, out)
     _pack_weights(g)
@@ -607,8 +608,9 @@ def _refine_bias_grid(g: Graph, codes: str, wdq: Any, act_bits: int) -> None:
         g.set_input(wdq, 1, g.add_const(f"{meta['layer']}.weight_scale", g.const(wdq.input[1]) / np.float32(1 << k)))
 
 
-def _lower_convs(g: Graph) -> None:
-    """A quantized conv of quantized codes: left for QLinearConv when requantized, else ConvInteger + one float rescale."""
+def _lower_convs(g: Graph, requantized: bool = True) -> None:
+    """A quantized conv of quantized codes: left for QLinearConv when requantized (and `requantized` allows it), else
+    ConvInteger + one float rescale."""
     for conv in [n for n in g.nodes.values() if n.op_type == "Conv"]:
         weight = _weight_of(g, conv)
         dq = g.producer.get(conv.input[0])
@@ -618,7 +620,7 @@ def _lower_convs(g: Graph) -> None:
         meta = g.weights[codes_name]
         layer, bits = meta["layer"], meta["bits"]
         act = g.dq[id(dq)]
-        if _requantized(g, conv):
+        if requantized and _requantized(g, conv):
             _refine_bias_grid(g, codes_name, wdq, act.info.bits)
             g.kernels[layer] = ("QLinearConv", act.info.bits)
             continue

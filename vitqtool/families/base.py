@@ -85,6 +85,9 @@ class Family(abc.ABC):
     # ONNX export: it traces the model's own forward, so a family needs nothing for it; a family that cannot be
     # exported yet says why here, in one line (`export --format onnx` refuses it with that reason)
     onnx_refusal: ClassVar[str | None] = None
+    # False: a quantized conv whose output feeds a quantizer runs as ConvInteger with its bias added in float (exact)
+    # instead of QLinearConv, whose int32 bias rounding can move requantized codes of a model too sensitive for it
+    onnx_requantized_convs: ClassVar[bool] = True
 
     @abc.abstractmethod
     def check(self, model: nn.Module) -> None:

@@ -34,6 +34,10 @@ class SReTFamily(SegmentedFamily):
 
     name = "sret"
     patterns = ("sret_*",)
+    # the stem's convs feed quantizers; as QLinearConv their folded BatchNorm bias is rounded to the int32 grid,
+    # which moved 0.5% of the first block's codes by a step and cost a trained test model 2.7 points of top-1
+    # agreement (97.3%); ConvInteger with the bias in float agrees
+    onnx_requantized_convs = False
 
     def check(self, model: nn.Module) -> None:
         require(type(model.stem) is SReTStem, "stem", f"stem type {type(model.stem).__name__}")
