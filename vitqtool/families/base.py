@@ -267,8 +267,10 @@ def quantize_mlp(mlp: nn.Module, policy: QuantPolicy) -> None:
 
 
 def check_fully_quantized(model: nn.Module, keep: frozenset[str] = frozenset()) -> None:
-    """Fail loudly, naming the module, if any float Linear/Conv2d outside `keep` was left behind by a rewrite."""
-    left = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and name not in keep]
+    """Fail loudly, naming the module, if any float Linear/Conv2d (or subclass, e.g. timm's StdConv2d) outside `keep`
+    was left behind by a rewrite."""
+    left = [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, (QLinear, QConv2d)) and name not in keep]
     if left:
         raise ModelError(f"these layers have no quantization rule in the family and would stay float: {', '.join(left[:8])}")
 

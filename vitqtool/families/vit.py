@@ -294,6 +294,15 @@ class ViTFamily(Family):
             hidden = hidden + last.drop_path2(last.ls2(last.mlp(last.norm2(hidden))))
         return model.forward_head(model.norm(hidden))
 
+    def fp_layers(self, model: nn.Module) -> frozenset[str]:
+        """A hybrid ViT's CNN backbone (`patch_embed.backbone`) stays FP: the layout quantizes the transformer and the
+        patch projection after the backbone; the backbone's convs (weight-standardized StdConv2d) have no rule here."""
+        backbone = getattr(model.patch_embed, "backbone", None)
+        if backbone is None:
+            return frozenset()
+        return frozenset(f"patch_embed.backbone.{name}" for name, layer in backbone.named_modules()
+                         if isinstance(layer, (nn.Linear, nn.Conv2d)))
+
     def norm_pairs(self, model: nn.Module) -> list[NormPair]:
         """Per pre-norm block: norm1 -> attention input quantizer -> q, k, v (or the fused qkv); norm2 -> fc1's input
         quantizer -> fc1. Post-norm, parallel and split-SwiGLU blocks have no such pairs (their norms feed no lone quantizer)."""
