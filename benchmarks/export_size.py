@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from vitqtool import core  # noqa: E402
-from vitqtool.export import export_model  # noqa: E402
 from vitqtool.core.models import resolve_model  # noqa: E402
+from vitqtool.export import export_model  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 
 MODELS = ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224")

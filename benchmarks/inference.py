@@ -96,10 +96,10 @@ def build(model_name: str, bits_list: list[int], folder: Path) -> dict:
     import torch
 
     from vitqtool import core
+    from vitqtool.core.models import resolve_model
     from vitqtool.data import load_dataset, make_eval_loader
     from vitqtool.export import export_model, export_onnx_model
     from vitqtool.export.onnx_export import verify_onnx
-    from vitqtool.core.models import resolve_model
     from vitqtool.recipe import load_recipe
 
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
     say(f"# Inference benchmark (`benchmarks/inference.py`)\n\n`python {shlex.join(['benchmarks/inference.py', *sys.argv[1:]])}`\n")
     say(f"CPU: {cpu}, {os.cpu_count()} cores, shared with other jobs while this ran (load average at start "
         f"{os.getloadavg()[0]:.1f}); onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; median of {args.reps} "

@@ -169,13 +169,13 @@ def render(fp_top1: float, records: list[dict], bits: list[int], abl_bits: list[
     if abl_bits and any(m in ABLATIONS for m, _ in table):
         lines += ["", "vaq ablations (each row drops one component; same seeds and schedule):", "",
                   "| variant | " + " | ".join(f"W{b}A{b}" for b in abl_bits) + " |", "|---|" + "---|" * len(abl_bits)]
-        for m in ("vaq",) + ABLATIONS:
+        for m in ("vaq", *ABLATIONS):
             lines.append(f"| {LABELS[m]} | " + " | ".join(fmt(table.get((m, b), [])) for b in abl_bits) + " |")
     seeds = by_seed(records)
     lines += ["", "Paired over seeds (each seed shares the FP model, calibration images and data order; mean difference "
               "with its 95% confidence interval, paired t, and wins out of seeds):", ""]
     lines += paired_lines(seeds, bits, METHODS, "vaq")
-    lines += paired_lines(seeds, [b for b in abl_bits], ABLATIONS + ("vaq",), "vaq")
+    lines += paired_lines(seeds, [b for b in abl_bits], (*ABLATIONS, "vaq"), "vaq")
     lines += ["", "Goals (issue 6):", ""]
     lines += [f"- {g}" for g in goals(fp_top1, table, bits, seeds)]
     return "\n".join(lines) + "\n"
@@ -199,7 +199,7 @@ def goals(fp_top1: float, table: dict, bits: list[int], seeds: dict | None = Non
         m, _ = mean_std(table[("vaq", 4)])
         out.append(f"vaq W4A4 >= FP: {'MET' if m >= fp_top1 else 'NOT MET'} ({m:.2f} vs FP {fp_top1:.2f}, {m - fp_top1:+.2f})")
     if ("vaq", 2) in table:
-        m, s = mean_std(table[("vaq", 2)])
+        m, _s = mean_std(table[("vaq", 2)])
         out.append(f"vaq W2A2 within 2 points of FP: {'MET' if m >= fp_top1 - 2 else 'NOT MET'} ({m:.2f} vs FP {fp_top1:.2f}, {m - fp_top1:+.2f})")
         for b in ("ptq", "lsq", "lsq+kd"):
             if (b, 2) in table:

@@ -57,17 +57,15 @@ def graphs(cin: int, cout: int, size: int, k: int, groups: int) -> dict:
                          helper.make_node("Conv", ["xd", "wd", "b"], ["c"], **conv),
                          helper.make_node("QuantizeLinear", ["c", "so", "zo"], ["cq"]),
                          helper.make_node("DequantizeLinear", ["cq", "so", "zo"], ["y"])],
-                        common + [init(codes, "wq"), init(w_scale, "ws"), init(bias, "b"), init(np.float32(0.1), "so"),
-                                  init(np.uint8(128), "zo")]),
+                        [*common, init(codes, "wq"), init(w_scale, "ws"), init(bias, "b"), init(np.float32(0.1), "so"), init(np.uint8(128), "zo")]),
         "ConvInteger": ([q, helper.make_node("ConvInteger", ["xq", "wu", "zx", "zw"], ["acc"], **conv),
                          helper.make_node("DequantizeLinear", ["acc", "rs"], ["m"], axis=1), helper.make_node("Add", ["m", "b4"], ["y"])],
-                        common + [init((codes.astype(np.int16) + 8).astype(np.uint8), "wu"), init(np.uint8(8), "zw"),
-                                  init(x_scale * w_scale, "rs"), init(bias.reshape(1, -1, 1, 1), "b4")]),
+                        [*common, init((codes.astype(np.int16) + 8).astype(np.uint8), "wu"), init(np.uint8(8), "zw"), init(x_scale * w_scale, "rs"), init(bias.reshape(1, -1, 1, 1), "b4")]),
         "DQ -> float Conv": ([q, dq, *fold, helper.make_node("Conv", ["xd", "wf", "b"], ["y"], **conv)],
-                             common + [init(codes, "wq"), init(w_scale.reshape(-1, 1, 1, 1), "ws4"), init(bias, "b")]),
+                             [*common, init(codes, "wq"), init(w_scale.reshape(-1, 1, 1, 1), "ws4"), init(bias, "b")]),
         "DQ -> Conv (DQ weights)": ([q, dq, helper.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], axis=0),
                                      helper.make_node("Conv", ["xd", "wd", "b"], ["y"], **conv)],
-                                    common + [init(codes, "wq"), init(w_scale, "ws"), init(bias, "b")]),
+                                    [*common, init(codes, "wq"), init(w_scale, "ws"), init(bias, "b")]),
     }
 
 

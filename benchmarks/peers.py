@@ -249,7 +249,8 @@ def measure_memory_subprocess(name: str, args: argparse.Namespace) -> dict:
 
 def profile(name: str, args: argparse.Namespace, top: int = 15) -> dict:
     """torch.profiler over `--steps` steps of one contender: top ops by self CPU and the LSQ fake-quant share."""
-    from torch.profiler import ProfilerActivity, profile as tprofile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as tprofile
 
     fp = make_fp(args)
     runner = build_runner(name, fp, args)
@@ -447,7 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args)))
         return
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     if args.profile:
         rep = profile(args.profile, args)
         print(json.dumps(rep, indent=2)) if args.json else print_profile(rep)

@@ -51,8 +51,7 @@ def build_step(args: argparse.Namespace, config: str, size: int):
 
     from vitqtool.core import calibrate, prepare
     from vitqtool.core.models import resolve_model
-    from vitqtool.quant import OscillationTracker, check_fused_kernels, iter_quantizers, obr_loss, quant_layers
-    from vitqtool.quant import set_quantizers_fused
+    from vitqtool.quant import OscillationTracker, check_fused_kernels, iter_quantizers, obr_loss, quant_layers, set_quantizers_fused
     from vitqtool.recipe import load_recipe
     from vitqtool.train.losses import kd_loss
 

@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 from benchmarks.report_md import publish  # noqa: E402
 from vitqtool import core, quant  # noqa: E402
-from vitqtool.families import get_family  # noqa: E402
 from vitqtool.demo import DEMO  # noqa: E402
+from vitqtool.families import get_family  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -101,8 +101,8 @@ def measure_model(name: str, work: Path, methods: list[str], repeats: int, naive
 
     from vitqtool import commands, core
     from vitqtool.analysis.sensitivity import build_units, group_units, spearman, top_overlap
-    from vitqtool.families import get_family
     from vitqtool.data import load_dataset, make_eval_loader, stratified_sample
+    from vitqtool.families import get_family
     from vitqtool.recipe import load_recipe
 
     spec, args = MODELS[name]

@@ -20,14 +20,29 @@ from torch import nn
 from vitqtool import core, quant
 from vitqtool.analysis.allocation import allocate, overrides_toml
 from vitqtool.analysis.estimate import probe_vectors, taylor_sensitivity
-from vitqtool.analysis.sensitivity import (SensitivityProbe, build_units, choose_method, group_units, logit_metrics, predicted_seconds,
-                                           spearman, top_overlap)
+from vitqtool.analysis.sensitivity import (
+    SensitivityProbe,
+    build_units,
+    choose_method,
+    group_units,
+    logit_metrics,
+    predicted_seconds,
+    spearman,
+    top_overlap,
+)
 from vitqtool.analysis.stats import (
-    RunningStats, boundary_share, channel_groups, head_groups, kurtosis, outlier_ratio, range_spread, sqnr_db,
+    RunningStats,
+    boundary_share,
+    channel_groups,
+    head_groups,
+    kurtosis,
+    outlier_ratio,
+    range_spread,
+    sqnr_db,
 )
 from vitqtool.analysis.variation import ActivationRecorder, module_type
-from vitqtool.families import get_family
 from vitqtool.errors import RecipeError
+from vitqtool.families import get_family
 from vitqtool.quant import LSQQuantizer, QuantAttention, QuantSpec
 from vitqtool.recipe import load_recipe
 
@@ -153,7 +168,7 @@ def test_fast_and_naive_sensitivity_agree(name: str, args: dict) -> None:
     units += group_units(units, "block")
     fast, naive = SensitivityProbe(model, adapter, batches, "fast"), SensitivityProbe(model, adapter, batches, "naive")
     starts = {fast.start_of(u) for u in units}
-    assert 0 < max(starts) and min(starts) == -1  # some units start inside the model, the patch embedding from the images
+    assert max(starts) > 0 and min(starts) == -1  # some units start inside the model, the patch embedding from the images
     kl_fast = [fast.measure(u)["kl"] for u in units]
     kl_naive = [naive.measure(u)["kl"] for u in units]
     assert kl_fast == pytest.approx(kl_naive, rel=1e-4, abs=1e-9)
@@ -346,8 +361,9 @@ def test_cli_analyze_tiny_deit_and_swin(tmp_path) -> None:
 
 def _fake_run(folder) -> nn.Module:
     """A run folder as `quantize` writes it (run.json, resolved recipe, checkpoint with tracker state); returns its model."""
-    from vitqtool.quant import OscillationTracker
     from conftest import write_run_folder
+
+    from vitqtool.quant import OscillationTracker
 
     model = _tiny("vit_tiny_patch16_224", VIT_ARGS)
     tracker = OscillationTracker(model)

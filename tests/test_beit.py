@@ -11,8 +11,14 @@ import timm
 import torch
 from torch import nn
 
-from tests.conftest import (assert_exports_round_trip, assert_fast_sensitivity_equals_naive, assert_prepare_is_fp_exact,
-                            ptq_run_and_export, quantized_random, spread_model)
+from tests.conftest import (
+    assert_exports_round_trip,
+    assert_fast_sensitivity_equals_naive,
+    assert_prepare_is_fp_exact,
+    ptq_run_and_export,
+    quantized_random,
+    spread_model,
+)
 from tests.hf_tiny import build, save
 from vitqtool import core
 from vitqtool.core.models import resolve_model

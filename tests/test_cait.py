@@ -4,8 +4,7 @@ import pytest
 import timm
 import torch
 
-from tests.family_checks import (assert_fast_sensitivity_equals_naive, assert_fp_exact_after_prepare, assert_quantize_and_export,
-                                 images, spread_)
+from tests.family_checks import assert_fast_sensitivity_equals_naive, assert_fp_exact_after_prepare, assert_quantize_and_export, images, spread_
 from vitqtool import core
 from vitqtool.errors import ModelError
 from vitqtool.families import get_family

@@ -16,9 +16,9 @@ from vitqtool import commands, core, quant
 from vitqtool.analysis import analyze_model
 from vitqtool.analysis.compare import model_measures
 from vitqtool.analysis.sensitivity import SensitivityProbe, build_units, group_units
-from vitqtool.families import get_family
 from vitqtool.cli import app, main
 from vitqtool.errors import ModelError
+from vitqtool.families import get_family
 from vitqtool.quant import OscillationTracker
 from vitqtool.recipe import load_recipe
 

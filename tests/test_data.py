@@ -144,7 +144,7 @@ def test_sample_crop_box_is_deterministic_and_in_range():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         x0, y0, w, h = sample_crop_box(g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-        assert 0 <= x0 and 0 <= y0 and x0 + w <= 1 + 1e-9 and y0 + h <= 1 + 1e-9
+        assert x0 >= 0 and y0 >= 0 and x0 + w <= 1 + 1e-9 and y0 + h <= 1 + 1e-9
         assert 0.08 - 1e-9 <= w * h <= 1 + 1e-9
         assert 3 / 4 - 1e-9 <= w / h <= 4 / 3 + 1e-9
     x0, y0, w, h = sample_crop_box(g, scale=(1.0, 1.0), ratio=(1.0, 1.0), image_size=(20, 40))

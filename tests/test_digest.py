@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VIT
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,8 +18,6 @@ from vitqtool.cli import main
 from vitqtool.errors import ExportFormatError
 from vitqtool.export import export_model, read_export
 from vitqtool.export.source_view import write_source_view
-
-from conftest import TINY_VIT
 
 HEAD = "head"  # an 8-bit edge layer: act_bits 8 -> 7 rebuilds a consistent model, so only the digest can tell
 
@@ -37,7 +36,7 @@ def _rewrite(src: Path, dst: Path, edit_meta=None, flip: str | None = None, drop
     """Copy a safetensors export with its metadata JSON edited, one bit of tensor `flip` flipped, or its digest dropped."""
     with safe_open(str(src), "pt") as fh:
         meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: fh.get_tensor(k) for k in fh}
     if edit_meta is not None:
         meta["vitqtool"] = json.dumps(edit_meta(json.loads(meta["vitqtool"])))
     if flip is not None:
@@ -112,7 +111,7 @@ def test_files_written_before_digests_load_with_a_notice_and_a_21_file_without_o
 
 
 def test_compressed_tensors_view_refuses_a_flipped_bit(tmp_path, capsys, quantized):
-    loaded, recipe, model = quantized
+    loaded, _recipe, model = quantized
     view = tmp_path / "view.safetensors"
     write_source_view(model, view, architecture=TINY_VIT[0], model_args=TINY_VIT[1], data_config=loaded.data_config)
     assert commands.inspect(view).digest.startswith("sha256:")
@@ -139,7 +138,7 @@ def test_transformers_folder_refuses_a_flipped_bit_and_an_edited_act_bits(tmp_pa
     weights = flipped / "model.safetensors"
     key = "vit.encoder.layer.0.intermediate.dense.weight_packed"
     with safe_open(str(weights), "pt") as fh:
-        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh}
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] ^= 1 << 3
     save_file(tensors, str(weights), metadata=meta)

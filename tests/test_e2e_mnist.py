@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from vitqtool.commands import train_fp, quantize
+from vitqtool.commands import quantize, train_fp
 
 ARGS = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 2, "num_heads": 2, "num_classes": 10}
 # digits: no flips, mild crops (the recipe defaults are ImageNet's)

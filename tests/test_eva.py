@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import nn
 
-from tests.conftest import (assert_exports_round_trip, assert_fast_sensitivity_equals_naive, assert_prepare_is_fp_exact,
-                            ptq_run_and_export, quantized_random, spread_model)
+from tests.conftest import (
+    assert_exports_round_trip,
+    assert_fast_sensitivity_equals_naive,
+    assert_prepare_is_fp_exact,
+    ptq_run_and_export,
+    quantized_random,
+    spread_model,
+)
 from vitqtool import commands, core
 from vitqtool.errors import ModelError
 from vitqtool.families import get_family

@@ -9,13 +9,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import vitqtool
-from vitqtool import commands, core
 from tests.conftest import calibrate_off_init
+from vitqtool import commands, core
 from vitqtool.cli import main
-from vitqtool.errors import ExportFormatError
 from vitqtool.commands import export, inspect
-from vitqtool.export import export_model, is_vitq_export, read_export
 from vitqtool.core.models import resolve_model
+from vitqtool.errors import ExportFormatError
+from vitqtool.export import export_model, is_vitq_export, read_export
 from vitqtool.quant import QUANT_LAYERS, iter_quantizers
 from vitqtool.quant.packing import unpack_codes
 from vitqtool.recipe import load_recipe
@@ -220,7 +220,7 @@ def good_export(tmp_path_factory):
 def _rewrite(src: Path, dst: Path, edit_meta=None, edit_tensors=None) -> Path:
     with safe_open(str(src), "pt") as fh:
         meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: fh.get_tensor(k) for k in fh}
     if edit_meta:
         vq = json.loads(meta["vitqtool"])
         edit_meta(vq)

@@ -16,8 +16,8 @@ from typer.testing import CliRunner  # noqa: E402
 import vitqtool  # noqa: E402
 from tests.hf_tiny import FAMILIES, LABELS, build, edit_config, hub_cache, save  # noqa: E402
 from vitqtool.cli import app, main  # noqa: E402
-from vitqtool.errors import ModelError, WeightsError  # noqa: E402
 from vitqtool.core.models import resolve_model  # noqa: E402
+from vitqtool.errors import ModelError, WeightsError  # noqa: E402
 
 pytest.importorskip("transformers")
 runner = CliRunner()

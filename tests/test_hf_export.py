@@ -17,10 +17,10 @@ from tests.conftest import calibrate_off_init  # noqa: E402
 from tests.hf_tiny import build, save  # noqa: E402
 from vitqtool import core  # noqa: E402
 from vitqtool.cli import main  # noqa: E402
+from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.errors import ExportFormatError  # noqa: E402
 from vitqtool.export import export_hf_model, read_hf_export  # noqa: E402
 from vitqtool.families import get_family  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.quant import QConv2d, QLinear, iter_quantizers  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 

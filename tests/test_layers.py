@@ -102,7 +102,7 @@ def test_no_import_cycle():
         stack.append(node)
         for nxt in graph.get(node, ()):
             if state.get(nxt) == 1:
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(nxt):], nxt]))
             if nxt not in state:
                 visit(nxt)
         stack.pop()

@@ -6,7 +6,6 @@ import time
 import pytest
 import torch
 
-from vitqtool.errors import ModelError, WeightsError
 from vitqtool.core.models import (
     LoadedModel,
     load_model,
@@ -16,6 +15,7 @@ from vitqtool.core.models import (
     resolve_timm_name,
     save_model_folder,
 )
+from vitqtool.errors import ModelError, WeightsError
 
 ARCH = "deit_tiny_patch16_224"
 TINY_ARGS = {"img_size": 32, "patch_size": 4, "depth": 2}  # depth 2 keeps each build well under a second

@@ -17,17 +17,16 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 import vitqtool  # noqa: E402
+from tests.test_cnn import CONVNEXT, DEEP_RESNET, RESNET  # noqa: E402
 from vitqtool import commands, core  # noqa: E402
 from vitqtool.cli import main  # noqa: E402
+from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.data import load_dataset, make_eval_loader  # noqa: E402
 from vitqtool.errors import ExportFormatError  # noqa: E402
 from vitqtool.export import export_model, export_onnx_model, inspect_onnx  # noqa: E402
 from vitqtool.export.onnx_export import integer_matmuls, onnx_session, optimized_op_counts, verify_onnx  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.quant import QUANT_LAYERS, QConv2d, iter_quantizers, quantizers_disabled  # noqa: E402
-
 from vitqtool.recipe import load_recipe  # noqa: E402
-from tests.test_cnn import CONVNEXT, DEEP_RESNET, RESNET  # noqa: E402
 
 # the demo's model: timm vit_tiny layout at 28x28 input, 7x7 patches, 96-dim, 3 blocks, 10 classes
 DEMO = ("vit_tiny_patch16_224", {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 3, "num_heads": 3, "num_classes": 10})
@@ -350,7 +349,7 @@ def test_learned_offset_is_folded_exactly(tmp_path, trained):
     x = trained["val"][1][0][:64]
     core.calibrate(model, [x])
     with torch.no_grad():
-        for name, q in iter_quantizers(model):
+        for _, q in iter_quantizers(model):
             if q.offset is not None:
                 q.offset.fill_(-0.37 * float(q.step))  # beta / s = -0.37: no integer zero point could express it
     path = tmp_path / "offset.onnx"

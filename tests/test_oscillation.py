@@ -97,7 +97,7 @@ def test_freeze_keeps_quantized_value_fixed():
 
 def test_state_dict_round_trip_continues_exactly():
     trajectory = [[0, 1, 0, 1, 0, 2, 1], [0, 0, 1, 2, 1, 2, 1]]
-    reference, net_ref, _ = _run(trajectory, momentum=0.2)
+    reference, _net_ref, _ = _run(trajectory, momentum=0.2)
 
     net = _Net(2)
     _set_codes(net, [t[0] for t in trajectory])

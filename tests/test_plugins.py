@@ -18,6 +18,7 @@ from vitqtool.export.formats import FORMATS, ExportFormat, ExportSource, ExportS
 from vitqtool.families import FAMILIES, QuantPolicy
 from vitqtool.families.base import SegmentedFamily, class_name, quantize_conv, quantize_linear, register_family, require
 
+
 class ToyBlock(nn.Module):
     """Pre-norm residual MLP block over tokens."""
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from vitqtool import core
-from vitqtool.errors import DataError, RecipeError, RunError
-from vitqtool.recipe import load_recipe
 from vitqtool.commands import quantize
 from vitqtool.core import load_run_model, runs
+from vitqtool.errors import DataError, RecipeError, RunError
+from vitqtool.recipe import load_recipe
 from vitqtool.train import checkpoint as ckpt
 from vitqtool.train import loop
 from vitqtool.train.run import resolve_kd_mode
@@ -46,7 +46,7 @@ def test_sharded_batches_partition_the_single_process_batches():
     r0 = list(ShardedBatchSampler(50, 4, 2, 0, seed=3, epoch=2, num_batches=6))
     r1 = list(ShardedBatchSampler(50, 4, 2, 1, seed=3, epoch=2, num_batches=6))
     assert [a + b for a, b in zip(r0, r1)] == one
-    assert sorted(sum(one, [])) == sorted(epoch_permutation(50, 3, 2)[:48].tolist())
+    assert sorted(i for batch in one for i in batch) == sorted(epoch_permutation(50, 3, 2)[:48].tolist())
     assert list(ShardedBatchSampler(50, 8, 1, 0, seed=3, epoch=2, num_batches=6, start=4)) == one[4:]
     assert one != list(ShardedBatchSampler(50, 8, 1, 0, seed=3, epoch=3, num_batches=6))
 
@@ -95,8 +95,8 @@ def ptq_run(tmp_path_factory) -> Path:
 
 
 def test_ptq_run_folder_records_recipe_and_calibrated_model(ptq_run):
-    from vitqtool.data import load_dataset, make_eval_loader, stratified_sample
     from vitqtool.core.models import resolve_model
+    from vitqtool.data import load_dataset, make_eval_loader, stratified_sample
 
     meta = json.loads((ptq_run / "run.json").read_text())
     assert meta["architecture"] == MODEL and meta["model_args"] == ARGS and meta["seed"] == 0 and meta["status"] == "done"

@@ -14,16 +14,22 @@ from torch import nn  # noqa: E402
 
 import vitqtool  # noqa: E402
 from tests.conftest import calibrate_off_init  # noqa: E402
-from tests.family_checks import (assert_config_refused, assert_fast_sensitivity_equals_naive,  # noqa: E402
-                                 assert_fp_exact_after_prepare, assert_matches_transformers, images, spread_)
+from tests.family_checks import (  # noqa: E402
+    assert_config_refused,
+    assert_fast_sensitivity_equals_naive,
+    assert_fp_exact_after_prepare,
+    assert_matches_transformers,
+    images,
+    spread_,
+)
 from tests.hf_tiny import build, save  # noqa: E402
 from vitqtool import commands, core  # noqa: E402
+from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.errors import ModelError  # noqa: E402
 from vitqtool.export import export_model, load_source_model, source_state_dict  # noqa: E402
 from vitqtool.export.source_view import write_source_view  # noqa: E402
 from vitqtool.families import get_family  # noqa: E402
 from vitqtool.families.swinv2 import SwinV2QuantWindowAttention  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
 from vitqtool.quant import QLinear, iter_quantizers, quantizers_disabled  # noqa: E402
 from vitqtool.recipe import load_recipe  # noqa: E402
 

@@ -13,9 +13,15 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.family_checks import (assert_config_refused, assert_fast_sensitivity_equals_naive,  # noqa: E402
-                                 assert_fp_exact_after_prepare, assert_matches_transformers, assert_quantize_and_export,
-                                 images, spread_)
+from tests.family_checks import (  # noqa: E402
+    assert_config_refused,
+    assert_fast_sensitivity_equals_naive,
+    assert_fp_exact_after_prepare,
+    assert_matches_transformers,
+    assert_quantize_and_export,
+    images,
+    spread_,
+)
 from tests.hf_tiny import build, save  # noqa: E402
 from tests.test_hf_export import check_hf_export  # noqa: E402
 from vitqtool import core  # noqa: E402

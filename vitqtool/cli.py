@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -77,16 +77,16 @@ app.add_typer(recipes_app, name="recipes")
 
 # Options shared by several commands (defined once).
 DataOpt = Annotated[str, typer.Option("--data", help="Dataset: builtin:mnist5k, a Hugging Face datasets name or path, or an image folder (class per subfolder).")]
-WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file (.safetensors, or .pth/.bin loaded with weights_only) for a timm MODEL name.")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="Local weights file (.safetensors, or .pth/.bin loaded with weights_only) for a timm MODEL name.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Build the model with random weights (smoke tests; no download).")]
-ModelArgsOpt = Annotated[Optional[str], typer.Option("--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 4, "num_classes": 10}\'.')]
-NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Classifier classes of the model (when a weights file or dataset differs from the architecture's default).")]
-RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="Recipe: vaq, lsq, ptq, or a .toml path (see `vitqtool recipes list`).")]
-BitsOpt = Annotated[Optional[int], typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside transformer blocks (2..8); overrides the recipe.")]
+ModelArgsOpt = Annotated[str | None, typer.Option("--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 4, "num_classes": 10}\'.')]
+NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", min=1, help="Classifier classes of the model (when a weights file or dataset differs from the architecture's default).")]
+RecipeOpt = Annotated[str | None, typer.Option("--recipe", help="Recipe: vaq, lsq, ptq, or a .toml path (see `vitqtool recipes list`).")]
+BitsOpt = Annotated[int | None, typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside transformer blocks (2..8); overrides the recipe.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
-ImageColumnOpt = Annotated[Optional[str], typer.Option("--image-column", help="Image column of a datasets dataset (default: 'image'/'img', or its one Image column).")]
-LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="Label column (default: 'label'/'labels', or its one ClassLabel column); int or string labels.")]
+ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", help="Image column of a datasets dataset (default: 'image'/'img', or its one Image column).")]
+LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="Label column (default: 'label'/'labels', or its one ClassLabel column); int or string labels.")]
 
 
 def _stderr_console():
@@ -163,7 +163,7 @@ def evaluate(
     bits: BitsOpt = None,
     recipe: RecipeOpt = None,
     batch_size: BatchOpt = 64,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
     as_json: JsonOpt = False,
@@ -199,7 +199,7 @@ def recipes_list(as_json: JsonOpt = False) -> None:
 def recipes_show(
     recipe: Annotated[str, typer.Argument(help="Recipe name or .toml path.")],
     bits: BitsOpt = None,
-    overrides: Annotated[Optional[list[Path]], typer.Option("--overrides", help="Override TOML files merged on top, in order.")] = None,
+    overrides: Annotated[list[Path] | None, typer.Option("--overrides", help="Override TOML files merged on top, in order.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a recipe fully resolved (defaults, override files and flags applied) as TOML or JSON."""
@@ -217,14 +217,14 @@ def softlabels_cmd(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="MODEL the labels are for; also the teacher unless --teacher is given.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to create for the soft-label store.")],
-    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher MODEL spec (default: MODEL itself).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Teacher MODEL spec (default: MODEL itself).")] = None,
     data: DataOpt = "builtin:mnist5k",
     split: Annotated[str, typer.Option("--split", help="Dataset split to label (the training split).")] = "train",
     weights: WeightsOpt = None,
-    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for a --teacher timm name.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="Local weights file for a --teacher timm name.")] = None,
     random_init: RandomInitOpt = False,
     model_args: ModelArgsOpt = None,
-    teacher_model_args: Annotated[Optional[str], typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (default: --model-args).")] = None,
+    teacher_model_args: Annotated[str | None, typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (default: --model-args).")] = None,
     crops: Annotated[int, typer.Option("--crops", min=1, help="Random-resized crops labelled per image.")] = 500,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Teacher classes stored per crop.")] = 5,
     scale: Annotated[tuple[float, float], typer.Option("--scale", help="Crop area range, fractions of the image.")] = (0.08, 1.0),
@@ -232,11 +232,11 @@ def softlabels_cmd(
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Flip each crop horizontally with probability 0.5.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the crop draws.")] = 0,
     batch_size: BatchOpt = 64,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Label a class-stratified sample of N images (fixed seed: the same images in every command); quantize --limit-train N trains on them.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Label a class-stratified sample of N images (fixed seed: the same images in every command); quantize --limit-train N trains on them.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes that crop images while the teacher runs.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing (or unfinished) store at --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Finish the store of a killed run with the same flags (its finished shards are kept).")] = False,
-    images_per_shard: Annotated[Optional[int], typer.Option("--images-per-shard", min=1, help="Images per shard file: the unit processes split and a killed run redoes (default: ~64 MiB shards).")] = None,
+    images_per_shard: Annotated[int | None, typer.Option("--images-per-shard", min=1, help="Images per shard file: the unit processes split and a killed run redoes (default: ~64 MiB shards).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD).
@@ -350,35 +350,35 @@ def inspect_cmd(
 def quantize_cmd(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="FP MODEL spec to quantize (timm name, hf-hub:..., model folder).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints); default runs/<model>-w<bits>a<bits>-<recipe>. A folder holding a run is refused unless --resume or --overwrite.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints); default runs/<model>-w<bits>a<bits>-<recipe>. A folder holding a run is refused unless --resume or --overwrite.")] = None,
     bits: BitsOpt = None,
     recipe: Annotated[str, typer.Option("--recipe", help="vaq (QAT, the paper), lsq (baseline), ptq (calibration only), ptq-recon (PTQ with reparameterization and block reconstruction), or a .toml path.")] = "vaq",
     data: DataOpt = "builtin:mnist5k",
-    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher MODEL spec for online KD (default: the FP MODEL itself).")] = None,
-    soft_labels: Annotated[Optional[Path], typer.Option("--soft-labels", help="Soft-label store from `vitqtool softlabels` (multi-crop KD).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Teacher MODEL spec for online KD (default: the FP MODEL itself).")] = None,
+    soft_labels: Annotated[Path | None, typer.Option("--soft-labels", help="Soft-label store from `vitqtool softlabels` (multi-crop KD).")] = None,
     weights: WeightsOpt = None,
-    teacher_weights: Annotated[Optional[Path], typer.Option("--teacher-weights", help="Local weights file for a --teacher timm name.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="Local weights file for a --teacher timm name.")] = None,
     random_init: RandomInitOpt = False,
     model_args: ModelArgsOpt = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, help="Training epochs (recipe: train.epochs).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per optimiser step and process (recipe: train.batch_size).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate (recipe: train.lr).")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="Linear warmup before the cosine decay.")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", min=0.0, help="Max gradient norm (0 = off).")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order, crops and random init.")] = None,
-    calib_batches: Annotated[Optional[int], typer.Option("--calib-batches", min=1, help="Calibration batches of training images.")] = None,
-    recon_images: Annotated[Optional[int], typer.Option("--recon-images", min=1, help="Calibration images of the block-wise reconstruction (recipe: reconstruct.images).")] = None,
-    recon_iters: Annotated[Optional[int], typer.Option("--recon-iters", min=1, help="Reconstruction steps per block (recipe: reconstruct.iters).")] = None,
-    overrides: Annotated[Optional[list[Path]], typer.Option("--overrides", help="Override TOML files merged on top of the recipe, in order.")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", min=0, help="Also checkpoint every N optimiser steps (0: epoch ends only).")] = None,
-    limit_train: Annotated[Optional[int], typer.Option("--limit-train", min=1, help="Train on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
-    limit_val: Annotated[Optional[int], typer.Option("--limit-val", min=1, help="Validate on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
-    teacher_model_args: Annotated[Optional[str], typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (the teacher never takes --model-args or --random-init).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=0, help="Training epochs (recipe: train.epochs).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per optimiser step and process (recipe: train.batch_size).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate (recipe: train.lr).")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warmup before the cosine decay.")] = None,
+    grad_clip: Annotated[float | None, typer.Option("--grad-clip", min=0.0, help="Max gradient norm (0 = off).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of data order, crops and random init.")] = None,
+    calib_batches: Annotated[int | None, typer.Option("--calib-batches", min=1, help="Calibration batches of training images.")] = None,
+    recon_images: Annotated[int | None, typer.Option("--recon-images", min=1, help="Calibration images of the block-wise reconstruction (recipe: reconstruct.images).")] = None,
+    recon_iters: Annotated[int | None, typer.Option("--recon-iters", min=1, help="Reconstruction steps per block (recipe: reconstruct.iters).")] = None,
+    overrides: Annotated[list[Path] | None, typer.Option("--overrides", help="Override TOML files merged on top of the recipe, in order.")] = None,
+    save_every: Annotated[int | None, typer.Option("--save-every", min=0, help="Also checkpoint every N optimiser steps (0: epoch ends only).")] = None,
+    limit_train: Annotated[int | None, typer.Option("--limit-train", min=1, help="Train on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
+    limit_val: Annotated[int | None, typer.Option("--limit-val", min=1, help="Validate on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
+    teacher_model_args: Annotated[str | None, typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (the teacher never takes --model-args or --random-init).")] = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
-    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch --mixed_precision), else no.")] = None,
-    fuse_quantizers: Annotated[Optional[bool], typer.Option("--fuse-quantizers/--eager-quantizers", help="Fake quantizers as one torch.compile'd kernel each (faster, less memory) or eager. Default: fused in float32 where they compute what eager does, else eager.")] = None,
+    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch --mixed_precision), else no.")] = None,
+    fuse_quantizers: Annotated[bool | None, typer.Option("--fuse-quantizers/--eager-quantizers", help="Fake quantizers as one torch.compile'd kernel each (faster, less memory) or eager. Default: fused in float32 where they compute what eager does, else eager.")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the QAT model: faster steps after a first step that compiles (about a minute of CPU for a tiny model).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
@@ -427,16 +427,16 @@ def analyze_cmd(
     split: Annotated[str, typer.Option("--split", help="Analysis split (step sizes are calibrated on 'train' first).")] = "validation",
     bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside blocks (2..8).")] = 2,
     what: Annotated[str, typer.Option("--what", help="Sensitivity of each module's weights, acts or both.")] = "both",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder: analysis.json, CSVs, PNGs, index.html, overrides.toml.")] = Path("report"),
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder: analysis.json, CSVs, PNGs, index.html, overrides.toml.")] = Path("report"),
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
-    model_args: Annotated[Optional[list[str]], typer.Option("--model-args", help='Extra timm.create_model arguments as JSON; with --compare once for every MODEL or once per MODEL, in order.')] = None,
+    model_args: Annotated[list[str] | None, typer.Option("--model-args", help='Extra timm.create_model arguments as JSON; with --compare once for every MODEL or once per MODEL, in order.')] = None,
     recipe: RecipeOpt = None,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Analysis batches.")] = 4,
     batch_size: BatchOpt = 32,
-    run: Annotated[Optional[list[str]], typer.Option("--run", help="A `quantize` run folder: report weight oscillation from its checkpoint; with --compare MODEL=RUN_FOLDER, once per model.")] = None,
-    budget_bits: Annotated[Optional[float], typer.Option("--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
-    keep: Annotated[Optional[int], typer.Option("--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="A `quantize` run folder: report weight oscillation from its checkpoint; with --compare MODEL=RUN_FOLDER, once per model.")] = None,
+    budget_bits: Annotated[float | None, typer.Option("--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (exact KL, cached block inputs), naive (exact KL, full forward per module), taylor (one-pass second-order estimate), auto (fast unless predicted to take over 2 minutes, else taylor).")] = "auto",
     as_json: JsonOpt = False,
@@ -502,8 +502,8 @@ def _digits_note(show: bool, data: str) -> None:
                                 "with the model's own images for a representative report")
 
 
-def _compare(models: list[str], *, model_args: list[str], run: list[str], weights: Optional[Path], allocation: bool,
-             as_json: bool, show_progress: bool, out: Optional[Path], **kwargs: Any) -> None:
+def _compare(models: list[str], *, model_args: list[str], run: list[str], weights: Path | None, allocation: bool,
+             as_json: bool, show_progress: bool, out: Path | None, **kwargs: Any) -> None:
     """`analyze --compare`: pair --model-args and --run with the models, compare, render the one table."""
     from .analysis import table_rows
     from .commands import compare

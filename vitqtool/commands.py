@@ -35,10 +35,9 @@ from .export import FORMATS, ExportFormat, ExportSource, ExportSummary, find_for
 from .fileio import check_file_target, check_folder_target, library_versions
 from .progress import phase, progress_bar, track
 from .recipe import Recipe, load_recipe
-from .train import (FPResult, check_launch, generate_soft_labels, open_run, resolve_kd_mode, run_quantization,
-                    seed_everything)
-from .train.post_training import calibrate_model
+from .train import FPResult, check_launch, generate_soft_labels, open_run, resolve_kd_mode, run_quantization, seed_everything
 from .train import train_fp as train_fp_module
+from .train.post_training import calibrate_model
 from .train.softlabels import bytes_per_crop, check_store_out
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from . import __version__

@@ -175,9 +175,9 @@ def _micro_batch(model: nn.Module, points: dict[str, Point], images: Tensor, pro
                  ) -> tuple[Tensor, dict[str, Tensor], float]:
     """FP forward with gradients over `images`, the perturbations, then one backward pass per probe vector."""
     n = images.shape[0]
-    with quantizers_disabled(model), torch.enable_grad(), _captured(points) as calls:
-        with forward_context() if forward_context is not None else contextlib.nullcontext():
-            logits = model(images.detach().requires_grad_())
+    with (quantizers_disabled(model), torch.enable_grad(), _captured(points) as calls,
+          forward_context() if forward_context is not None else contextlib.nullcontext()):
+        logits = model(images.detach().requires_grad_())
     flat = [(name, x, y, versions) for name, cs in calls.items() for x, y, versions in cs]
     for name, _, y, _ in flat:
         if y.shape[0] % n:

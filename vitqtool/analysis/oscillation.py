@@ -14,6 +14,7 @@ from ..core.runs import RunModel
 from ..quant import QUANT_LAYERS
 from .stats import boundary_share
 
+
 def oscillation_rows(run: RunModel, state: CheckpointState, where: str) -> dict[str, Any]:
     """Per-module oscillation of a run's model and checkpoint state; tracker fields are null if the run did not track."""
     tracker = state.oscillation

@@ -12,17 +12,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..families import Family, get_family
 from ..core.prepare import calibrate, prepare
 from ..errors import DataError, ModelError, RecipeError
+from ..families import Family, get_family
 from ..progress import phase, progress_bar
 from ..quant import QUANT_LAYERS, quantizers_disabled
 from ..recipe import Recipe
 from .allocation import allocate
 from .estimate import MICRO_BATCH, taylor_sensitivity
-from .sensitivity import (EXACT, METHODS, WHAT, SensitivityProbe, Unit, build_units, choose_method, group_units,
-                          logit_metrics, predicted_seconds, rank_rows)
 from .report import summarize, write_report
+from .sensitivity import (
+    EXACT,
+    METHODS,
+    WHAT,
+    SensitivityProbe,
+    Unit,
+    build_units,
+    choose_method,
+    group_units,
+    logit_metrics,
+    predicted_seconds,
+    rank_rows,
+)
 from .variation import ActivationRecorder, weight_rows
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ picks it when the exact `fast` pass is predicted to take longer than `AUTO_LIMIT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -15,8 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..quant import QUANT_LAYERS, QConv2d, QLinear, Quantizer, QuantAttention, iter_quantizers
-from .stats import Grouper, RunningStats, boundary_share, channel_groups, fake_quant, head_groups, one_cpu_thread, row_chunks, spatial_groups, token_groups
+from ..quant import QUANT_LAYERS, QConv2d, QLinear, QuantAttention, Quantizer, iter_quantizers
+from .stats import (
+    Grouper,
+    RunningStats,
+    boundary_share,
+    channel_groups,
+    fake_quant,
+    head_groups,
+    one_cpu_thread,
+    row_chunks,
+    spatial_groups,
+    token_groups,
+)
 
 HEAD_SPLIT = ("q_quant", "k_quant", "v_quant", "qkv_quant", "proj.a_quant")  # [.., heads * head_dim] tensors
 

@@ -186,7 +186,7 @@ class CheckpointState(Artifact, format_name="vitqtool-checkpoint", version=1, er
     oscillation: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, document: Any, where: str) -> "CheckpointState":
+    def from_dict(cls, document: Any, where: str) -> CheckpointState:
         """As `Artifact.from_dict`; checkpoints written before the format had a name are read as version 1."""
         if isinstance(document, dict) and "format" not in document:
             document = {**document, "format": cls.FORMAT, "format_version": 1}
@@ -256,7 +256,7 @@ class ExportHeader(Artifact, format_name="vitqtool-export", version="2.1", error
         return {"format_version": body.pop("format_version"), **body}
 
     @classmethod
-    def from_dict(cls, document: Any, where: str) -> "ExportHeader":
+    def from_dict(cls, document: Any, where: str) -> ExportHeader:
         """As `Artifact.from_dict`, keeping the file's own format_version."""
         header = super().from_dict(document, where)
         header.format_version = str(document.get("format_version"))

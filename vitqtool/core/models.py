@@ -22,9 +22,9 @@ from torch import nn
 from ..errors import ModelError, WeightsError
 from ..families import hf_map
 from ..families.base import convert_checkpoint
+from ..fileio import atomic_write, json_default, save_safetensors, state_dict_for_safetensors
 from . import hf_models
 from .weights import SAFETENSORS_EXTS, TORCH_EXTS, first_line, load_state_dict_file, load_strict
-from ..fileio import atomic_write, json_default, save_safetensors, state_dict_for_safetensors
 
 logger = logging.getLogger(__name__)
 

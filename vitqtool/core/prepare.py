@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import quant
-from ..families import QuantPolicy, quantize_model_
 from ..errors import DataError, RecipeError
+from ..families import QuantPolicy, quantize_model_
 from ..progress import track
 from ..recipe import Recipe, load_recipe
 

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
-from ..families import get_family
 from ..errors import ModelError
+from ..families import get_family
 from ..progress import progress_bar
 from ..recipe import ReconstructSection
 

@@ -374,10 +374,7 @@ def _load_local_splits(path: Path, spec: str) -> dict[str, Any]:
 
 
 def _has_images(path: Path) -> bool:
-    for _, _, files in os.walk(path):
-        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTS for f in files):
-            return True
-    return False
+    return any(os.path.splitext(f)[1].lower() in IMAGE_EXTS for _, _, files in os.walk(path) for f in files)
 
 
 def _as_split_dict(loaded: Any) -> dict[str, Any]:

@@ -8,7 +8,8 @@ same image at any resolution), an optional horizontal flip, resize, normalise.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as F

@@ -48,8 +48,8 @@ from ..quant import QConv2d, QLinear, QuantAttention, Quantizer
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..recipe import Recipe, recipe_from_dict
 from .digest import DIGEST_KEY, content_digest
-from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
 from .digest import check_digest as digest_check
+from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
 from .layout import META_QCONFIG, META_VITQ, module_table, require_calibrated
 from .reader import ExportedModel, apply_table_bits, read_header
 from .writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, random_inputs, verify_export

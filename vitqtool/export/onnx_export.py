@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..families import get_family
 from ..errors import ExportFormatError
+from ..families import get_family
 from ..fileio import atomic_write, library_versions
 from ..quant import QUANT_LAYERS
 from .digest import DIGEST_KEY, content_digest

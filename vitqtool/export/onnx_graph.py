@@ -435,7 +435,7 @@ def _terminal_uses(g: Graph, tensor: str, mult: float, path: tuple = ()) -> list
         for k, inp in enumerate(reader.input):
             if inp != tensor or reader.op_type == "Shape":
                 continue
-            step = path + ((reader, k, mult),)
+            step = (*path, (reader, k, mult))
             scalar = _positive_scalar(g, reader, k)
             if reader.op_type in MOVEMENT and k == 0:
                 for o in reader.output:

@@ -37,10 +37,10 @@ from ..errors import ExportFormatError
 from ..families import get_family
 from ..fileio import atomic_write, save_safetensors
 from ..quant import QUANT_LAYERS, FusedProjections, Quantizer, iter_quantizers
-from .layout import FP_DTYPES, PACK_FORMAT, iter_standalone_quantizers, state_map
 from .digest import DIGEST_KEY, content_digest
 from .digest import check_digest as digest_check
 from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
+from .layout import FP_DTYPES, PACK_FORMAT, iter_standalone_quantizers, state_map
 from .packed_layout import file_scale, pack_weight
 from .reader import read_header
 from .writer import VERIFY_BATCH_SIZE, VERIFY_BATCHES, export_tensors, random_inputs

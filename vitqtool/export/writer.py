@@ -24,8 +24,7 @@ from ..fileio import atomic_write, json_default, library_versions, save_safetens
 from ..recipe import Recipe
 from .digest import DIGEST_KEY, content_digest
 from .formats import ExportFormat, ExportSource, ExportSummary, LoadedExport
-from .layout import (FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table,
-                     require_calibrated, state_map)
+from .layout import FORMAT_VERSION, FP_DTYPES, META_QCONFIG, META_VITQ, PACK_FORMAT, QUANT_METHOD, module_table, require_calibrated, state_map
 from .packed_layout import file_scale, pack_weight
 from .reader import is_vitq_export, read_export, read_header, summarize_export
 

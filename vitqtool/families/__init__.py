@@ -6,8 +6,18 @@ or `hf_map.timm_spec(config)` and names no family. A new family is one module he
 
 from __future__ import annotations
 
-from . import beit, cait, convnext, eva, resnet, swin, swinv2, vit, vit_relpos  # noqa: F401  (registration)
-from . import sret  # noqa: F401  (registration; sret_model registers SReT with timm)
+from . import (  # noqa: F401  (registration)
+    beit,
+    cait,
+    convnext,
+    eva,
+    resnet,
+    sret,  # noqa: F401  (registration; sret_model registers SReT with timm)
+    swin,
+    swinv2,
+    vit,
+    vit_relpos,
+)
 from .base import FAMILIES, Family, NormPair, QuantPolicy, get_family, quantize_model_, register_family
 
 __all__ = ["FAMILIES", "Family", "NormPair", "QuantPolicy", "get_family", "quantize_model_", "register_family"]

@@ -22,7 +22,7 @@ from ..errors import ModelError
 from ..quant import QConv2d, QLinear, QuantSpec
 from .hf_map import UNMAPPED, TransformersMap, register_transformers
 
-FAMILIES: dict[str, type["Family"]] = {}  # "module.QualName" of an accepted timm model class -> family, filled by @register_family
+FAMILIES: dict[str, type[Family]] = {}  # "module.QualName" of an accepted timm model class -> family, filled by @register_family
 QKV_PARTS = ("q", "k", "v")  # the projections a fused qkv Linear is split into (method.md §4)
 # activations whose output the fc2-input quantizer (unsigned + learned offset) fits: GELU and its approximations, all
 # bounded below by a small negative dip (GELU -0.170, QuickGELU x*sigmoid(1.702x) -0.164) and unbounded above
@@ -117,7 +117,7 @@ class Family(abc.ABC):
         return dict(state_dict)
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> "Family":
+    def for_model(cls, model: nn.Module) -> Family:
         """The family instance for `model` (stock or rewritten); a family whose stock names depend on the model's
         configuration reads it here."""
         return cls()
@@ -192,7 +192,7 @@ class SegmentedFamily(Family):
         for _, segment in self.segments(model):
             hidden.append(x)
             x = segment(x)
-        return hidden + [x]
+        return [*hidden, x]
 
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         for _, segment in self.segments(model)[index:]:

@@ -20,7 +20,8 @@ transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,7 @@ class BeitMap(ViTMap):
                 rows += [Names(f"blocks.{i}.gamma_1", (f"{hf}.lambda_1",)), Names(f"blocks.{i}.gamma_2", (f"{hf}.lambda_2",))]
         rows.append(Names("fc_norm", (f"{p}.pooler.layernorm",)) if model_args["global_pool"] == "avg"
                     else Names("norm", (f"{p}.layernorm",)))
-        return rows + [Names("head", ("classifier",))]
+        return [*rows, Names("head", ("classifier",))]
 
     def _runtime(self, layer: str, *names: str) -> tuple[str, ...] | None:
         """transformers >= 5 in-memory names of a layer's Linears, where they differ from the saved ones."""
@@ -188,7 +189,7 @@ class BeitFamily(Family):
         for block in model.blocks:
             hidden.append(x)
             x = block(x, shared_rel_pos_bias=shared)
-        return hidden + [x]
+        return [*hidden, x]
 
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None

@@ -117,7 +117,7 @@ class CaitFamily(Family):
         for block in model.blocks_token_only:
             hidden.append(u)
             u = torch.cat((block(u[:, 1:], u[:, :1]), u[:, 1:]), dim=1)
-        return hidden + [u]
+        return [*hidden, u]
 
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         depth = len(model.blocks)

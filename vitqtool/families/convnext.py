@@ -24,7 +24,8 @@ gamma/beta are `[C]` in timm and `[1, 1, 1, C]` in transformers (`Names.hf_view`
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -91,7 +92,7 @@ class ConvNextV2Map(TransformersMap):
                 rows += [Names(f"{t}.conv_dw", (f"{h}.dwconv",)), Names(f"{t}.norm", (f"{h}.layernorm",)),
                          Names(f"{t}.mlp.fc1", (f"{h}.pwconv1",)), Names(f"{t}.mlp.grn", (f"{h}.grn",), hf_view=(1, 1, 1, -1)),
                          Names(f"{t}.mlp.fc2", (f"{h}.pwconv2",))]
-        return rows + [Names("head.norm", ("convnextv2.layernorm",)), Names("head.fc", ("classifier",))]
+        return [*rows, Names("head.norm", ("convnextv2.layernorm",)), Names("head.fc", ("classifier",))]
 
     def generic_processor(self, pp: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         """ConvNextImageProcessor: below 384, a resize of the shortest edge to `shortest_edge / crop_pct` and a crop."""

@@ -103,7 +103,7 @@ class EvaFamily(Family):
         return self.onnx_refusal
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> "EvaFamily":
+    def for_model(cls, model: nn.Module) -> EvaFamily:
         """Separate q/k/v projections (EVA-02 base and larger) keep their stock names `q_proj`, `k_proj`, `v_proj`."""
         attns = [block.attn for block in getattr(model, "blocks", [])]
         return cls(any(getattr(a, "q_proj", None) is not None or getattr(a, "separate_projections", False) for a in attns))
@@ -145,7 +145,7 @@ class EvaFamily(Family):
         for i, block in enumerate(model.blocks):
             hidden.append(x)
             x = block(x, rope=_block_rope(model, rope, i))
-        return hidden + [x]
+        return [*hidden, x]
 
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         """Blocks `index..` (images at the model's input size, whose rotary table `_rope` rebuilds), then norm and head."""

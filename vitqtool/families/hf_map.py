@@ -22,8 +22,9 @@ import abc
 import functools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -357,10 +358,9 @@ def _size_field(pp: Mapping[str, Any], name: str, where: str) -> dict[str, int]:
     value = pp.get(name)
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return {"height": value, "width": value}  # the mapped processors read an int as a square
-    if isinstance(value, dict):
-        if set(value) == {"height", "width"} or set(value) == {"shortest_edge"}:
-            if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()):
-                return dict(value)
+    if (isinstance(value, dict) and set(value) in ({"height", "width"}, {"shortest_edge"})
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values())):
+        return dict(value)
     raise ModelError(f"{where}: field '{name}' = {value!r} is not supported (an int, {{height, width}} or {{shortest_edge}})")
 
 

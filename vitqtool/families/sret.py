@@ -28,6 +28,7 @@ from .base import QuantPolicy, SegmentedFamily, check_mlp, class_name, is_identi
 from .cnn import input_spec
 from .sret_model import SReTBlock, SReTPooling, SReTProjection, SReTStem, convert_reference_state_dict
 
+
 @register_family("vitqtool.families.sret_model.SReT")
 class SReTFamily(SegmentedFamily):
     """SReT: conv stem, recursive blocks with sliced group attention and projection layers, pooling convolutions."""

@@ -14,16 +14,27 @@ neighbours in the same order.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import (NormPair, QuantPolicy, SegmentedFamily, block_norm_pairs, check_mlp, class_name, is_identity, quantize_conv,
-                   quantize_linear, register_family, require)
-from .hf_map import (Names, TransformersMap, bool_field, check_field, int_field, int_list_field, pair_field, prob_field,
-                     squash_processor_config)
+from .base import (
+    NormPair,
+    QuantPolicy,
+    SegmentedFamily,
+    block_norm_pairs,
+    check_mlp,
+    class_name,
+    is_identity,
+    quantize_conv,
+    quantize_linear,
+    register_family,
+    require,
+)
+from .hf_map import Names, TransformersMap, bool_field, check_field, int_field, int_list_field, pair_field, prob_field, squash_processor_config
 from .vit import PROCESSOR_TYPES
 
 
@@ -96,7 +107,7 @@ class SwinMap(TransformersMap):
                     Names(f"{t}.mlp.fc1", (f"{hf}.intermediate.dense",), (f"{hf}.mlp.fc1",)),
                     Names(f"{t}.mlp.fc2", (f"{hf}.output.dense",), (f"{hf}.mlp.fc2",)),
                 ]
-        return rows + [Names("norm", (f"{p}.layernorm",)), Names("head.fc", ("classifier",))]
+        return [*rows, Names("norm", (f"{p}.layernorm",)), Names("head.fc", ("classifier",))]
 
     def attention_rows(self, attn: str, block: str) -> list[Names]:
         """The rows of timm window attention `attn` (e.g. `layers.0.blocks.1.attn`) in transformers block `block`."""

@@ -28,7 +28,8 @@ timm and the reference add -100); softmax makes both zero unless a head's logits
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -25,18 +25,40 @@ transformers classes (transformers 5.24, timm 1.0.31; tests check the numerics):
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..errors import ModelError
 from .base import Family, NormPair, QuantPolicy, block_norm_pairs, class_name, quantize_conv, quantize_linear, register_family, require
 from .blocks import check_block_mlp, quantize_block_mlp
-from .hf_map import (NORM_EPS_ARG, Names, TransformersMap, bool_field, check_field, int_field, pair_field, prob_field,
-                     squash_processor_config, sub_config)
-from .vit_layers import (BLOCK, PARALLEL_BLOCK, POST_NORM_BLOCK, SCALING_BLOCK, SCALING_PARTS, ViTQuantAttention, ViTQuantAttentionPool,
-                         ViTQuantParallelScalingBlock, check_attention, check_attention_pool, check_parallel_scaling,
-                         quantize_attention)
+from .hf_map import (
+    NORM_EPS_ARG,
+    Names,
+    TransformersMap,
+    bool_field,
+    check_field,
+    int_field,
+    pair_field,
+    prob_field,
+    squash_processor_config,
+    sub_config,
+)
+from .vit_layers import (
+    BLOCK,
+    PARALLEL_BLOCK,
+    POST_NORM_BLOCK,
+    SCALING_BLOCK,
+    SCALING_PARTS,
+    ViTQuantAttention,
+    ViTQuantAttentionPool,
+    ViTQuantParallelScalingBlock,
+    check_attention,
+    check_attention_pool,
+    check_parallel_scaling,
+    quantize_attention,
+)
 
 PROCESSOR_TYPES = frozenset({"ViTImageProcessor", "ViTImageProcessorFast", "ViTImageProcessorPil", "ViTFeatureExtractor",
                              "DeiTImageProcessor", "DeiTImageProcessorFast", "DeiTImageProcessorPil", "DeiTFeatureExtractor"})
@@ -192,7 +214,7 @@ class SiglipMap(TransformersMap):
                 Names(f"blocks.{i}.mlp.fc1", (f"{hf}.mlp.fc1",)),
                 Names(f"blocks.{i}.mlp.fc2", (f"{hf}.mlp.fc2",)),
             ]
-        return rows + [Names("norm", (f"{p}.post_layernorm",)), Names("head", ("classifier",))]
+        return [*rows, Names("norm", (f"{p}.post_layernorm",)), Names("head", ("classifier",))]
 
     def unread(self, model_args: Mapping[str, Any]) -> tuple[str, ...]:
         return ("vision_model.head.",)  # the tower's attention-pool head: SiglipForImageClassification mean-pools instead
@@ -274,7 +296,7 @@ class ViTFamily(Family):
         for block in model.blocks:
             hidden.append(x)
             x = block(x)
-        return hidden + [x]
+        return [*hidden, x]
 
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         """Blocks `index..`, then norm and head.

@@ -88,7 +88,7 @@ class RelPosViTFamily(Family):
         for block in model.blocks:
             hidden.append(x)
             x = block(x, shared_rel_pos=bias)
-        return hidden + [x]
+        return [*hidden, x]
 
     def run_from(self, model: nn.Module, index: int, hidden: Tensor) -> Tensor:
         bias = self._shared_bias(model)

@@ -100,7 +100,7 @@ class Quantizer(nn.Module, abc.ABC):
         """Bring learned parameters back into their valid range; called after calibration and each optimizer step."""
 
     @abc.abstractmethod
-    def with_bits(self, bits: int) -> "Quantizer":
+    def with_bits(self, bits: int) -> Quantizer:
         """A new, uninitialised quantizer of the same type and shape at `bits` (same switches)."""
 
     @abc.abstractmethod

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .base import MIN_STEP, Quantizer, QuantSpec, register_quantizer
 
+
 def _floored(step: Tensor, dtype: torch.dtype) -> Tensor:
     """The step the arithmetic uses: floored at MIN_STEP (method.md §2) in its own dtype, then cast to the data's."""
     return step.detach().clamp(min=MIN_STEP).to(dtype)
@@ -242,7 +243,7 @@ class LSQQuantizer(Quantizer):
             roles["offset"] = "offset"
         return roles
 
-    def with_bits(self, bits: int) -> "LSQQuantizer":
+    def with_bits(self, bits: int) -> LSQQuantizer:
         new = LSQQuantizer(dataclasses.replace(self.spec, bits=bits), self.kind, channels=self.step.numel())
         new.to(self.step.device)
         new.enabled, new.fused = self.enabled, self.fused

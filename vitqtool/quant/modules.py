@@ -49,7 +49,7 @@ class QLinear(nn.Linear):
         _attach_quantizers(self, weight_spec, act_spec, out_features, device)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QLinear":
+    def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> QLinear:
         """Wrap an existing Linear, sharing its weight and bias Parameters.
 
         Built on the meta device, so no throwaway weights are allocated or drawn from the global RNG.
@@ -76,7 +76,7 @@ class QConv2d(nn.Conv2d):
         _attach_quantizers(self, weight_spec, act_spec, out_channels, device)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> "QConv2d":
+    def from_float(cls, conv: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> QConv2d:
         """Wrap an existing Conv2d, sharing its weight and bias Parameters (built on the meta device, as QLinear)."""
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, weight_spec, act_spec, device="meta",
                 stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,

@@ -54,7 +54,7 @@ class OscillationTracker:
     @staticmethod
     def _codes(layer: QLinear | QConv2d) -> Tensor:
         spec = layer.w_quant.spec
-        dtype = torch.int8 if -128 <= spec.qn and spec.qp <= 127 else torch.int16
+        dtype = torch.int8 if spec.qn >= -128 and spec.qp <= 127 else torch.int16
         return layer.w_quant.codes(layer.weight.detach()).to(dtype)
 
     @torch.no_grad()

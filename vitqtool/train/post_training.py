@@ -26,8 +26,8 @@ from ..core.ptq import reconstruct, reparameterize
 from ..core.runs import RECON_FILE
 from ..data import TransformedDataset, eval_transform
 from ..errors import RunError
-from ..progress import track
 from ..fileio import atomic_write, save_safetensors, state_dict_for_safetensors
+from ..progress import track
 from ..recipe import Recipe
 from .sampling import CALIBRATION, ShardedBatchSampler, epoch_permutation
 

@@ -24,8 +24,7 @@ from torch import nn
 from ..core.artifacts import RunInfo
 from ..core.models import load_strict
 from ..core.prepare import prepare
-from ..core.runs import (METRICS_FILE, RECIPE_FILE, RECON_FILE, is_run_dir, load_checkpoint, read_index, read_run_info,
-                         write_run_info)
+from ..core.runs import METRICS_FILE, RECIPE_FILE, RECON_FILE, is_run_dir, load_checkpoint, read_index, read_run_info, write_run_info
 from ..errors import RecipeError, RunError
 from ..fileio import LOCK_FILE, atomic_write, folder_lock
 from ..quant import FusedMismatch, OscillationTracker, check_fused_kernels, quant_layers, set_quantizers_fused

@@ -105,7 +105,7 @@ def generate_soft_labels(teacher: nn.Module, dataset: Any, data_config: dict, ou
                          batch_size: int = 64, teacher_id: str = "", dataset_id: str = "",
                          show_progress: bool = False, images_per_shard: int | None = None,
                          overwrite: bool = False, resume: bool = False, num_workers: int = 0,
-                         process_index: int = 0, num_processes: int = 1) -> "SoftLabelRun":
+                         process_index: int = 0, num_processes: int = 1) -> SoftLabelRun:
     """Run `teacher` over `crops` stored random-resized crops per image of `dataset` and write a soft-label store.
 
     Args:
@@ -451,7 +451,7 @@ class SoftLabelStore:
         return [self._rows[i] for i in indices]
 
     @classmethod
-    def open(cls, path: str | Path) -> "SoftLabelStore":
+    def open(cls, path: str | Path) -> SoftLabelStore:
         """Open a store folder; DataError if it is missing, not a store, of a newer format, or incomplete."""
         path = Path(path)
         manifest_path = path / MANIFEST
