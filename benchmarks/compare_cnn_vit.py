@@ -46,8 +46,8 @@ MODELS = {  # label -> (timm name, model args, FP epochs, FP lr)
     "ViT": (DEMO.architecture, DEMO.model_args, DEMO.fp_epochs, DEMO.fp_lr),
     "ResNet": ("resnet18", RESNET_ARGS, 2, 5e-4),
 }
-QAT_OVERRIDES = (f'[quant]\nsplit_qkv = true\n\n[augment]\nscale = [{DEMO.scale[0]}, {DEMO.scale[1]}]\nratio = [{DEMO.ratio[0]}, {DEMO.ratio[1]}]\nhflip = false\n'
-                 )
+QAT_OVERRIDES = (f'[quant]\nsplit_qkv = true\n\n[augment]\nscale = [{DEMO.scale[0]}, {DEMO.scale[1]}]\n'
+                 f'ratio = [{DEMO.ratio[0]}, {DEMO.ratio[1]}]\nhflip = false\n')
 VARIATION = {  # FP statistics of the two models: the same at every bit width (rows of the first README table)
     "fp_val_top1": "FP top-1 % (1,000 validation digits)",
     "w_range_cv_modules": "weight range CV across modules",

@@ -244,7 +244,8 @@ def main() -> None:
             say(f"| {torch_name} (`vitqtool.load`, .safetensors) | {torch_file.stat().st_size / 1e6:.2f} | "
                 f"{sizes['fp32'] / torch_file.stat().st_size:.1f}x | - | - |")
         if "w2" in sizes:
-            goals.append((f"{model_name}: W2A2 ONNX file {sizes['fp32'] / sizes['w2']:.1f}x smaller than FP32 ONNX", sizes["fp32"] / sizes["w2"] >= SIZE_GOAL, SIZE_GOAL))
+            goals.append((f"{model_name}: W2A2 ONNX file {sizes['fp32'] / sizes['w2']:.1f}x smaller than FP32 ONNX",
+                          sizes["fp32"] / sizes["w2"] >= SIZE_GOAL, SIZE_GOAL))
         say()
         peaks: dict[tuple[str, int], float | None] = {}
         if not args.no_memory:

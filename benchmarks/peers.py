@@ -13,7 +13,8 @@ turns one step at a time (round-robin, the order rotated every turn) until each 
 contender alike. Peak memory (CPU): a fresh subprocess per contender builds it, records its resident
 set, resets the kernel's high-water mark and reports how far two training steps push it (`step MB`,
 the memory a training step needs on top of the built model, batch and imports; the second step is the
-first with gradients, AdamW state and activations all alive) and the absolute peak (`RSS MB`). On `--device cuda` memory is torch.cuda.max_memory_allocated over the warm-up steps, in-process.
+first with gradients, AdamW state and activations all alive) and the absolute peak (`RSS MB`). On
+`--device cuda` memory is torch.cuda.max_memory_allocated over the warm-up steps, in-process.
 Wall clock and process CPU time are both reported: on a shared machine CPU time is the steadier of the two.
 
 torchao and Brevitas are optional benchmark extras (never vitqtool runtime dependencies): a missing
@@ -292,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--model-args", type=json.loads, default={}, help='JSON kwargs for timm.create_model, e.g. \'{"patch_size": 4, "num_classes": 10}\'')
+    p.add_argument("--model-args", type=json.loads, default={},
+                   help='JSON kwargs for timm.create_model, e.g. \'{"patch_size": 4, "num_classes": 10}\'')
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
@@ -403,7 +405,8 @@ def print_report(report: dict) -> None:
           f"after {s['warmup']} warm-up")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()))
     mem_hdr = "step MB" if s["device"] == "cpu" else "peak MB"
-    print(f"{'contender':36s} {'median ms':>10s} {'min-max ms':>14s} {'img/s':>8s} {'vs FP':>6s} {'CPU ms':>8s} {'vs FP':>6s} {mem_hdr:>8s} {'RSS MB':>7s}")
+    print(f"{'contender':36s} {'median ms':>10s} {'min-max ms':>14s} {'img/s':>8s} {'vs FP':>6s} "
+          f"{'CPU ms':>8s} {'vs FP':>6s} {mem_hdr:>8s} {'RSS MB':>7s}")
     for r in report["results"]:
         peak = f"{r['peak_step_mb']:.0f}" if r["peak_step_mb"] is not None else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"

@@ -35,7 +35,8 @@ from vitqtool.data import load_dataset  # noqa: E402
 from vitqtool.train.softlabels import bytes_per_crop, generate_soft_labels  # noqa: E402
 
 TEACHERS = {
-    "vit_tiny (64-d, depth 2, 32px)": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}),
+    "vit_tiny (64-d, depth 2, 32px)": ("vit_tiny_patch16_224",
+                                       {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}),
     "deit_tiny (32px, patch 4)": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10}),
 }
 LAUNCH_TEACHER = "deit_tiny (32px, patch 4)"

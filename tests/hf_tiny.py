@@ -1,4 +1,7 @@
-"""Tiny random transformers ViT / DeiT / Swin / Swin V2 / ConvNeXt V2 / BEiT / data2vec-vision / SigLIP checkpoints saved with save_pretrained, for the transformers tests."""
+"""Tiny random transformers checkpoints saved with save_pretrained, for the transformers tests.
+
+ViT / DeiT / Swin / Swin V2 / ConvNeXt V2 / BEiT / data2vec-vision / SigLIP.
+"""
 
 from __future__ import annotations
 

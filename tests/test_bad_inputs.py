@@ -143,13 +143,17 @@ _export_rows("garbage", lambda c, g: _write(c / "m.safetensors", os.urandom(4096
 _export_rows("header-not-json", lambda c, g: _write(c / "m.safetensors", struct.pack("<Q", 12) + b"{not json!!}" + b"\0" * 64), "corrupt")
 _export_rows("metadata-not-json", lambda c, g: raw_header(g.export, c / "m.safetensors",
              lambda h: _set(h, "__metadata__.vitqtool", "{broken")), "corrupt vitqtool metadata")
-_export_rows("newer-version", lambda c, g: tampered(g.export, c / "m.safetensors", vitq=lambda v: _set(v, "format_version", "9.0")), "newer than this vitqtool")
-_export_rows("version-not-a-number", lambda c, g: tampered(g.export, c / "m.safetensors", vitq=lambda v: _set(v, "format_version", "one")), "format_version")
+_export_rows("newer-version", lambda c, g: tampered(g.export, c / "m.safetensors", vitq=lambda v: _set(v, "format_version", "9.0")),
+             "newer than this vitqtool")
+_export_rows("version-not-a-number", lambda c, g: tampered(g.export, c / "m.safetensors",
+             vitq=lambda v: _set(v, "format_version", "one")), "format_version")
 _export_rows("bits-as-string", lambda c, g: tampered(g.export, c / "m.safetensors",
              vitq=lambda v: {**v, "layers": {**v["layers"], _first_layer(v): {**v["layers"][_first_layer(v)], "weight_bits": "2"}}}),
              "weight_bits")
-_export_rows("model-args-string", lambda c, g: tampered(g.export, c / "m.safetensors", vitq=lambda v: _set(v, "model_args", "img_size=32")), "model_args")
-_export_rows("input-size-big", lambda c, g: tampered(g.export, c / "m.safetensors", vitq=lambda v: _set(v, "data_config.input_size", "big")), "input_size")
+_export_rows("model-args-string", lambda c, g: tampered(g.export, c / "m.safetensors",
+             vitq=lambda v: _set(v, "model_args", "img_size=32")), "model_args")
+_export_rows("input-size-big", lambda c, g: tampered(g.export, c / "m.safetensors",
+             vitq=lambda v: _set(v, "data_config.input_size", "big")), "input_size")
 _export_rows("input-size-mismatch", lambda c, g: tampered(g.export, c / "m.safetensors",
              vitq=lambda v: _set(v, "data_config.input_size", [3, 64, 64])), "input_size")
 _export_rows("path-in-tensor-name", lambda c, g: tampered(g.export, c / "m.safetensors",

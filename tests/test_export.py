@@ -22,7 +22,8 @@ from vitqtool.recipe import load_recipe
 
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10})
 DEIT = ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10})
-DEIT_DISTILLED = ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10})
+DEIT_DISTILLED = ("deit_tiny_distilled_patch16_224",
+                  {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10})
 SWIN = ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 32, "depths": (1, 1),
                                          "num_heads": (1, 2), "num_classes": 10})
 

@@ -1,4 +1,7 @@
-"""transformers ViT / DeiT / Swin / BEiT / data2vec-vision checkpoints in: logits equal transformers', strict key map, config refusals, data config, CLI."""
+"""transformers ViT / DeiT / Swin / BEiT / data2vec-vision checkpoints in.
+
+Logits equal transformers', strict key map, config refusals, data config, CLI.
+"""
 
 import os
 

@@ -1,4 +1,7 @@
-"""export --format hf (ViT, DeiT, Swin, BEiT, data2vec-vision): compressed-tensors decompresses every weight bit for bit, transformers loads the folder, round trip."""
+"""export --format hf (ViT, DeiT, Swin, BEiT, data2vec-vision).
+
+compressed-tensors decompresses every weight bit for bit, transformers loads the folder, round trip.
+"""
 
 import os
 

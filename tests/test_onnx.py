@@ -196,10 +196,12 @@ def test_fp_graph_equals_the_timm_model(tmp_path, trained):
 
 
 VARIANTS = {
-    "deit-distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
+                                                          "num_classes": 10}),
     "avg-pool-layerscale": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
                                                      "num_classes": 10, "global_pool": "avg", "init_values": 0.1}),
-    "deit3-no-embed-class": ("deit3_small_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}),
+    "deit3-no-embed-class": ("deit3_small_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
+                                                         "num_classes": 10}),
     # built to accept any image size: exported at its configured size (the data config's, 32 px here)
     "dynamic-img-size": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
                                                   "num_classes": 10, "dynamic_img_size": True, "reg_tokens": 2,

@@ -115,7 +115,8 @@ def test_ptq_run_folder_records_recipe_and_calibrated_model(ptq_run):
     got = run.model.state_dict()
     for k, v in fresh.state_dict().items():
         assert torch.equal(got[k], v), k
-    val = core.evaluate_model(run.model, make_eval_loader(stratified_sample(load_dataset("builtin:mnist5k", "validation"), 50), meta["data_config"], 25), 10)
+    val_loader = make_eval_loader(stratified_sample(load_dataset("builtin:mnist5k", "validation"), 50), meta["data_config"], 25)
+    val = core.evaluate_model(run.model, val_loader, 10)
     assert val["top1"] == pytest.approx(meta["best_top1"])
 
 

@@ -76,17 +76,26 @@ def _show_progress(ctx: typer.Context, as_json: bool) -> bool:
 app.add_typer(recipes_app, name="recipes")
 
 # Options shared by several commands (defined once).
-DataOpt = Annotated[str, typer.Option("--data", help="Dataset: builtin:mnist5k, a Hugging Face datasets name or path, or an image folder (class per subfolder).")]
-WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="Local weights file (.safetensors, or .pth/.bin loaded with weights_only) for a timm MODEL name.")]
+DataOpt = Annotated[str, typer.Option(
+    "--data", help="Dataset: builtin:mnist5k, a Hugging Face datasets name or path, or an image folder (class per subfolder).")]
+WeightsOpt = Annotated[Path | None, typer.Option(
+    "--weights", help="Local weights file (.safetensors, or .pth/.bin loaded with weights_only) for a timm MODEL name.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Build the model with random weights (smoke tests; no download).")]
-ModelArgsOpt = Annotated[str | None, typer.Option("--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 4, "num_classes": 10}\'.')]
-NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", min=1, help="Classifier classes of the model (when a weights file or dataset differs from the architecture's default).")]
+ModelArgsOpt = Annotated[str | None, typer.Option(
+    "--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 4, '
+                         '"num_classes": 10}\'.')]
+NumClassesOpt = Annotated[int | None, typer.Option(
+    "--num-classes", min=1, help="Classifier classes of the model (when a weights file or dataset differs from the "
+                                 "architecture's default).")]
 RecipeOpt = Annotated[str | None, typer.Option("--recipe", help="Recipe: vaq, lsq, ptq, or a .toml path (see `vitqtool recipes list`).")]
-BitsOpt = Annotated[int | None, typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside transformer blocks (2..8); overrides the recipe.")]
+BitsOpt = Annotated[int | None, typer.Option(
+    "--bits", min=2, max=8, help="Weight and activation bits inside transformer blocks (2..8); overrides the recipe.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
-ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", help="Image column of a datasets dataset (default: 'image'/'img', or its one Image column).")]
-LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="Label column (default: 'label'/'labels', or its one ClassLabel column); int or string labels.")]
+ImageColumnOpt = Annotated[str | None, typer.Option(
+    "--image-column", help="Image column of a datasets dataset (default: 'image'/'img', or its one Image column).")]
+LabelColumnOpt = Annotated[str | None, typer.Option(
+    "--label-column", help="Label column (default: 'label'/'labels', or its one ClassLabel column); int or string labels.")]
 
 
 def _stderr_console():
@@ -153,7 +162,8 @@ def _fmt(value: Any) -> str:
 @app.command()
 def evaluate(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="MODEL spec (timm name, hf-hub:..., model folder), a quantize run folder, or an exported .safetensors.")],
+    model: Annotated[str, typer.Argument(
+        help="MODEL spec (timm name, hf-hub:..., model folder), a quantize run folder, or an exported .safetensors.")],
     data: DataOpt = "builtin:mnist5k",
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate.")] = "validation",
     weights: WeightsOpt = None,
@@ -163,7 +173,8 @@ def evaluate(
     bits: BitsOpt = None,
     recipe: RecipeOpt = None,
     batch_size: BatchOpt = 64,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Evaluate a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
     as_json: JsonOpt = False,
@@ -171,8 +182,8 @@ def evaluate(
     """Top-1/top-5 accuracy and loss of an FP, quantized (--bits: post-training) or exported model."""
     from .commands import evaluate as run_evaluate
 
-    result = run_evaluate(model, data, split, weights=weights, random_init=random_init, model_args=parse_model_args(model_args), num_classes=num_classes,
-                          bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, image_column=image_column,
+    result = run_evaluate(model, data, split, weights=weights, random_init=random_init, model_args=parse_model_args(model_args),
+                          num_classes=num_classes, bits=bits, recipe=recipe, batch_size=batch_size, limit=limit, image_column=image_column,
                           label_column=label_column, show_progress=_show_progress(ctx, as_json))
     if as_json:
         emit_json(result)
@@ -224,7 +235,8 @@ def softlabels_cmd(
     teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="Local weights file for a --teacher timm name.")] = None,
     random_init: RandomInitOpt = False,
     model_args: ModelArgsOpt = None,
-    teacher_model_args: Annotated[str | None, typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (default: --model-args).")] = None,
+    teacher_model_args: Annotated[str | None, typer.Option(
+        "--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (default: --model-args).")] = None,
     crops: Annotated[int, typer.Option("--crops", min=1, help="Random-resized crops labelled per image.")] = 500,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Teacher classes stored per crop.")] = 5,
     scale: Annotated[tuple[float, float], typer.Option("--scale", help="Crop area range, fractions of the image.")] = (0.08, 1.0),
@@ -232,11 +244,16 @@ def softlabels_cmd(
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Flip each crop horizontally with probability 0.5.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the crop draws.")] = 0,
     batch_size: BatchOpt = 64,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Label a class-stratified sample of N images (fixed seed: the same images in every command); quantize --limit-train N trains on them.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Label a class-stratified sample of N images (fixed seed: the same images in every command); "
+                               "quantize --limit-train N trains on them.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes that crop images while the teacher runs.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing (or unfinished) store at --out.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Finish the store of a killed run with the same flags (its finished shards are kept).")] = False,
-    images_per_shard: Annotated[int | None, typer.Option("--images-per-shard", min=1, help="Images per shard file: the unit processes split and a killed run redoes (default: ~64 MiB shards).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Finish the store of a killed run with the same flags (its finished shards are kept).")] = False,
+    images_per_shard: Annotated[int | None, typer.Option(
+        "--images-per-shard", min=1, help="Images per shard file: the unit processes split and a killed run redoes (default: "
+                                          "~64 MiB shards).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a teacher over K random-resized crops per training image and store its top-k soft labels (multi-crop KD).
@@ -294,8 +311,12 @@ def export_cmd(
     ctx: typer.Context,
     run_or_checkpoint: Annotated[Path, typer.Argument(help="The --out folder of a `quantize` run (or a vitqtool export to re-write).")],
     out: Annotated[Path, typer.Option("--out", help="The file (or, for folder formats, the folder) to write.")],
-    dtype: Annotated[str, typer.Option("--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay float32); formats that store float32 only refuse the others.")] = "float32",
-    verify: Annotated[bool, typer.Option("--verify", help="Check what was written against the run's model before keeping it (logits, or top-1 agreement for onnx); exit 1 and write nothing otherwise.")] = False,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", callback=_export_dtype, help="Storage dtype of the FP tensors: float32, float16 or bfloat16 (steps stay "
+                                                "float32); formats that store float32 only refuse the others.")] = "float32",
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check what was written against the run's model before keeping it (logits, or top-1 agreement for "
+                         "onnx); exit 1 and write nothing otherwise.")] = False,
     which: Annotated[str, typer.Option("--which", help="Checkpoint of the run: best or last.")] = "best",
     fmt: Annotated[str, typer.Option("--format", callback=_export_format, help=_formats_help())] = "safetensors",
     as_json: JsonOpt = False,
@@ -321,7 +342,9 @@ def export_cmd(
 @app.command("inspect")
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="A file or folder written by `vitqtool export` (any format).")],
-    no_digest_check: Annotated[bool, typer.Option("--no-digest-check", help="Describe the export without checking its content digest (forensic use: a file changed after export).")] = False,
+    no_digest_check: Annotated[bool, typer.Option(
+        "--no-digest-check", help="Describe the export without checking its content digest (forensic use: "
+                                  "a file changed after export).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-module bits and sizes, compression ratio vs float32, digest and metadata of an export (checked as `load` checks it)."""
@@ -350,9 +373,13 @@ def inspect_cmd(
 def quantize_cmd(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="FP MODEL spec to quantize (timm name, hf-hub:..., model folder).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints); default runs/<model>-w<bits>a<bits>-<recipe>. A folder holding a run is refused unless --resume or --overwrite.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Run folder (run.json, recipe, metrics.jsonl, checkpoints); default runs/<model>-w<bits>a<bits>-<recipe>. "
+                      "A folder holding a run is refused unless --resume or --overwrite.")] = None,
     bits: BitsOpt = None,
-    recipe: Annotated[str, typer.Option("--recipe", help="vaq (QAT, the paper), lsq (baseline), ptq (calibration only), ptq-recon (PTQ with reparameterization and block reconstruction), or a .toml path.")] = "vaq",
+    recipe: Annotated[str, typer.Option(
+        "--recipe", help="vaq (QAT, the paper), lsq (baseline), ptq (calibration only), ptq-recon (PTQ with reparameterization "
+                         "and block reconstruction), or a .toml path.")] = "vaq",
     data: DataOpt = "builtin:mnist5k",
     teacher: Annotated[str | None, typer.Option("--teacher", help="Teacher MODEL spec for online KD (default: the FP MODEL itself).")] = None,
     soft_labels: Annotated[Path | None, typer.Option("--soft-labels", help="Soft-label store from `vitqtool softlabels` (multi-crop KD).")] = None,
@@ -361,25 +388,42 @@ def quantize_cmd(
     random_init: RandomInitOpt = False,
     model_args: ModelArgsOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=0, help="Training epochs (recipe: train.epochs).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per optimiser step and process (recipe: train.batch_size).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Images per optimiser step and process (recipe: train.batch_size).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate (recipe: train.lr).")] = None,
     warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warmup before the cosine decay.")] = None,
     grad_clip: Annotated[float | None, typer.Option("--grad-clip", min=0.0, help="Max gradient norm (0 = off).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Micro-batches per optimiser step.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of data order, crops and random init.")] = None,
     calib_batches: Annotated[int | None, typer.Option("--calib-batches", min=1, help="Calibration batches of training images.")] = None,
-    recon_images: Annotated[int | None, typer.Option("--recon-images", min=1, help="Calibration images of the block-wise reconstruction (recipe: reconstruct.images).")] = None,
-    recon_iters: Annotated[int | None, typer.Option("--recon-iters", min=1, help="Reconstruction steps per block (recipe: reconstruct.iters).")] = None,
+    recon_images: Annotated[int | None, typer.Option(
+        "--recon-images", min=1, help="Calibration images of the block-wise reconstruction (recipe: reconstruct.images).")] = None,
+    recon_iters: Annotated[int | None, typer.Option(
+        "--recon-iters", min=1, help="Reconstruction steps per block (recipe: reconstruct.iters).")] = None,
     overrides: Annotated[list[Path] | None, typer.Option("--overrides", help="Override TOML files merged on top of the recipe, in order.")] = None,
-    save_every: Annotated[int | None, typer.Option("--save-every", min=0, help="Also checkpoint every N optimiser steps (0: epoch ends only).")] = None,
-    limit_train: Annotated[int | None, typer.Option("--limit-train", min=1, help="Train on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
-    limit_val: Annotated[int | None, typer.Option("--limit-val", min=1, help="Validate on a class-stratified sample of N images (fixed seed: the same images in every command).")] = None,
-    teacher_model_args: Annotated[str | None, typer.Option("--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (the teacher never takes --model-args or --random-init).")] = None,
+    save_every: Annotated[int | None, typer.Option(
+        "--save-every", min=0, help="Also checkpoint every N optimiser steps (0: epoch ends only).")] = None,
+    limit_train: Annotated[int | None, typer.Option(
+        "--limit-train", min=1, help="Train on a class-stratified sample of N images (fixed seed: "
+                                     "the same images in every command).")] = None,
+    limit_val: Annotated[int | None, typer.Option(
+        "--limit-val", min=1, help="Validate on a class-stratified sample of N images (fixed seed: "
+                                   "the same images in every command).")] = None,
+    teacher_model_args: Annotated[str | None, typer.Option(
+        "--teacher-model-args", help="timm.create_model arguments of --teacher as JSON (the teacher never "
+                                     "takes --model-args or --random-init).")] = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
-    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch --mixed_precision), else no.")] = None,
-    fuse_quantizers: Annotated[bool | None, typer.Option("--fuse-quantizers/--eager-quantizers", help="Fake quantizers as one torch.compile'd kernel each (faster, less memory) or eager. Default: fused in float32 where they compute what eager does, else eager.")] = None,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the QAT model: faster steps after a first step that compiles (about a minute of CPU for a tiny model).")] = False,
+    mixed_precision: Annotated[str | None, typer.Option(
+        "--mixed-precision", help="no, fp16 or bf16 (passed to accelerate); default: the launcher's setting (accelerate launch "
+                                  "--mixed_precision), else no.")] = None,
+    fuse_quantizers: Annotated[bool | None, typer.Option(
+        "--fuse-quantizers/--eager-quantizers", help="Fake quantizers as one torch.compile'd kernel each (faster, less memory) "
+                                                     "or eager. Default: fused in float32 where they compute what eager does, "
+                                                     "else eager.")] = None,
+    compile_model: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the QAT model: faster steps after a first step that compiles (about a minute of CPU for "
+                          "a tiny model).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start over.")] = False,
     as_json: JsonOpt = False,
@@ -401,7 +445,8 @@ def quantize_cmd(
                            warmup_epochs=warmup_epochs, grad_clip=grad_clip, grad_accum=grad_accum, seed=seed,
                            calib_batches=calib_batches, recon_images=recon_images, recon_iters=recon_iters,
                            overrides=overrides, resume=resume, overwrite=overwrite,
-                           mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, compile_model=compile_model, limit_train=limit_train, limit_val=limit_val, save_every=save_every,
+                           mixed_precision=mixed_precision, fuse_quantizers=fuse_quantizers, compile_model=compile_model,
+                           limit_train=limit_train, limit_val=limit_val, save_every=save_every,
                            teacher_model_args=parse_model_args(teacher_model_args), image_column=image_column, label_column=label_column,
                            show_progress=_show_progress(ctx, as_json))
     end_processes()  # under accelerate launch: leave the process group before exiting, or gloo's threads abort the exit
@@ -421,8 +466,11 @@ def quantize_cmd(
 @app.command("analyze")
 def analyze_cmd(
     ctx: typer.Context,
-    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="MODEL spec of the FP model (timm name, hf-hub:..., model folder); several with --compare.")],
-    compare: Annotated[bool, typer.Option("--compare", help="Analyze every MODEL on the same images and bits and compare their variation side by side (table, comparison.json/.csv, overlaid plots, index.html).")] = False,
+    models: Annotated[list[str], typer.Argument(
+        metavar="MODEL", help="MODEL spec of the FP model (timm name, hf-hub:..., model folder); several with --compare.")],
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Analyze every MODEL on the same images and bits and compare their variation side by side (table, "
+                          "comparison.json/.csv, overlaid plots, index.html).")] = False,
     data: DataOpt = "builtin:mnist5k",
     split: Annotated[str, typer.Option("--split", help="Analysis split (step sizes are calibrated on 'train' first).")] = "validation",
     bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight and activation bits inside blocks (2..8).")] = 2,
@@ -430,18 +478,30 @@ def analyze_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Report folder: analysis.json, CSVs, PNGs, index.html, overrides.toml.")] = Path("report"),
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
-    model_args: Annotated[list[str] | None, typer.Option("--model-args", help='Extra timm.create_model arguments as JSON; with --compare once for every MODEL or once per MODEL, in order.')] = None,
+    model_args: Annotated[list[str] | None, typer.Option(
+        "--model-args", help='Extra timm.create_model arguments as JSON; with --compare once for every MODEL or once per MODEL, '
+                             'in order.')] = None,
     recipe: RecipeOpt = None,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Analysis batches.")] = 4,
     batch_size: BatchOpt = 32,
-    run: Annotated[list[str] | None, typer.Option("--run", help="A `quantize` run folder: report weight oscillation from its checkpoint; with --compare MODEL=RUN_FOLDER, once per model.")] = None,
-    budget_bits: Annotated[float | None, typer.Option("--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
-    keep: Annotated[int | None, typer.Option("--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
+    run: Annotated[list[str] | None, typer.Option(
+        "--run", help="A `quantize` run folder: report weight oscillation from its checkpoint; with --compare MODEL=RUN_FOLDER, "
+                      "once per model.")] = None,
+    budget_bits: Annotated[float | None, typer.Option(
+        "--budget-bits", min=2.0, max=8.0, help="Suggest bits: average weight bits over block layers (writes overrides.toml).")] = None,
+    keep: Annotated[int | None, typer.Option(
+        "--keep", min=0, help="Suggest bits: the N most sensitive block layers at 8 bits (writes overrides.toml).")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
-    method: Annotated[str, typer.Option("--method", help="Sensitivity method: fast (exact KL, cached block inputs), naive (exact KL, full forward per module), taylor (one-pass second-order estimate), auto (fast unless predicted to take over 2 minutes, else taylor).")] = "auto",
+    method: Annotated[str, typer.Option(
+        "--method", help="Sensitivity method: fast (exact KL, cached block inputs), naive (exact KL, full forward per module), "
+                         "taylor (one-pass second-order estimate), auto (fast unless predicted to take over 2 minutes, else "
+                         "taylor).")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion (--compare: several models side by side)."""
+    """Variation statistics, per-module quantization sensitivity, oscillation and a bit-allocation suggestion.
+
+    With --compare, several models side by side.
+    """
     # OpenMP threads that wait by spinning make every small op 5-13x slower when other processes share the cores
     # (measured on a loaded 2-core machine, docs/analyze.md); read when torch loads, so only before its first import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -538,12 +598,16 @@ def _compare(models: list[str], *, model_args: list[str], run: list[str], weight
 @app.command("demo")
 def demo_cmd(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option("--out", help="Working folder: fp/ (cached FP model), report/, labels/, w4/, w2/ and the exports.")] = Path("vitqtool-demo"),
+    out: Annotated[Path, typer.Option(
+        "--out", help="Working folder: fp/ (cached FP model), report/, labels/, w4/, w2/ and the exports.")] = Path("vitqtool-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A much shorter schedule (smoke tests; lower accuracy).")] = False,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the FP model again even when --out holds one with the same settings.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the whole pipeline offline on builtin:mnist5k: train a small vision transformer, analyze, soft labels, quantize W4A4/W2A2, evaluate, export."""
+    """Run the whole pipeline offline on builtin:mnist5k.
+
+    Train a small vision transformer, analyze, soft labels, quantize W4A4/W2A2, evaluate, export.
+    """
     from .demo import demo
 
     result = demo(out, quick=quick, retrain=retrain, show_progress=_show_progress(ctx, as_json))

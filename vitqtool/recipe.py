@@ -147,7 +147,8 @@ class AugmentSection:
     hflip: bool = True           # flip each crop horizontally with probability 0.5
 
     def __post_init__(self) -> None:
-        _check(_pair(self.scale) and 0 < self.scale[0] <= self.scale[1] <= 1, "augment.scale", "[low, high] with 0 < low <= high <= 1", list(self.scale))
+        _check(_pair(self.scale) and 0 < self.scale[0] <= self.scale[1] <= 1, "augment.scale", "[low, high] with 0 < low <= high <= 1",
+               list(self.scale))
         _check(_pair(self.ratio) and 0 < self.ratio[0] <= self.ratio[1], "augment.ratio", "[low, high] with 0 < low <= high", list(self.ratio))
 
 

@@ -114,7 +114,8 @@ def analyze_model(model: nn.Module, *, recipe: Recipe, calibration_batches: Iter
         allocation = None
         if budget_bits is not None or keep is not None:
             # block layers below the edge bits (Swin patch merging is a segment but stays at edge bits)
-            layers = [r for r in sens["modules"] if r["block"] is not None and r["weight_bits"] is not None and r["weight_bits"] < recipe.quant.edge_bits]
+            layers = [r for r in sens["modules"]
+                      if r["block"] is not None and r["weight_bits"] is not None and r["weight_bits"] < recipe.quant.edge_bits]
             allocation = allocate(layers, budget_bits=budget_bits, keep=keep)
 
         report = {

@@ -193,7 +193,8 @@ def render_plots(report: dict[str, Any], out: Path, advance: Callable[..., None]
     ax.barh([m["name"] for m in shown][::-1], [max(m["kl"], 1e-12) for m in shown][::-1], color="tab:red")
     ax.set_xscale("log")
     ax.set_xlabel("KL(FP || quantized) of the logits" + (" (second-order estimate)" if report["sensitivity"]["method"] == "taylor" else ""))
-    ax.set_title(f"Sensitivity: only this module at W{report['bits']}/A{report['bits']} ({report['sensitivity']['what']}); top {len(shown)} of {len(mods)}")
+    ax.set_title(f"Sensitivity: only this module at W{report['bits']}/A{report['bits']} ({report['sensitivity']['what']}); "
+                 f"top {len(shown)} of {len(mods)}")
     ax.tick_params(axis="y", labelsize=7)
     save(fig, "sensitivity.png")
 
@@ -283,7 +284,8 @@ def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
     s = report["summary"]
     parts = [f"<h1>vitqtool analyze: {html.escape(str(report['model']))}</h1>",
              f"<p>{html.escape(str(report['data']))} [{html.escape(report['split'])}], {report['images']} images, "
-             f"W{report['bits']}/A{report['bits']} recipe {html.escape(report['recipe'])}, sensitivity of {s['what']}: {s['method']}, {html.escape(s['method_description'])}</p>",
+             f"W{report['bits']}/A{report['bits']} recipe {html.escape(report['recipe'])}, "
+             f"sensitivity of {s['what']}: {s['method']}, {html.escape(s['method_description'])}</p>",
              "<h2>Most sensitive modules</h2>", html_table(s["top_sensitive"]),
              "<h2>Variation by module type</h2>", html_table(s["by_type"]),
              "<h2>Variation by block</h2>", html_table(s["by_block"])]
@@ -299,5 +301,7 @@ def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
 
 def html_page(title: str, parts: list[str]) -> str:
     """A self-contained HTML page from body fragments (already escaped)."""
-    style = "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style>"
-    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>{style}</head><body>{''.join(parts)}</body></html>\n"
+    style = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style>")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>{style}</head>"
+            f"<body>{''.join(parts)}</body></html>\n")

@@ -440,7 +440,8 @@ def read_hf_export(folder: str | Path, check_digest: bool = True) -> ExportedMod
     try:
         tensors = load_file(str(folder / "model.safetensors"), device="cpu")
     except Exception as exc:  # missing file or damaged safetensors
-        raise ExportFormatError(f"'{folder}/model.safetensors' could not be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ExportFormatError(f"'{folder}/model.safetensors' could not be read "
+                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     model = prepare(resolve_model(vq["architecture"], random_init=True, model_args=vq["model_args"]).model, recipe, inplace=True)
     apply_table_bits(folder, model, vq)
     slots, _ = plan(model, spec)

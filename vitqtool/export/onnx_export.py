@@ -210,7 +210,8 @@ def read_onnx_metadata(path: str | Path, check_digest: bool = True) -> dict[str,
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ExportFormatError(f"'{path}' is not a readable ONNX file ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        raise ExportFormatError(f"'{path}' is not a readable ONNX file "
+                                f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     if META_KEY not in props:
         raise ExportFormatError(f"'{path}' is an ONNX file without vitqtool metadata; export it with `vitqtool export RUN --format onnx`")
@@ -225,7 +226,8 @@ def read_onnx_metadata(path: str | Path, check_digest: bool = True) -> dict[str,
     try:
         tensors = _initializers(proto)
     except Exception as exc:  # a damaged initializer: numpy_helper raises several types
-        raise ExportFormatError(f"'{path}' has an unreadable initializer ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        raise ExportFormatError(f"'{path}' has an unreadable initializer "
+                                f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
     digest_check(path, meta.get(DIGEST_KEY), tensors, _digested_metadata(meta), str(meta.get("format_version")), DIGEST_SINCE,
                  check=check_digest)
     meta["_initializer_bytes"] = {init.name: len(init.raw_data) or _field_bytes(init) for init in proto.graph.initializer}

@@ -170,7 +170,8 @@ def check_header(path: str | Path, header: dict[str, dict], vq: dict[str, Any]) 
             if row["offset"]:
                 expect(f"{name}.offset", "F32", [1], f"{row['role']} activation offset")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ExportFormatError(f"'{path}': malformed per-module table in the vitqtool metadata ({type(exc).__name__}: {exc}); re-export it") from None
+        raise ExportFormatError(f"'{path}': malformed per-module table in the vitqtool metadata "
+                                f"({type(exc).__name__}: {exc}); re-export it") from None
 
 
 def recorded_recipe(path: str | Path, vq: dict[str, Any]) -> Recipe:
@@ -202,7 +203,8 @@ def read_export(path: str | Path, check_digest: bool = True) -> ExportedModel:
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for damage our header check missed
-        raise ExportFormatError(f"'{path}' could not be read as safetensors ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ExportFormatError(f"'{path}' could not be read as safetensors "
+                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     try:
         loaded = resolve_model(vq["architecture"], random_init=True, model_args=vq["model_args"] or None)
     except VitqError as exc:

@@ -111,7 +111,8 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[nn
 
     def hook_for(name: str) -> Callable:
         def hook(mod: Quantizer, args: tuple) -> None:
-            sums[name] = sums.get(name, 0.0) + mod.activation_statistic(args[0]).double()  # float64: the sum is exact, so batch splits and processes agree
+            # float64: the sum is exact, so batch splits and processes agree
+            sums[name] = sums.get(name, 0.0) + mod.activation_statistic(args[0]).double()
             calls[name] = calls.get(name, 0) + 1
         return hook
 

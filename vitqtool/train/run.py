@@ -129,7 +129,8 @@ def _prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool, i
                            f"launch has {now['global_batch']} (--batch-size {now['global_batch'] // processes} x {processes} "
                            f"process{plural}); resume with {fix}")
         if diff:
-            raise RunError(f"'{out}' holds a run with different settings ({', '.join(diff)}); resume with the original flags, or use --overwrite or another --out")
+            raise RunError(f"'{out}' holds a run with different settings ({', '.join(diff)}); "
+                           "resume with the original flags, or use --overwrite or another --out")
         if not read_index(out) and not (out / RECON_FILE).is_file():
             raise RunError(f"nothing to resume in '{out}': the run stopped before its first checkpoint; start it again without --resume")
         return True
