@@ -62,7 +62,7 @@ def good(tmp_path_factory) -> Good:
 
 def _read(path: Path) -> tuple[dict, dict]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f}, dict(f.metadata() or {})
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def tampered(src: Path, dst: Path, *, tensors=None, vitq=None, qconfig=None) -> Path:

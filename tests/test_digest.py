@@ -36,7 +36,7 @@ def _rewrite(src: Path, dst: Path, edit_meta=None, flip: str | None = None, drop
     """Copy a safetensors export with its metadata JSON edited, one bit of tensor `flip` flipped, or its digest dropped."""
     with safe_open(str(src), "pt") as fh:
         meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     if edit_meta is not None:
         meta["vitqtool"] = json.dumps(edit_meta(json.loads(meta["vitqtool"])))
     if flip is not None:
@@ -138,7 +138,7 @@ def test_transformers_folder_refuses_a_flipped_bit_and_an_edited_act_bits(tmp_pa
     weights = flipped / "model.safetensors"
     key = "vit.encoder.layer.0.intermediate.dense.weight_packed"
     with safe_open(str(weights), "pt") as fh:
-        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh}
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] ^= 1 << 3
     save_file(tensors, str(weights), metadata=meta)

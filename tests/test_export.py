@@ -221,7 +221,7 @@ def good_export(tmp_path_factory):
 def _rewrite(src: Path, dst: Path, edit_meta=None, edit_tensors=None) -> Path:
     with safe_open(str(src), "pt") as fh:
         meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     if edit_meta:
         vq = json.loads(meta["vitqtool"])
         edit_meta(vq)

@@ -107,7 +107,7 @@ def _as_format_1(model, path_v2, path_v1):
     """Rewrite a 2.x file in the 1.x layout by hand: flattened conv codes, per-channel scales [out], version 1.0."""
     with safe_open(str(path_v2), "pt") as fh:
         meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     for name, layer in model.named_modules():
         if isinstance(layer, QUANT_LAYERS):
             codes = layer.w_quant.codes(layer.weight)
@@ -140,7 +140,7 @@ def test_format_1_files_still_load(tmp_path):
     # a 1.x file whose scale has the 2.x shape contradicts its version and is refused
     bad = tmp_path / "bad.safetensors"
     with safe_open(str(v1), "pt") as fh:
-        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh}
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     tensors["blocks.0.attn.q.weight_scale"] = tensors["blocks.0.attn.q.weight_scale"].reshape(-1, 1).contiguous()
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ExportFormatError, match="weight_scale"):
@@ -176,7 +176,7 @@ def test_source_view_loads_strictly_into_the_stock_timm_model(tmp_path, spec, bi
     with safe_open(str(path), "pt") as fh:
         qc, vq = json.loads(fh.metadata()["quantization_config"]), json.loads(fh.metadata()["vitqtool"])
         assert torch.equal(fh.get_tensor(f"{attn}.qkv.input_scale"), core.input_quant.step.clamp(min=1e-4))
-        assert f"{attn}.qkv.input_scale" in fh and "blocks.0.mlp.fc2.input_scale" not in fh
+        assert f"{attn}.qkv.input_scale" in fh.keys() and "blocks.0.mlp.fc2.input_scale" not in fh.keys()
     scheme = _schemes(qc)[f"{attn}.qkv"]
     assert scheme.weights.strategy == ("tensor" if recipe == "lsq" else "channel")
     assert scheme.weights.num_bits == (4 if overrides else bits)
