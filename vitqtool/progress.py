@@ -121,8 +121,8 @@ class PlainProgress:
     """The part of rich's Progress API the package uses, printing plain lines at a steady interval."""
 
     def __init__(self, columns: tuple[str, ...], interval: float, stream: Any, gate: LineGate | None = None) -> None:
-        self.columns, self.interval, self.stream = columns, interval, stream
-        self.gate = gate or LineGate(interval, stream)
+        self.columns, self.interval = columns, interval
+        self.gate = gate or LineGate(interval, stream)  # the lines go through it to `stream`
         self._own_gate = gate is None  # else a command's gate (`held_lines`) decides when its lines go out
         self.tasks: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # the heartbeat thread prints too
