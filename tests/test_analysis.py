@@ -3,11 +3,6 @@ the exact KL (by hand and by rank), the method choice, progress in every phase, 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import json
 import math
 

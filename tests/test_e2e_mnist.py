@@ -1,11 +1,5 @@
 """End to end on builtin:mnist5k: train a tiny ViT in FP, then W4A4 vaq QAT keeps accuracy and W2A2 vaq beats W2A2 ptq."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
 import pytest
 
 from vitqtool.commands import quantize, train_fp

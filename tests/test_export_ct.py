@@ -1,29 +1,24 @@
 """The export against the real compressed-tensors library: bit-exact decompression, old files, the source-name view."""
 
-import os
+import json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import vitqtool  # noqa: E402
-from tests.conftest import calibrate_off_init  # noqa: E402
-from vitqtool import core  # noqa: E402
-from vitqtool.cli import main  # noqa: E402
-from vitqtool.commands import inspect  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.errors import ExportFormatError  # noqa: E402
-from vitqtool.export import export_model, load_source_model, source_state_dict  # noqa: E402
-from vitqtool.export.source_view import write_source_view  # noqa: E402
-from vitqtool.quant import QUANT_LAYERS, QConv2d, iter_quantizers  # noqa: E402
-from vitqtool.quant.packing import pack_codes  # noqa: E402
-from vitqtool.recipe import load_recipe  # noqa: E402
+import vitqtool
+from tests.conftest import calibrate_off_init
+from vitqtool import core
+from vitqtool.cli import main
+from vitqtool.commands import inspect
+from vitqtool.core.models import resolve_model
+from vitqtool.errors import ExportFormatError
+from vitqtool.export import export_model, load_source_model, source_state_dict
+from vitqtool.export.source_view import write_source_view
+from vitqtool.quant import QUANT_LAYERS, QConv2d, iter_quantizers
+from vitqtool.quant.packing import pack_codes
+from vitqtool.recipe import load_recipe
 
 ct_compressors = pytest.importorskip("compressed_tensors.compressors")
 ct_quantization = pytest.importorskip("compressed_tensors.quantization")

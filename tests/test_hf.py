@@ -3,24 +3,20 @@
 Logits equal transformers', strict key map, config refusals, data config, CLI.
 """
 
+import json
 import os
+import shutil
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-import vitqtool  # noqa: E402
-from tests.hf_tiny import FAMILIES, LABELS, build, edit_config, hub_cache, save  # noqa: E402
-from vitqtool.cli import app, main  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.errors import ModelError, WeightsError  # noqa: E402
+import vitqtool
+from tests.hf_tiny import FAMILIES, LABELS, build, edit_config, hub_cache, save
+from vitqtool.cli import app, main
+from vitqtool.core.models import resolve_model
+from vitqtool.errors import ModelError, WeightsError
 
 pytest.importorskip("transformers")
 runner = CliRunner()

@@ -3,29 +3,24 @@
 compressed-tensors decompresses every weight bit for bit, transformers loads the folder, round trip.
 """
 
-import os
+import copy
+import json
+import re
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-import copy  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from tests.conftest import calibrate_off_init  # noqa: E402
-from tests.hf_tiny import build, save  # noqa: E402
-from vitqtool import core  # noqa: E402
-from vitqtool.cli import main  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.errors import ExportFormatError  # noqa: E402
-from vitqtool.export import export_hf_model, read_hf_export  # noqa: E402
-from vitqtool.families import get_family  # noqa: E402
-from vitqtool.quant import QConv2d, QLinear, iter_quantizers  # noqa: E402
-from vitqtool.recipe import load_recipe  # noqa: E402
+from tests.conftest import calibrate_off_init
+from tests.hf_tiny import build, save
+from vitqtool import core
+from vitqtool.cli import main
+from vitqtool.core.models import resolve_model
+from vitqtool.errors import ExportFormatError
+from vitqtool.export import export_hf_model, read_hf_export
+from vitqtool.families import get_family
+from vitqtool.quant import QConv2d, QLinear, iter_quantizers
+from vitqtool.recipe import load_recipe
 
 pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")

@@ -1,10 +1,5 @@
 """OBR loss (method.md §6) against a per-level loop written from the formula, its gradients, and the lambda schedule."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import math
 
 import pytest

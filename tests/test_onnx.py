@@ -1,32 +1,27 @@
 """`export --format onnx`: QDQ graphs of every family that onnxruntime runs on integer kernels and that agree with `vitqtool.load`."""
 
-import os
+import json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import onnx  # noqa: E402
+import onnx
 
-import vitqtool  # noqa: E402
-from tests.test_cnn import CONVNEXT, DEEP_RESNET, RESNET  # noqa: E402
-from vitqtool import commands, core  # noqa: E402
-from vitqtool.cli import main  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.data import load_dataset, make_eval_loader  # noqa: E402
-from vitqtool.errors import ExportFormatError  # noqa: E402
-from vitqtool.export import export_model, export_onnx_model, inspect_onnx  # noqa: E402
-from vitqtool.export.onnx_export import integer_matmuls, onnx_session, optimized_op_counts, verify_onnx  # noqa: E402
-from vitqtool.quant import QUANT_LAYERS, QConv2d, iter_quantizers, quantizers_disabled  # noqa: E402
-from vitqtool.recipe import load_recipe  # noqa: E402
+import vitqtool
+from tests.test_cnn import CONVNEXT, DEEP_RESNET, RESNET
+from vitqtool import commands, core
+from vitqtool.cli import main
+from vitqtool.core.models import resolve_model
+from vitqtool.data import load_dataset, make_eval_loader
+from vitqtool.errors import ExportFormatError
+from vitqtool.export import export_model, export_onnx_model, inspect_onnx
+from vitqtool.export.onnx_export import integer_matmuls, onnx_session, optimized_op_counts, verify_onnx
+from vitqtool.quant import QUANT_LAYERS, QConv2d, iter_quantizers, quantizers_disabled
+from vitqtool.recipe import load_recipe
 
 # the demo's model: timm vit_tiny layout at 28x28 input, 7x7 patches, 96-dim, 3 blocks, 10 classes
 DEMO = ("vit_tiny_patch16_224", {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 3, "num_heads": 3, "num_classes": 10})

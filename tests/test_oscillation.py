@@ -1,10 +1,5 @@
 """Oscillation tracking on hand-made weight trajectories: counting, EMA by hand, freezing, state round trip."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import pytest
 import torch
 from torch import nn

@@ -1,17 +1,12 @@
 """Dense int32 packing of integer codes: exact round trip, the documented bit layout, and on-grid re-quantization."""
 
-import os
+import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
 
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from vitqtool.quant import MIN_STEP, LSQQuantizer, QuantSpec  # noqa: E402
-from vitqtool.quant.packing import code_range, pack_codes, packed_length, unpack_codes  # noqa: E402
+from vitqtool.quant import MIN_STEP, LSQQuantizer, QuantSpec
+from vitqtool.quant.packing import code_range, pack_codes, packed_length, unpack_codes
 
 
 def _stream_reference(row: list[int], bits: int, lo: int) -> list[int]:

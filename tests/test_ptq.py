@@ -2,29 +2,24 @@
 ViT, DeiT and Swin; block-wise reconstruction lowers every block's output error against FP and ends as plain integer
 codes; runs record it, resume it exactly, export it, and a `ptq-recon` export runs in onnxruntime with integer kernels."""
 
-import os
+import copy
+import json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
 
-import copy  # noqa: E402
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from tests.conftest import TINY_DEIT, TINY_SWIN, TINY_VIT  # noqa: E402
-from vitqtool import commands, core, quant  # noqa: E402
-from vitqtool.cli import main  # noqa: E402
-from vitqtool.core import ptq  # noqa: E402
-from vitqtool.core.ptq import reconstruct, reparameterize  # noqa: E402
-from vitqtool.core.runs import CKPT_DIR, MODEL_FILE, RECON_FILE, read_index  # noqa: E402
-from vitqtool.errors import RecipeError  # noqa: E402
-from vitqtool.export.reader import read_header  # noqa: E402
-from vitqtool.families import get_family  # noqa: E402
-from vitqtool.recipe import load_recipe  # noqa: E402
+from tests.conftest import TINY_DEIT, TINY_SWIN, TINY_VIT
+from vitqtool import commands, core, quant
+from vitqtool.cli import main
+from vitqtool.core import ptq
+from vitqtool.core.ptq import reconstruct, reparameterize
+from vitqtool.core.runs import CKPT_DIR, MODEL_FILE, RECON_FILE, read_index
+from vitqtool.errors import RecipeError
+from vitqtool.export.reader import read_header
+from vitqtool.families import get_family
+from vitqtool.recipe import load_recipe
 
 FAMILIES = {"vit": TINY_VIT, "deit": TINY_DEIT, "swin": TINY_SWIN}
 

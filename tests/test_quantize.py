@@ -1,10 +1,5 @@
 """`quantize`: schedule and sampler maths, PTQ run folder, recipe resolution, KD modes, fault handling, CLI."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import errno
 import json
 import math

@@ -1,11 +1,7 @@
 """Exact resume: SIGINT (in-process) and SIGKILL (subprocess) mid-epoch, then --resume, equal an uninterrupted run bitwise."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import json
+import os
 import signal
 import subprocess
 import sys

@@ -1,20 +1,15 @@
 """Swin V2 (timm SwinTransformerV2, transformers Swinv2ForImageClassification): FP equivalence, the cosine-attention
 layout, PTQ/QAT, exports (safetensors, compressed-tensors view, transformers folder)."""
 
-import os
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import pytest  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from torch import nn  # noqa: E402
-
-import vitqtool  # noqa: E402
-from tests.conftest import calibrate_off_init  # noqa: E402
-from tests.family_checks import (  # noqa: E402
+import vitqtool
+from tests.conftest import calibrate_off_init
+from tests.family_checks import (
     assert_config_refused,
     assert_fast_sensitivity_equals_naive,
     assert_fp_exact_after_prepare,
@@ -22,16 +17,16 @@ from tests.family_checks import (  # noqa: E402
     images,
     spread_,
 )
-from tests.hf_tiny import build, save  # noqa: E402
-from vitqtool import commands, core  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.errors import ModelError  # noqa: E402
-from vitqtool.export import export_model, load_source_model, source_state_dict  # noqa: E402
-from vitqtool.export.source_view import write_source_view  # noqa: E402
-from vitqtool.families import get_family  # noqa: E402
-from vitqtool.families.swinv2 import SwinV2QuantWindowAttention  # noqa: E402
-from vitqtool.quant import QLinear, iter_quantizers, quantizers_disabled  # noqa: E402
-from vitqtool.recipe import load_recipe  # noqa: E402
+from tests.hf_tiny import build, save
+from vitqtool import commands, core
+from vitqtool.core.models import resolve_model
+from vitqtool.errors import ModelError
+from vitqtool.export import export_model, load_source_model, source_state_dict
+from vitqtool.export.source_view import write_source_view
+from vitqtool.families import get_family
+from vitqtool.families.swinv2 import SwinV2QuantWindowAttention
+from vitqtool.quant import QLinear, iter_quantizers, quantizers_disabled
+from vitqtool.recipe import load_recipe
 
 # two stages at 16x16 and 8x8 tokens with 4x4 windows: both have shifted blocks (the mask) and patch merging
 SWINV2 = ("swinv2_tiny_window8_256", {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),

@@ -16,12 +16,8 @@ ulp differently; fake quantization turns a few such ulps into code flips and Ada
 ~lr * sign(g), into +-lr differences, so "1 process, micro-batch 8" is a different computation.)
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import json
+import os
 import signal
 import socket
 import subprocess

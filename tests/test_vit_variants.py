@@ -1,19 +1,14 @@
 """ViT family variants: SigLIP's attention-pool head, QuickGELU (OpenAI CLIP), parallel blocks; SigLIP and DINOv2 from transformers."""
 
-import os
+import json
+import logging
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
 
-import json  # noqa: E402
-import logging  # noqa: E402
-
-import pytest  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from tests.family_checks import (  # noqa: E402
+from tests.family_checks import (
     assert_config_refused,
     assert_fast_sensitivity_equals_naive,
     assert_fp_exact_after_prepare,
@@ -22,13 +17,13 @@ from tests.family_checks import (  # noqa: E402
     images,
     spread_,
 )
-from tests.hf_tiny import build, save  # noqa: E402
-from tests.test_hf_export import check_hf_export  # noqa: E402
-from vitqtool import core  # noqa: E402
-from vitqtool.cli import main  # noqa: E402
-from vitqtool.core.models import resolve_model  # noqa: E402
-from vitqtool.errors import ModelError, WeightsError  # noqa: E402
-from vitqtool.quant import QLinear, QuantAttention, QuantAttentionPool  # noqa: E402
+from tests.hf_tiny import build, save
+from tests.test_hf_export import check_hf_export
+from vitqtool import core
+from vitqtool.cli import main
+from vitqtool.core.models import resolve_model
+from vitqtool.errors import ModelError, WeightsError
+from vitqtool.quant import QLinear, QuantAttention, QuantAttentionPool
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 VARIANTS = {
