@@ -263,8 +263,7 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
                                                                            show_progress and acc.is_main_process))
         if acc.is_main_process:
             atomic_write(out / RECIPE_FILE, recipe.to_toml())
-    fused = _use_fused(fuse_quantizers, compile_model, acc) if rt.enabled else False
-    set_quantizers_fused(qmodel, fused)
+    fused = _use_fused(fuse_quantizers, compile_model, acc) if rt.enabled else False  # decided before any long work
     compile_model = compile_model and rt.enabled
     if session.resuming:
         info = replace(read_run_info(out), status="running", versions=info.versions, fused_quantizers=fused,
@@ -297,14 +296,7 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
         info = replace(info, calibration=calibration)
         if acc.is_main_process:
             write_run_info(out, info)
-    if fuse_quantizers and rt.enabled:
-        try:
-            check_fused_kernels(acc.device)
-        except Exception as exc:  # any compiler failure means "run without the flag"
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise RunError(f"--fuse-quantizers: torch.compile does not work on {acc.device} here "
-                           f"({type(exc).__name__}: {first_line}); run without --fuse-quantizers") from exc
-        set_quantizers_fused(qmodel, True)
+    set_quantizers_fused(qmodel, fused)  # after the reconstruction, which runs the eager quantizers
 
     train_items: MultiCropDataset | AugmentedDataset
     if kd_mode == "stored":
