@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.weights import first_line
 from ..errors import ExportFormatError
 from ..quant import QUANT_LAYERS, Quantizer, iter_quantizers
 
@@ -176,6 +177,5 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[Any
                               output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               custom_opsets={DOMAIN: 1} if tables.acts or tables.weights else None, do_constant_folding=True)
         except Exception as exc:  # torch.onnx raises many types; name the first line
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ExportFormatError(f"torch.onnx cannot trace {type(model).__name__} ({first})") from None
+            raise ExportFormatError(f"torch.onnx cannot trace {type(model).__name__} ({first_line(exc)})") from None
     return onnx.load_from_string(buf.getvalue()), tables

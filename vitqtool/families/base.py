@@ -296,7 +296,6 @@ def check_mlp(mlp: nn.Module, where: str) -> None:
 
 def block_norm_pairs(block: nn.Module, where: str, attn_path: str, shift: bool = True) -> list[NormPair]:
     """The two pairs of a pre-norm block (`norm1` -> attention at `attn_path`, a QuantAttention; `norm2` -> `mlp.fc1`)."""
-    attn = block.get_submodule(attn_path)
-    qkv = ("q", "k", "v") if attn.split else ("qkv",)
+    qkv, _ = block.get_submodule(attn_path).fused_parts()
     return [NormPair(f"{where}.norm1", f"{where}.{attn_path}.input_quant", tuple(f"{where}.{attn_path}.{p}" for p in qkv), shift),
             NormPair(f"{where}.norm2", f"{where}.mlp.fc1.a_quant", (f"{where}.mlp.fc1",))]

@@ -24,7 +24,18 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from ..quant import QuantAttention
-from .base import QuantPolicy, SegmentedFamily, check_mlp, class_name, is_identity, quantize_conv, quantize_linear, register_family, require
+from .base import (
+    QuantPolicy,
+    SegmentedFamily,
+    check_mlp,
+    class_name,
+    is_identity,
+    quantize_conv,
+    quantize_linear,
+    quantize_mlp,
+    register_family,
+    require,
+)
 from .cnn import input_spec
 from .sret_model import SReTBlock, SReTPooling, SReTProjection, SReTStem, convert_reference_state_dict
 
@@ -70,8 +81,7 @@ class SReTFamily(SegmentedFamily):
                                             split=policy.split_qkv, per_channel=policy.per_channel,
                                             attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p, method=policy.method)
                 for mlp in [block.mlp, *(proj.mlp for proj in block.projs)]:
-                    quantize_linear(mlp, "fc1", policy.weight(), policy.act())
-                    quantize_linear(mlp, "fc2", policy.weight(), policy.gelu_out())
+                    quantize_mlp(mlp, policy)
         if isinstance(model.head, nn.Linear):
             quantize_linear(model, "head", policy.weight(edge=True), policy.act(edge=True))
         return model

@@ -31,6 +31,7 @@ from .base import (
     is_identity,
     quantize_conv,
     quantize_linear,
+    quantize_mlp,
     register_family,
     require,
 )
@@ -193,8 +194,7 @@ class SwinFamily(SegmentedFamily):
                 quantize_linear(stage.downsample, "reduction", policy.weight(edge=True), None)
             for block in stage.blocks:
                 block.attn = self.window_attention(block.attn, policy)
-                quantize_linear(block.mlp, "fc1", policy.weight(), policy.act())
-                quantize_linear(block.mlp, "fc2", policy.weight(), policy.gelu_out())
+                quantize_mlp(block.mlp, policy)
         if isinstance(model.head.fc, nn.Linear):
             quantize_linear(model.head, "fc", policy.weight(edge=True), policy.act(edge=True))
         return model
