@@ -174,3 +174,29 @@ def test_fused_quantizers_match_eager_on_a_whole_model(name, args):
     steps = {f"{m}.{p}" for m, q in iter_quantizers(eager) for p, _ in q.named_parameters()}
     for n in g_e:  # input gradients are elementwise (bitwise); step/offset sums are float64 in both paths (1 ulp)
         assert ulps_apart(g_e[n], g_f[n]) <= (1 if n in steps else 0), n
+
+
+def test_training_runs_the_split_projections_as_one_matmul_with_the_same_values():
+    """In training the q/k/v projections are one matmul over the stacked fake-quantized weights (each its own step);
+    eval runs the three layers. Outputs and every gradient agree up to float summation order."""
+    name, args = TINY_DEIT
+    torch.manual_seed(0)
+    q = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
+    x = torch.randn(4, 3, 32, 32)
+    core.calibrate(q, [x])
+    calls = []
+    handle = q.blocks[0].attn.k.register_forward_hook(lambda *a: calls.append(1))
+    results = []
+    for train in (False, True):
+        q.train(train)
+        q.zero_grad()
+        out = q(x)
+        out.logsumexp(-1).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in q.named_parameters() if p.grad is not None}))
+    handle.remove()
+    assert calls == [1]  # the k layer ran as a module in eval only
+    (out_eval, g_eval), (out_train, g_train) = results
+    torch.testing.assert_close(out_train, out_eval, rtol=1e-5, atol=1e-5)
+    assert g_eval.keys() == g_train.keys() and "blocks.0.attn.k.w_quant.step" in g_eval
+    for n in g_eval:
+        torch.testing.assert_close(g_train[n], g_eval[n], rtol=1e-3, atol=1e-5, msg=n)

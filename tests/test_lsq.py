@@ -168,6 +168,29 @@ def test_qlinear_and_qconv_share_parameters_and_match_float_when_disabled():
     assert set(qc.state_dict()) == {"weight", "bias", "w_quant.step", "w_quant.initialized", "a_quant.step", "a_quant.initialized"}
 
 
+@pytest.mark.parametrize(("size", "kernel", "bias"), [(32, 4, True), (30, 4, False), (18, 3, True)])
+def test_a_patchify_conv_trains_as_the_stock_conv(size, kernel, bias):
+    """A non-overlapping QConv2d (a patch embedding) computes its input gradient as a matmul: the output and every
+    gradient (input step, weight, bias) match the stock conv over the same fake-quantized operands, also when the
+    image has rows past the last whole patch."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel, stride=kernel, bias=bias)
+    qc = QConv2d.from_float(conv, QuantSpec(4), QuantSpec(8))
+    img = torch.randn(4, 3, size, size)
+    qc.w_quant.init_from_weight(qc.weight)
+    qc.a_quant.init_from_statistic(qc.a_quant.activation_statistic(img))
+    assert qc._is_patchify() and not QConv2d.from_float(torch.nn.Conv2d(3, 8, kernel, stride=1), QuantSpec(4), None)._is_patchify()
+    out = qc(img)
+    params = [qc.a_quant.step, qc.weight] + ([qc.bias] if bias else [])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad)
+    ref_out = torch.nn.functional.conv2d(qc.a_quant(img), qc.w_quant(qc.weight), qc.bias, stride=kernel)
+    want = torch.autograd.grad(ref_out, params, grad)
+    assert torch.equal(out, ref_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_a_step_at_the_floor_still_learns():
     """A step init puts at (or below) the 1e-4 floor keeps LSQ's gradient: the floor is a projection of the stored
     value, not a clamp in the forward (which gave zero gradient there, so the step never moved)."""
@@ -204,16 +227,19 @@ def test_the_fused_probe_fails_when_the_kernels_compute_something_else(monkeypat
     from vitqtool.quant import lsq
 
     check_fused_kernels("cpu")  # the real kernels pass
-    forward, backward = lsq._compiled_kernels()
+    forward, backward, codes = lsq._compiled_kernels()
 
     def step_sum_off(*args):
         grad_x, step_sum, offset_sum = backward(*args)
         return grad_x, step_sum * (1 + 1e-6), offset_sum  # a few ulps: more than the 1 the probe allows
 
-    monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (forward, step_sum_off))
+    monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (forward, step_sum_off, codes))
     with pytest.raises(FusedMismatch, match="step/offset gradients .* more than 1 ulp"):
         check_fused_kernels("cpu")
-    monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (lambda *a: forward(*a) + 1e-7, backward))
+    monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (lambda *a: forward(*a) + 1e-7, backward, codes))
+    with pytest.raises(FusedMismatch, match="not bitwise equal"):
+        check_fused_kernels("cpu")
+    monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (forward, backward, lambda *a: codes(*a) + 1))
     with pytest.raises(FusedMismatch, match="not bitwise equal"):
         check_fused_kernels("cpu")
 

@@ -86,7 +86,48 @@ class QConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.a_quant is not None:
             x = self.a_quant(x)
-        return self._conv_forward(x, self.w_quant(self.weight), self.bias)
+        weight = self.w_quant(self.weight)
+        if x.requires_grad and torch.is_grad_enabled() and self._is_patchify():
+            return _PatchifyConv.apply(x, weight, self.bias, self.stride)
+        return self._conv_forward(x, weight, self.bias)
+
+    def _is_patchify(self) -> bool:
+        """Non-overlapping patches (kernel = stride, no padding, dilation or groups): a patch embedding."""
+        return (tuple(self.kernel_size) == tuple(self.stride) and self.groups == 1 and tuple(self.dilation) == (1, 1)
+                and self.padding_mode == "zeros" and self.padding == (0, 0))
+
+
+class _PatchifyConv(torch.autograd.Function):
+    """A non-overlapping conv whose input gradient is one matmul: each output pixel reads its own patch only.
+
+    The forward and the weight/bias gradients are the stock conv's. The input gradient (wanted when the input
+    is fake-quantized with a learned step, as a patch embedding's is) is `grad_out @ W` scattered back to the
+    patches. For deit_tiny's 16x16 stride-16 stem (batch 32, 224 px, one thread) mkldnn's input gradient took
+    180 ms, this one a few ms; the values are the same up to float summation order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.has_bias = stride, bias is not None
+        return F.conv2d(x, weight, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            (kh, kw), (b, c, h, w), (out_ch, hp, wp) = ctx.stride, x.shape, grad_out.shape[1:]
+            patches = grad_out.permute(0, 2, 3, 1).reshape(-1, out_ch) @ weight.reshape(out_ch, -1)
+            grad_x = patches.reshape(b, hp, wp, c, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hp * kh, wp * kw)
+            if (hp * kh, wp * kw) != (h, w):  # rows/columns past the last whole patch are never read
+                grad_x = F.pad(grad_x, (0, w - wp * kw, 0, h - hp * kh))
+        if need_w or need_b:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(ctx.stride), [0, 0], [1, 1],
+                False, [0, 0], 1, [False, need_w, need_b and ctx.has_bias])
+        return grad_x, grad_w, grad_b, None
 
 
 QUANT_LAYERS = (QLinear, QConv2d)
@@ -182,10 +223,11 @@ class QuantAttention(nn.Module):
             raise ValueError("a rotated attention computes every query (num_queries is not supported with rotate)")
         x = self.input_quant(x)
         if self.split:
-            rows = x if num_queries == n else x[:, :num_queries]
-            q = self._heads(self.q_quant(self._position(self.q(rows), self.q_bias, self.q_norm, rotate)))
-            k = self._heads(self.k_quant(self._position(self.k(x), None, self.k_norm, rotate)))
-            v = self._heads(self.v_quant(self._position(self.v(x), self.v_bias, None, None)))
+            stacked = self._projections_at_once(x) if num_queries == n else None
+            q_out, k_out, v_out = stacked or (self.q(x if num_queries == n else x[:, :num_queries]), self.k(x), self.v(x))
+            q = self._heads(self.q_quant(self._position(q_out, self.q_bias, self.q_norm, rotate)))
+            k = self._heads(self.k_quant(self._position(k_out, None, self.k_norm, rotate)))
+            v = self._heads(self.v_quant(self._position(v_out, self.v_bias, None, None)))
             return q, k, v
         qkv = self.qkv(x)
         if any(t is not None for t in (self.q_bias, self.v_bias, self.q_norm, self.k_norm, rotate)):
@@ -194,6 +236,21 @@ class QuantAttention(nn.Module):
                              self._position(v, self.v_bias, None, None)], dim=-1)
         q, k, v = self.qkv_quant(qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return (q if num_queries == n else q[:, :, :num_queries]), k, v
+
+    def _projections_at_once(self, x: Tensor) -> tuple[Tensor, ...] | None:
+        """In training, the q, k and v projections of `x` as one matmul over their stacked fake-quantized weights (each
+        keeps its own step): the same values up to float summation order, one matmul instead of three.
+
+        None in eval and export (the three layers run, so forward hooks and the traced graph see each projection)
+        and for projections that are not alike (an input quantizer of their own, a bias on some only).
+        """
+        layers = (self.q, self.k, self.v)
+        alike = all(layer.a_quant is None and (layer.bias is None) == (self.q.bias is None) for layer in layers)
+        if not (alike and self.training and torch.is_grad_enabled()):
+            return None
+        weight = torch.cat([layer.w_quant(layer.weight) for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers]) if self.q.bias is not None else None
+        return F.linear(x, weight, bias).chunk(3, dim=-1)
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None,
                 rotate: Callable[[Tensor], Tensor] | None = None) -> Tensor:
