@@ -75,7 +75,8 @@ def build_step(args: argparse.Namespace, config: str, size: int):
                 print(f"{config}: eager quantizers ({type(exc).__name__}: {exc})", flush=True)
         quantizers = [q for _, q in iter_quantizers(model)]
         o = recipe.oscillation
-        tracker = OscillationTracker(model, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze)
+        fused = any(q.fused for q in quantizers)  # as `quantize`: the tracker's update compiled with the quantizers
+        tracker = OscillationTracker(model, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze, fused=fused)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     layers = [m for _, m in quant_layers(model)] if teacher is not None else []

@@ -120,3 +120,25 @@ def test_load_state_dict_refuses_other_layers():
     state["fc.frequency"] = torch.zeros(3)
     with pytest.raises(ValueError, match="fc.frequency"):
         tracker.load_state_dict(state)
+
+
+def test_fused_update_equals_eager_bitwise():
+    """The compiled update (the default where the quantizers are fused) gives the eager tracker's state bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    nets = [_Net(64, per_channel=True), _Net(64, per_channel=True)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net, fused in zip(nets, (False, True)):
+        net.fc.w_quant.fused = fused
+    trackers = [OscillationTracker(net, momentum=0.3, threshold=0.6, freeze=True, fused=fused)
+                for net, fused in zip(nets, (False, True))]
+    flips = [0, 0]
+    for _ in range(8):
+        codes = torch.randint(-8, 8, (64,), generator=gen).tolist()
+        for i, (net, tracker) in enumerate(zip(nets, trackers)):
+            _set_codes(net, codes)
+            tracker.update()
+            flips[i] += tracker.summary()["fc"]["flips_last_update"]
+    eager, fused = (t.state_dict() for t in trackers)
+    assert flips[0] == flips[1] > 0 and bool(eager["fc.frozen"].any()) and not bool(eager["fc.frozen"].all())
+    assert all(torch.equal(eager[k], fused[k]) for k in eager)
+    assert trackers[0].summary() == trackers[1].summary()

@@ -101,10 +101,17 @@ def _fake_quant_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor 
     return grad_x, step_sum, offset_sum
 
 
+def _codes(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int) -> Tensor:
+    """`round(clamp((x - beta) / s, qn, qp))` as int32: the integer codes of `_fake_quant`."""
+    shifted = x - offset if offset is not None else x
+    return (shifted / step).clamp(qn, qp).round().to(torch.int32)
+
+
 @functools.cache
 def _compiled_kernels():
-    """`_fake_quant` and `_fake_quant_grads` compiled once per process (shapes dynamic: one kernel per layout)."""
-    return torch.compile(_fake_quant, dynamic=True), torch.compile(_fake_quant_grads, dynamic=True)
+    """`_fake_quant`, `_fake_quant_grads` and `_codes` compiled once per process (shapes dynamic: one kernel per layout)."""
+    return (torch.compile(_fake_quant, dynamic=True), torch.compile(_fake_quant_grads, dynamic=True),
+            torch.compile(_codes, dynamic=True))
 
 
 class _FusedLSQFakeQuant(torch.autograd.Function):
@@ -153,8 +160,8 @@ def check_fused_kernels(device: torch.device | str) -> None:
     """Compile the fused kernels and run them against the eager reference on probe tensors of every layout.
 
     Raises whatever the compiler raises when it does not work here, and FusedMismatch when a fused result
-    is not what eager computes: the forward and the input gradient bitwise, step and offset gradients
-    within 1 ulp.
+    is not what eager computes: the forward, the input gradient and the integer codes bitwise, step and
+    offset gradients within 1 ulp.
     """
     gen = torch.Generator().manual_seed(0)
     probes = [((4099,), (1,), True), ((4099,), (1,), False), ((8, 37), (8, 1), False)]  # act +-offset, per-channel weight
@@ -172,8 +179,10 @@ def check_fused_kernels(device: torch.device | str) -> None:
             assert xs.grad is not None and ss.grad is not None  # backward sets the grads of leaves that require them
             results.append((out.detach(), xs.grad, ss.grad, os_.grad if os_ is not None else None))
         (out_e, gx_e, gs_e, go_e), (out_f, gx_f, gs_f, go_f) = results
+        flat_x, flat_step = _flatten(x, step)
+        same_codes = torch.equal(_codes(flat_x, flat_step, offset, -4, 3), _compiled_kernels()[2](flat_x, flat_step, offset, -4, 3))
         where = f"{'per-channel' if len(step_shape) > 1 else 'per-tensor'}{' with offset' if with_offset else ''} on {device}"
-        if not (torch.equal(out_e, out_f) and torch.equal(gx_e, gx_f)):
+        if not (torch.equal(out_e, out_f) and torch.equal(gx_e, gx_f) and same_codes):
             raise FusedMismatch(f"fused fake quantization ({where}) is not bitwise equal to the eager reference")
         if ulps_apart(gs_e, gs_f) > 1 or (go_e is not None and go_f is not None and ulps_apart(go_e, go_f) > 1):
             raise FusedMismatch(f"fused step/offset gradients ({where}) are more than 1 ulp from the eager reference")
@@ -273,9 +282,12 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
-        """The integer codes `round(clamp((x - beta) / s))` as int32, whatever `enabled` says."""
-        shifted = x - self.offset if self.offset is not None else x
-        return (shifted / self.scale_for(x)).clamp(self.spec.qn, self.spec.qp).round().to(torch.int32)
+        """The integer codes `round(clamp((x - beta) / s))` as int32, whatever `enabled` says (one kernel when fused)."""
+        flat_x, flat_step = _flatten(x, _floored(self.step, x.dtype))
+        offset = self.offset_for(x)
+        offset = offset.detach() if offset is not None else None
+        codes = _compiled_kernels()[2] if self.fused else _codes
+        return codes(flat_x, flat_step, offset, self.spec.qn, self.spec.qp).view(x.shape)
 
     @torch.no_grad()
     def init_from_weight(self, weight: Tensor, tol: float = 1e-5, max_iter: int = 100) -> None:

@@ -315,7 +315,7 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
     tracker = None
     if recipe.oscillation.track and rt.enabled:
         o = recipe.oscillation
-        tracker = OscillationTracker(qmodel, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze)
+        tracker = OscillationTracker(qmodel, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze, fused=fused)
     optimizer = torch.optim.AdamW(_param_groups(qmodel, rt.weight_decay), lr=rt.lr)
     prepared_model, optimizer = acc.prepare(qmodel, optimizer)
     if compile_model:  # compiles on the first step; Trainer.raw (evaluation, checkpoints) stays the plain module
