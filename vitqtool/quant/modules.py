@@ -160,6 +160,9 @@ class QuantAttention(nn.Module):
     input_quant: Quantizer
     softmax_quant: Quantizer
     proj: QLinear
+    q: QLinear  # split layout only (else one fused `qkv`)
+    k: QLinear
+    v: QLinear
 
     projection_outputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
 
@@ -249,7 +252,7 @@ class QuantAttention(nn.Module):
         if not (alike and self.training and torch.is_grad_enabled()):
             return None
         weight = torch.cat([layer.w_quant(layer.weight) for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers]) if self.q.bias is not None else None
+        bias = torch.cat([layer.bias for layer in layers if layer.bias is not None]) if self.q.bias is not None else None
         return F.linear(x, weight, bias).chunk(3, dim=-1)
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None,
