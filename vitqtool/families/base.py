@@ -281,6 +281,13 @@ def require(condition: bool, where: str, feature: str) -> None:
         raise ModelError(f"{where}: {feature} is not supported by the quantized layout")
 
 
+def require_gelu(act: nn.Module, where: str) -> None:
+    """Refuse an MLP activation other than GELU and its approximations: fc2's input quantizer (unsigned + learned
+    offset, method.md §2) fits their output only."""
+    require(class_name(act) in GELU_CLASSES, where, f"activation {type(act).__name__} (the GELU-output quantizer needs GELU, "
+            "GELU-tanh or QuickGELU)")
+
+
 def is_identity(module: nn.Module | None) -> bool:
     """True for a missing module or nn.Identity (an optional feature that is switched off)."""
     return module is None or isinstance(module, nn.Identity)
@@ -290,8 +297,7 @@ def check_mlp(mlp: nn.Module, where: str) -> None:
     """The MLP the rewrite assumes: timm Mlp, Linear fc1/fc2, no inner norm, a GELU (fc2's input is unsigned + offset)."""
     require(class_name(mlp) == "timm.layers.mlp.Mlp", f"{where}.mlp", f"MLP type {type(mlp).__name__} (only timm Mlp)")
     require(is_identity(getattr(mlp, "norm", None)), f"{where}.mlp.norm", f"a norm inside the MLP ({type(mlp.norm).__name__}, scale_mlp_norm)")
-    require(class_name(mlp.act) in GELU_CLASSES, f"{where}.mlp.act",
-            f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU, GELU-tanh or QuickGELU)")
+    require_gelu(mlp.act, f"{where}.mlp.act")
 
 
 def block_norm_pairs(block: nn.Module, where: str, attn_path: str, shift: bool = True) -> list[NormPair]:

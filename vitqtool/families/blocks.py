@@ -20,7 +20,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..quant import QuantGLU
-from .base import GELU_CLASSES, QuantPolicy, class_name, is_identity, quantize_conv, quantize_linear, require
+from .base import GELU_CLASSES, QuantPolicy, class_name, is_identity, quantize_conv, quantize_linear, require, require_gelu
 
 MLP = "timm.layers.mlp.Mlp"
 GLU_MLPS = ("timm.layers.mlp.GluMlp", "timm.layers.mlp.SwiGLU")
@@ -37,8 +37,8 @@ def check_block_mlp(mlp: nn.Module, where: str) -> None:
         require(type(getattr(mlp, name)) is nn.Linear, f"{where}.mlp.{name}", f"layer type {type(getattr(mlp, name)).__name__} "
                 "(only nn.Linear)")
     if kind == MLP:
-        require(not is_identity(mlp.norm) or class_name(mlp.act) in GELU_CLASSES, f"{where}.mlp.act",
-                f"activation {type(mlp.act).__name__} (the GELU-output quantizer needs GELU)")
+        if is_identity(mlp.norm):  # a norm after the activation feeds fc2 a signed input: any activation then
+            require_gelu(mlp.act, f"{where}.mlp.act")
     else:
         require(class_name(mlp.act) in GATE_CLASSES, f"{where}.mlp.act",
                 f"gate activation {type(mlp.act).__name__} (the gate quantizer needs SiLU, GELU or Sigmoid)")

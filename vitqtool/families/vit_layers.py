@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QLinear, QuantAttention, QuantAttentionPool, Quantizer, QuantSpec, attend, make_quantizer, slice_rows
-from .base import GELU_CLASSES, QuantPolicy, class_name, is_identity, require
+from .base import QuantPolicy, class_name, is_identity, require, require_gelu
 from .blocks import check_block_mlp, quantize_block_mlp
 
 
@@ -152,7 +152,6 @@ def check_parallel_scaling(block: nn.Module, where: str) -> None:
     """What `ViTQuantParallelScalingBlock` covers: separate output projections and a GELU-shaped activation."""
     require(block.out_proj is None, f"{where}.out_proj", "a fused output projection over [attention output, GELU output] "
             "(fuse_out_proj=True: its two input halves need different quantizers)")
-    require(class_name(block.mlp_act) in GELU_CLASSES, f"{where}.mlp_act",
-            f"activation {type(block.mlp_act).__name__} (the GELU-output quantizer needs GELU, GELU-tanh or QuickGELU)")
+    require_gelu(block.mlp_act, f"{where}.mlp_act")
     for name in ("in_proj", "attn_out_proj", "mlp_out_proj"):
         require(type(getattr(block, name)) is nn.Linear, f"{where}.{name}", f"layer type {type(getattr(block, name)).__name__}")
