@@ -23,19 +23,21 @@ from .obr import quant_layers
 _FIELDS = ("codes", "direction", "frequency", "frozen", "frozen_codes", "flips")
 
 
-def _track(codes: Tensor, last_codes: Tensor, direction: Tensor, frequency: Tensor, momentum: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One update of the flat state: (new direction, new EMA frequency, oscillated as 0/1) from the new and last codes.
+def _track(codes: Tensor, last_codes: Tensor, direction: Tensor, frequency: Tensor, oscillated: Tensor, momentum: float) -> None:
+    """One update of the flat state, in place: direction, EMA frequency, oscillated (0/1) and the last codes.
 
     Branch-free float arithmetic, exact for integer codes (the compiler vectorises it; int8 and bool ops ran
-    several times slower): `change = sign(codes - last)`; an oscillation is a change against the last
-    direction (`change * direction = -1`); the direction becomes `change` where the code moved; the EMA
-    is `f * (1 - m) + osc * m`.
+    several times slower, fresh outputs twice as slow): `change = sign(codes - last)`; an oscillation is a
+    change against the last direction (`change * direction = -1`); the direction becomes `change` where the
+    code moved; the EMA is `f * (1 - m) + osc * m`.
     """
     change = torch.sign(codes.to(torch.float32) - last_codes.to(torch.float32))
     last = direction.to(torch.float32)
-    oscillated = (change * last).clamp(max=0).neg()
-    new_direction = change + last * (1 - change.abs())
-    return new_direction.to(torch.int8), frequency * (1 - momentum) + oscillated.to(frequency.dtype) * momentum, oscillated
+    osc = (change * last).clamp(max=0).neg()
+    direction.copy_(change + last * (1 - change.abs()))
+    frequency.copy_(frequency * (1 - momentum) + osc.to(frequency.dtype) * momentum)
+    oscillated.copy_(osc)
+    last_codes.copy_(codes)
 
 
 @functools.cache
@@ -78,7 +80,9 @@ class OscillationTracker:
             "frozen_codes": torch.zeros_like(codes),
         }
         self._flips = torch.zeros(len(self.layers), dtype=torch.int64, device=codes.device)  # oscillations of the last update
-        self._oscillated: Tensor | None = None  # the last update's oscillations, summed per layer when read
+        self._oscillated = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)  # the last update's, per weight
+        self._new_codes = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
+        self._flips_stale = False  # the last update's oscillations are summed per layer only when read
         sizes = [layer.weight.numel() for layer in self.layers.values()]
         ends = torch.tensor(sizes).cumsum(0).tolist()
         self._spans = {name: (end - size, end) for name, size, end in zip(self.layers, sizes, ends, strict=True)}
@@ -94,15 +98,15 @@ class OscillationTracker:
             out[name]["flips"] = self._flips[i]
         return out
 
-    def _all_codes(self) -> Tensor:
-        """Every tracked weight's integer code (int32), the layers end to end."""
-        return torch.cat([layer.w_quant.codes(layer.weight.detach()).reshape(-1) for layer in self.layers.values()])
+    def _all_codes(self, out: Tensor | None = None) -> Tensor:
+        """Every tracked weight's integer code (int32), the layers end to end (into `out` when given)."""
+        return torch.cat([layer.w_quant.codes(layer.weight.detach()).reshape(-1) for layer in self.layers.values()], out=out)
 
     def _count_flips(self) -> None:
-        if self._oscillated is not None:
+        if self._flips_stale:
             sums = [self._oscillated[start:end].sum(dtype=torch.float64) for start, end in self._spans.values()]
             self._flips = torch.stack(sums).to(torch.int64)
-            self._oscillated = None
+            self._flips_stale = False
 
     @torch.no_grad()
     def update(self) -> None:
@@ -110,16 +114,15 @@ class OscillationTracker:
         if self.freeze:
             self.apply_freeze()
         self._to_device()
-        st, m = self._flat, self.momentum
-        codes = self._all_codes().to(st["codes"].dtype)
+        st = self._flat
+        codes = self._all_codes(out=self._new_codes)
         track = _compiled_track() if self.fused else _track
-        st["direction"], st["frequency"], osc = track(codes, st["codes"], st["direction"], st["frequency"], m)
-        st["codes"] = codes
-        self._oscillated = osc  # stays on the device: counted per layer only when read
+        track(codes, st["codes"], st["direction"], st["frequency"], self._oscillated, self.momentum)
+        self._flips_stale = True
         if self.freeze:
             newly = (st["frequency"] > self.threshold) & ~st["frozen"]
             st["frozen"] |= newly
-            st["frozen_codes"] = torch.where(newly, codes, st["frozen_codes"])
+            st["frozen_codes"] = torch.where(newly, st["codes"], st["frozen_codes"])  # st["codes"]: the new codes now
 
     @torch.no_grad()
     def apply_freeze(self) -> None:
@@ -169,7 +172,7 @@ class OscillationTracker:
         for field, flat in self._flat.items():
             self._flat[field] = torch.cat([state[f"{name}.{field}"].reshape(-1) for name in self.layers]).to(flat.device, flat.dtype)
         self._flips = torch.stack([state[f"{name}.flips"] for name in self.layers]).to(self._flips.device)
-        self._oscillated = None
+        self._flips_stale = False
 
     def _to_device(self) -> None:
         """Follow the weights (the model may have moved since construction or a load)."""
@@ -177,7 +180,7 @@ class OscillationTracker:
         if self._flat["codes"].device != device:
             self._count_flips()
             self._flat = {field: flat.to(device) for field, flat in self._flat.items()}
-            self._flips = self._flips.to(device)
+            self._flips, self._oscillated, self._new_codes = (t.to(device) for t in (self._flips, self._oscillated, self._new_codes))
 
 
 def _code_dtype(layer: QLinear | QConv2d) -> torch.dtype:
