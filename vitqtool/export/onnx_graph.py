@@ -28,10 +28,10 @@ One set of graph rules for every model family; the rules look at ops and tensors
   rescale and the exact float bias). An unpadded 1x1 conv becomes a matmul over channels: [Slice with
   steps for a stride] -> Transpose to NHWC -> DQ -> MatMul -> Add bias -> Transpose back, which onnxruntime
   fuses into MatMulIntegerToFloat (u8 x s8) and whose transposes its layout optimizer cancels against the
-  NHWC ones around QLinearConv (ResNet-50's last and shortcut convs: 2x faster than ConvInteger and its
-  int32 rescale, `benchmarks/inference.py`). Any other (the 7x7 stem, a patch embedding) becomes
-  ConvInteger (uint8 codes, int32 accumulation) and one DequantizeLinear of the accumulator
-  (x_scale * w_scale per channel).
+  NHWC ones around QLinearConv (ResNet-50's last and shortcut convs: about a third of the kernel time of
+  ConvInteger and its int32 rescale, `benchmarks/inference.py`). Any other (a 7x7 stem, a patch
+  embedding) becomes ConvInteger (uint8 codes, int32 accumulation) and one DequantizeLinear of the
+  accumulator (x_scale * w_scale per channel).
 - **Float layers**: a quantized layer whose input is float (no input quantizer, as a patch merging's
   reduction) and a grouped conv with a float output (onnxruntime's ConvInteger runs a depthwise conv at
   0.04x the speed of its float conv: `benchmarks/onnx_conv_kernels.py`) multiply float values by their
