@@ -28,7 +28,7 @@ One set of graph rules for every model family; the rules look at ops and tensors
   rescale and the exact float bias). An unpadded 1x1 conv becomes a matmul over channels: [Slice with
   steps for a stride] -> Transpose to NHWC -> DQ -> MatMul -> Add bias -> Transpose back, which onnxruntime
   fuses into MatMulIntegerToFloat (u8 x s8) and whose transposes its layout optimizer cancels against the
-  NHWC ones around QLinearConv (ResNet-50's last and shortcut convs: about a third of the kernel time of
+  NHWC ones around QLinearConv (a bottleneck's last conv and its shortcut: about a third of the kernel time of
   ConvInteger and its int32 rescale, `benchmarks/inference.py`). Any other (a 7x7 stem, a patch
   embedding) becomes ConvInteger (uint8 codes, int32 accumulation) and one DequantizeLinear of the
   accumulator (x_scale * w_scale per channel).
@@ -671,9 +671,9 @@ def _pointwise(g: Graph, conv: Any) -> bool:
 def _pointwise_as_matmul(g: Graph, conv: Any, dq: Any, wdq: Any, layer: str) -> None:
     """1x1 conv with a float output -> [Slice with steps] -> Transpose to NHWC -> DQ -> MatMul (+ bias) -> Transpose to NCHW.
 
-    onnxruntime fuses the DQ -> MatMul pair into MatMulIntegerToFloat (u8 x s8, int32 accumulation, rescale and float
-    bias in one kernel), several times faster than ConvInteger and its int32 DequantizeLinear; its layout optimizer
-    cancels the transposes against the NHWC ones it puts around the neighbouring QLinearConvs.
+    onnxruntime fuses the DQ -> MatMul pair into MatMulIntegerToFloat (u8 x s8, int32 accumulation and the rescale in
+    one kernel; the bias stays an Add), about 3x faster than ConvInteger and its int32 DequantizeLinear; its layout
+    optimizer cancels the transposes against the NHWC ones it puts around the neighbouring QLinearConvs.
     """
     codes = dq.input[0]
     strides = [int(s) for s in g.attr(conv, "strides", [1, 1])]
