@@ -143,6 +143,20 @@ def dequantize_only_accumulators(path) -> bool:
     return all(producers.get(n.input[0]) == "ConvInteger" for n in graph.node if n.op_type == "DequantizeLinear")
 
 
+def transposed_outputs(path, op_type: str) -> list[str]:
+    """Names of the `op_type` nodes whose output a Transpose reads in onnxruntime's optimized graph."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "opt.onnx"
+        onnx_session(path, 1, optimized_path=opt)
+        graph = onnx.load(str(opt)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    return [producers[n.input[0]].name for n in graph.node
+            if n.op_type == "Transpose" and n.input[0] in producers and producers[n.input[0]].op_type == op_type]
+
+
 @pytest.mark.parametrize("per_channel,recipe", [(False, "vaq"), (True, "vaq"), (False, "lsq")], ids=["tensor", "channel", "fused-qkv"])
 def test_optimized_graph_runs_every_quantized_matmul_as_integer(tmp_path, trained, per_channel, recipe):
     loaded = trained["loaded"]
@@ -253,6 +267,37 @@ def test_cnn_variants_fp_exact_and_integer(tmp_path, name, args):
     assert checked["top1_agreement"] == 100.0 and checked["integer_kernels"] == expected_integer_kernels(model, x)
     assert set(summary["kernels"]) <= {"QLinearConv", "ConvInteger", "MatMulIntegerToFloat", "Conv (float, grouped)"}
     assert_integer_weights(q_path)
+
+
+@pytest.mark.parametrize("name,args", [RESNET, DEEP_RESNET], ids=["resnet-strided-shortcut", "resnet-bottleneck-avg-down"])
+def test_float_output_pointwise_convs_run_as_integer_matmuls(tmp_path, name, args):
+    """A dense 1x1 conv with a float output (a block's last conv, a shortcut, strided or not) is MatMulIntegerToFloat on
+    NHWC codes, its transposes cancelled by onnxruntime; other float-output dense convs stay ConvInteger."""
+    loaded = resolve_model(name, random_init=True, model_args={**args, "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}})
+    model = core.prepare(loaded.model, load_recipe("vaq", set_fields={"quant.bits": 4, "quant.per_channel": True}))
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    core.calibrate(model, [x])
+    path = tmp_path / "q.onnx"
+    export_onnx_model(model, path, architecture=loaded.architecture, model_args=loaded.model_args, data_config=loaded.data_config)
+    kernels = {r["name"]: r["kernel"] for r in inspect_onnx(path)["layers"]}
+    pointwise = []
+    for layer, kernel in kernels.items():
+        m = model.get_submodule(layer)
+        if isinstance(m, QConv2d) and kernel != "QLinearConv":
+            assert kernel == ("MatMulIntegerToFloat" if m.kernel_size == (1, 1) else "ConvInteger"), layer
+            pointwise += [m.stride] if m.kernel_size == (1, 1) else []
+    assert len(pointwise) >= 3 and ((2, 2) in pointwise) == (name == RESNET[0])
+    counts = optimized_op_counts(path)
+    assert counts["ConvInteger"] == sum(k == "ConvInteger" for k in kernels.values())
+    assert counts["MatMulIntegerToFloat"] == sum(k == "MatMulIntegerToFloat" for k in kernels.values())
+    assert dequantize_only_accumulators(path)
+    if name == DEEP_RESNET[0]:  # both inputs of each residual add are 1x1 convs: their float NHWC outputs are never transposed
+        assert not transposed_outputs(path, "MatMulIntegerToFloat")
+    with torch.no_grad():
+        ref = model(x)
+    got = torch.from_numpy(onnx_session(path, 1).run(None, {"input": x.numpy()})[0])
+    per_image = (got - ref).abs().amax(1) / ref.abs().max()
+    assert int((per_image > 1e-5).sum()) <= 1 and float(per_image.max()) < 0.1  # exact but for a rare code flip
 
 
 def test_failed_verify_writes_nothing(tmp_path, trained, monkeypatch):

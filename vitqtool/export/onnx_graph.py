@@ -24,8 +24,14 @@ One set of graph rules for every model family; the rules look at ops and tensors
   QLinearConv (the requantization is the quantizer vitqtool applies there anyway; an unsigned quantizer's
   saturation at 0 is the ReLU); its weight codes are scaled by 2^k (and the scale by 2^-k) so that the
   bias, which QLinearConv rounds to the accumulator's grid, is rounded 2^k times finer. Any other dense
-  quantized conv, whose output vitqtool keeps in float, becomes ConvInteger (uint8 codes, int32
-  accumulation, exact) and one DequantizeLinear of the accumulator (x_scale * w_scale per channel).
+  quantized conv keeps its output in float, as vitqtool does (integer accumulation, exact, then a float
+  rescale and the exact float bias). An unpadded 1x1 conv becomes a matmul over channels: [Slice with
+  steps for a stride] -> Transpose to NHWC -> DQ -> MatMul -> Add bias -> Transpose back, which onnxruntime
+  fuses into MatMulIntegerToFloat (u8 x s8) and whose transposes its layout optimizer cancels against the
+  NHWC ones around QLinearConv (a bottleneck's last conv and its shortcut: about a third of the kernel time of
+  ConvInteger and its int32 rescale, `benchmarks/inference.py`). Any other (a 7x7 stem, a patch
+  embedding) becomes ConvInteger (uint8 codes, int32 accumulation) and one DequantizeLinear of the
+  accumulator (x_scale * w_scale per channel).
 - **Float layers**: a quantized layer whose input is float (no input quantizer, as a patch merging's
   reduction) and a grouped conv with a float output (onnxruntime's ConvInteger runs a depthwise conv at
   0.04x the speed of its float conv: `benchmarks/onnx_conv_kernels.py`) multiply float values by their
@@ -251,9 +257,9 @@ class Graph:
 def build_graph(model: nn.Module, input_size: tuple[int, int, int], requantized_convs: bool = True) -> tuple[Any, GraphTables]:
     """The QDQ ONNX ModelProto of a prepared, calibrated vitqtool model (eval, CPU) and its layer/quantizer tables.
 
-    Input `[batch, *input_size]` (batch dynamic, image size fixed). `requantized_convs=False` keeps every dense
-    quantized conv on ConvInteger (exact float bias) instead of QLinearConv. Raises ExportFormatError when the
-    model cannot be traced.
+    Input `[batch, *input_size]` (batch dynamic, image size fixed). `requantized_convs=False` gives every dense
+    quantized conv a float output (exact float bias: ConvInteger, or MatMulIntegerToFloat for a 1x1) instead of
+    QLinearConv. Raises ExportFormatError when the model cannot be traced.
     """
     proto, tables = trace_model(model, input_size)
     g = Graph(proto)
@@ -610,7 +616,7 @@ def _refine_bias_grid(g: Graph, codes: str, wdq: Any, act_bits: int) -> None:
 
 def _lower_convs(g: Graph, requantized: bool = True) -> None:
     """A quantized conv of quantized codes: left for QLinearConv when requantized (and `requantized` allows it), else
-    ConvInteger + one float rescale."""
+    a matmul (1x1) or ConvInteger, with one float rescale."""
     for conv in [n for n in g.nodes.values() if n.op_type == "Conv"]:
         weight = _weight_of(g, conv)
         dq = g.producer.get(conv.input[0])
@@ -629,6 +635,9 @@ def _lower_convs(g: Graph, requantized: bool = True) -> None:
             # 0.04x the speed of its float conv (benchmarks/onnx_conv_kernels.py); the float conv reads the dequantized codes
             _dequantize_at_load(g, conv, wdq, layer)
             g.kernels[layer] = ("Conv (float, grouped)", act.info.bits)
+            continue
+        if _pointwise(g, conv):
+            _pointwise_as_matmul(g, conv, dq, wdq, layer)
             continue
         codes = g.const(codes_name).astype(np.int16)
         w_zp = 1 << (bits - 1)
@@ -650,6 +659,44 @@ def _lower_convs(g: Graph, requantized: bool = True) -> None:
             bias = g.const(conv.input[2])
             g.op("Add", [y, g.add_const(f"{layer}.bias", bias.reshape(1, out_ch, 1, 1))], f"{layer}/out", name_out=out)
         g.kernels[layer] = ("ConvInteger", act.info.bits)
+
+
+def _pointwise(g: Graph, conv: Any) -> bool:
+    """Whether `conv` is a dense unpadded 1x1 conv (any stride): a matmul over the channels of (strided) pixels."""
+    codes = g.const(g.producer[conv.input[1]].input[0])
+    return (codes.ndim == 4 and codes.shape[2:] == (1, 1) and int(g.attr(conv, "group", 1)) == 1 and not any(g.attr(conv, "pads", [0]))
+            and g.attr(conv, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"))
+
+
+def _pointwise_as_matmul(g: Graph, conv: Any, dq: Any, wdq: Any, layer: str) -> None:
+    """1x1 conv with a float output -> [Slice with steps] -> Transpose to NHWC -> DQ -> MatMul (+ bias) -> Transpose to NCHW.
+
+    onnxruntime fuses the DQ -> MatMul pair into MatMulIntegerToFloat (u8 x s8, int32 accumulation and the rescale in
+    one kernel; the bias stays an Add), about 3x faster than ConvInteger and its int32 DequantizeLinear; its layout
+    optimizer cancels the transposes against the NHWC ones it puts around the neighbouring QLinearConvs.
+    """
+    codes = dq.input[0]
+    strides = [int(s) for s in g.attr(conv, "strides", [1, 1])]
+    if strides != [1, 1]:  # a strided 1x1 conv reads every s-th pixel
+        codes = g.op("Slice", [codes, g.add_const(f"{layer}.stride_start", [0, 0], np.int64),
+                               g.add_const(f"{layer}.stride_end", [np.iinfo(np.int64).max] * 2, np.int64),
+                               g.add_const(f"{layer}.stride_axes", [2, 3], np.int64),
+                               g.add_const(f"{layer}.stride_steps", strides, np.int64)], f"{layer}/strided")
+    nhwc = g.op("Transpose", [codes], f"{layer}/nhwc", perm=[0, 2, 3, 1])
+    x = g.op("DequantizeLinear", [nhwc, *dq.input[1:]], f"{layer}/input_dq")
+    g.dq[id(g.producer[x])] = g.dq[id(dq)]
+    codes_oc = g.const(wdq.input[0])
+    w_codes = g.add_const(f"{layer}.weight_codes", codes_oc.reshape(codes_oc.shape[0], -1).T)  # [in, out]: per-column scale
+    g.weights[w_codes] = {**g.weights[wdq.input[0]], "offset_binary": False}
+    scale = g.const(wdq.input[1])
+    attrs = {"axis": 1} if scale.size > 1 else {}
+    w = g.op("DequantizeLinear", [w_codes, g.add_const(f"{layer}.weight_scale", scale.reshape(-1) if scale.size > 1 else scale.reshape(()))],
+             f"{layer}/weight_dq", **attrs)
+    y = g.op("MatMul", [x, w], f"{layer}/matmul")
+    if len(conv.input) > 2 and conv.input[2]:
+        y = g.op("Add", [y, conv.input[2]], f"{layer}/biased")
+    g.remove(conv)
+    g.op("Transpose", [y], f"{layer}/nchw", name_out=conv.output[0], perm=[0, 3, 1, 2])
 
 
 def _dequantize_at_load(g: Graph, node: Any, wdq: Any, layer: str) -> None:
