@@ -148,7 +148,7 @@ def test_attention_masks_are_refused_at_run_time():
 def test_plain_mlp_needs_gelu_unless_a_norm_follows_it():
     model = timm.create_model("eva_giant_patch14_224", pretrained=False, **SMALL, mlp_ratio=2)
     model.blocks[1].mlp.act = nn.SiLU()
-    with pytest.raises(ModelError, match=r"^blocks\.1\.mlp\.act: activation SiLU \(the GELU-output quantizer needs GELU\)"):
+    with pytest.raises(ModelError, match=r"^blocks\.1\.mlp\.act: activation SiLU \(the GELU-output quantizer needs GELU, GELU-tanh or QuickGELU\)"):
         core.prepare(model, "vaq")
     model.blocks[1].mlp.norm = nn.LayerNorm(96)  # with a norm before fc2, fc2's input is signed: any activation works
     q = core.prepare(model, "vaq")
