@@ -636,7 +636,7 @@ def _lower_convs(g: Graph, requantized: bool = True) -> None:
             _dequantize_at_load(g, conv, wdq, layer)
             g.kernels[layer] = ("Conv (float, grouped)", act.info.bits)
             continue
-        if _pointwise(g, conv):
+        if _pointwise(g, conv, g.const(codes_name)):
             _pointwise_as_matmul(g, conv, dq, wdq, layer)
             continue
         codes = g.const(codes_name).astype(np.int16)
@@ -661,9 +661,8 @@ def _lower_convs(g: Graph, requantized: bool = True) -> None:
         g.kernels[layer] = ("ConvInteger", act.info.bits)
 
 
-def _pointwise(g: Graph, conv: Any) -> bool:
-    """Whether `conv` is a dense unpadded 1x1 conv (any stride): a matmul over the channels of (strided) pixels."""
-    codes = g.const(g.producer[conv.input[1]].input[0])
+def _pointwise(g: Graph, conv: Any, codes: np.ndarray) -> bool:
+    """Whether `conv` (weight `codes`) is a dense unpadded 1x1 conv (any stride): a matmul over the channels of (strided) pixels."""
     return (codes.ndim == 4 and codes.shape[2:] == (1, 1) and int(g.attr(conv, "group", 1)) == 1 and not any(g.attr(conv, "pads", [0]))
             and g.attr(conv, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"))
 

@@ -12,6 +12,7 @@ Construct the tracker after step-size calibration: the codes at construction are
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -93,8 +94,7 @@ class OscillationTracker:
         self._new_codes = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
         self._flips_stale = False  # the last update's oscillations are summed per layer only when read
         sizes = [layer.weight.numel() for layer in self.layers.values()]
-        ends = torch.tensor(sizes).cumsum(0).tolist()
-        self._spans = {name: (end - size, end) for name, size, end in zip(self.layers, sizes, ends, strict=True)}
+        self._spans = {name: (end - size, end) for name, size, end in zip(self.layers, sizes, itertools.accumulate(sizes), strict=True)}
 
     @property
     def state(self) -> dict[str, dict[str, Tensor]]:
