@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import TINY_DEIT, TINY_SWIN, TINY_VIT
+from tests.conftest import TINY_DEIT, TINY_SWIN, TINY_VIT, spread_model
 from vitqtool import core
 from vitqtool.errors import ModelError, RecipeError
 from vitqtool.quant import LSQQuantizer, QLinear, QuantAttention, iter_quantizers, quantizers_disabled
@@ -176,12 +176,17 @@ def test_fused_quantizers_match_eager_on_a_whole_model(name, args):
         assert ulps_apart(g_e[n], g_f[n]) <= (1 if n in steps else 0), n
 
 
-def test_training_runs_the_split_projections_as_one_matmul_with_the_same_values():
-    """In training the q/k/v projections are one matmul over the stacked fake-quantized weights (each its own step);
-    eval runs the three layers. Outputs and every gradient agree up to float summation order."""
-    name, args = TINY_DEIT
+EVA02_QK_NORM = ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3,
+                                              "num_classes": 10, "ref_feat_shape": (8, 8), "qk_norm": True})
+
+
+@pytest.mark.parametrize("spec", [TINY_DEIT, EVA02_QK_NORM], ids=["deit", "eva02_bias_norm_rope"])
+def test_training_runs_the_split_projections_as_one_matmul_with_the_same_values(spec):
+    """In training the q/k/v projections are one matmul over the stacked fake-quantized weights (each its own step),
+    heads first; eval runs the three layers. Outputs and every gradient agree up to float summation order, also with
+    the outside q/v biases, per-head norms and rotary embedding of EVA-02."""
     torch.manual_seed(0)
-    q = core.prepare(timm.create_model(name, pretrained=False, **args), "vaq", bits=4)
+    q = core.prepare(spread_model(*spec), "vaq", bits=4)
     x = torch.randn(4, 3, 32, 32)
     core.calibrate(q, [x])
     calls = []

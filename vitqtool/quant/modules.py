@@ -212,12 +212,18 @@ class QuantAttention(nn.Module):
             t = t + bias
         if norm is None and rotate is None:
             return t
-        heads = self._heads(t)
+        return self._position_heads(self._heads(t), None, norm, rotate).transpose(1, 2).reshape(t.shape)
+
+    def _position_heads(self, heads: Tensor, bias: Tensor | None, norm: nn.Module | None,
+                        rotate: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """`_position` of a projection output already heads first, `[B, heads, N, head_dim]`."""
+        if bias is not None:
+            heads = heads + bias.view(self.num_heads, 1, self.head_dim)
         if norm is not None:
             heads = norm(heads)
         if rotate is not None:
             heads = rotate(heads)
-        return heads.transpose(1, 2).reshape(t.shape)
+        return heads
 
     def project(self, x: Tensor, num_queries: int, rotate: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantized Q (of the first `num_queries` tokens), K and V of `x`, heads first: `[batch, heads, tokens, head_dim]`."""
@@ -227,7 +233,12 @@ class QuantAttention(nn.Module):
         x = self.input_quant(x)
         if self.split:
             stacked = self._projections_at_once(x) if num_queries == n else None
-            q_out, k_out, v_out = stacked or (self.q(x if num_queries == n else x[:, :num_queries]), self.k(x), self.v(x))
+            if stacked is not None:
+                q, k, v = stacked.unbind(0)
+                return (self.q_quant(self._position_heads(q, self.q_bias, self.q_norm, rotate)),
+                        self.k_quant(self._position_heads(k, None, self.k_norm, rotate)),
+                        self.v_quant(self._position_heads(v, self.v_bias, None, None)))
+            q_out, k_out, v_out = self.q(x if num_queries == n else x[:, :num_queries]), self.k(x), self.v(x)
             q = self._heads(self.q_quant(self._position(q_out, self.q_bias, self.q_norm, rotate)))
             k = self._heads(self.k_quant(self._position(k_out, None, self.k_norm, rotate)))
             v = self._heads(self.v_quant(self._position(v_out, self.v_bias, None, None)))
@@ -240,9 +251,11 @@ class QuantAttention(nn.Module):
         q, k, v = self.qkv_quant(qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return (q if num_queries == n else q[:, :, :num_queries]), k, v
 
-    def _projections_at_once(self, x: Tensor) -> tuple[Tensor, ...] | None:
+    def _projections_at_once(self, x: Tensor) -> Tensor | None:
         """In training, the q, k and v projections of `x` as one matmul over their stacked fake-quantized weights (each
-        keeps its own step): the same values up to float summation order, one matmul instead of three.
+        keeps its own step), heads first and contiguous, `[3, B, heads, N, head_dim]`: the same values up to float
+        summation order, one matmul instead of three, and one copy instead of one per quantizer and attention matmul
+        (each would otherwise copy its strided operand).
 
         None in eval and export (the three layers run, so forward hooks and the traced graph see each projection)
         and for projections that are not alike (an input quantizer of their own, a bias on some only).
@@ -253,7 +266,9 @@ class QuantAttention(nn.Module):
             return None
         weight = torch.cat([layer.w_quant(layer.weight) for layer in layers])
         bias = torch.cat([layer.bias for layer in layers if layer.bias is not None]) if self.q.bias is not None else None
-        return F.linear(x, weight, bias).chunk(3, dim=-1)
+        b, n, _ = x.shape
+        out = F.linear(x, weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
+        return out.permute(2, 0, 3, 1, 4).contiguous()
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None,
                 rotate: Callable[[Tensor], Tensor] | None = None) -> Tensor:
