@@ -130,6 +130,28 @@ class _PatchifyConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+class _HeadsFirst(torch.autograd.Function):
+    """`[B, N, 3 * heads * head_dim]` (stacked q/k/v projections) -> three contiguous `[B, heads, N, head_dim]` tensors.
+
+    One copy each way: the quantizers and attention matmuls read the parts without copying a strided operand
+    each, and the backward writes the three gradients straight into the projection's layout (autograd's own
+    backward of a permute and unbind would stack them first, then copy them again).
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor, heads: int) -> tuple[Tensor, ...]:
+        b, n, width = t.shape
+        ctx.shape = (b, n, 3, heads, width // (3 * heads))
+        return tuple(t.view(ctx.shape).permute(2, 0, 3, 1, 4).contiguous().unbind(0))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # an unused part's gradient arrives as zeros (materialized)
+        grad = grads[0].new_empty(ctx.shape)
+        for i, part in enumerate(grads):
+            grad[:, :, i].copy_(part.transpose(1, 2))
+        return grad.flatten(2), None
+
+
 QUANT_LAYERS = (QLinear, QConv2d)
 
 
@@ -234,7 +256,7 @@ class QuantAttention(nn.Module):
         if self.split:
             stacked = self._projections_at_once(x) if num_queries == n else None
             if stacked is not None:
-                q, k, v = stacked.unbind(0)
+                q, k, v = stacked
                 return (self.q_quant(self._position_heads(q, self.q_bias, self.q_norm, rotate)),
                         self.k_quant(self._position_heads(k, None, self.k_norm, rotate)),
                         self.v_quant(self._position_heads(v, self.v_bias, None, None)))
@@ -251,11 +273,10 @@ class QuantAttention(nn.Module):
         q, k, v = self.qkv_quant(qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return (q if num_queries == n else q[:, :, :num_queries]), k, v
 
-    def _projections_at_once(self, x: Tensor) -> Tensor | None:
+    def _projections_at_once(self, x: Tensor) -> tuple[Tensor, ...] | None:
         """In training, the q, k and v projections of `x` as one matmul over their stacked fake-quantized weights (each
-        keeps its own step), heads first and contiguous, `[3, B, heads, N, head_dim]`: the same values up to float
-        summation order, one matmul instead of three, and one copy instead of one per quantizer and attention matmul
-        (each would otherwise copy its strided operand).
+        keeps its own step), each heads first and contiguous (`_HeadsFirst`): the same values up to float summation
+        order, one matmul instead of three, and one copy instead of one per quantizer and attention matmul.
 
         None in eval and export (the three layers run, so forward hooks and the traced graph see each projection)
         and for projections that are not alike (an input quantizer of their own, a bias on some only).
@@ -266,9 +287,7 @@ class QuantAttention(nn.Module):
             return None
         weight = torch.cat([layer.w_quant(layer.weight) for layer in layers])
         bias = torch.cat([layer.bias for layer in layers if layer.bias is not None]) if self.q.bias is not None else None
-        b, n, _ = x.shape
-        out = F.linear(x, weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
-        return out.permute(2, 0, 3, 1, 4).contiguous()
+        return _HeadsFirst.apply(F.linear(x, weight, bias), self.num_heads)
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, num_queries: int | None = None,
                 rotate: Callable[[Tensor], Tensor] | None = None) -> Tensor:
