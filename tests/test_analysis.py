@@ -122,7 +122,7 @@ def test_boundary_share_counts_weights_next_to_a_rounding_boundary() -> None:
 def test_recorder_groups_attention_tensors_by_head() -> None:
     torch.manual_seed(0)
     qkv, proj = nn.Linear(8, 24), nn.Linear(8, 8)
-    attn = QuantAttention(8, 2, qkv, proj, scale=0.5, bits=4)
+    attn = QuantAttention(2, qkv, proj, scale=0.5, bits=4)
     x = torch.randn(3, 5, 8)
     rec = ActivationRecorder(attn)
     with rec.first_pass(), quant.quantizers_disabled(attn), torch.no_grad():

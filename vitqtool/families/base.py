@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -53,6 +53,16 @@ class QuantPolicy:
     def act(self, edge: bool = False) -> QuantSpec:
         """Signed activation spec."""
         return QuantSpec(self.edge_bits if edge else self.bits, signed=True, method=self.method)
+
+    def attention_args(self, stock: nn.Module, **overrides: Any) -> dict[str, Any]:
+        """`QuantAttention`'s arguments for a timm-style attention (`qkv`, `proj`, `num_heads`, `scale`, `attn_drop`,
+        `proj_drop`) under this policy; `overrides` replace (`qkv` as separate projections, `scale`) or add (outside
+        biases, norms) arguments."""
+        qkv = overrides.pop("qkv") if "qkv" in overrides else stock.qkv
+        scale = overrides.pop("scale") if "scale" in overrides else stock.scale
+        return {"num_heads": stock.num_heads, "qkv": qkv, "proj": stock.proj, "scale": scale, "bits": self.bits,
+                "split": self.split_qkv, "per_channel": self.per_channel, "attn_drop": stock.attn_drop.p,
+                "proj_drop": stock.proj_drop.p, "method": self.method, **overrides}
 
     def gelu_out(self) -> QuantSpec:
         """GELU output (fc2 input): unsigned with a learned offset (method.md §2)."""

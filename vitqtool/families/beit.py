@@ -135,9 +135,7 @@ class BeitQuantAttention(QuantAttention):
     """QuantAttention with BEiT's call signature: its own relative position bias plus the model's shared one, in FP."""
 
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
-        super().__init__(stock.proj.in_features, stock.num_heads, stock.qkv, stock.proj, stock.scale, policy.bits,
-                         split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=stock.attn_drop.p,
-                         proj_drop=stock.proj_drop.p, method=policy.method, q_bias=stock.q_bias, v_bias=stock.v_bias)
+        super().__init__(**policy.attention_args(stock, q_bias=stock.q_bias, v_bias=stock.v_bias))
         self.window_size = stock.window_size
         self.relative_position_bias_table = stock.relative_position_bias_table
         if stock.relative_position_bias_table is not None:

@@ -36,9 +36,7 @@ class CaitQuantTalkingHeadAttention(QuantAttention):
     """timm's `TalkingHeadAttn`: QuantAttention whose logits and probabilities are mixed across heads (see the module doc)."""
 
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
-        super().__init__(stock.qkv.in_features, stock.num_heads, stock.qkv, stock.proj, stock.scale, policy.bits,
-                         split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=stock.attn_drop.p,
-                         proj_drop=stock.proj_drop.p, method=policy.method)
+        super().__init__(**policy.attention_args(stock))
         self.proj_l = QLinear.from_float(stock.proj_l, policy.weight(edge=True), None)  # on the FP logits
         self.proj_w = QLinear.from_float(stock.proj_w, policy.weight(edge=True), None)  # on the quantized softmax output
         self.mixed_quant = make_quantizer(policy.act(), "act")
@@ -57,9 +55,8 @@ class CaitQuantClassAttention(QuantAttention):
     """timm's `ClassAttn`: the class token (row 0) attends over `[cls, tokens]` with the stock model's separate q, k, v."""
 
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
-        super().__init__(stock.q.in_features, stock.num_heads, (stock.q, stock.k, stock.v), stock.proj, stock.scale,
-                         policy.bits, per_channel=policy.per_channel, attn_drop=stock.attn_drop.p,
-                         proj_drop=stock.proj_drop.p, method=policy.method)
+        # separate q/k/v projections: split whatever the policy says (one fused step would need one fused Linear)
+        super().__init__(**policy.attention_args(stock, qkv=(stock.q, stock.k, stock.v), split=True))
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return super().forward(x, num_queries=1)

@@ -52,13 +52,9 @@ class EvaQuantAttention(QuantAttention):
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
         separate = stock.qkv is None
         qkv: Any = (stock.q_proj, stock.k_proj, stock.v_proj) if separate else stock.qkv
-        super().__init__(stock.proj.in_features, stock.num_heads, qkv, stock.proj, stock.scale, policy.bits,
-                         split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=stock.attn_drop.p,
-                         proj_drop=stock.proj_drop.p, method=policy.method,
-                         q_bias=getattr(stock, "q_bias", None), v_bias=getattr(stock, "v_bias", None),
-                         q_norm=None if is_identity(stock.q_norm) else stock.q_norm,
-                         k_norm=None if is_identity(stock.k_norm) else stock.k_norm,
-                         norm=None if is_identity(stock.norm) else stock.norm)
+        norms = {name: None if is_identity(getattr(stock, name)) else getattr(stock, name) for name in ("q_norm", "k_norm", "norm")}
+        super().__init__(**policy.attention_args(stock, qkv=qkv, q_bias=getattr(stock, "q_bias", None),
+                                                 v_bias=getattr(stock, "v_bias", None), **norms))
         self.num_prefix_tokens = stock.num_prefix_tokens
         self.rotate_half = bool(getattr(stock, "rotate_half", False))
         self.separate_projections = separate  # the stock model names them q_proj, k_proj, v_proj

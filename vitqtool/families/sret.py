@@ -76,10 +76,7 @@ class SReTFamily(SegmentedFamily):
             if not is_identity(stage.downsample):
                 quantize_conv(stage.downsample, "conv", policy.weight(edge=True), policy.act(edge=True))
             for block in stage.blocks:
-                attn = block.attn
-                block.attn = QuantAttention(attn.qkv.in_features, attn.num_heads, attn.qkv, attn.proj, attn.scale, policy.bits,
-                                            split=policy.split_qkv, per_channel=policy.per_channel,
-                                            attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p, method=policy.method)
+                block.attn = QuantAttention(**policy.attention_args(block.attn))
                 for mlp in [block.mlp, *(proj.mlp for proj in block.projs)]:
                     quantize_mlp(mlp, policy)
         if isinstance(model.head, nn.Linear):

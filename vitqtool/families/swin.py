@@ -137,11 +137,7 @@ class SwinQuantWindowAttention(nn.Module):
         self.num_heads = stock.num_heads
         self.relative_position_bias_table = stock.relative_position_bias_table
         self.register_buffer("relative_position_index", stock.relative_position_index.clone(), persistent=False)
-        self.core = QuantAttention(
-            stock.qkv.in_features, stock.num_heads, stock.qkv, stock.proj, stock.scale, policy.bits,
-            split=policy.split_qkv, per_channel=policy.per_channel,
-            attn_drop=stock.attn_drop.p, proj_drop=stock.proj_drop.p, method=policy.method,
-        )
+        self.core = QuantAttention(**policy.attention_args(stock))
 
     def _rel_pos_bias(self) -> Tensor:
         n = self.window_area

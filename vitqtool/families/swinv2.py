@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..quant import QuantAttention
+from ..quant import QuantAttention, split_heads
 from .base import QuantPolicy, register_family
 from .hf_map import Names
 from .swin import SwinFamily, SwinMap
@@ -87,9 +87,7 @@ class SwinV2QuantWindowAttention(QuantAttention):
 
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
         # cosine attention has no 1/sqrt(d) scale: the learned logit scale takes its place
-        super().__init__(stock.qkv.in_features, stock.num_heads, stock.qkv, stock.proj, 1.0, policy.bits,
-                         split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=stock.attn_drop.p,
-                         proj_drop=stock.proj_drop.p, method=policy.method)
+        super().__init__(**policy.attention_args(stock, scale=1.0))
         self.window_area = stock.window_size[0] * stock.window_size[1]
         self.q_bias, self.v_bias = stock.q_bias, stock.v_bias  # Parameters, or None without qkv_bias
         self.logit_scale = stock.logit_scale
@@ -123,7 +121,7 @@ class SwinV2QuantWindowAttention(QuantAttention):
             q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
         else:
             q, k, v = self.qkv_quant(torch.stack((q, k, v))).unbind(0)
-        attn = self._heads(q) @ self._heads(k).transpose(-2, -1)
+        attn = split_heads(q, self.num_heads) @ split_heads(k, self.num_heads).transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
         attn = attn + self._position_bias().unsqueeze(0)
         if mask is not None:  # mask: windows, N, N (0 / -100), windows vary fastest along the batch
@@ -131,7 +129,7 @@ class SwinV2QuantWindowAttention(QuantAttention):
             attn = attn.view(-1, num_win, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, n, n)
         attn = self.attn_drop(self.softmax_quant(attn.softmax(dim=-1)))
-        out = (attn @ self._heads(v)).transpose(1, 2).reshape(b, n, -1)
+        out = (attn @ split_heads(v, self.num_heads)).transpose(1, 2).reshape(b, n, -1)
         return self.proj_drop(self.proj(out))
 
 

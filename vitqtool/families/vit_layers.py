@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..quant import QLinear, QuantAttention, QuantAttentionPool, Quantizer, QuantSpec, attend, make_quantizer, slice_rows
+from ..quant import QLinear, QuantAttention, QuantAttentionPool, Quantizer, QuantSpec, attend, make_quantizer, slice_rows, split_heads
 from .base import QuantPolicy, class_name, is_identity, require, require_gelu
 from .blocks import check_block_mlp, quantize_block_mlp
 
@@ -69,9 +69,7 @@ def quantize_attention(parent: nn.Module, policy: QuantPolicy) -> None:
     """Swap `parent.attn` (a timm Attention) for a `ViTQuantAttention` sharing its weights."""
     attn = parent.attn
     norms = {name: None if is_identity(getattr(attn, name)) else getattr(attn, name) for name in ("q_norm", "k_norm", "norm")}
-    parent.attn = ViTQuantAttention(attn.qkv.in_features, attn.num_heads, attn.qkv, attn.proj, attn.scale, policy.bits,
-                                    split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=attn.attn_drop.p,
-                                    proj_drop=attn.proj_drop.p, method=policy.method, **norms)
+    parent.attn = ViTQuantAttention(**policy.attention_args(attn, **norms))
 
 
 class ViTQuantParallelScalingBlock(nn.Module):
@@ -109,10 +107,6 @@ class ViTQuantParallelScalingBlock(nn.Module):
         self.mlp_out_proj = QLinear.from_float(stock.mlp_out_proj, policy.weight(), policy.gelu_out())
         self.ls, self.drop_path = stock.ls, stock.drop_path
 
-    def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
     def _normed(self, t: Tensor, norm: nn.Module) -> Tensor:
         """`norm` over each head of a `[B, N, heads * head_dim]` projection output (timm's q/k norm; Identity: as is).
 
@@ -136,7 +130,8 @@ class ViTQuantParallelScalingBlock(nn.Module):
             q, k, v = self.qkv_quant(qkv).split(c, dim=-1)
         if self.mlp_bias is not None:
             x_mlp = x_mlp + self.mlp_bias
-        x_attn = attend(self._heads(q), self._heads(k), self._heads(v), self.scale, self.softmax_quant, self.attn_drop)
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
+        x_attn = attend(q, k, v, self.scale, self.softmax_quant, self.attn_drop)
         y = self.attn_out_proj(x_attn.transpose(1, 2).reshape(b, n, c)) + self.mlp_out_proj(self.mlp_drop(self.mlp_act(x_mlp)))
         return x + self.drop_path(self.ls(y))
 

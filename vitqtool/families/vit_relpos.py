@@ -29,9 +29,7 @@ class RelPosQuantAttention(QuantAttention):
     """timm's `RelPosAttention`: QuantAttention with the block's (or the model's shared) relative-position bias on its logits."""
 
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
-        super().__init__(stock.qkv.in_features, stock.num_heads, stock.qkv, stock.proj, stock.scale, policy.bits,
-                         split=policy.split_qkv, per_channel=policy.per_channel, attn_drop=stock.attn_drop.p,
-                         proj_drop=stock.proj_drop.p, method=policy.method)
+        super().__init__(**policy.attention_args(stock))
         self.rel_pos = stock.rel_pos  # FP: its table, or its MLP over constant coordinates
 
     def forward(self, x: Tensor, shared_rel_pos: Tensor | None = None) -> Tensor:  # type: ignore[override]

@@ -12,7 +12,7 @@ from .calibrate import (
 )
 from .glu import QuantGLU
 from .lsq import FusedMismatch, LSQQuantizer, check_fused_kernels
-from .modules import QUANT_LAYERS, FusedProjections, QConv2d, QLinear, QuantAttention, QuantAttentionPool, attend, slice_rows
+from .modules import QUANT_LAYERS, FusedProjections, QConv2d, QLinear, QuantAttention, QuantAttentionPool, attend, slice_rows, split_heads
 from .obr import obr_lambda, obr_loss, quant_layers
 from .oscillation import OscillationTracker
 from .overrides import apply_bit_overrides
@@ -58,4 +58,5 @@ __all__ = [
                         "set_quantizers_enabled",
                         "set_quantizers_fused",
                         "slice_rows",
+                        "split_heads",
 ]

@@ -188,7 +188,7 @@ class QuantAttention(nn.Module):
 
     projection_outputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
 
-    def __init__(self, dim: int, num_heads: int, qkv: nn.Linear | tuple[nn.Linear, nn.Linear, nn.Linear], proj: nn.Linear,
+    def __init__(self, num_heads: int, qkv: nn.Linear | tuple[nn.Linear, nn.Linear, nn.Linear], proj: nn.Linear,
                  scale: float, bits: int, split: bool = True, per_channel: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, method: str = "lsq", *, q_bias: nn.Parameter | None = None,
                  v_bias: nn.Parameter | None = None, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
@@ -223,10 +223,6 @@ class QuantAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
     def _position(self, t: Tensor, bias: Tensor | None, norm: nn.Module | None,
                   rotate: Callable[[Tensor], Tensor] | None) -> Tensor:
         """A `[B, N, heads * head_dim]` projection output with its outside bias, per-head norm and rotation applied."""
@@ -234,7 +230,7 @@ class QuantAttention(nn.Module):
             t = t + bias
         if norm is None and rotate is None:
             return t
-        return self._position_heads(self._heads(t), None, norm, rotate).transpose(1, 2).reshape(t.shape)
+        return self._position_heads(split_heads(t, self.num_heads), None, norm, rotate).transpose(1, 2).reshape(t.shape)
 
     def _position_heads(self, heads: Tensor, bias: Tensor | None, norm: nn.Module | None,
                         rotate: Callable[[Tensor], Tensor] | None) -> Tensor:
@@ -261,9 +257,9 @@ class QuantAttention(nn.Module):
                         self.k_quant(self._position_heads(k, None, self.k_norm, rotate)),
                         self.v_quant(self._position_heads(v, self.v_bias, None, None)))
             q_out, k_out, v_out = self.q(x if num_queries == n else x[:, :num_queries]), self.k(x), self.v(x)
-            q = self._heads(self.q_quant(self._position(q_out, self.q_bias, self.q_norm, rotate)))
-            k = self._heads(self.k_quant(self._position(k_out, None, self.k_norm, rotate)))
-            v = self._heads(self.v_quant(self._position(v_out, self.v_bias, None, None)))
+            q = split_heads(self.q_quant(self._position(q_out, self.q_bias, self.q_norm, rotate)), self.num_heads)
+            k = split_heads(self.k_quant(self._position(k_out, None, self.k_norm, rotate)), self.num_heads)
+            v = split_heads(self.v_quant(self._position(v_out, self.v_bias, None, None)), self.num_heads)
             return q, k, v
         qkv = self.qkv(x)
         if any(t is not None for t in (self.q_bias, self.v_bias, self.q_norm, self.k_norm, rotate)):
@@ -343,16 +339,12 @@ class QuantAttentionPool(nn.Module):
         self.q_quant = make_quantizer(aspec, "act")
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
-        q = self._heads(self.q_quant(self.q(self.latent.expand(b, -1, -1))))
+        q = split_heads(self.q_quant(self.q(self.latent.expand(b, -1, -1))), self.num_heads)
         x = self.input_quant(x)
         if self.split:
-            k, v = self._heads(self.k_quant(self.k(x))), self._heads(self.v_quant(self.v(x)))
+            k, v = (split_heads(quant(layer(x)), self.num_heads) for quant, layer in ((self.k_quant, self.k), (self.v_quant, self.v)))
         else:
             k, v = self.kv_quant(self.kv(x)).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = attend(q, k, v, self.scale, self.softmax_quant).transpose(1, 2).reshape(b, q.shape[2], -1)
@@ -386,6 +378,12 @@ class FusedProjections(Protocol):
     def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
         """The child projections that are one stock Linear's rows, in order, and the quantizer of their shared input
         (the family's `stock_name` says when the stock model keeps them as separate layers instead)."""
+
+
+def split_heads(t: Tensor, num_heads: int) -> Tensor:
+    """`[B, N, heads * head_dim]` -> `[B, heads, N, head_dim]` (a view)."""
+    b, n, width = t.shape
+    return t.reshape(b, n, num_heads, width // num_heads).transpose(1, 2)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, softmax_quant: Quantizer, attn_drop: nn.Module | None = None,
