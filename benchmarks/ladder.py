@@ -29,10 +29,8 @@ finished run while the schedule matches; delete the folder to start over).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -49,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.paired import describe, paired  # noqa: E402
+from benchmarks.parallel import run_jobs  # noqa: E402
 
 
 def labels_reusable(store: Path, crops: int) -> bool:
@@ -373,22 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         return md
 
     print(f"[ladder] {len(payloads)} quantization runs, {a.jobs} in parallel", flush=True)
-    ctx = mp.get_context("spawn")
-    failures = 0
-    with cf.ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=ctx) as pool:
-        futures = {pool.submit(run_one, job): job for job in payloads}
-        for fut in cf.as_completed(futures):
-            job = futures[fut]
-            try:
-                r = fut.result()
-            except Exception as exc:  # keep the other runs; the table shows the gap
-                failures += 1
-                print(f"[ladder] FAILED {job['method']} W{job['bits']}A{job['bits']} seed {job['seed']}: {exc!r}", flush=True)
-                continue
-            records.append(r)
-            print(f"[ladder] {len(records) + failures}/{len(payloads)} {r['method']:>15} W{r['bits']}A{r['bits']} seed {r['seed']}: "
-                  f"top-1 {r['top1']:.2f} ({r['seconds']:.0f} s, {(time.perf_counter() - t0) / 60:.1f} min total)", flush=True)
-            write(False)
+
+    def report(r: dict) -> None:
+        records.append(r)
+        print(f"[ladder] {len(records)}/{len(payloads)} {r['method']:>15} W{r['bits']}A{r['bits']} seed {r['seed']}: "
+              f"top-1 {r['top1']:.2f} ({r['seconds']:.0f} s, {(time.perf_counter() - t0) / 60:.1f} min total)", flush=True)
+        write(False)
+
+    failures = run_jobs(run_one, payloads, a.jobs, "ladder", lambda j: f"{j['method']} W{j['bits']}A{j['bits']} seed {j['seed']}", report)
     md = write(True)
     print("\n" + md, flush=True)
     return 1 if failures else 0

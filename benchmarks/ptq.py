@@ -30,10 +30,8 @@ Writes OUT/ptq.md and OUT/ptq.json.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -50,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.ladder import fmt  # noqa: E402
 from benchmarks.paired import describe, paired  # noqa: E402
+from benchmarks.parallel import run_jobs  # noqa: E402
 
 ROWS = ("ptq", "ptq+reparam", "ptq-recon", "ptq-recon+qdrop", "vaq", "vaq-from-recon")
 ORT_ROWS = ("ort-w8a8", "ort-w4a8")
@@ -327,20 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         write(True)
         return 0
     print(f"[ptq] {len(jobs)} cells to run, {a.jobs} in parallel", flush=True)
-    failures = 0
-    with cf.ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_cell, job): job for job in jobs}
-        for done, fut in enumerate(cf.as_completed(futures), 1):
-            job = futures[fut]
-            try:
-                r = fut.result()
-            except Exception as exc:  # keep the other cells; the table shows the gap
-                failures += 1
-                print(f"[ptq] FAILED {job['model']} {job['row']} W{job['bits']} seed {job['seed']}: {exc!r}", flush=True)
-                continue
-            print(f"[ptq] {done}/{len(jobs)} {r['model']} {r['row']:>16} W{r['bits']} seed {r['seed']}: top-1 {r['top1']:.2f} "
-                  f"({r['seconds']:.0f} s, {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-            write(False)
+    finished = []
+
+    def report(r: dict) -> None:
+        finished.append(r)
+        print(f"[ptq] {len(finished)}/{len(jobs)} {r['model']} {r['row']:>16} W{r['bits']} seed {r['seed']}: top-1 {r['top1']:.2f} "
+              f"({r['seconds']:.0f} s, {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+        write(False)
+
+    failures = run_jobs(run_cell, jobs, a.jobs, "ptq", lambda j: f"{j['model']} {j['row']} W{j['bits']} seed {j['seed']}", report)
     write(True)
     return 1 if failures else 0
 
