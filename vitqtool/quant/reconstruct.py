@@ -26,6 +26,8 @@ from .base import Quantizer
 from .calibrate import iter_quantizers
 from .modules import QUANT_LAYERS, QConv2d, QLinear
 
+PROGRESS_EVERY = 25  # iterations between progress reports: each reads the loss back from the device (a host sync)
+
 ZETA, GAMMA = 1.1, -0.1        # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
 BETA_START, BETA_END = 20.0, 2.0
 
@@ -163,7 +165,7 @@ def reconstruct_block(block: nn.Module, inputs: Tensor, fp_inputs: Tensor, targe
     stepping = torch.optim.Adam([g for g in groups if g["params"]]) if steps else None
     step_lrs = [g["lr"] for g in stepping.param_groups] if stepping is not None else []
     optimizers = [o for o in (rounding, stepping) if o is not None]
-    first = last = float("nan")
+    first_rec = last_rec = torch.full((), float("nan"))
     done = False
     try:
         with dropped_quantization(acts, cfg.drop, generator):
@@ -189,10 +191,10 @@ def reconstruct_block(block: nn.Module, inputs: Tensor, fp_inputs: Tensor, targe
                 with torch.no_grad():
                     for q in originals + acts:
                         q.project_()
-                last = float(rec.detach())
-                first = last if step == 0 else first
-                if progress is not None:
-                    progress(step + 1, last)
+                first_rec = rec.detach() if step == 0 else first_rec
+                last_rec = rec.detach()
+                if progress is not None and ((step + 1) % PROGRESS_EVERY == 0 or step + 1 == cfg.iters):
+                    progress(step + 1, float(last_rec))  # the loop's one wait for the device
         done = True
     finally:
         if done:
@@ -205,8 +207,8 @@ def reconstruct_block(block: nn.Module, inputs: Tensor, fp_inputs: Tensor, targe
         for p in frozen:
             p.requires_grad_(True)
         block.train(was_training)
-    return {"iters": cfg.iters, "seconds": round(time.perf_counter() - start_time, 2), "loss_first": first,
-            "loss_last": last, "changed_codes": changed / max(1, weights)}
+    return {"iters": cfg.iters, "seconds": round(time.perf_counter() - start_time, 2), "loss_first": float(first_rec),
+            "loss_last": float(last_rec), "changed_codes": changed / max(1, weights)}
 
 
 @torch.no_grad()
