@@ -1,8 +1,8 @@
 """Benchmark: one training step, FP vs vitqtool QAT as `quantize` trains it (default, eager, --compile).
 
-A step is forward + loss + backward + AdamW on one fixed random batch, train mode; a QAT step then
-also does what the `quantize` loop does after each update (quantizer step floors, the oscillation
-tracker of the vaq recipe). The loss is cross-entropy for every configuration, so the table compares
+A step is forward + loss + backward + AdamW (as the training loops build it, `train.schedule.adamw`: torch's fused
+kernel) on one fixed random batch, train mode; a QAT step then also does what the `quantize` loop does after each
+update (quantizer step floors, the oscillation tracker of the vaq recipe). The loss is cross-entropy for every configuration, so the table compares
 the models' cost, not the KD recipe (`w4-kd` adds the online teacher and the OBR term).
 
     qat       vaq W4A4, quantizers as `quantize` trains by default (fused kernels where they equal eager)
@@ -54,6 +54,7 @@ def build_step(args: argparse.Namespace, config: str, size: int):
     from vitqtool.quant import OscillationTracker, check_fused_kernels, iter_quantizers, obr_loss, quant_layers, set_quantizers_fused
     from vitqtool.recipe import load_recipe
     from vitqtool.train.losses import kd_loss
+    from vitqtool.train.schedule import adamw
 
     torch.manual_seed(0)
     margs = SIZES[size]
@@ -78,7 +79,7 @@ def build_step(args: argparse.Namespace, config: str, size: int):
         fused = any(q.fused for q in quantizers)  # as `quantize`: the tracker's update compiled with the quantizers
         tracker = OscillationTracker(model, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze, fused=fused)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     layers = [m for _, m in quant_layers(model)] if teacher is not None else []
     run = torch.compile(model) if config.endswith("compile") else model
 

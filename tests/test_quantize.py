@@ -20,7 +20,7 @@ from vitqtool.train import checkpoint as ckpt
 from vitqtool.train import loop
 from vitqtool.train.run import resolve_kd_mode
 from vitqtool.train.sampling import CALIBRATION, AugmentedDataset, ShardedBatchSampler, epoch_permutation
-from vitqtool.train.schedule import lr_at
+from vitqtool.train.schedule import adamw, lr_at
 
 MODEL = "vit_tiny_patch16_224"
 ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
@@ -259,3 +259,19 @@ def test_default_fused_quantizers_train_bitwise_like_eager_and_a_broken_compiler
     assert code == 1 and "--fuse-quantizers" in err and "No working C++ compiler found" in err and "more detail" not in err
     assert main(["quantize", MODEL, "--out", str(tmp_path / "fallback"), *common]) == 0
     assert json.loads((tmp_path / "fallback" / "run.json").read_text())["fused_quantizers"] is False
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_the_loop_elsewhere(monkeypatch):
+    """The training loops' AdamW uses torch's fused kernel (CPU has one); a device without it gets the per-tensor loop."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    assert adamw(params, lr=1e-3).defaults["fused"]
+    stock = torch.optim.AdamW
+
+    def no_fused_kernel(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return stock(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    fallback = adamw(params, lr=1e-3, weight_decay=0.05)
+    assert not fallback.defaults["fused"] and fallback.defaults["weight_decay"] == 0.05

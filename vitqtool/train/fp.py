@@ -15,7 +15,7 @@ from ..core.prepare import evaluate_model
 from ..data import make_eval_loader
 from ..progress import track
 from .sampling import AugmentedDataset, ShardedBatchSampler
-from .schedule import lr_at
+from .schedule import adamw, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def train_fp(loaded: LoadedModel, train_set: Any, val_set: Any, out: Path, *, ep
     augmented = AugmentedDataset(train_set, cfg, scale, ratio, hflip, seed)
     steps_per_epoch = len(train_set) // batch_size
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(net.parameters(), lr=lr, weight_decay=weight_decay)
     step = 0
     for epoch in track(range(epochs), "train FP", enabled=show_progress):
         augmented.set_epoch(epoch)

@@ -32,6 +32,7 @@ from ..recipe import Recipe
 from .loop import RunInterrupted, Trainer, TrainState, append_metrics, restore, save, train, validate
 from .post_training import calibrate_model, calibration_batches, load_reconstruction, reconstruct_run
 from .sampling import AugmentedDataset
+from .schedule import adamw
 from .softlabels import MultiCropDataset, SoftLabelStore
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ def run_quantization(session: RunSession, model: nn.Module, info: RunInfo, *, re
     if recipe.oscillation.track and rt.enabled:
         o = recipe.oscillation
         tracker = OscillationTracker(qmodel, momentum=o.momentum, threshold=o.threshold, freeze=o.freeze, fused=fused)
-    optimizer = torch.optim.AdamW(_param_groups(qmodel, rt.weight_decay), lr=rt.lr)
+    optimizer = adamw(_param_groups(qmodel, rt.weight_decay), lr=rt.lr)
     prepared_model, optimizer = acc.prepare(qmodel, optimizer)
     if compile_model:  # compiles on the first step; Trainer.raw (evaluation, checkpoints) stays the plain module
         prepared_model = torch.compile(prepared_model)

@@ -1,8 +1,27 @@
-"""Learning-rate schedule of the QAT loop: linear warmup, then cosine decay to `min_lr` (method.md §7)."""
+"""The training loops' optimizer (AdamW) and learning-rate schedule: linear warmup, then cosine decay to `min_lr`
+(method.md §7)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def adamw(params: Iterable[Any], lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW over `params` (tensors or param groups), with torch's fused kernel where the parameters' device has one.
+
+    The fused update is one kernel per step instead of about ten ops per tensor (QAT adds a step per quantizer:
+    deit_tiny's 384 tensors took 32 ms per step on one CPU thread, 8 ms fused); it rounds differently from the
+    per-tensor loop in the last bits, and every run uses the same one, so resumed runs stay bitwise.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # a device (or dtype) without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
