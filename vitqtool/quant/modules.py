@@ -381,7 +381,7 @@ class FusedProjections(Protocol):
 
 
 def split_heads(t: Tensor, num_heads: int) -> Tensor:
-    """`[B, N, heads * head_dim]` -> `[B, heads, N, head_dim]` (a view)."""
+    """`[B, N, heads * head_dim]` -> `[B, heads, N, head_dim]` (a view where `t`'s strides allow one)."""
     b, n, width = t.shape
     return t.reshape(b, n, num_heads, width // num_heads).transpose(1, 2)
 
