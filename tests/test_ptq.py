@@ -219,7 +219,7 @@ def test_bad_ptq_recipe_fields_are_named(tmp_path, text, match):
 
 # ------------------------------------------------------------------------------------------ runs, resume, export
 
-RUN = dict(random_init=True, model_args={**TINY_DEIT[1], "depth": 2}, limit_train=48, limit_val=32, bits=4)
+RUN = dict(random_init=True, model_args={**TINY_DEIT[1], "patch_size": 8, "depth": 2}, limit_train=48, limit_val=32, bits=4)
 RECON = dict(RUN, recipe="ptq-recon", recon_iters=8, recon_images=40)
 
 
