@@ -7,15 +7,16 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import TINY_DEIT
+from tests.conftest import TINY_VIT
 from vitqtool.cli import app, main
 
 runner = CliRunner()
-ARGS = ["--random-init", "--model-args", json.dumps(TINY_DEIT[1])]
+NAME = TINY_VIT[0]  # two blocks of width 64: what is checked here is the command line, not the model
+ARGS = ["--random-init", "--model-args", json.dumps(TINY_VIT[1])]
 
 
 def test_evaluate_json_document_on_stdout():
-    result = runner.invoke(app, ["evaluate", TINY_DEIT[0], *ARGS, "--limit", "64", "--json"])
+    result = runner.invoke(app, ["evaluate", NAME, *ARGS, "--limit", "64", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert set(doc) >= {"top1", "top5", "loss", "n", "model", "data", "split"}
@@ -23,7 +24,7 @@ def test_evaluate_json_document_on_stdout():
 
 
 def test_evaluate_post_training_quantized_table():
-    result = runner.invoke(app, ["evaluate", TINY_DEIT[0], *ARGS, "--limit", "32", "--bits", "4", "--recipe", "ptq"])
+    result = runner.invoke(app, ["evaluate", NAME, *ARGS, "--limit", "32", "--bits", "4", "--recipe", "ptq"])
     assert result.exit_code == 0, result.output
     assert "W4A4 (ptq)" in result.stdout and "top-1 %" in result.stdout
 
@@ -36,9 +37,9 @@ def run_main(capsys, argv):
 
 @pytest.mark.parametrize("argv,message", [
     (["evaluate", "deit_tiny_patch16_244", "--random-init"], "deit_tiny_patch16_224"),  # close-match suggestion
-    (["evaluate", TINY_DEIT[0], "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
-    (["evaluate", TINY_DEIT[0], *ARGS, "--data", "/nonexistent/folder"], "/nonexistent/folder"),
-    (["evaluate", TINY_DEIT[0], "--random-init", "--model-args", '{"img_size": 32, "patch_size": 4, "num_classes": 7}', "--limit", "8"], "7"),
+    (["evaluate", NAME, "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+    (["evaluate", NAME, *ARGS, "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["evaluate", NAME, "--random-init", "--model-args", json.dumps({**TINY_VIT[1], "num_classes": 7}), "--limit", "8"], "7"),
     (["recipes", "show", "nope"], "unknown recipe"),
 ])
 def test_bad_input_gives_one_line_and_exit_1(capsys, argv, message):
@@ -51,9 +52,9 @@ def test_bad_input_gives_one_line_and_exit_1(capsys, argv, message):
 
 
 def test_bad_flag_values_exit_2(capsys):
-    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], "--bits", "1"])
+    code, _, err = run_main(capsys, ["evaluate", NAME, "--bits", "1"])
     assert code == 2 and "--bits" in err
-    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], "--model-args", "{not json"])
+    code, _, err = run_main(capsys, ["evaluate", NAME, "--model-args", "{not json"])
     assert code == 2 and "--model-args" in err
 
 
@@ -77,12 +78,12 @@ def test_text_from_data_is_never_read_as_markup(capsys, tmp_path):
     from safetensors.torch import save_file
 
     weights = tmp_path / "w.safetensors"
-    state = timm.create_model(TINY_DEIT[0], **TINY_DEIT[1]).state_dict()
+    state = timm.create_model(NAME, **TINY_VIT[1]).state_dict()
     save_file({k: v for k, v in state.items() if k != "blocks.0.attn.qkv.weight"}, str(weights))
-    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], "--model-args", json.dumps(TINY_DEIT[1]), "--weights", str(weights)])
+    code, _, err = run_main(capsys, ["evaluate", NAME, "--model-args", json.dumps(TINY_VIT[1]), "--weights", str(weights)])
     assert code == 1 and "[blocks.0.attn.qkv.weight]" in err  # strict loading's key list survives printing
     odd = tmp_path / "no[/such]dir"
-    code, _, err = run_main(capsys, ["evaluate", TINY_DEIT[0], *ARGS, "--data", str(odd)])
+    code, _, err = run_main(capsys, ["evaluate", NAME, *ARGS, "--data", str(odd)])
     assert code == 1 and "no[/such]dir" in err and "MarkupError" not in err and "Traceback" not in err
 
 
@@ -91,9 +92,9 @@ def test_version_quiet_verbose_and_completion(capsys):
 
     code, out, _ = run_main(capsys, ["--version"])
     assert code == 0 and out.strip() == f"vitqtool {__version__}"
-    code, out, err = run_main(capsys, ["-q", "evaluate", TINY_DEIT[0], *ARGS, "--limit", "16"])
+    code, out, err = run_main(capsys, ["-q", "evaluate", NAME, *ARGS, "--limit", "16"])
     assert code == 0 and "top-1" in out and err == ""
-    code, _, err = run_main(capsys, ["-v", "evaluate", TINY_DEIT[0], *ARGS, "--limit", "16", "--bits", "4", "--json"])
+    code, _, err = run_main(capsys, ["-v", "evaluate", NAME, *ARGS, "--limit", "16", "--bits", "4", "--json"])
     assert code == 0 and "INFO vitqtool.core.prepare: quantized" in err  # INFO logs were never shown before -v
     code, out, _ = run_main(capsys, ["--help"])
     assert code == 0 and "--install-completion" in out
@@ -101,7 +102,7 @@ def test_version_quiet_verbose_and_completion(capsys):
 
 def test_without_a_terminal_progress_is_plain_lines_at_an_interval(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("VITQ_PROGRESS_SECONDS", "0")  # a line on every update (default: every 30 s)
-    code, _, err = run_main(capsys, ["quantize", TINY_DEIT[0], *ARGS, "--recipe", "lsq", "--epochs", "1", "--batch-size", "8",
+    code, _, err = run_main(capsys, ["quantize", NAME, *ARGS, "--recipe", "lsq", "--epochs", "1", "--batch-size", "8",
                                      "--limit-train", "24", "--limit-val", "16", "--out", str(tmp_path / "run")])
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if ln.startswith("quantize: ")]

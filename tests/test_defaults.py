@@ -13,13 +13,13 @@ SMALL = ["--epochs", "1", "--batch-size", "8", "--limit-train", "16", "--limit-v
 
 @pytest.fixture
 def local_model(tmp_path, monkeypatch):
-    """A tiny random-init DeiT saved as a local model folder `tiny-deit` in a fresh working directory."""
+    """A tiny random-init DeiT (two blocks) saved as a local model folder `tiny-deit` in a fresh working directory."""
     import timm
 
     from vitqtool.core.models import save_model_folder
 
     monkeypatch.chdir(tmp_path)
-    name, args = TINY_DEIT
+    name, args = TINY_DEIT[0], {**TINY_DEIT[1], "depth": 2}
     save_model_folder(timm.create_model(name, **args), tmp_path / "tiny-deit", name, args)
     return "tiny-deit"
 

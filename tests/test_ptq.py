@@ -134,12 +134,21 @@ def _block_errors(model, stock, images) -> list[float]:
         return [float((model.get_submodule(n)(xq[i]) - xf[i + 1]).pow(2).mean()) for i, n in enumerate(family.block_names(model))]
 
 
-def test_reconstruction_lowers_every_blocks_output_error_on_held_out_images():
+@pytest.fixture(scope="module")
+def reconstructed():
+    """A calibrated 3-bit ViT reconstructed for 300 steps (read only), with its block errors and nearest codes before."""
     stock, model, calib, held_out = _calibrated(bits=3)
-    settings = load_recipe("ptq-recon", set_fields={"reconstruct.iters": 300, "reconstruct.batch_size": 16}).reconstruct
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, quant.QUANT_LAYERS) and n.startswith("blocks.")}
+    nearest = {n: m.w_quant.codes(m.weight) for n, m in layers.items()}
     before = _block_errors(model, stock, held_out)
+    settings = load_recipe("ptq-recon", set_fields={"reconstruct.iters": 300, "reconstruct.batch_size": 16}).reconstruct
     records = reconstruct(model, stock, [calib[:48], calib[48:]], 96, settings, seed=0)
-    after = _block_errors(model, stock, held_out)
+    return {"records": records, "before": before, "after": _block_errors(model, stock, held_out), "layers": layers,
+            "nearest": nearest}
+
+
+def test_reconstruction_lowers_every_blocks_output_error_on_held_out_images(reconstructed):
+    records, before, after = reconstructed["records"], reconstructed["before"], reconstructed["after"]
     assert [r["name"] for r in records] == ["blocks.0", "blocks.1"]
     for r in records:  # on the calibration images (the run records these) ...
         assert r["mse_after"] < 0.85 * r["mse_before"], r
@@ -147,20 +156,15 @@ def test_reconstruction_lowers_every_blocks_output_error_on_held_out_images():
         assert a < 0.85 * b, (before, after)
 
 
-def test_learned_rounding_ends_as_integer_codes_times_step_and_differs_from_nearest():
-    stock, model, calib, _ = _calibrated(bits=3)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, quant.QUANT_LAYERS) and n.startswith("blocks.")}
-    nearest = {n: m.w_quant.codes(m.weight) for n, m in layers.items()}
-    settings = load_recipe("ptq-recon", set_fields={"reconstruct.iters": 100}).reconstruct
-    records = reconstruct(model, stock, [calib], 96, settings, seed=0)
+def test_learned_rounding_ends_as_integer_codes_times_step_and_differs_from_nearest(reconstructed):
     changed = 0
-    for n, m in layers.items():
+    for n, m in reconstructed["layers"].items():
         codes = m.w_quant.codes(m.weight)
         assert torch.equal(m.w_quant.dequantize(codes, m.weight), m.weight.detach()), n  # the weight IS codes x step
         assert int(codes.min()) >= m.w_quant.spec.qn and int(codes.max()) <= m.w_quant.spec.qp
-        changed += int((codes != nearest[n]).sum())
+        changed += int((codes != reconstructed["nearest"][n]).sum())
     assert changed > 0
-    assert all(0 < r["changed_codes"] < 0.5 for r in records)
+    assert all(0 < r["changed_codes"] < 0.5 for r in reconstructed["records"])
 
 
 @pytest.mark.parametrize("drop", [0.0, 0.5])
@@ -215,7 +219,7 @@ def test_bad_ptq_recipe_fields_are_named(tmp_path, text, match):
 
 # ------------------------------------------------------------------------------------------ runs, resume, export
 
-RUN = dict(random_init=True, model_args={**TINY_DEIT[1], "depth": 2}, limit_train=48, limit_val=32, bits=4)
+RUN = dict(random_init=True, model_args={**TINY_DEIT[1], "patch_size": 8, "depth": 2}, limit_train=48, limit_val=32, bits=4)
 RECON = dict(RUN, recipe="ptq-recon", recon_iters=8, recon_images=40)
 
 
