@@ -13,15 +13,9 @@ the models' cost, not the KD recipe (`w4-kd` adds the online teacher and the OBR
 
 Timing: every configuration lives in ONE process; after the warm-up steps (where the compiled ones
 compile: the first step's time is reported as the cold start, with an empty compiler cache unless
---warm-cache) they take turns (order rotated every turn), so load from other processes hits all alike.
-A turn is `--turn-steps` consecutive steps of one configuration, of which all but the first are timed:
-a training process runs one model step after step, while the first step after another model's has its
-memory to fault back in (the previous model's step freed it and the allocator returned it to the
-system; the "faults" column counts the minor page faults of a timed step). `--turn-steps 1` times every
-step right after another configuration's. `--isolated` instead runs each configuration in a fresh
-process of its own, one after the other, as a training run is (for a quiet machine: load is not shared).
-The table shows the median wall and process-CPU time per timed step and their ratios to FP (CPU time is
-the steadier one on a shared machine). Several `--sizes` run one after
+--warm-cache) they take turns one step at a time (order rotated every turn), so load from other
+processes hits all alike; the table shows the median wall and process-CPU time per step and their
+ratios to FP (CPU time is the steadier one on a shared machine). Several `--sizes` run one after
 the other in the same invocation. Peak memory (--memory): a fresh process per configuration.
 
     python benchmarks/qat_step.py --sizes 32 224 --batch 32              # deit_tiny-shaped, 1 thread (the README's run)
@@ -115,62 +109,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(step, device: str) -> tuple[float, float, int]:
-    """One step's wall and process-CPU seconds and its minor page faults."""
+def _timed(step, device: str) -> tuple[float, float]:
     _sync(device)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     wall, cpu = time.perf_counter(), time.process_time()
     step()
     _sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def race(args: argparse.Namespace, size: int) -> tuple[dict, dict[str, list[tuple[float, float, int]]]]:
-    """Warm every configuration up (first step = cold start), then time them in turns until each has `--steps` timed steps.
+def race(args: argparse.Namespace, size: int) -> tuple[dict, dict, dict]:
+    """Warm every configuration up (first step = cold start), then time them in turns, one step each.
 
-    Returns (cold-start (wall, cpu, faults) per config, (wall, cpu, faults) of every timed step per config)."""
+    Returns (cold-start (wall, cpu) per config, wall seconds per step, CPU seconds per step)."""
     steps, cold = {}, {}
     for c in args.configs:
         steps[c] = build_step(args, c, size)
         cold[c] = _timed(steps[c], args.device)
         for _ in range(args.warmup - 1):
             steps[c]()
-    timed: dict[str, list[tuple[float, float, int]]] = {c: [] for c in steps}
+    walls: dict[str, list[float]] = {c: [] for c in steps}
+    cpus: dict[str, list[float]] = {c: [] for c in steps}
     order = list(steps)
-    turn = 0
-    while len(timed["fp"]) < args.steps:
+    for turn in range(args.steps):
         k = turn % len(order)
         for c in order[k:] + order[:k]:
-            if args.turn_steps > 1:
-                steps[c]()  # the first step after another configuration's: its memory faults back in
-            for _ in range(max(1, args.turn_steps - 1)):
-                timed[c].append(_timed(steps[c], args.device))
-        turn += 1
-    return cold, {c: t[:args.steps] for c, t in timed.items()}
-
-
-def _isolated_worker(args: argparse.Namespace, config: str, size: int, queue) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    step = build_step(args, config, size)
-    cold = _timed(step, args.device)
-    for _ in range(args.warmup - 1):
-        step()
-    queue.put((cold, [_timed(step, args.device) for _ in range(args.steps)]))
-
-
-def isolated(args: argparse.Namespace, size: int) -> tuple[dict, dict[str, list[tuple[float, float, int]]]]:
-    """`race`'s results with each configuration alone in a fresh process, `--steps` consecutive timed steps after its warm-up."""
-    ctx = mp.get_context("spawn")
-    cold, timed = {}, {}
-    for c in args.configs:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_isolated_worker, args=(args, c, size, queue))
-        proc.start()
-        cold[c], timed[c] = queue.get()
-        proc.join()
-    return cold, timed
+            wall, cpu = _timed(steps[c], args.device)
+            walls[c].append(wall)
+            cpus[c].append(cpu)
+    return cold, walls, cpus
 
 
 def _peak_memory_worker(args: argparse.Namespace, config: str, size: int, queue) -> None:
@@ -215,11 +181,6 @@ def main() -> None:
                    help="32: patch 4, 10 classes; 224: the model's own patch 16, 1000 classes")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    p.add_argument("--turn-steps", type=int, default=2,
-                   help="consecutive steps per configuration and turn, all but the first timed (1: every step, each right "
-                        "after another configuration's)")
-    p.add_argument("--isolated", action="store_true",
-                   help="each configuration alone in a fresh process, one after the other (a quiet machine), instead of in turns")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration, the first one the cold start")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch default)")
@@ -239,33 +200,30 @@ def main() -> None:
     results = []
     for size in args.sizes:
         peaks = {c: peak_memory(args, c, size) if args.memory else None for c in args.configs}  # before the race fills this process
-        cold, timed = isolated(args, size) if args.isolated else race(args, size)
-        medians = {c: [statistics.median(column) for column in zip(*t)] for c, t in timed.items()}  # wall, cpu, faults
-        fp_wall, fp_cpu, _ = medians["fp"]
+        cold, walls, cpus = race(args, size)
+        fp_wall, fp_cpu = statistics.median(walls["fp"]), statistics.median(cpus["fp"])
         rows = []
         for c in args.configs:
-            wall, cpu, faults = medians[c]
+            wall, cpu = statistics.median(walls[c]), statistics.median(cpus[c])
             rows.append({"config": c, "name": NAMES[c], "wall_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu, "wall_ratio": wall / fp_wall,
-                         "cpu_ratio": cpu / fp_cpu, "img_per_s": args.batch / wall, "page_faults": faults,
-                         "cold_start_s": cold[c][0], "cold_start_cpu_s": cold[c][1], "peak_mib": peaks[c]})
+                         "cpu_ratio": cpu / fp_cpu, "img_per_s": args.batch / wall, "cold_start_s": cold[c][0],
+                         "cold_start_cpu_s": cold[c][1], "peak_mib": peaks[c]})
         results.append({"size": size, "model_args": SIZES[size], "rows": rows})
     if args.json:
         print(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "results": results}, indent=2))
         return
-    how = ("each configuration alone in its own process" if args.isolated else f"in turns of {args.turn_steps} step(s) per "
-           f"configuration{', the first untimed' if args.turn_steps > 1 else ''}")
     for result in results:
         print(f"\n{args.model} {result['size']} px {result['model_args']}, batch {args.batch}, {args.device}, "
-              f"{torch.get_num_threads()} thread(s); median of {args.steps} timed steps after {args.warmup} warm-up, {how}; "
+              f"{torch.get_num_threads()} thread(s); median of {args.steps} round-robin steps after {args.warmup} warm-up; "
               f"cold start = first step ({'warm' if args.warm_cache else 'empty'} compiler cache)")
-        print(f"{'config':22} {'wall ms':>9} {'x FP':>6} {'CPU ms':>9} {'x FP':>6} {'img/s':>7} {'faults':>7} "
-              f"{'cold start wall/CPU s':>22} {'peak MiB':>9}")
+        print(f"{'config':22} {'wall ms':>9} {'x FP':>6} {'CPU ms':>9} {'x FP':>6} {'img/s':>7} {'cold start wall/CPU s':>22} "
+              f"{'peak MiB':>9}")
         for r in result["rows"]:
             peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
             cold = f"{r['cold_start_s']:.1f} / {r['cold_start_cpu_s']:.1f}"
             print(f"{r['name']:22} {r['wall_ms']:9.1f} {r['wall_ratio']:5.2f}x {r['cpu_ms']:9.1f} {r['cpu_ratio']:5.2f}x "
-                  f"{r['img_per_s']:7.1f} {r['page_faults']:7.0f} {cold:>22} {peak}")
+                  f"{r['img_per_s']:7.1f} {cold:>22} {peak}")
 
 
 if __name__ == "__main__":
