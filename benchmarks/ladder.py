@@ -373,13 +373,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[ladder] {len(payloads)} quantization runs, {a.jobs} in parallel", flush=True)
 
-    def report(r: dict) -> None:
+    def keep(r: dict) -> None:
         records.append(r)
-        print(f"[ladder] {len(records)}/{len(payloads)} {r['method']:>15} W{r['bits']}A{r['bits']} seed {r['seed']}: "
-              f"top-1 {r['top1']:.2f} ({r['seconds']:.0f} s, {(time.perf_counter() - t0) / 60:.1f} min total)", flush=True)
         write(False)
 
-    failures = run_jobs(run_one, payloads, a.jobs, "ladder", lambda j: f"{j['method']} W{j['bits']}A{j['bits']} seed {j['seed']}", report)
+    failures = run_jobs(run_one, payloads, a.jobs, "ladder", lambda j: f"{j['method']:>15} W{j['bits']}A{j['bits']} seed {j['seed']}",
+                        keep)
     md = write(True)
     print("\n" + md, flush=True)
     return 1 if failures else 0

@@ -326,15 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         write(True)
         return 0
     print(f"[ptq] {len(jobs)} cells to run, {a.jobs} in parallel", flush=True)
-    finished = []
-
-    def report(r: dict) -> None:
-        finished.append(r)
-        print(f"[ptq] {len(finished)}/{len(jobs)} {r['model']} {r['row']:>16} W{r['bits']} seed {r['seed']}: top-1 {r['top1']:.2f} "
-              f"({r['seconds']:.0f} s, {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-        write(False)
-
-    failures = run_jobs(run_cell, jobs, a.jobs, "ptq", lambda j: f"{j['model']} {j['row']} W{j['bits']} seed {j['seed']}", report)
+    failures = run_jobs(run_cell, jobs, a.jobs, "ptq", lambda j: f"{j['model']} {j['row']:>16} W{j['bits']} seed {j['seed']}",
+                        lambda r: write(False))
     write(True)
     return 1 if failures else 0
 
