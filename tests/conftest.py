@@ -16,6 +16,19 @@ TINY_SWIN = ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "
 TINY_VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10})
 
 
+def interrupt_at_step(monkeypatch, call: int, action) -> None:
+    """Make AdamW's `call`-th step (1-based) run `action` first (a signal, a kill), through `monkeypatch`."""
+    original, count = torch.optim.AdamW.step, [0]
+
+    def step(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == call:
+            action()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.conftest import TINY_VIT, write_run_folder
+from tests.conftest import TINY_VIT, interrupt_at_step, write_run_folder
 from vitqtool import core
 from vitqtool.cli import main
 from vitqtool.core.models import save_model_folder
@@ -464,15 +464,7 @@ def test_sigterm_checkpoints_and_resume_hint(tmp_path, capsys, monkeypatch):
     def unhandled(signum, frame):
         raise AssertionError("SIGTERM reached the default handler: quantize did not catch it")
 
-    original, count = torch.optim.AdamW.step, [0]
-
-    def step(self, *args, **kwargs):
-        count[0] += 1
-        if count[0] == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    interrupt_at_step(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGTERM))
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
         code = main(_quantize(tmp_path, "--recipe", "lsq", "--epochs", "1"))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import interrupt_at_step
 from vitqtool import core
 from vitqtool.commands import quantize
 from vitqtool.core import load_run_model, runs
@@ -203,15 +204,7 @@ def test_cli_quantize_json_and_sigint_exit_code(tmp_path, capsys, monkeypatch):
     assert main(["quantize", MODEL, "--recipe", "ptq", "--bits", "4", "--out", str(tmp_path / "ptq"), "--json", *common]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["best_top1"] == json.loads((tmp_path / "ptq" / "run.json").read_text())["best_top1"] and doc["recipe"] == "ptq"
-    original, count = torch.optim.AdamW.step, [0]
-
-    def step(self, *a, **k):
-        count[0] += 1
-        if count[0] == 2:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    interrupt_at_step(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGINT))
     code = main(["quantize", MODEL, "--recipe", "lsq", "--epochs", "1", "--out", str(tmp_path / "qat"), "--json", *common])
     assert code == 130
     assert "interrupted at step 2" in capsys.readouterr().err

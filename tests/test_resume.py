@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import interrupt_at_step
 from vitqtool.commands import quantize
 from vitqtool.core.runs import CKPT_DIR, MODEL_FILE, STATE_FILE, read_index
 from vitqtool.train import RunInterrupted
@@ -46,23 +47,10 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-def _interrupt_at(monkeypatch, call: int, action) -> None:
-    original = torch.optim.AdamW.step
-    count = [0]
-
-    def step(self, *args, **kwargs):
-        count[0] += 1
-        if count[0] == call:
-            action()
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-
-
 def test_sigint_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        _interrupt_at(m, 11, lambda: signal.raise_signal(signal.SIGINT))
+        interrupt_at_step(m, 11, lambda: signal.raise_signal(signal.SIGINT))
         with pytest.raises(RunInterrupted, match="step 11.*--resume") as info:
             quantize("vit_tiny_patch16_224", out=out, **RUN)
     assert info.value.exit_code == 130

@@ -30,6 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import interrupt_at_step
 from vitqtool.commands import quantize, softlabels
 from vitqtool.core import calibrate, prepare
 from vitqtool.core.models import resolve_model
@@ -180,20 +181,10 @@ def two_process_run(shared) -> Launch:
 @pytest.fixture(scope="module")
 def two_machines(shared, reference) -> Launch:
     """Training on two one-process machines; first a 1-process run interrupted at step 3 for them to resume."""
-    original, count = torch.optim.AdamW.step, [0]
-
-    def step(self, *args, **kwargs):
-        count[0] += 1
-        if count[0] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    torch.optim.AdamW.step = step
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        interrupt_at_step(monkeypatch, 3, lambda: signal.raise_signal(signal.SIGINT))
         with pytest.raises(RunInterrupted, match="step 3"):
             quantize(MODEL, out=shared / "one_then_two", batch_size=8, grad_accum=2, overrides=[shared / "log.toml"], **RUN)
-    finally:
-        torch.optim.AdamW.step = original
     (shared / "train_worker.py").write_text(TRAIN_WORKER)
     return Launch(shared, _launch(_two_machines(_free_port()), [str(shared / "train_worker.py"), str(shared), str(shared / "log.toml")]))
 
