@@ -143,12 +143,14 @@ class OscillationTracker:
         self._to_device()
         if not bool(self._flat["frozen"].any()):
             return
-        for name, st in self.state.items():
-            if not bool(st["frozen"].any()):
+        for name, layer in self.layers.items():  # the flat state's slices (not `state`: that also sums the flips)
+            start, end = self._spans[name]
+            frozen = self._flat["frozen"][start:end].view(layer.weight.shape)
+            if not bool(frozen.any()):
                 continue
-            layer = self.layers[name]
-            value = st["frozen_codes"].to(layer.weight.dtype) * layer.w_quant.scale_for(layer.weight).to(layer.weight.dtype)
-            layer.weight.copy_(torch.where(st["frozen"], value, layer.weight))
+            codes = self._flat["frozen_codes"][start:end].view(layer.weight.shape)
+            value = codes.to(layer.weight.dtype) * layer.w_quant.scale_for(layer.weight).to(layer.weight.dtype)
+            layer.weight.copy_(torch.where(frozen, value, layer.weight))
 
     def summary(self) -> dict[str, dict]:
         """Per layer: fraction of weights with EMA > threshold, mean EMA, oscillations in the last update, frozen fraction."""

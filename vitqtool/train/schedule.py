@@ -13,9 +13,9 @@ import torch
 def adamw(params: Iterable[Any], lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """AdamW over `params` (tensors or param groups), with torch's fused kernel where the parameters' device has one.
 
-    The fused update is one kernel per step instead of about ten ops per tensor (QAT adds a step per quantizer:
-    deit_tiny's 384 tensors took 32 ms per step on one CPU thread, 8 ms fused); it rounds differently from the
-    per-tensor loop in the last bits, and every run uses the same one, so resumed runs stay bitwise.
+    The fused update is one kernel per step instead of about ten ops per tensor (QAT adds a step per quantizer;
+    `benchmarks/optimizer_step.py`); it rounds differently from the per-tensor loop in the last bits, and every
+    run uses the same one, so resumed runs stay bitwise.
     """
     params = list(params)
     try:
