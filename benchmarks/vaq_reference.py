@@ -138,7 +138,7 @@ def patch(variant: str) -> None:
             def scale_for(self, w):
                 s = self._q.scale_for(w)
                 g = self._q.grad_scale(w)
-                g = g.view_as(s) if isinstance(g, torch.Tensor) else g
+                g = g.view_as(s).to(s.dtype) if isinstance(g, torch.Tensor) else g
                 return (s - s * g).detach() + s * g
 
         obr._layer_obr = lambda layer: original(_Scaled(layer))

@@ -230,8 +230,8 @@ def test_the_fused_probe_fails_when_the_kernels_compute_something_else(monkeypat
     forward, backward, codes = lsq._compiled_kernels()
 
     def step_sum_off(*args):
-        grad_x, step_sum, offset_sum = backward(*args)
-        return grad_x, step_sum * (1 + 1e-6), offset_sum  # a few ulps: more than the 1 the probe allows
+        grad_x, step_sum, offset_sum, l1 = backward(*args)
+        return grad_x, step_sum * (1 + 1e-6), offset_sum, l1  # a few ulps: more than the 1 the probe allows
 
     monkeypatch.setattr(lsq, "_compiled_kernels", lambda: (forward, step_sum_off, codes))
     with pytest.raises(FusedMismatch, match="step/offset gradients .* more than 1 ulp"):

@@ -24,13 +24,28 @@ def _floored(step: Tensor, dtype: torch.dtype) -> Tensor:
     return step.detach().clamp(min=MIN_STEP).to(dtype)
 
 
+def _weight_grad_scale(l1: Tensor, qp: int) -> Tensor:
+    """LSQ's weight step gradient scale `1 / sqrt(Qp * ||W||_1)` from the float64 L1 norm(s) `l1` (float64)."""
+    return (qp * l1).clamp(min=1e-12).rsqrt()
+
+
+@torch.no_grad()
+def _weight_scale_of(weight: Tensor, step: Tensor, qp: int) -> Tensor:
+    """`_weight_grad_scale` of `weight` for a `[1]` (per-tensor) or `[channels, 1]` (per-channel) step."""
+    rows = weight.detach().reshape(step.shape[0], -1) if step.dim() > 1 else weight.detach().reshape(1, -1)
+    return _weight_grad_scale(rows.abs().sum(1, dtype=torch.float64), qp)
+
+
 def _finish_grads(step_sum: Tensor, offset_sum: Tensor | None, grad_scale: Tensor | float, step: Tensor,
                   offset: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Step and offset gradients from their float64 sums: scaled by LSQ's `grad_scale`, in the parameters' dtypes.
 
-    Both paths sum in float64 (exact float32 products, float64 accumulation): whatever order the sum
-    takes, the float32 result is within 1 ulp of the correctly rounded sum, so eager and fused agree to 1 ulp.
+    Both paths sum in float64 (exact float32 products, float64 accumulation), the weights' L1 norms in the
+    gradient scale too: whatever order a sum takes, the float32 result is within 1 ulp of the correctly rounded
+    value, so eager and fused agree to 1 ulp.
     """
+    if isinstance(grad_scale, Tensor):
+        grad_scale = grad_scale.reshape(step.shape)
     grad_step = (step_sum.reshape(step.shape) * grad_scale).to(step.dtype)
     grad_offset = None
     if offset is not None:
@@ -85,8 +100,9 @@ def _fake_quant(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int
     return out + offset if offset is not None else out
 
 
-def _fake_quant_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int):
-    """What `_LSQFakeQuant.backward` computes, recomputed from `x`: (grad_x, float64 step sum(s), float64 offset sum).
+def _fake_quant_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, weight: bool):
+    """What `_LSQFakeQuant.backward` computes, recomputed from `x`: (grad_x, float64 step sum(s), float64 offset sum,
+    and for a `weight` its float64 L1 norm(s), which the step's gradient scale needs, in the same pass).
 
     `x` is `[numel]` with `step` `[1]`, or `[channels, rest]` with `step` `[channels, 1]`; the same
     elementwise arithmetic as the eager path, so grad_x and every summed product are bitwise equal to it.
@@ -98,7 +114,8 @@ def _fake_quant_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor 
     slope = codes.round() - scaled * inside
     step_sum = (grad_out * slope).to(torch.float64).sum(-1)
     offset_sum = (grad_out - grad_x).to(torch.float64).sum() if offset is not None else None
-    return grad_x, step_sum, offset_sum
+    l1 = x.abs().to(torch.float64).sum(-1) if weight else None
+    return grad_x, step_sum, offset_sum, l1
 
 
 def _codes(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int) -> Tensor:
@@ -118,11 +135,12 @@ class _FusedLSQFakeQuant(torch.autograd.Function):
     """`_LSQFakeQuant` with each direction one compiled kernel; saves only `x` (recomputes the rest).
 
     The kernels see `x` as a plain `[numel]` (per-tensor) or `[channels, rest]` (per-channel) tensor,
-    so every layer shares one of two compiled layouts instead of one per rank and tensor type.
+    so every layer shares one of two compiled layouts instead of one per rank and tensor type. `grad_scale`
+    None means a weight's `_weight_grad_scale`, whose L1 norm the backward kernel sums while it reads `x`.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: Tensor | float):
+    def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float | None):
         flat_x, flat_step = _flatten(x, _floored(step, x.dtype))
         ctx.save_for_backward(flat_x, flat_step, step, offset)
         ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
@@ -132,8 +150,10 @@ class _FusedLSQFakeQuant(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         flat_x, flat_step, step, offset = ctx.saved_tensors
         flat_grad = grad_out.reshape(flat_x.shape).detach()
-        grad_x, step_sum, offset_sum = _compiled_kernels()[1](flat_grad, flat_x, flat_step, offset, ctx.qn, ctx.qp)
-        grad_step, grad_offset = _finish_grads(step_sum, offset_sum, ctx.grad_scale, step, offset)
+        weight = ctx.grad_scale is None
+        grad_x, step_sum, offset_sum, l1 = _compiled_kernels()[1](flat_grad, flat_x, flat_step, offset, ctx.qn, ctx.qp, weight)
+        grad_scale = _weight_grad_scale(l1, ctx.qp) if weight else ctx.grad_scale
+        grad_step, grad_offset = _finish_grads(step_sum, offset_sum, grad_scale, step, offset)
         return grad_x.view(grad_out.shape), grad_step, grad_offset, None, None, None
 
 
@@ -164,8 +184,10 @@ def check_fused_kernels(device: torch.device | str) -> None:
     offset gradients within 1 ulp.
     """
     gen = torch.Generator().manual_seed(0)
-    probes = [((4099,), (1,), True), ((4099,), (1,), False), ((8, 37), (8, 1), False)]  # act +-offset, per-channel weight
-    for shape, step_shape, with_offset in probes:
+    # (shape, step shape, offset, weight): activations with and without an offset, per-tensor and per-channel weights
+    probes = [((4099,), (1,), True, False), ((4099,), (1,), False, False), ((37, 8), (1,), False, True),
+              ((8, 37), (8, 1), False, True)]
+    for shape, step_shape, with_offset, weight in probes:
         x = (torch.randn(shape, generator=gen) * 3).to(device)
         grad = torch.randn(shape, generator=gen).to(device)
         step = torch.rand(step_shape, generator=gen).add(0.2).to(device)
@@ -174,14 +196,16 @@ def check_fused_kernels(device: torch.device | str) -> None:
         for function in (_LSQFakeQuant, _FusedLSQFakeQuant):
             xs, ss = x.clone().requires_grad_(True), step.clone().requires_grad_(True)
             os_ = offset.clone().requires_grad_(True) if offset is not None else None
-            out = function.apply(xs, ss, os_, -4, 3, 0.5)
+            scale = (_weight_scale_of(x, step, 3) if function is _LSQFakeQuant else None) if weight else 0.5
+            out = function.apply(xs, ss, os_, -4, 3, scale)
             out.backward(grad)
             assert xs.grad is not None and ss.grad is not None  # backward sets the grads of leaves that require them
             results.append((out.detach(), xs.grad, ss.grad, os_.grad if os_ is not None else None))
         (out_e, gx_e, gs_e, go_e), (out_f, gx_f, gs_f, go_f) = results
         flat_x, flat_step = _flatten(x, step)
         same_codes = torch.equal(_codes(flat_x, flat_step, offset, -4, 3), _compiled_kernels()[2](flat_x, flat_step, offset, -4, 3))
-        where = f"{'per-channel' if len(step_shape) > 1 else 'per-tensor'}{' with offset' if with_offset else ''} on {device}"
+        where = (f"{'weight' if weight else 'activation'} {'per-channel' if len(step_shape) > 1 else 'per-tensor'}"
+                 f"{' with offset' if with_offset else ''} on {device}")
         if not (torch.equal(out_e, out_f) and torch.equal(gx_e, gx_f) and same_codes):
             raise FusedMismatch(f"fused fake quantization ({where}) is not bitwise equal to the eager reference")
         if ulps_apart(gs_e, gs_f) > 1 or (go_e is not None and go_f is not None and ulps_apart(go_e, go_f) > 1):
@@ -259,26 +283,20 @@ class LSQQuantizer(Quantizer):
         return new
 
     def grad_scale(self, x: Tensor) -> Tensor | float:
-        """The step's gradient scale: `1/sqrt(Qp*||W||_1)` for weights, `1/(Qp*sqrt(N_x))` for activations."""
-        qp = self.spec.qp
+        """The step's gradient scale: `1/sqrt(Qp*||W||_1)` for weights (float64, shaped as the step), `1/(Qp*sqrt(N_x))`
+        for activations."""
         if self.kind == "act":
-            return 1.0 / (qp * math.sqrt(x.numel()))
-        with torch.no_grad():
-            if self.spec.per_channel:
-                l1 = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=1, dim=1)
-            else:
-                l1 = torch.linalg.vector_norm(x, ord=1).reshape(1)
-            return (qp * l1).clamp(min=1e-12).rsqrt().to(x.dtype)
+            return 1.0 / (self.spec.qp * math.sqrt(x.numel()))
+        return _weight_scale_of(x, self.step.view(-1, 1) if self.spec.per_channel else self.step, self.spec.qp).view_as(self.step)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
         step = self.step.view(-1, *([1] * (x.dim() - 1))) if self.spec.per_channel else self.step  # floored inside
-        scale = self.grad_scale(x)
-        if isinstance(scale, Tensor):
-            scale = scale.view_as(step)
-        fake_quant = _FusedLSQFakeQuant if self.fused else _LSQFakeQuant
-        return fake_quant.apply(x, step, self.offset_for(x), self.spec.qn, self.spec.qp, scale)
+        if self.fused:  # a weight's gradient scale comes from the backward kernel, which reads the weight anyway
+            scale = self.grad_scale(x) if self.kind == "act" else None
+            return _FusedLSQFakeQuant.apply(x, step, self.offset_for(x), self.spec.qn, self.spec.qp, scale)
+        return _LSQFakeQuant.apply(x, step, self.offset_for(x), self.spec.qn, self.spec.qp, self.grad_scale(x))
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
