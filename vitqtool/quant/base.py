@@ -107,11 +107,6 @@ class Quantizer(nn.Module, abc.ABC):
     def state_roles(self) -> dict[str, str]:
         """This quantizer's state_dict keys (relative) mapped to "scale", "offset" or "flag"."""
 
-    def fake_quant_moved(self, x: Tensor, dims: tuple[int, ...]) -> Tensor | None:
-        """`self(x.permute(dims))` written out contiguous by one pass that also moves the layout, or None where this
-        quantizer has no such kernel (the caller then moves, copies and quantizes as usual)."""
-        return None
-
     def scale_values(self) -> Tensor:
         """The effective scale(s), detached and flat: `[1]` per tensor, `[channels]` per channel (what files store)."""
         return self.scale_for(self.offset_probe()).detach().reshape(-1)

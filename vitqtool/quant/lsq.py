@@ -118,28 +118,6 @@ def _fake_quant_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor 
     return grad_x, step_sum, offset_sum, l1
 
 
-def _fake_quant_moved(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, dims: tuple[int, ...]) -> Tensor:
-    """`_fake_quant` of `x.permute(dims)`, written out contiguous: the layout change in the same pass."""
-    return _fake_quant(x.permute(dims), step, offset, qn, qp).contiguous()
-
-
-def _fake_quant_moved_grads(grad_out: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int,
-                            dims: tuple[int, ...]):
-    """`_fake_quant_grads` of `_fake_quant_moved` (one step), the input gradient written in `x`'s own layout:
-    (grad_x, float64 step sum, float64 offset sum). Summed over the whole tensor, not a flattened view of it (which the
-    compiler indexes element by element)."""
-    moved = x.permute(dims)
-    scaled = (moved - offset if offset is not None else moved) / step
-    codes = scaled.clamp(qn, qp)
-    inside = codes == scaled
-    grad_moved = torch.where(inside, grad_out, 0.0)
-    slope = codes.round() - scaled * inside
-    step_sum = (grad_out * slope).to(torch.float64).sum().reshape(1)
-    offset_sum = (grad_out - grad_moved).to(torch.float64).sum() if offset is not None else None
-    back = sorted(range(len(dims)), key=dims.__getitem__)
-    return grad_moved.permute(back).contiguous(), step_sum, offset_sum
-
-
 def _codes(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int) -> Tensor:
     """`round(clamp((x - beta) / s, qn, qp))` as int32: the integer codes of `_fake_quant`."""
     shifted = x - offset if offset is not None else x
@@ -151,12 +129,6 @@ def _compiled_kernels():
     """`_fake_quant`, `_fake_quant_grads` and `_codes` compiled once per process (shapes dynamic: one kernel per layout)."""
     return (torch.compile(_fake_quant, dynamic=True), torch.compile(_fake_quant_grads, dynamic=True),
             torch.compile(_codes, dynamic=True))
-
-
-@functools.cache
-def _compiled_moved_kernels():
-    """`_fake_quant_moved` and its gradients compiled once per process (shapes dynamic)."""
-    return torch.compile(_fake_quant_moved, dynamic=True), torch.compile(_fake_quant_moved_grads, dynamic=True)
 
 
 class _FusedLSQFakeQuant(torch.autograd.Function):
@@ -183,31 +155,6 @@ class _FusedLSQFakeQuant(torch.autograd.Function):
         grad_scale = _weight_grad_scale(l1, ctx.qp) if weight else ctx.grad_scale
         grad_step, grad_offset = _finish_grads(step_sum, offset_sum, grad_scale, step, offset)
         return grad_x.view(grad_out.shape), grad_step, grad_offset, None, None, None
-
-
-class _FusedLSQMoved(torch.autograd.Function):
-    """`_FusedLSQFakeQuant` (one step) of `x.permute(dims)` written out contiguous, the layout change in the kernels'
-    pass: the forward reads `x` where it lies and the backward writes the input gradient in `x`'s layout, so neither
-    direction copies the tensor on its own (autograd's backward of a permute and reshape copies the gradient once per
-    consumer, twice for `attn @ V`). Saves only `x`.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float,
-                dims: tuple[int, ...]):
-        flat_x = x.detach()
-        flat_step = _floored(step, x.dtype).reshape([1] * x.dim())
-        ctx.save_for_backward(flat_x, flat_step, step, offset)
-        ctx.qn, ctx.qp, ctx.grad_scale, ctx.dims = qn, qp, grad_scale, dims
-        return _compiled_moved_kernels()[0](flat_x, flat_step, offset, qn, qp, dims)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        flat_x, flat_step, step, offset = ctx.saved_tensors
-        grad_x, step_sum, offset_sum = _compiled_moved_kernels()[1](grad_out.detach(), flat_x, flat_step, offset, ctx.qn,
-                                                                    ctx.qp, ctx.dims)
-        grad_step, grad_offset = _finish_grads(step_sum, offset_sum, ctx.grad_scale, step, offset)
-        return grad_x, grad_step, grad_offset, None, None, None, None
 
 
 def _flatten(x: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,33 +184,27 @@ def check_fused_kernels(device: torch.device | str) -> None:
     offset gradients within 1 ulp.
     """
     gen = torch.Generator().manual_seed(0)
-    # (shape, step shape, offset, kind): activations with and without an offset, per-tensor and per-channel weights, and
-    # an activation quantized while its layout moves (`fake_quant_moved`; eager: a contiguous copy, then quantization)
-    probes = [((4099,), (1,), True, "act"), ((4099,), (1,), False, "act"), ((37, 8), (1,), False, "weight"),
-              ((8, 37), (8, 1), False, "weight"), ((3, 5, 7, 4), (1,), False, "moved"), ((3, 5, 7, 4), (1,), True, "moved")]
-    for shape, step_shape, with_offset, kind in probes:
+    # (shape, step shape, offset, weight): activations with and without an offset, per-tensor and per-channel weights
+    probes = [((4099,), (1,), True, False), ((4099,), (1,), False, False), ((37, 8), (1,), False, True),
+              ((8, 37), (8, 1), False, True)]
+    for shape, step_shape, with_offset, weight in probes:
         x = (torch.randn(shape, generator=gen) * 3).to(device)
+        grad = torch.randn(shape, generator=gen).to(device)
         step = torch.rand(step_shape, generator=gen).add(0.2).to(device)
         offset = torch.full((1,), -0.3, device=device) if with_offset else None
-        dims = (0, 2, 1, 3)
-        grad = torch.randn(x.permute(dims).shape if kind == "moved" else shape, generator=gen).to(device)
         results = []
-        for fused in (False, True):
+        for function in (_LSQFakeQuant, _FusedLSQFakeQuant):
             xs, ss = x.clone().requires_grad_(True), step.clone().requires_grad_(True)
             os_ = offset.clone().requires_grad_(True) if offset is not None else None
-            if kind == "moved":
-                out = (_FusedLSQMoved.apply(xs, ss, os_, -4, 3, 0.5, dims) if fused
-                       else _LSQFakeQuant.apply(xs.permute(dims).contiguous(), ss, os_, -4, 3, 0.5))
-            else:
-                scale = (None if fused else _weight_scale_of(x, step, 3)) if kind == "weight" else 0.5
-                out = (_FusedLSQFakeQuant if fused else _LSQFakeQuant).apply(xs, ss, os_, -4, 3, scale)
+            scale = (_weight_scale_of(x, step, 3) if function is _LSQFakeQuant else None) if weight else 0.5
+            out = function.apply(xs, ss, os_, -4, 3, scale)
             out.backward(grad)
             assert xs.grad is not None and ss.grad is not None  # backward sets the grads of leaves that require them
             results.append((out.detach(), xs.grad, ss.grad, os_.grad if os_ is not None else None))
         (out_e, gx_e, gs_e, go_e), (out_f, gx_f, gs_f, go_f) = results
         flat_x, flat_step = _flatten(x, step)
         same_codes = torch.equal(_codes(flat_x, flat_step, offset, -4, 3), _compiled_kernels()[2](flat_x, flat_step, offset, -4, 3))
-        where = (f"{kind} {'per-channel' if len(step_shape) > 1 else 'per-tensor'}"
+        where = (f"{'weight' if weight else 'activation'} {'per-channel' if len(step_shape) > 1 else 'per-tensor'}"
                  f"{' with offset' if with_offset else ''} on {device}")
         if not (torch.equal(out_e, out_f) and torch.equal(gx_e, gx_f) and same_codes):
             raise FusedMismatch(f"fused fake quantization ({where}) is not bitwise equal to the eager reference")
@@ -356,13 +297,6 @@ class LSQQuantizer(Quantizer):
             scale = self.grad_scale(x) if self.kind == "act" else None
             return _FusedLSQFakeQuant.apply(x, step, self.offset_for(x), self.spec.qn, self.spec.qp, scale)
         return _LSQFakeQuant.apply(x, step, self.offset_for(x), self.spec.qn, self.spec.qp, self.grad_scale(x))
-
-    def fake_quant_moved(self, x: Tensor, dims: tuple[int, ...]) -> Tensor | None:
-        """`Quantizer.fake_quant_moved` by the fused kernels, for an enabled fused activation quantizer; None otherwise."""
-        if not (self.fused and self.enabled and self.kind == "act"):
-            return None
-        return _FusedLSQMoved.apply(x, self.step, self.offset_for(x), self.spec.qn, self.spec.qp, self.grad_scale(x),
-                                    tuple(dims))
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:

@@ -60,10 +60,6 @@ class QLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.a_quant is not None:
             x = self.a_quant(x)
-        return self.linear(x)
-
-    def linear(self, x: Tensor) -> Tensor:
-        """The layer on an input that is already quantized: `x @ w_quant(W)^T + b`."""
         return F.linear(x, self.w_quant(self.weight), self.bias)
 
 
@@ -301,27 +297,10 @@ class QuantAttention(nn.Module):
         nq = n if num_queries is None else num_queries
         q, k, v = self.project(x, nq, rotate)
         bias = attn_bias[..., :nq, :] if attn_bias is not None and nq != n else attn_bias
-        heads = attend(q, k, v, self.scale, self.softmax_quant, self.attn_drop, bias)
-        moved = self._proj_input_moved(heads)
-        if moved is not None:
-            return self.proj_drop(self.proj.linear(moved.view(b, nq, -1)))
-        out = heads.transpose(1, 2).reshape(b, nq, -1)
+        out = attend(q, k, v, self.scale, self.softmax_quant, self.attn_drop, bias).transpose(1, 2).reshape(b, nq, -1)
         if self.norm is not None:
             out = self.norm(out)
         return self.proj_drop(self.proj(out))
-
-    def _proj_input_moved(self, heads: Tensor) -> Tensor | None:
-        """In training, `attn @ V` (`[B, heads, N, head_dim]`) quantized as `proj`'s input by one fused pass that also
-        moves the heads last (`[B, N, heads, head_dim]`, contiguous): neither direction then copies it on its own.
-
-        None in eval and export (proj runs as a layer, so forward hooks and the traced graph see its input), with a
-        norm before proj, and where the input quantizer has no such kernel.
-        """
-        a_quant = self.proj.a_quant
-        if (a_quant is None or self.norm is not None or not (self.training and torch.is_grad_enabled())
-                or _hooked(self.proj, a_quant)):
-            return None
-        return a_quant.fake_quant_moved(heads, (0, 2, 1, 3))
 
     def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
         """The child projections that are one stock Linear's rows, in order (the stock `qkv`; the family's
@@ -399,13 +378,6 @@ class FusedProjections(Protocol):
     def fused_parts(self) -> tuple[tuple[str, ...], Quantizer]:
         """The child projections that are one stock Linear's rows, in order, and the quantizer of their shared input
         (the family's `stock_name` says when the stock model keeps them as separate layers instead)."""
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook would see one of `modules` called (a path that does not call them must not be taken)."""
-    hooks = nn.modules.module  # the global hooks, which torch keeps as module-level dicts
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def split_heads(t: Tensor, num_heads: int) -> Tensor:
