@@ -12,6 +12,7 @@ pytest.importorskip("onnxruntime")
 import onnx
 
 import vitqtool
+from tests.onnx_checks import dequantize_only_accumulators, expected_integer_kernels, transposed_outputs
 from tests.test_cnn import CONVNEXT, DEEP_RESNET, RESNET
 from vitqtool import commands, core
 from vitqtool.cli import main
@@ -82,79 +83,6 @@ def test_onnxruntime_agrees_with_vitqtool_load_on_1000_validation_images(trained
     assert checked["top1_agreement"] >= 99.0
     assert abs(checked["top1_onnx"] - checked["top1_torch"]) <= 1.0
     assert checked["max_abs_diff"] < 1.0
-
-
-@torch.no_grad()
-def expected_integer_kernels(model, images) -> int:
-    """Integer kernels the graph must run, counted on the torch model as it runs `images` (no family named; a module
-    applied several times, as a weight-shared recursive block, counts once per application):
-
-    - every call of a quantized Linear/Conv whose input is quantized: by its own input quantizer (`a_quant`), or because the
-      tensor it reads is (a view of) an enabled activation quantizer's output (q, k, v reading the attention's
-      shared input quantizer; a talking-heads mix reading the quantized softmax);
-    - QK^T and attn @ V of every attention whose softmax output is quantized (`softmax_quant`).
-    Grouped convs whose output is float are float convs over dequantized codes by design (STAYS_FLOAT), and a
-    layer whose input is float (a patch merging's reduction, a talking-heads mix of the logits) multiplies floats.
-    """
-    outputs, storages, hooks = [], set(), []
-    calls = {"layers": 0, "attentions": 0}
-
-    def quantized(mod, args, out):
-        outputs.append(out)  # kept alive: no storage is reused during the forward
-        storages.add(out.untyped_storage().data_ptr())
-
-    def attends(mod, args, out):
-        calls["attentions"] += 2
-
-    def reads(mod, args):
-        own = mod.a_quant is not None and mod.a_quant.enabled
-        if own or args[0].untyped_storage().data_ptr() in storages:
-            calls["layers"] += 1
-
-    for _, q in iter_quantizers(model):
-        if q.enabled and q.kind == "act":
-            hooks.append(q.register_forward_hook(quantized))
-    for m in model.modules():
-        if getattr(m, "softmax_quant", None) is not None and m.softmax_quant.enabled:
-            hooks.append(m.softmax_quant.register_forward_hook(attends))
-    for m in model.modules():
-        if isinstance(m, QUANT_LAYERS) and m.w_quant.enabled and not (isinstance(m, QConv2d) and m.groups > 1):
-            hooks.append(m.register_forward_pre_hook(reads))
-    was_training = model.training
-    try:
-        model.eval()(images[:2])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return calls["layers"] + calls["attentions"]
-
-
-def dequantize_only_accumulators(path) -> bool:
-    """Whether every DequantizeLinear left in onnxruntime's optimized graph rescales an integer conv's int32 accumulator."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opt = Path(tmp) / "opt.onnx"
-        onnx_session(path, 1, optimized_path=opt)
-        graph = onnx.load(str(opt)).graph
-    producers = {o: n.op_type for n in graph.node for o in n.output}
-    return all(producers.get(n.input[0]) == "ConvInteger" for n in graph.node if n.op_type == "DequantizeLinear")
-
-
-def transposed_outputs(path, op_type: str) -> list[str]:
-    """Names of the `op_type` nodes whose output a Transpose reads in onnxruntime's optimized graph."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opt = Path(tmp) / "opt.onnx"
-        onnx_session(path, 1, optimized_path=opt)
-        graph = onnx.load(str(opt)).graph
-    producers = {o: n for n in graph.node for o in n.output}
-    return [producers[n.input[0]].name for n in graph.node
-            if n.op_type == "Transpose" and n.input[0] in producers and producers[n.input[0]].op_type == op_type]
 
 
 @pytest.mark.parametrize("per_channel,recipe", [(False, "vaq"), (True, "vaq"), (False, "lsq")], ids=["tensor", "channel", "fused-qkv"])

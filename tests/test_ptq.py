@@ -308,7 +308,7 @@ def test_reconstruction_resumes_after_an_interrupted_block_exactly(recon_run, tm
 
 def test_ptq_recon_export_verifies_bit_exact_and_runs_in_onnxruntime_with_integer_kernels(recon_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    from tests.test_onnx import dequantize_only_accumulators, expected_integer_kernels
+    from tests.onnx_checks import dequantize_only_accumulators, expected_integer_kernels
     from vitqtool.export.onnx_export import integer_matmuls, optimized_op_counts, verify_onnx
 
     exported = commands.export(recon_run, tmp_path / "m.safetensors", verify=True)
