@@ -30,10 +30,9 @@ def _weight_grad_scale(l1: Tensor, qp: int) -> Tensor:
 
 
 @torch.no_grad()
-def _weight_scale_of(weight: Tensor, step: Tensor, qp: int) -> Tensor:
-    """`_weight_grad_scale` of `weight` for a `[1]` (per-tensor) or `[channels, 1]` (per-channel) step."""
-    rows = weight.detach().reshape(step.shape[0], -1) if step.dim() > 1 else weight.detach().reshape(1, -1)
-    return _weight_grad_scale(rows.abs().sum(1, dtype=torch.float64), qp)
+def _weight_scale_of(weight: Tensor, steps: int, qp: int) -> Tensor:
+    """`_weight_grad_scale` of `weight` with `steps` steps (1 per tensor, one per output channel), shaped `[steps]`."""
+    return _weight_grad_scale(weight.detach().reshape(steps, -1).abs().sum(1, dtype=torch.float64), qp)
 
 
 def _finish_grads(step_sum: Tensor, offset_sum: Tensor | None, grad_scale: Tensor | float, step: Tensor,
@@ -196,7 +195,7 @@ def check_fused_kernels(device: torch.device | str) -> None:
         for function in (_LSQFakeQuant, _FusedLSQFakeQuant):
             xs, ss = x.clone().requires_grad_(True), step.clone().requires_grad_(True)
             os_ = offset.clone().requires_grad_(True) if offset is not None else None
-            scale = (_weight_scale_of(x, step, 3) if function is _LSQFakeQuant else None) if weight else 0.5
+            scale = (_weight_scale_of(x, step.numel(), 3) if function is _LSQFakeQuant else None) if weight else 0.5
             out = function.apply(xs, ss, os_, -4, 3, scale)
             out.backward(grad)
             assert xs.grad is not None and ss.grad is not None  # backward sets the grads of leaves that require them
@@ -283,11 +282,11 @@ class LSQQuantizer(Quantizer):
         return new
 
     def grad_scale(self, x: Tensor) -> Tensor | float:
-        """The step's gradient scale: `1/sqrt(Qp*||W||_1)` for weights (float64, shaped as the step), `1/(Qp*sqrt(N_x))`
+        """The step's gradient scale: `1/sqrt(Qp*||W||_1)` for weights (float64, one per step), `1/(Qp*sqrt(N_x))`
         for activations."""
         if self.kind == "act":
             return 1.0 / (self.spec.qp * math.sqrt(x.numel()))
-        return _weight_scale_of(x, self.step.view(-1, 1) if self.spec.per_channel else self.step, self.spec.qp).view_as(self.step)
+        return _weight_scale_of(x, self.step.numel(), self.spec.qp)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:

@@ -101,11 +101,15 @@ class OscillationTracker:
         """Per layer and field, a view of the flat state in the weight's shape (`flips`: a 0-dim count)."""
         self._count_flips()
         out: dict[str, dict[str, Tensor]] = {}
-        for i, (name, layer) in enumerate(self.layers.items()):
-            start, end = self._spans[name]
-            out[name] = {field: flat[start:end].view(layer.weight.shape) for field, flat in self._flat.items()}
+        for i, name in enumerate(self.layers):
+            out[name] = {field: self._layer_view(field, name) for field in self._flat}
             out[name]["flips"] = self._flips[i]
         return out
+
+    def _layer_view(self, field: str, name: str) -> Tensor:
+        """Layer `name`'s slice of the flat state `field`, viewed in its weight's shape."""
+        start, end = self._spans[name]
+        return self._flat[field][start:end].view(self.layers[name].weight.shape)
 
     def _all_codes(self, out: Tensor | None = None) -> Tensor:
         """Every tracked weight's integer code (int32), the layers end to end (into `out` when given)."""
@@ -144,12 +148,10 @@ class OscillationTracker:
         if not bool(self._flat["frozen"].any()):
             return
         for name, layer in self.layers.items():  # the flat state's slices (not `state`: that also sums the flips)
-            start, end = self._spans[name]
-            frozen = self._flat["frozen"][start:end].view(layer.weight.shape)
+            frozen = self._layer_view("frozen", name)
             if not bool(frozen.any()):
                 continue
-            codes = self._flat["frozen_codes"][start:end].view(layer.weight.shape)
-            value = codes.to(layer.weight.dtype) * layer.w_quant.scale_for(layer.weight).to(layer.weight.dtype)
+            value = self._layer_view("frozen_codes", name).to(layer.weight.dtype) * layer.w_quant.scale_for(layer.weight).to(layer.weight.dtype)
             layer.weight.copy_(torch.where(frozen, value, layer.weight))
 
     def summary(self) -> dict[str, dict]:
