@@ -11,12 +11,14 @@ the models' cost, not the KD recipe (`w4-kd` adds the online teacher and the OBR
     fp        the timm FP model;  fp-compile: torch.compile of it (for reference)
     w2, w4-kd vaq W2A2; W4A4 + online KD teacher + OBR (default quantizers)
 
-Timing: every configuration lives in ONE process; after the warm-up steps (where the compiled ones
-compile: the first step's time is reported as the cold start, with an empty compiler cache unless
---warm-cache) they take turns one step at a time (order rotated every turn), so load from other
-processes hits all alike; the table shows the median wall and process-CPU time per step and their
-ratios to FP (CPU time is the steadier one on a shared machine). Several `--sizes` run one after
-the other in the same invocation. Peak memory (--memory): a fresh process per configuration.
+Timing: every configuration lives in a process of its own (`--one-process`: all in one); after the
+warm-up steps, taken one configuration after the other (where the compiled ones compile: the first
+step's time is reported as the cold start, with an empty compiler cache unless --warm-cache), they
+take turns one step at a time (order rotated every turn), so load from other processes hits all
+alike; the table shows the median wall and process-CPU time per step and their ratios to FP (CPU
+time is the steadier one on a shared machine), the lowest and highest CPU ratio of a configuration's step
+to the FP step of the same turn (the spread within the run), and each process's peak memory. Several `--sizes`
+run one after the other in the same invocation.
 
     python benchmarks/qat_step.py --sizes 32 224 --batch 32              # deit_tiny-shaped, 1 thread (the README's run)
     python benchmarks/qat_step.py --sizes 224 --configs fp qat eager --batch 8
@@ -29,7 +31,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -117,41 +118,28 @@ def _timed(step, device: str) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def race(args: argparse.Namespace, size: int) -> tuple[dict, dict, dict]:
-    """Warm every configuration up (first step = cold start), then time them in turns, one step each.
-
-    Returns (cold-start (wall, cpu) per config, wall seconds per step, CPU seconds per step)."""
-    steps, cold = {}, {}
-    for c in args.configs:
-        steps[c] = build_step(args, c, size)
-        cold[c] = _timed(steps[c], args.device)
-        for _ in range(args.warmup - 1):
-            steps[c]()
-    walls: dict[str, list[float]] = {c: [] for c in steps}
-    cpus: dict[str, list[float]] = {c: [] for c in steps}
-    order = list(steps)
-    for turn in range(args.steps):
-        k = turn % len(order)
-        for c in order[k:] + order[:k]:
-            wall, cpu = _timed(steps[c], args.device)
-            walls[c].append(wall)
-            cpus[c].append(cpu)
-    return cold, walls, cpus
-
-
-def _peak_memory_worker(args: argparse.Namespace, config: str, size: int, queue) -> None:
+def _worker(args: argparse.Namespace, size: int, conn) -> None:
+    """Host some configurations in this process and run their steps on request from `race` (see there)."""
     import torch
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    step = build_step(args, config, size)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        step()
-    if args.device.startswith("cuda"):
-        queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    else:  # ru_maxrss would also count the parent's peak before exec; VmHWM is this process's own
-        queue.put(_vm_hwm_mib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = {}
+    while True:
+        command, config = conn.recv()
+        if command == "build":  # build, time the first step (the cold start), run the other warm-up steps
+            steps[config] = build_step(args, config, size)
+            cold = _timed(steps[config], args.device)
+            for _ in range(args.warmup - 1):
+                steps[config]()
+            conn.send(cold)
+        elif command == "step":
+            conn.send(_timed(steps[config], args.device))
+        elif command == "peak":  # this process's peak memory, MiB
+            cuda = args.device.startswith("cuda")
+            conn.send(torch.cuda.max_memory_allocated() / 2**20 if cuda else _vm_hwm_mib())
+        else:
+            return
 
 
 def _vm_hwm_mib() -> float | None:
@@ -162,15 +150,47 @@ def _vm_hwm_mib() -> float | None:
         return None
 
 
-def peak_memory(args: argparse.Namespace, config: str, size: int) -> float:
-    """Peak memory (MiB) of `config`'s warm-up steps, in a fresh process so no other config's peak counts."""
+def race(args: argparse.Namespace, size: int) -> tuple[dict, dict, dict, dict]:
+    """Warm every configuration up (first step = cold start), one after the other, then time them in turns, one step each.
+
+    Each configuration lives in a process of its own, as a user's run does: in one shared process a step inherits
+    the heap the other configurations' steps left (a QAT step after an FP step faulted in three times the pages it
+    does alone at 224 px), so the ratio would depend on which configurations share the race. `--one-process` hosts
+    them all in one process instead. Returns (cold-start (wall, cpu), wall seconds per step, CPU seconds per step,
+    peak MiB or None) per configuration; peak memory is a configuration's own only with a process of its own.
+    """
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_worker, args=(args, config, size, queue))
-    proc.start()
-    peak = queue.get()
-    proc.join()
-    return peak
+    groups = [list(args.configs)] if args.one_process else [[c] for c in args.configs]
+    workers, host = [], {}
+    for group in groups:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(args, size, child), daemon=True)
+        proc.start()
+        workers.append((proc, parent))
+        host.update({c: parent for c in group})
+    cold = {}
+    for c in args.configs:
+        host[c].send(("build", c))
+        cold[c] = host[c].recv()
+    walls: dict[str, list[float]] = {c: [] for c in args.configs}
+    cpus: dict[str, list[float]] = {c: [] for c in args.configs}
+    order = list(args.configs)
+    for turn in range(args.steps):
+        k = turn % len(order)
+        for c in order[k:] + order[:k]:
+            host[c].send(("step", c))
+            wall, cpu = host[c].recv()
+            walls[c].append(wall)
+            cpus[c].append(cpu)
+    peaks: dict[str, float | None] = dict.fromkeys(args.configs)
+    if not args.one_process:
+        for c in args.configs:
+            host[c].send(("peak", c))
+            peaks[c] = host[c].recv()
+    for proc, conn in workers:
+        conn.send(("stop", None))
+        proc.join()
+    return cold, walls, cpus, peaks
 
 
 def main() -> None:
@@ -186,7 +206,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch default)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS))
     p.add_argument("--warm-cache", action="store_true", help="keep torch.compile's on-disk cache (default: a fresh one)")
-    p.add_argument("--memory", action="store_true", help="also measure peak memory, one fresh process per configuration")
+    p.add_argument("--one-process", action="store_true",
+                   help="host every configuration in one process (default: a process each, as users run them)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if not args.warm_cache:  # the cold start a first run sees (set before torch reads it)
@@ -199,14 +220,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = []
     for size in args.sizes:
-        peaks = {c: peak_memory(args, c, size) if args.memory else None for c in args.configs}  # before the race fills this process
-        cold, walls, cpus = race(args, size)
+        cold, walls, cpus, peaks = race(args, size)
         fp_wall, fp_cpu = statistics.median(walls["fp"]), statistics.median(cpus["fp"])
         rows = []
         for c in args.configs:
             wall, cpu = statistics.median(walls[c]), statistics.median(cpus[c])
+            turn_ratios = sorted(a / b for a, b in zip(cpus[c], cpus["fp"], strict=True))  # each turn's CPU time / FP's
             rows.append({"config": c, "name": NAMES[c], "wall_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu, "wall_ratio": wall / fp_wall,
-                         "cpu_ratio": cpu / fp_cpu, "img_per_s": args.batch / wall, "cold_start_s": cold[c][0],
+                         "cpu_ratio": cpu / fp_cpu, "turn_cpu_ratio_range": (turn_ratios[0], turn_ratios[-1]),
+                         "img_per_s": args.batch / wall, "cold_start_s": cold[c][0],
                          "cold_start_cpu_s": cold[c][1], "peak_mib": peaks[c]})
         results.append({"size": size, "model_args": SIZES[size], "rows": rows})
     if args.json:
@@ -217,12 +239,13 @@ def main() -> None:
         print(f"\n{args.model} {result['size']} px {result['model_args']}, batch {args.batch}, {args.device}, "
               f"{torch.get_num_threads()} thread(s); median of {args.steps} round-robin steps after {args.warmup} warm-up; "
               f"cold start = first step ({'warm' if args.warm_cache else 'empty'} compiler cache)")
-        print(f"{'config':22} {'wall ms':>9} {'x FP':>6} {'CPU ms':>9} {'x FP':>6} {'img/s':>7} {'cold start wall/CPU s':>22} "
+        print(f"{'config':22} {'wall ms':>9} {'x FP':>6} {'CPU ms':>9} {'x FP':>6} {'turns x FP':>11} {'img/s':>7} {'cold start wall/CPU s':>22} "
               f"{'peak MiB':>9}")
         for r in result["rows"]:
             peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
             cold = f"{r['cold_start_s']:.1f} / {r['cold_start_cpu_s']:.1f}"
-            print(f"{r['name']:22} {r['wall_ms']:9.1f} {r['wall_ratio']:5.2f}x {r['cpu_ms']:9.1f} {r['cpu_ratio']:5.2f}x "
+            turns = "{:.2f}-{:.2f}".format(*r["turn_cpu_ratio_range"])
+            print(f"{r['name']:22} {r['wall_ms']:9.1f} {r['wall_ratio']:5.2f}x {r['cpu_ms']:9.1f} {r['cpu_ratio']:5.2f}x {turns:>11} "
                   f"{r['img_per_s']:7.1f} {cold:>22} {peak}")
 
 
