@@ -154,10 +154,10 @@ def race(args: argparse.Namespace, size: int) -> tuple[dict, dict, dict, dict]:
     """Warm every configuration up (first step = cold start), one after the other, then time them in turns, one step each.
 
     Each configuration lives in a process of its own, as a user's run does: in one shared process a step inherits
-    the heap the other configurations' steps left (a QAT step after an FP step faulted in three times the pages it
-    does alone at 224 px), so the ratio would depend on which configurations share the race. `--one-process` hosts
-    them all in one process instead. Returns (cold-start (wall, cpu), wall seconds per step, CPU seconds per step,
-    peak MiB or None) per configuration; peak memory is a configuration's own only with a process of its own.
+    the heap the other configurations' steps left, which a user's run never sees (at 224 px a QAT step that followed
+    an FP step faulted in 28,500 pages, alone 10,000). `--one-process` hosts them all in one process instead.
+    Returns (cold-start (wall, cpu), wall seconds per step, CPU seconds per step, peak MiB or None) per
+    configuration; peak memory is a configuration's own only with a process of its own.
     """
     ctx = mp.get_context("spawn")
     groups = [list(args.configs)] if args.one_process else [[c] for c in args.configs]
