@@ -56,13 +56,14 @@ class QuantPolicy:
 
     def attention_args(self, stock: nn.Module, **overrides: Any) -> dict[str, Any]:
         """`QuantAttention`'s arguments for a timm-style attention (`qkv`, `proj`, `num_heads`, `scale`, `attn_drop`,
-        `proj_drop`) under this policy; `overrides` replace (`qkv` as separate projections, `scale`) or add (outside
-        biases, norms) arguments."""
+        `proj_drop`, and its `q_norm`, `k_norm` and `norm` where it has them switched on) under this policy;
+        `overrides` replace (`qkv` as separate projections, `scale`) or add (outside biases) arguments."""
         qkv = overrides.pop("qkv") if "qkv" in overrides else stock.qkv
         scale = overrides.pop("scale") if "scale" in overrides else stock.scale
+        norms = {name: getattr(stock, name) for name in ("q_norm", "k_norm", "norm") if not is_identity(getattr(stock, name, None))}
         return {"num_heads": stock.num_heads, "qkv": qkv, "proj": stock.proj, "scale": scale, "bits": self.bits,
                 "split": self.split_qkv, "per_channel": self.per_channel, "attn_drop": stock.attn_drop.p,
-                "proj_drop": stock.proj_drop.p, "method": self.method, **overrides}
+                "proj_drop": stock.proj_drop.p, "method": self.method, **norms, **overrides}
 
     def gelu_out(self) -> QuantSpec:
         """GELU output (fc2 input): unsigned with a learned offset (method.md §2)."""

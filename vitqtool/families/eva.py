@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..quant import QuantAttention
-from .base import Family, QuantPolicy, class_name, is_identity, register_family, require
+from .base import Family, QuantPolicy, class_name, register_family, require
 from .blocks import check_block_mlp, quantize_blocks_
 
 BLOCKS = ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm")
@@ -52,9 +52,8 @@ class EvaQuantAttention(QuantAttention):
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
         separate = stock.qkv is None
         qkv: Any = (stock.q_proj, stock.k_proj, stock.v_proj) if separate else stock.qkv
-        norms = {name: None if is_identity(getattr(stock, name)) else getattr(stock, name) for name in ("q_norm", "k_norm", "norm")}
         super().__init__(**policy.attention_args(stock, qkv=qkv, q_bias=getattr(stock, "q_bias", None),
-                                                 v_bias=getattr(stock, "v_bias", None), **norms))
+                                                 v_bias=getattr(stock, "v_bias", None)))
         self.num_prefix_tokens = stock.num_prefix_tokens
         self.rotate_half = bool(getattr(stock, "rotate_half", False))
         self.separate_projections = separate  # the stock model names them q_proj, k_proj, v_proj

@@ -67,9 +67,7 @@ def check_attention_pool(pool: nn.Module) -> None:
 
 def quantize_attention(parent: nn.Module, policy: QuantPolicy) -> None:
     """Swap `parent.attn` (a timm Attention) for a `ViTQuantAttention` sharing its weights."""
-    attn = parent.attn
-    norms = {name: None if is_identity(getattr(attn, name)) else getattr(attn, name) for name in ("q_norm", "k_norm", "norm")}
-    parent.attn = ViTQuantAttention(**policy.attention_args(attn, **norms))
+    parent.attn = ViTQuantAttention(**policy.attention_args(parent.attn))
 
 
 class ViTQuantParallelScalingBlock(nn.Module):
