@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..quant import QuantAttention, split_heads
+from ..quant import QuantAttention
 from .base import QuantPolicy, register_family
 from .hf_map import Names
 from .swin import SwinFamily, SwinMap
@@ -80,25 +80,28 @@ class SwinV2Map(SwinMap):
         ]
 
 
+class UnitLength(nn.Module):
+    """Scale the last dimension to unit length (F.normalize): cosine attention's per-head norm of Q and K."""
+
+    def forward(self, t: Tensor) -> Tensor:
+        return F.normalize(t, dim=-1)
+
+
 class SwinV2QuantWindowAttention(QuantAttention):
     """Swin V2 window attention with quantized operands: cosine attention, FP logit scale and continuous position bias."""
 
     projection_outputs = ("v",)  # Q and K are quantized after their normalisation
 
     def __init__(self, stock: nn.Module, policy: QuantPolicy) -> None:
-        # cosine attention has no 1/sqrt(d) scale: the learned logit scale takes its place
-        super().__init__(**policy.attention_args(stock, scale=1.0))
+        # cosine attention has no 1/sqrt(d) scale: the learned logit scale takes its place; Q and K are normalised per
+        # head (before their quantizers) and the q/v biases (Parameters, or None without qkv_bias) added before that
+        super().__init__(**policy.attention_args(stock, scale=1.0, q_bias=stock.q_bias, v_bias=stock.v_bias,
+                                                 q_norm=UnitLength(), k_norm=UnitLength()))
         self.window_area = stock.window_size[0] * stock.window_size[1]
-        self.q_bias, self.v_bias = stock.q_bias, stock.v_bias  # Parameters, or None without qkv_bias
         self.logit_scale = stock.logit_scale
         self.cpb_mlp = stock.cpb_mlp
         self.register_buffer("relative_coords_table", stock.relative_coords_table.clone(), persistent=False)
         self.register_buffer("relative_position_index", stock.relative_position_index.clone(), persistent=False)
-
-    def _unit_heads(self, t: Tensor) -> Tensor:
-        """Each head's slice of `[B, N, heads * d]` scaled to unit length (F.normalize, as the stock model)."""
-        b, n, _ = t.shape
-        return F.normalize(t.view(b, n, self.num_heads, self.head_dim), dim=-1).view(b, n, -1)
 
     def _position_bias(self) -> Tensor:
         """`16 * sigmoid(cpb_mlp(coords))` gathered into `[heads, N, N]`."""
@@ -109,19 +112,8 @@ class SwinV2QuantWindowAttention(QuantAttention):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         b, n, _ = x.shape
-        x = self.input_quant(x)
-        if self.split:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-        if self.q_bias is not None:
-            q, v = q + self.q_bias, v + self.v_bias
-        q, k = self._unit_heads(q), self._unit_heads(k)
-        if self.split:
-            q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        else:
-            q, k, v = self.qkv_quant(torch.stack((q, k, v))).unbind(0)
-        attn = split_heads(q, self.num_heads) @ split_heads(k, self.num_heads).transpose(-2, -1)
+        q, k, v = self.project(x, n)
+        attn = q @ k.transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
         attn = attn + self._position_bias().unsqueeze(0)
         if mask is not None:  # mask: windows, N, N (0 / -100), windows vary fastest along the batch
@@ -129,7 +121,7 @@ class SwinV2QuantWindowAttention(QuantAttention):
             attn = attn.view(-1, num_win, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, n, n)
         attn = self.attn_drop(self.softmax_quant(attn.softmax(dim=-1)))
-        out = (attn @ split_heads(v, self.num_heads)).transpose(1, 2).reshape(b, n, -1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
         return self.proj_drop(self.proj(out))
 
 
