@@ -169,9 +169,10 @@ class QuantAttention(nn.Module):
     - `qkv` given as three separate projections (used as they are, not copied; split layout only);
     - `q_bias` / `v_bias`: biases of the q and v projections stored outside a bias-free projection
       (the k projection has none), added to the projection output before its quantizer;
-    - `q_norm` / `k_norm`: per-head norms of Q and K, and `rotate`, a function forward applies to the
-      per-head Q and K (`[B, heads, N, head_dim]`, e.g. a rotary position embedding): the Q and K
-      quantizers see the normalised, rotated values, so the integer matmul does too;
+    - `q_norm` / `k_norm`: per-head norms of Q and K (over the last dimension, head_dim; the others
+      come as `[B, N, heads]` or `[B, heads, N]`), and `rotate`, a function forward applies to the per-head
+      Q and K (`[B, heads, N, head_dim]`, e.g. a rotary position embedding): the Q and K quantizers see
+      the normalised, rotated values, so the integer matmul does too;
     - `norm`: a norm of `attn @ V` before `proj`, whose input quantizer then sees the norm's output.
     Subclasses that change what happens between the two matmuls (talking heads) reuse `project`.
     """
