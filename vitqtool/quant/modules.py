@@ -229,9 +229,11 @@ class QuantAttention(nn.Module):
         """A `[B, N, heads * head_dim]` projection output with its outside bias, per-head norm and rotation applied."""
         if bias is not None:
             t = t + bias
-        if rotate is None:  # a per-head norm acts on the last dimension only: no round trip through heads first
-            b, n, _ = t.shape
-            return t if norm is None else norm(t.reshape(b, n, self.num_heads, self.head_dim)).reshape(t.shape)
+        if rotate is None:
+            if norm is None:
+                return t
+            b, n, _ = t.shape  # a per-head norm acts on the last dimension only: no round trip through heads first
+            return norm(t.reshape(b, n, self.num_heads, self.head_dim)).reshape(t.shape)
         return self._position_heads(split_heads(t, self.num_heads), None, norm, rotate).transpose(1, 2).reshape(t.shape)
 
     def _position_heads(self, heads: Tensor, bias: Tensor | None, norm: nn.Module | None,
