@@ -57,7 +57,8 @@ class QuantPolicy:
     def attention_args(self, stock: nn.Module, **overrides: Any) -> dict[str, Any]:
         """`QuantAttention`'s arguments for a timm-style attention (`qkv`, `proj`, `num_heads`, `scale`, `attn_drop`,
         `proj_drop`, and its `q_norm`, `k_norm` and `norm` where it has them switched on) under this policy;
-        `overrides` replace (`qkv` as separate projections, `scale`) or add (outside biases) arguments."""
+        `overrides` replace (`qkv` as separate projections, `scale`, a norm) or add (outside biases, a norm the stock
+        attention lacks) arguments."""
         qkv = overrides.pop("qkv") if "qkv" in overrides else stock.qkv
         scale = overrides.pop("scale") if "scale" in overrides else stock.scale
         norms = {name: getattr(stock, name) for name in ("q_norm", "k_norm", "norm") if not is_identity(getattr(stock, name, None))}
